@@ -1,0 +1,12 @@
+{
+  "targets": [
+    {
+      "target_name": "vrdma_native",
+      "sources": ["src/addon.cc", "src/sys.cc", "src/verbs.cc"],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],
+      "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-fno-exceptions"],
+      "libraries": ["-libverbs"]
+    }
+  ]
+}

@@ -1,0 +1,14 @@
+// Module entry of the native addon: one object with a `sys` part (fds, sockets, mmap, eventfd, poll)
+// and a `verbs` part (libibverbs). Neither part knows any virtio or vhost-user protocol.
+#include <napi.h>
+
+#include "sys.h"
+#include "verbs.h"
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("sys", vrdma::InitSys(env));
+  exports.Set("verbs", vrdma::InitVerbs(env));
+  return exports;
+}
+
+NODE_API_MODULE(vrdma_native, Init)

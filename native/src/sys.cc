@@ -1,0 +1,5 @@
+#include "sys.h"
+
+namespace vrdma {
+Napi::Object InitSys(Napi::Env env) { return Napi::Object::New(env); }
+}

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Brings a fresh Debian 12 machine (root, apt reachable) to the state every npm script needs:
+# system packages, node_modules (which builds the native addon). Idempotent and quick when nothing is missing,
+# so every entry point (npm test, the demo, the benchmarks) calls it first.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+# Debian packages the project needs, one place for all of them.
+#   build of the addon:           g++ make python3 pkgconf libibverbs-dev
+#   host verbs at run time:       rdma-core ibverbs-providers ibverbs-utils perftest iproute2
+#   soft-RoCE test host (VM):     qemu-system-x86 busybox-static kmod (the kernel .deb is fetched by scripts/rxe)
+#   patched QEMU build:           dpkg-dev libglib2.0-dev libpixman-1-dev zlib1g-dev ninja-build + meson (backports)
+APT_PACKAGES=(
+  g++ make python3 pkgconf libibverbs-dev
+  rdma-core ibverbs-providers ibverbs-utils perftest iproute2
+  qemu-system-x86 qemu-system-data seabios busybox-static kmod cpio
+  dpkg-dev libglib2.0-dev libpixman-1-dev zlib1g-dev ninja-build
+)
+# Packages that only bookworm-backports has in a new enough version (QEMU 10 needs meson >= 1.5).
+BACKPORTS_PACKAGES=(meson)
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+missing_packages() {
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || printf '%s\n' "$p"
+  done
+}
+
+ensure_apt() {
+  local missing
+  mapfile -t missing < <(missing_packages "${APT_PACKAGES[@]}")
+  local need_bpo=0
+  if ! command -v meson >/dev/null || ! meson --version | awk -F. '{exit !($1>1 || ($1==1 && $2>=5))}'; then
+    need_bpo=1
+  fi
+  if [ "${#missing[@]}" -eq 0 ] && [ "$need_bpo" -eq 0 ]; then return 0; fi
+  if [ "$(id -u)" -ne 0 ]; then
+    log "missing Debian packages: ${missing[*]} ${BACKPORTS_PACKAGES[*]}; run as root or install them with apt-get"
+    exit 1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "$need_bpo" -eq 1 ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    # bookworm-backports is built against bookworm's libc: safe to add (unlike trixie or later, never added here).
+    echo 'deb http://deb.debian.org/debian bookworm-backports main' > /etc/apt/sources.list.d/bookworm-backports.list
+  fi
+  log "installing Debian packages: ${missing[*]} $([ $need_bpo -eq 1 ] && echo "${BACKPORTS_PACKAGES[*]} (bookworm-backports)")"
+  apt-get update -qq
+  if [ "${#missing[@]}" -gt 0 ]; then
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  if [ "$need_bpo" -eq 1 ]; then
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports "${BACKPORTS_PACKAGES[@]}" >/dev/null
+  fi
+}
+
+ensure_npm() {
+  # Reinstall when package.json or the lock file changed since the last install.
+  local stamp=node_modules/.vrdma-install-stamp
+  local want
+  want=$(cat package.json package-lock.json 2>/dev/null | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  log "installing npm packages (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error
+  echo "$want" > "$stamp"
+}
+
+ensure_apt
+ensure_npm
