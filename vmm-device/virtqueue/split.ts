@@ -1,0 +1,259 @@
+// The device side of a split virtqueue (virtio 1.2 section 2.7).
+//
+// Memory ordering. The driver and the device share the rings without locks; x86 keeps stores in order and loads in
+// order, so what remains is to stop the JIT from reordering accesses. Every access to an index or a flag word that
+// the other side uses for synchronisation is an Atomics operation (sequentially consistent), and the comments at
+// each one say which ordering the virtio spec asks for there. Ring entries and descriptors are read with plain
+// loads after the acquire load of avail.idx that published them; used elements are written with plain stores
+// before the release store of used.idx that publishes them.
+
+import type { GuestMemory } from '../memory/guest-memory.ts';
+import { DescriptorChain } from './chain.ts';
+import {
+  MAX_SPLIT_QUEUE_SIZE,
+  VIRTQ_AVAIL_F_NO_INTERRUPT,
+  VIRTQ_DESC_F_INDIRECT,
+  VIRTQ_DESC_F_NEXT,
+  VIRTQ_DESC_F_WRITE,
+  VIRTQ_USED_F_NO_NOTIFY,
+  descTableSize,
+  splitAvailSize,
+  splitUsedSize,
+  vringNeedEvent,
+} from './constants.ts';
+import { VirtqueueError } from './errors.ts';
+import type { DeviceQueue, QueueOptions, QueueState } from './queue.ts';
+import { ChainBuilder, MAX_INDIRECT_TABLE_ENTRIES, descTableOf, openIndirectTable, type DescTable } from './walker.ts';
+
+// Word offsets inside the rings (u16 words unless noted).
+const AVAIL_FLAGS = 0;
+const AVAIL_IDX = 1;
+const AVAIL_RING = 2; // ring[i] at 2 + i; used_event at 2 + size
+const USED_FLAGS = 0;
+const USED_IDX = 1;
+// used ring element i: u32 words 1 + 2i (id) and 2 + 2i (len); avail_event: u16 word 2 + 4 * size
+
+/** Why a queue configuration cannot be used, or undefined when it can. */
+export function checkSplitOptions(opts: QueueOptions): string | undefined {
+  const { size, rings } = opts;
+  if (!Number.isInteger(size) || size < 1 || size > MAX_SPLIT_QUEUE_SIZE || (size & (size - 1)) !== 0) {
+    return `queue size ${size} is not a power of two in 1..${MAX_SPLIT_QUEUE_SIZE}`;
+  }
+  if (rings.desc.byteLength < descTableSize(size)) return `descriptor table smaller than ${descTableSize(size)} bytes`;
+  if (rings.driver.byteLength < splitAvailSize(size)) return `available ring smaller than ${splitAvailSize(size)} bytes`;
+  if (rings.device.byteLength < splitUsedSize(size)) return `used ring smaller than ${splitUsedSize(size)} bytes`;
+  // The ring addresses' alignment is the transport's check (it knows the guest addresses); these are the
+  // alignments our typed views need, which the region alignment rule guarantees for well-aligned rings.
+  if (rings.desc.byteOffset % 4 !== 0 || rings.driver.byteOffset % 2 !== 0 || rings.device.byteOffset % 4 !== 0) {
+    return 'ring areas are misaligned (descriptor table 16, available ring 2, used ring 4 bytes)';
+  }
+  return undefined;
+}
+
+export class SplitQueue implements DeviceQueue {
+  readonly layout = 'split';
+  readonly size: number;
+  private readonly mask: number;
+  private readonly memory: GuestMemory;
+  private readonly eventIdx: boolean;
+  private readonly indirect: boolean;
+  private readonly desc: DescTable;
+  private readonly avail: Uint16Array;
+  private readonly usedU16: Uint16Array;
+  private readonly usedU32: Uint32Array;
+  private readonly usedEventWord: number;
+  private readonly availEventWord: number;
+
+  /** Next available ring index to read (mod 2^16). */
+  private nextAvail: number;
+  /** Last avail.idx read from the driver; chains up to it can be popped without another acquire load. */
+  private availIdxSeen: number;
+  /** Next used ring index to write (mod 2^16). */
+  private nextUsed: number;
+  /** used idx at the last interrupt we decided to send (EVENT_IDX), and whether it is meaningful yet. */
+  private signalledUsed = 0;
+  private signalledValid = false;
+  /** Used elements pushed since the last needsNotification(). */
+  private pushedSinceSignal = 0;
+  private notificationsEnabled = true;
+  private inFlightCount = 0;
+  private brokenBy: VirtqueueError | undefined;
+  private readonly builder = new ChainBuilder();
+
+  /** Throws RangeError for a configuration checkSplitOptions rejects (a transport checks first). */
+  constructor(opts: QueueOptions) {
+    const why = checkSplitOptions(opts);
+    if (why !== undefined) throw new RangeError(why);
+    const { size, rings } = opts;
+    this.size = size;
+    this.mask = size - 1;
+    this.memory = opts.memory;
+    this.eventIdx = opts.eventIdx;
+    this.indirect = opts.indirect;
+    this.desc = descTableOf(rings.desc, size);
+    this.avail = new Uint16Array(rings.driver.buffer, rings.driver.byteOffset, (splitAvailSize(size)) / 2);
+    this.usedU16 = new Uint16Array(rings.device.buffer, rings.device.byteOffset, splitUsedSize(size) / 2);
+    this.usedU32 = new Uint32Array(rings.device.buffer, rings.device.byteOffset, (4 + 8 * size) / 4);
+    this.usedEventWord = AVAIL_RING + size;
+    this.availEventWord = 2 + 4 * size;
+    this.nextAvail = (opts.state?.nextAvail ?? 0) & 0xffff;
+    this.availIdxSeen = this.nextAvail;
+    // A resumed queue continues from the used index the driver already sees (vhost-user passes only the
+    // available index in SET_VRING_BASE).
+    // Acquire: nothing below depends on it, but it is the driver-visible index we continue from.
+    this.nextUsed = (opts.state?.nextUsed ?? Atomics.load(this.usedU16, USED_IDX)) & 0xffff;
+  }
+
+  get broken(): VirtqueueError | undefined {
+    return this.brokenBy;
+  }
+
+  get inFlight(): number {
+    return this.inFlightCount;
+  }
+
+  getState(): QueueState {
+    return { nextAvail: this.nextAvail, nextUsed: this.nextUsed };
+  }
+
+  private fail(e: VirtqueueError): VirtqueueError {
+    this.brokenBy = e;
+    return e;
+  }
+
+  /** Reads avail.idx (acquire: ring entries and descriptors are read only after it) and checks its distance. */
+  private refreshAvailIdx(): VirtqueueError | undefined {
+    const idx = Atomics.load(this.avail, AVAIL_IDX);
+    const pending = (idx - this.nextAvail) & 0xffff;
+    if (pending > this.size) {
+      return this.fail(
+        new VirtqueueError('AvailIndexJump', `avail.idx ${idx} is ${pending} ahead of the device's ${this.nextAvail}, queue size ${this.size}`),
+      );
+    }
+    this.availIdxSeen = idx;
+    return undefined;
+  }
+
+  hasAvailable(): boolean {
+    if (this.brokenBy !== undefined) return true;
+    if (this.availIdxSeen !== this.nextAvail) return true;
+    if (this.refreshAvailIdx() !== undefined) return true;
+    return this.availIdxSeen !== this.nextAvail;
+  }
+
+  pop(): DescriptorChain | VirtqueueError | null {
+    if (this.brokenBy !== undefined) return this.brokenBy;
+    if (this.availIdxSeen === this.nextAvail) {
+      const err = this.refreshAvailIdx();
+      if (err !== undefined) return err;
+      if (this.availIdxSeen === this.nextAvail) return null;
+    }
+    // Plain load: ordered after the acquire load of avail.idx above (or an earlier one that covered this entry).
+    const head = this.avail[AVAIL_RING + (this.nextAvail & this.mask)]!;
+    const chain = this.walk(head);
+    if (chain instanceof VirtqueueError) return this.fail(chain);
+    this.nextAvail = (this.nextAvail + 1) & 0xffff;
+    if (this.eventIdx && this.notificationsEnabled) {
+      // Ask to be kicked again only once the driver makes the entry after this one available.
+      Atomics.store(this.usedU16, this.availEventWord, this.nextAvail);
+    }
+    this.inFlightCount++;
+    return chain;
+  }
+
+  private walk(head: number): DescriptorChain | VirtqueueError {
+    if (head >= this.size) {
+      return new VirtqueueError('DescriptorIndexOutOfRange', `head descriptor ${head} >= queue size ${this.size}`);
+    }
+    const b = this.builder;
+    b.begin();
+    let table = this.desc;
+    let i = head;
+    let count = 0;
+    let limit = this.size;
+    let inIndirect = false;
+    for (;;) {
+      if (++count > limit) {
+        return new VirtqueueError('ChainTooLong', `chain from head ${head} has more than ${limit} descriptors (a loop?)`);
+      }
+      const flags = table.u16[i * 8 + 6]!;
+      if ((flags & VIRTQ_DESC_F_INDIRECT) !== 0) {
+        if (!this.indirect) return new VirtqueueError('IndirectNotNegotiated', `descriptor ${i} is indirect but VIRTIO_F_INDIRECT_DESC was not negotiated`);
+        if (inIndirect) return new VirtqueueError('NestedIndirect', `descriptor ${i} of an indirect table is itself indirect`);
+        if ((flags & VIRTQ_DESC_F_NEXT) !== 0) return new VirtqueueError('IndirectWithNext', `descriptor ${i} has both INDIRECT and NEXT`);
+        const opened = openIndirectTable(this.memory, table, i, Math.min(this.size, MAX_INDIRECT_TABLE_ENTRIES));
+        if (opened instanceof VirtqueueError) return opened;
+        table = opened;
+        inIndirect = true;
+        i = 0;
+        count = 0;
+        limit = opened.entries;
+        continue;
+      }
+      const err = b.add(this.memory, table, i, (flags & VIRTQ_DESC_F_WRITE) !== 0);
+      if (err !== undefined) return err;
+      if ((flags & VIRTQ_DESC_F_NEXT) === 0) break;
+      const next = table.u16[i * 8 + 7]!;
+      if (next >= table.entries) {
+        return new VirtqueueError(
+          'DescriptorIndexOutOfRange',
+          `descriptor ${i} chains to ${next}, beyond ${inIndirect ? 'the indirect table' : 'the queue'} (${table.entries} entries)`,
+        );
+      }
+      i = next;
+    }
+    return new DescriptorChain(this.memory, head, 1, b.segments, b.readableCount, b.readableBytes, b.writableBytes);
+  }
+
+  pushUsed(chain: DescriptorChain, len: number): void {
+    if (len > chain.writableBytes || len < 0 || !Number.isInteger(len)) {
+      throw new RangeError(`used length ${len} is not within the chain's ${chain.writableBytes} writable bytes`);
+    }
+    const slot = this.nextUsed & this.mask;
+    // Plain stores of the element: published by the release store of used.idx below.
+    this.usedU32[1 + 2 * slot] = chain.id;
+    this.usedU32[2 + 2 * slot] = len;
+    this.nextUsed = (this.nextUsed + 1) & 0xffff;
+    // Release: the driver must see the element before it sees the index move.
+    Atomics.store(this.usedU16, USED_IDX, this.nextUsed);
+    this.pushedSinceSignal++;
+    this.inFlightCount--;
+  }
+
+  needsNotification(): boolean {
+    if (this.pushedSinceSignal === 0) return false;
+    this.pushedSinceSignal = 0;
+    if (this.eventIdx) {
+      // used_event is read after our release store of used.idx; Atomics are sequentially consistent, which is the
+      // full barrier virtio asks for between publishing used.idx and reading used_event.
+      const usedEvent = Atomics.load(this.avail, this.usedEventWord);
+      const old = this.signalledUsed;
+      const valid = this.signalledValid;
+      this.signalledUsed = this.nextUsed;
+      this.signalledValid = true;
+      return !valid || vringNeedEvent(usedEvent, this.nextUsed, old);
+    }
+    // Same barrier as above between used.idx and the driver's flags.
+    return (Atomics.load(this.avail, AVAIL_FLAGS) & VIRTQ_AVAIL_F_NO_INTERRUPT) === 0;
+  }
+
+  disableNotifications(): void {
+    this.notificationsEnabled = false;
+    // With EVENT_IDX there is nothing to write: the driver kicks at most once more, when it passes avail_event.
+    if (!this.eventIdx) {
+      Atomics.store(this.usedU16, USED_FLAGS, Atomics.load(this.usedU16, USED_FLAGS) | VIRTQ_USED_F_NO_NOTIFY);
+    }
+  }
+
+  enableNotifications(): boolean {
+    this.notificationsEnabled = true;
+    if (this.eventIdx) {
+      Atomics.store(this.usedU16, this.availEventWord, this.nextAvail);
+    } else {
+      Atomics.store(this.usedU16, USED_FLAGS, Atomics.load(this.usedU16, USED_FLAGS) & ~VIRTQ_USED_F_NO_NOTIFY);
+    }
+    // Full barrier (the seq-cst store above) between publishing our wish and re-reading avail.idx: a buffer the
+    // driver added before it could see the wish is caught here instead of waiting for a kick that never comes.
+    return this.hasAvailable();
+  }
+}
