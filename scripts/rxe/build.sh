@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Builds the soft-RoCE test host's kernel and initramfs from Debian packages and caches them by kernel version
+# under ${VRDMA_CACHE:-/var/cache/vrdma}/rxe/<kernel-version>/ (vmlinuz, initrd.gz). Prints that folder as the
+# LAST line of stdout; progress goes to stderr. A cached build makes this take milliseconds.
+#   kernel:    `apt-get download linux-image-6.1.0-56-amd64` in a temporary folder, `dpkg-deb -x`
+#   initramfs: busybox-static's /bin/busybox, scripts/rxe/init.sh as /init, the modules of RXE_ROOT_MODULES
+#              and their dependencies (from `modinfo -F depends` on the extracted tree) with their load order.
+set -euo pipefail
+. "$(dirname "$0")/common.sh"
+
+rxe_ensure_packages
+rxe_lock
+dir=$RXE_CACHE/$RXE_KERNEL_VERSION
+# The build is valid for this recipe: a change to the init script, the module list or this script rebuilds it.
+recipe=$(cat "$RXE_SCRIPTS_DIR/init.sh" "$RXE_SCRIPTS_DIR/build.sh" "$RXE_SCRIPTS_DIR/common.sh" /bin/busybox | sha256sum | cut -d' ' -f1)
+if [ -f "$dir/vmlinuz" ] && [ -f "$dir/initrd.gz" ] && [ "$(cat "$dir/.recipe" 2>/dev/null)" = "$recipe" ]; then
+  printf '%s\n' "$dir"
+  exit 0
+fi
+
+rxe_log "building the test host's kernel and initramfs ($RXE_KERNEL_PACKAGE) into $dir"
+work=$(mktemp -d "${TMPDIR:-/tmp}/vrdma-rxe-build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+(
+  cd "$work"
+  # apt's sandbox user cannot write to a root-owned temporary folder; the warning it prints is harmless.
+  apt-get download -q "$RXE_KERNEL_PACKAGE" >&2 2> >(grep -v 'unsandboxed' >&2) \
+    || rxe_die "apt-get download $RXE_KERNEL_PACKAGE failed (is deb.debian.org reachable?)"
+)
+deb=$(ls "$work"/"$RXE_KERNEL_PACKAGE"_*.deb)
+dpkg-deb -x "$deb" "$work/kernel"
+modules_dir=$work/kernel/lib/modules/$RXE_KERNEL_VERSION
+[ -d "$modules_dir" ] || rxe_die "$deb has no lib/modules/$RXE_KERNEL_VERSION"
+
+# Load order: every module after its dependencies (depth-first over `modinfo -F depends`).
+declare -A module_path=() visited=()
+while IFS= read -r -d '' ko; do
+  name=$(basename "$ko"); name=${name%.ko*}
+  module_path[${name//-/_}]=$ko
+done < <(find "$modules_dir/kernel" -name '*.ko*' -print0)
+order=()
+add_module() {
+  local name=${1//-/_} dep
+  [ -n "${visited[$name]:-}" ] && return 0
+  visited[$name]=1
+  [ -n "${module_path[$name]:-}" ] || rxe_die "module $name is not in $deb"
+  for dep in $(modinfo -F depends "${module_path[$name]}" | tr ',' ' '); do
+    add_module "$dep"
+  done
+  order+=("$name")
+}
+for m in "${RXE_ROOT_MODULES[@]}"; do add_module "$m"; done
+
+root=$work/initramfs
+mkdir -p "$root"/{bin,dev,proc,sys,modules}
+cp /bin/busybox "$root/bin/busybox"
+install -m 0755 "$RXE_SCRIPTS_DIR/init.sh" "$root/init"
+for name in "${order[@]}"; do
+  src=${module_path[$name]}
+  case $src in
+    *.ko) cp "$src" "$root/modules/$name.ko" ;;
+    *.ko.xz) xz -dc "$src" >"$root/modules/$name.ko" ;;
+    *.ko.zst) zstd -dqc "$src" >"$root/modules/$name.ko" ;;
+    *) rxe_die "unknown module compression: $src" ;;
+  esac
+  printf '%s\n' "$name" >>"$root/modules/order"
+done
+rxe_log "modules, in load order: ${order[*]}"
+
+mkdir -p "$dir"
+(cd "$root" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$dir/initrd.gz.new"
+cp "$work/kernel/boot/vmlinuz-$RXE_KERNEL_VERSION" "$dir/vmlinuz.new"
+mv "$dir/initrd.gz.new" "$dir/initrd.gz"
+mv "$dir/vmlinuz.new" "$dir/vmlinuz"
+printf '%s\n' "$recipe" >"$dir/.recipe"
+rxe_log "built: $dir ($(du -sh "$dir/initrd.gz" | cut -f1) initramfs)"
+printf '%s\n' "$dir"

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# `npm run rxe:run -- [options] -- <command...>`: runs a command inside the soft-RoCE test host, a QEMU TCG VM
+# booting Debian's kernel with rdma_rxe, and returns the command's exit code. The VM sees the host's root
+# (read-only, with a tmpfs overlay on top: writes inside never reach the host), runs the command in the caller's
+# working directory with rxe0 ACTIVE on a veth pair that exists only inside it (no NIC: -nic none), and powers off.
+#
+#   --timeout SECONDS   stop the VM after this long (boot included) and exit 124 (default: $RXE_DEFAULT_TIMEOUT)
+#   --env NAME          also pass the caller's variable NAME (always passed: PATH, HOME, CI, VRDMA_*)
+#   --out DIR           share host folder DIR read-write at the same path inside (created if missing), so files
+#                       written there (e.g. bench-results JSON) reach the host; may be repeated
+#   --bench-results     the same as --out <project>/bench-results
+#   --verbose           copy the boot console (kernel, init) to stderr as it comes
+#
+# The command's output (stdout and stderr merged, as the VM has one console) goes to stdout, and nothing else
+# does: boot messages are held back (shown on stderr only when the VM fails). Inside, VRDMA_IN_TEST_HOST=1.
+# Exit codes: the command's own; 124 on time-out; 125 when the test host itself failed (no exit code came back).
+set -uo pipefail
+. "$(dirname "$0")/common.sh"
+
+RXE_DEFAULT_TIMEOUT=1800
+RXE_MAX_TIMEOUT=86400
+RXE_MAX_OUT_DIRS=8
+RXE_EXIT_TIMEOUT=124
+RXE_EXIT_HOST_FAILED=125
+# QEMU as the research note measured it: TCG on every host (no KVM assumed), 2 vCPUs, 4 GiB. The tmpfs upper
+# dir of the overlay may take 75% of that (node_modules caches, tap's .tap folder, test sockets).
+RXE_MEMORY=${VRDMA_RXE_MEMORY:-4G}
+RXE_UPPER_SIZE=75%
+RXE_VCPUS=2
+# Variables every run passes (plus every VRDMA_* one): what the project's scripts and tools read.
+RXE_PASSED_VARIABLES=(PATH HOME CI)
+
+usage() {
+  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' | sed "s/\$RXE_DEFAULT_TIMEOUT/$RXE_DEFAULT_TIMEOUT/" >&2
+  exit 2
+}
+bad_usage() { printf '[rxe] usage error: %s (see --help)\n' "$*" >&2; exit 2; }
+
+timeout_seconds=$RXE_DEFAULT_TIMEOUT
+extra_variables=()
+out_dirs=()
+verbose=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --timeout)
+      [ $# -ge 2 ] || bad_usage "--timeout needs a number of seconds"
+      [[ $2 =~ ^[1-9][0-9]{0,5}$ ]] && [ "$2" -le "$RXE_MAX_TIMEOUT" ] \
+        || bad_usage "--timeout must be a whole number of seconds from 1 to $RXE_MAX_TIMEOUT, not '$2'"
+      timeout_seconds=$2; shift 2 ;;
+    --env)
+      [ $# -ge 2 ] || bad_usage "--env needs a variable name"
+      [[ $2 =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || bad_usage "--env takes a variable name, not '$2'"
+      extra_variables+=("$2"); shift 2 ;;
+    --out)
+      [ $# -ge 2 ] || bad_usage "--out needs a folder"
+      out_dirs+=("$2"); shift 2 ;;
+    --bench-results) out_dirs+=("$RXE_PROJECT_ROOT/bench-results"); shift ;;
+    --verbose) verbose=1; shift ;;
+    -h | --help) usage ;;
+    --) shift; break ;;
+    -*) bad_usage "unknown option '$1'" ;;
+    *) break ;;
+  esac
+done
+[ $# -gt 0 ] || bad_usage "no command given: run.sh [options] -- <command...>"
+[ "${#out_dirs[@]}" -le "$RXE_MAX_OUT_DIRS" ] || bad_usage "at most $RXE_MAX_OUT_DIRS --out folders"
+
+rxe_ensure_packages
+assets=$(bash "$RXE_SCRIPTS_DIR/build.sh" | tail -n 1) || exit "$RXE_EXIT_HOST_FAILED"
+[ -f "$assets/vmlinuz" ] && [ -f "$assets/initrd.gz" ] || rxe_die "scripts/rxe/build.sh gave no kernel/initramfs"
+
+# The run's folder: the VM reads the job script from it through the read-only share (same path inside).
+run_dir=$(mktemp -d "/tmp/vrdma-rxe-run.XXXXXX") || rxe_die "cannot create a run folder in /tmp"
+qemu_pid=
+cleanup() {
+  [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null
+  rm -rf "$run_dir"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+token=$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')
+
+# The caller's environment that matters, as `export NAME=value` lines (values quoted for bash).
+{
+  for name in "${RXE_PASSED_VARIABLES[@]}" "${extra_variables[@]}" $(compgen -e | grep '^VRDMA_'); do
+    [ -n "${!name+set}" ] && printf 'export %s=%q\n' "$name" "${!name}"
+  done
+} >"$run_dir/env.sh"
+
+virtfs_out=()
+out_paths=()
+index=0
+for dir in "${out_dirs[@]}"; do
+  mkdir -p "$dir" || rxe_die "cannot create the --out folder $dir"
+  abs=$(cd "$dir" && pwd -P)
+  virtfs_out+=(-virtfs "local,path=$abs,mount_tag=out$index,security_model=none")
+  out_paths+=("$abs")
+  index=$((index + 1))
+done
+
+{
+  printf '# written by scripts/rxe/run.sh: one run of the soft-RoCE test host\n'
+  printf 'RXE_TOKEN=%q\n' "$token"
+  printf 'RXE_CWD=%q\n' "$PWD"
+  printf 'RXE_ENV_FILE=%q\n' "$run_dir/env.sh"
+  printf 'RXE_COMMAND=('; printf '%q ' "$@"; printf ')\n'
+  printf 'RXE_OUT_DIRS=('; [ ${#out_paths[@]} -gt 0 ] && printf '%q ' "${out_paths[@]}"; printf ')\n'
+  printf '. %q\n' "$RXE_SCRIPTS_DIR/guest.sh"
+  printf 'rxe_guest_main\n'
+} >"$run_dir/job.sh"
+
+# The console: QEMU's stdout (the serial port) goes through a FIFO to the filter, which keeps everything before
+# the start marker in boot.log, copies the command's output to stdout, and takes the exit code from the exit marker.
+mkfifo "$run_dir/console"
+timeout --kill-after=5 "$timeout_seconds" qemu-system-x86_64 \
+  -M q35 -accel tcg,thread=multi -cpu max -smp "$RXE_VCPUS" -m "$RXE_MEMORY" \
+  -nographic -nic none -no-reboot \
+  -kernel "$assets/vmlinuz" -initrd "$assets/initrd.gz" \
+  -append "console=ttyS0 quiet loglevel=0 panic=-1 mitigations=off vrdma.job=$run_dir/job.sh vrdma.upper=$RXE_UPPER_SIZE" \
+  -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
+  "${virtfs_out[@]}" \
+  </dev/null >"$run_dir/console" 2>"$run_dir/qemu.stderr" &
+qemu_pid=$!
+
+awk_flags=()
+awk -W version 2>&1 | grep -q mawk && awk_flags=(-W interactive)
+awk "${awk_flags[@]}" -v token="$token" -v boot_log="$run_dir/boot.log" -v code_file="$run_dir/exit-code" \
+  -v verbose="$verbose" '
+  BEGIN { start = "VRDMA-RXE-START " token; finish = "VRDMA-RXE-EXIT " token " "; state = "boot" }
+  state == "boot" {
+    print > boot_log
+    if (verbose) { print > "/dev/stderr"; fflush("/dev/stderr") }
+    if (index($0, start)) state = "command"
+    next
+  }
+  state == "command" {
+    i = index($0, finish)
+    if (i == 0) { print; fflush(); next }
+    # The command output may end without a newline: the marker then follows it on the same line.
+    if (i > 1) { printf "%s", substr($0, 1, i - 1); fflush() }
+    code = substr($0, i + length(finish)); sub(/[^0-9].*$/, "", code)
+    print code > code_file; close(code_file)
+    state = "after"
+    next
+  }
+  { print > boot_log; if (verbose) { print > "/dev/stderr"; fflush("/dev/stderr") } }
+' <"$run_dir/console"
+
+wait "$qemu_pid"
+qemu_status=$?
+qemu_pid=
+
+show_failure() {
+  printf '[rxe] %s\n' "$1" >&2
+  if [ -s "$run_dir/boot.log" ]; then
+    printf '[rxe] last lines of the boot console:\n' >&2
+    tail -n 30 "$run_dir/boot.log" | tr -d '\r' | sed 's/^/[rxe]   /' >&2
+  fi
+  if [ -s "$run_dir/qemu.stderr" ]; then
+    printf '[rxe] QEMU said:\n' >&2
+    tail -n 20 "$run_dir/qemu.stderr" | sed 's/^/[rxe]   /' >&2
+  fi
+}
+
+if [ "$qemu_status" -eq 124 ] || [ "$qemu_status" -eq 137 ]; then
+  printf '\n[rxe] error: time-out: the test host ran longer than --timeout %s s; QEMU was stopped (exit %d)\n' \
+    "$timeout_seconds" "$RXE_EXIT_TIMEOUT" >&2
+  exit "$RXE_EXIT_TIMEOUT"
+fi
+if [ ! -s "$run_dir/exit-code" ]; then
+  show_failure "error: the test host ended (QEMU exit status $qemu_status) without reporting the command's exit code"
+  exit "$RXE_EXIT_HOST_FAILED"
+fi
+exit "$(cat "$run_dir/exit-code")"
