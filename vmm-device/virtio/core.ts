@@ -1,0 +1,302 @@
+// The virtio device core: feature negotiation, the device status state machine, bounds-checked configuration
+// space, and what happens when a queue breaks. Transports (vhost-user, vfio-user, the in-process test transport)
+// call it; it calls the device model. It owns no sockets and no eventfds: interrupts go out through TransportHooks.
+
+import type { GuestMemory } from '../memory/guest-memory.ts';
+import type { Logger } from '../util/log.ts';
+import { VirtqueueError } from '../virtqueue/errors.ts';
+import type { DeviceQueue } from '../virtqueue/queue.ts';
+import type { DescriptorChain } from '../virtqueue/chain.ts';
+import {
+  F_EVENT_IDX,
+  F_INDIRECT_DESC,
+  F_RING_PACKED,
+  F_VERSION_1,
+  STATUS_ACKNOWLEDGE,
+  STATUS_DEVICE_NEEDS_RESET,
+  STATUS_DRIVER,
+  STATUS_DRIVER_OK,
+  STATUS_FAILED,
+  STATUS_FEATURES_OK,
+  bit,
+  statusNames,
+} from './constants.ts';
+import type { VirtioDeviceModel } from './device.ts';
+
+/** What the core needs from the transport. */
+export interface TransportHooks {
+  /** Send a used-buffer notification for queue `index`. */
+  interrupt(index: number): void;
+  /** Send a configuration change notification (config generation moved, or NEEDS_RESET was set). */
+  configInterrupt(): void;
+}
+
+/** The transport-independent feature bits the core implements (the queue engine supports them all). */
+export const CORE_FEATURES = bit(F_VERSION_1) | bit(F_INDIRECT_DESC) | bit(F_EVENT_IDX) | bit(F_RING_PACKED);
+
+export interface CoreCounters {
+  /** Feature bits the driver acked that were never offered (masked off). */
+  unofferedFeatureBits: number;
+  /** Feature writes refused because FEATURES_OK was already set. */
+  lateFeatureWrites: number;
+  /** Status writes that broke the initialisation order (ignored). */
+  invalidStatusWrites: number;
+  /** FEATURES_OK refused (VERSION_1 missing or the model rejected the set). */
+  featuresRejected: number;
+  /** Config accesses outside the config space, and writes to read-only config. */
+  configAccessErrors: number;
+  /** Queues broken by a driver bug (NEEDS_RESET raised). */
+  queueErrors: number;
+  /** Kicks for queues that are not running. */
+  ignoredKicks: number;
+}
+
+export class VirtioDeviceCore {
+  readonly offeredFeatures: bigint;
+  private status = 0;
+  private acked = 0n;
+  private generation = 0;
+  private active = false;
+  private memory: GuestMemory | undefined;
+  private readonly queues: (DeviceQueue | undefined)[];
+  private readonly stopped: boolean[];
+  readonly counters: CoreCounters = {
+    unofferedFeatureBits: 0,
+    lateFeatureWrites: 0,
+    invalidStatusWrites: 0,
+    featuresRejected: 0,
+    configAccessErrors: 0,
+    queueErrors: 0,
+    ignoredKicks: 0,
+  };
+
+  constructor(
+    readonly model: VirtioDeviceModel,
+    private readonly hooks: TransportHooks,
+    private readonly log: Logger,
+    /** Core features the transport cannot carry (e.g. RING_PACKED over a frontend without it). */
+    withheldFeatures = 0n,
+  ) {
+    this.offeredFeatures = (model.deviceFeatures | CORE_FEATURES) & ~withheldFeatures;
+    this.queues = new Array<DeviceQueue | undefined>(model.queueCount).fill(undefined);
+    this.stopped = new Array<boolean>(model.queueCount).fill(false);
+  }
+
+  get deviceStatus(): number {
+    return this.status;
+  }
+
+  get features(): bigint {
+    return this.acked;
+  }
+
+  get configGeneration(): number {
+    return this.generation;
+  }
+
+  get isActive(): boolean {
+    return this.active;
+  }
+
+  queue(index: number): DeviceQueue | undefined {
+    return this.queues[index];
+  }
+
+  /** The driver's feature write. Bits never offered are masked off (counted and logged). */
+  setDriverFeatures(value: bigint): void {
+    if ((this.status & STATUS_FEATURES_OK) !== 0) {
+      this.counters.lateFeatureWrites++;
+      this.log.log('warn', 'feature write after FEATURES_OK ignored', { value: '0x' + value.toString(16) });
+      return;
+    }
+    const unoffered = value & ~this.offeredFeatures;
+    if (unoffered !== 0n) {
+      this.counters.unofferedFeatureBits++;
+      this.log.log('warn', 'driver acked feature bits that were not offered; masked', { bits: '0x' + unoffered.toString(16) });
+    }
+    this.acked = value & this.offeredFeatures;
+  }
+
+  hasFeature(n: bigint): boolean {
+    return (this.acked & bit(n)) !== 0n;
+  }
+
+  /** The transport hands over guest memory (before DRIVER_OK, or again when the memory map changes). */
+  setMemory(memory: GuestMemory): void {
+    this.memory = memory;
+  }
+
+  /** The transport hands over a configured queue (or removes it). Only before DRIVER_OK. */
+  setQueue(index: number, queue: DeviceQueue | undefined): void {
+    this.checkIndex(index);
+    this.queues[index] = queue;
+    this.stopped[index] = false;
+  }
+
+  private checkIndex(index: number): void {
+    if (!Number.isInteger(index) || index < 0 || index >= this.queues.length) {
+      throw new RangeError(`queue index ${index} is not below the queue count ${this.queues.length}`);
+    }
+  }
+
+  /**
+   * A status write from the driver. Writing 0 resets the device. Otherwise bits are only added, in the order of
+   * virtio 1.2 section 3.1.1; a write that breaks the order is counted, logged and ignored. NEEDS_RESET belongs
+   * to the device and is kept as the device has it.
+   */
+  setStatus(value: number): void {
+    if (value === 0) {
+      this.reset();
+      return;
+    }
+    const driverBits = value & ~STATUS_DEVICE_NEEDS_RESET & 0xff;
+    const old = this.status & ~STATUS_DEVICE_NEEDS_RESET;
+    const why = this.checkTransition(old, driverBits);
+    if (why !== undefined) {
+      this.counters.invalidStatusWrites++;
+      this.log.log('warn', `status write ignored: ${why}`, { from: statusNames(this.status), to: statusNames(value) });
+      return;
+    }
+    let next = driverBits | (this.status & STATUS_DEVICE_NEEDS_RESET);
+    const added = driverBits & ~old;
+    if ((added & STATUS_FEATURES_OK) !== 0 && !this.acceptFeatures()) {
+      next &= ~STATUS_FEATURES_OK; // the driver re-reads status and sees the refusal
+    }
+    this.status = next;
+    if ((added & STATUS_FAILED) !== 0) this.log.log('warn', 'driver set FAILED');
+    if ((added & STATUS_DRIVER_OK) !== 0 && (next & STATUS_FEATURES_OK) !== 0) this.activate();
+  }
+
+  private checkTransition(old: number, next: number): string | undefined {
+    if ((old & ~next) !== 0) return `bits ${statusNames(old & ~next)} cleared without a reset`;
+    if ((next & STATUS_DRIVER) !== 0 && (next & STATUS_ACKNOWLEDGE) === 0) return 'DRIVER without ACKNOWLEDGE';
+    if ((next & STATUS_FEATURES_OK) !== 0 && (next & STATUS_DRIVER) === 0) return 'FEATURES_OK without DRIVER';
+    if ((next & STATUS_DRIVER_OK) !== 0 && (next & STATUS_FEATURES_OK) === 0) return 'DRIVER_OK without FEATURES_OK';
+    if ((next & STATUS_DRIVER_OK) !== 0 && (old & STATUS_FEATURES_OK) === 0 && (next & STATUS_FEATURES_OK) !== 0) {
+      return 'FEATURES_OK and DRIVER_OK in one write (the driver must check FEATURES_OK first)';
+    }
+    return undefined;
+  }
+
+  private acceptFeatures(): boolean {
+    if (!this.hasFeature(F_VERSION_1)) {
+      this.counters.featuresRejected++;
+      this.log.log('warn', 'FEATURES_OK refused: VERSION_1 not accepted (legacy drivers are not supported)');
+      return false;
+    }
+    return true;
+  }
+
+  private activate(): void {
+    const memory = this.memory;
+    if (memory === undefined) {
+      this.raiseNeedsReset('DRIVER_OK without guest memory');
+      return;
+    }
+    try {
+      this.model.activate({
+        features: this.acked,
+        memory,
+        queues: this.queues,
+        interrupt: (i) => this.hooks.interrupt(i),
+        queueBroken: (i, e) => this.queueBroken(i, e),
+        log: this.log,
+      });
+      this.active = true;
+    } catch (e) {
+      this.raiseNeedsReset(`activation failed: ${(e as Error).message}`);
+    }
+  }
+
+  /** A kick from the driver for queue `index`. */
+  notify(index: number): void {
+    if (!this.active || index < 0 || index >= this.queues.length || this.queues[index] === undefined || this.stopped[index]) {
+      this.counters.ignoredKicks++;
+      return;
+    }
+    this.model.queueNotify(index);
+  }
+
+  /** A driver bug found in queue `index`: stop it, set NEEDS_RESET, tell the driver. */
+  queueBroken(index: number, error: Error): void {
+    this.counters.queueErrors++;
+    if (index >= 0 && index < this.stopped.length) this.stopped[index] = true;
+    const kind = error instanceof VirtqueueError ? error.kind : error.name;
+    this.log.log('error', 'queue broken by the driver; device needs reset', { queue: index, kind, detail: error.message });
+    this.raiseNeedsReset(`queue ${index}: ${kind}`);
+  }
+
+  private raiseNeedsReset(why: string): void {
+    if ((this.status & STATUS_DEVICE_NEEDS_RESET) === 0) {
+      this.log.log('error', 'DEVICE_NEEDS_RESET', { why });
+      this.status |= STATUS_DEVICE_NEEDS_RESET;
+    }
+    this.hooks.configInterrupt();
+  }
+
+  isQueueStopped(index: number): boolean {
+    return this.stopped[index] ?? true;
+  }
+
+  /** Device reset (status 0, or the transport's own reset): the model releases everything. */
+  reset(): void {
+    if (this.active || this.status !== 0) this.model.reset();
+    this.active = false;
+    this.status = 0;
+    this.acked = 0n;
+    this.queues.fill(undefined);
+    this.stopped.fill(false);
+  }
+
+  /** Reads `len` bytes of device configuration at `offset`; undefined (counted) when out of bounds. */
+  readConfig(offset: number, len: number): Uint8Array | undefined {
+    if (!this.configRangeOk(offset, len)) return undefined;
+    const out = new Uint8Array(len);
+    this.model.readConfig(offset, out);
+    return out;
+  }
+
+  /** Writes device configuration; false (counted) when out of bounds or read-only. */
+  writeConfig(offset: number, data: Uint8Array): boolean {
+    if (!this.configRangeOk(offset, data.length)) return false;
+    if (!this.model.writeConfig(offset, data)) {
+      this.counters.configAccessErrors++;
+      this.log.log('warn', 'write to read-only device configuration dropped', { offset, len: data.length });
+      return false;
+    }
+    return true;
+  }
+
+  private configRangeOk(offset: number, len: number): boolean {
+    const ok = Number.isInteger(offset) && Number.isInteger(len) && offset >= 0 && len >= 0 && offset + len <= this.model.configSize;
+    if (!ok) {
+      this.counters.configAccessErrors++;
+      this.log.log('warn', 'device configuration access out of bounds', { offset, len, configSize: this.model.configSize });
+    }
+    return ok;
+  }
+
+  /** The model changed its configuration: bump the generation and notify the driver. */
+  configChanged(): void {
+    this.generation = (this.generation + 1) >>> 0;
+    this.hooks.configInterrupt();
+  }
+}
+
+/**
+ * Serves every available chain of `queue` with `handle`, in the loop virtio prescribes: notifications off, drain,
+ * notifications on, and drain again if buffers arrived meanwhile. Returns the error that broke the queue, if any
+ * (the caller passes it to ActivationContext.queueBroken).
+ */
+export function drainQueue(queue: DeviceQueue, handle: (chain: DescriptorChain) => void): VirtqueueError | undefined {
+  do {
+    queue.disableNotifications();
+    for (;;) {
+      const chain = queue.pop();
+      if (chain === null) break;
+      if (chain instanceof VirtqueueError) return chain;
+      handle(chain);
+    }
+  } while (queue.enableNotifications());
+  return undefined;
+}
