@@ -1,0 +1,94 @@
+// The vhost-user back-end server: listens on a unix socket and serves one front-end connection at a time (one
+// device per socket, as QEMU expects). A connection that goes wrong is closed with everything it held released,
+// and the server goes back to listening; the next front-end (a reconnecting QEMU, the next test) is served by a
+// fresh session over a fresh device core.
+
+import type { Logger } from '../../util/log.ts';
+import type { VirtioDeviceModel } from '../../virtio/device.ts';
+import { BackendChannel } from './backend-channel.ts';
+import { VhostUserConnection, type WireEvent } from './connection.ts';
+import type { HostOps, ListenOps, Watch } from './host.ts';
+import { ProtocolFeature, hasBit } from './messages.ts';
+import { VhostUserSession, newCounters, type SessionCounters } from './session.ts';
+
+/** Pending connections the kernel queues while one is being served. */
+export const LISTEN_BACKLOG = 4;
+
+export interface ServerOptions {
+  path: string;
+  host: HostOps & ListenOps;
+  /** The device model; reset (through the core) between connections. */
+  model: VirtioDeviceModel;
+  log: Logger;
+}
+
+export class VhostUserServer {
+  private listenFd: number | undefined;
+  private listenWatch: Watch | undefined;
+  private current: VhostUserConnection | undefined;
+  /** Counters summed over every connection served. */
+  readonly counters: SessionCounters = newCounters();
+  connectionsServed = 0;
+  /** Reasons past connections were closed, newest last (bounded). */
+  readonly closeReasons: string[] = [];
+  /** Called with each new session (tests, the host-notifier user). */
+  onSession: ((s: VhostUserSession) => void) | undefined;
+  onClose: ((reason: string) => void) | undefined;
+  onWire: ((e: WireEvent) => void) | undefined;
+
+  constructor(private readonly opts: ServerOptions) {}
+
+  listen(): void {
+    if (this.listenFd !== undefined) throw new Error('already listening');
+    this.listenFd = this.opts.host.listenUnix(this.opts.path, LISTEN_BACKLOG);
+    this.listenWatch = this.opts.host.watchReadable(this.listenFd, () => this.acceptPending());
+    this.opts.log.log('info', 'listening', { path: this.opts.path });
+  }
+
+  get session(): VhostUserSession | undefined {
+    return this.current?.session;
+  }
+
+  private acceptPending(): void {
+    if (this.current !== undefined || this.listenFd === undefined) return; // one at a time; the rest wait
+    let fd: number | undefined;
+    try {
+      fd = this.opts.host.accept(this.listenFd);
+    } catch (e) {
+      this.opts.log.log('error', 'accept failed', { error: (e as Error).message });
+      return;
+    }
+    if (fd === undefined) return;
+    const log = this.opts.log.child(`conn${this.connectionsServed}`);
+    this.connectionsServed++;
+    const session = new VhostUserSession({ host: this.opts.host, model: this.opts.model, log, counters: this.counters });
+    session.channelFactory = (chFd) =>
+      new BackendChannel(this.opts.host, chFd, hasBit(session.negotiatedProtocolFeatures, ProtocolFeature.REPLY_ACK), log.child('backend-channel'));
+    const conn = new VhostUserConnection(this.opts.host, fd, session, log, (reason) => {
+      this.current = undefined;
+      this.closeReasons.push(reason);
+      if (this.closeReasons.length > 32) this.closeReasons.shift();
+      this.onClose?.(reason);
+      // A front-end may already be waiting in the backlog.
+      setImmediate(() => this.acceptPending());
+    });
+    conn.onWire = this.onWire;
+    this.current = conn;
+    this.onSession?.(session);
+  }
+
+  /** Closes the current connection (if any) and stops listening. */
+  close(): void {
+    this.current?.close('server shutting down');
+    this.listenWatch?.stop();
+    this.listenWatch = undefined;
+    if (this.listenFd !== undefined) {
+      try {
+        this.opts.host.close(this.listenFd);
+      } catch {
+        /* already closed */
+      }
+      this.listenFd = undefined;
+    }
+  }
+}
