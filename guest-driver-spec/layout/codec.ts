@@ -81,17 +81,21 @@ export type RequestFraming =
   | { kind: 'ok'; header: RequestHeader; spec: CommandSpec; body: Uint8Array; pages: number }
   /** A status the device answers with (the queue stays usable). */
   | { kind: 'status'; header: RequestHeader; status: number; statusName: StatusName; detail: number }
-  /** Fewer than 16 readable bytes: no header to answer; the device sets DEVICE_NEEDS_RESET (section 7.5). */
+  /** Fewer than 16 readable or writable bytes: no way to answer; the device sets DEVICE_NEEDS_RESET (section 7.5). */
   | { kind: 'fatal'; reason: string };
 
 /**
  * Checks the framing of a control request's readable part against the command table: header present, command
- * known, `length` inside the readable part and equal to what the command carries. Reads nothing outside
- * `readable`. `maxPagesPerCommand` is the device's config value.
+ * known, `length` inside the readable part and equal to what the command carries, the writable part large
+ * enough for the response. Reads nothing outside `readable`. `writableBytes` is the size of the chain's writable
+ * part; `maxPagesPerCommand` is the device's config value.
  */
-export function checkRequestFraming(readable: Uint8Array, maxPagesPerCommand: number): RequestFraming {
+export function checkRequestFraming(readable: Uint8Array, writableBytes: number, maxPagesPerCommand: number): RequestFraming {
   if (readable.byteLength < CtrlRequestHeader.size) {
     return { kind: 'fatal', reason: `readable part of ${readable.byteLength} bytes has no room for the 16-byte header` };
+  }
+  if (writableBytes < CtrlResponseHeader.size) {
+    return { kind: 'fatal', reason: `writable part of ${writableBytes} bytes has no room for the 16-byte response header` };
   }
   const header = CtrlRequestHeader.decode(readable);
   const fail = (statusName: StatusName, detail = 0): RequestFraming => ({
@@ -112,6 +116,7 @@ export function checkRequestFraming(readable: Uint8Array, maxPagesPerCommand: nu
     return fail('INVALID_ARGUMENT', pageCountFieldOffset(spec));
   }
   if (header.length !== spec.request.size + pages * Limits.PAGE_ADDR_SIZE) return fail('INVALID_LENGTH');
+  if (writableBytes < CtrlResponseHeader.size + spec.response.size) return fail('INVALID_LENGTH', 1);
   return { kind: 'ok', header, spec, body, pages };
 }
 

@@ -222,7 +222,31 @@ export const REQUIRED_QP_ATTRS: Readonly<Record<string, number>> = {
     QpAttrMask.STATE | QpAttrMask.PKEY_INDEX | QpAttrMask.PORT | QpAttrMask.QKEY,
   [`${QpType.UD}:${QpState.INIT}->${QpState.RTR}`]: QpAttrMask.STATE,
   [`${QpType.UD}:${QpState.RTR}->${QpState.RTS}`]: QpAttrMask.STATE | QpAttrMask.SQ_PSN,
+  [`${QpType.RC}:${QpState.INIT}->${QpState.INIT}`]: QpAttrMask.STATE,
+  [`${QpType.RC}:${QpState.RTS}->${QpState.RTS}`]: QpAttrMask.STATE,
+  [`${QpType.UD}:${QpState.INIT}->${QpState.INIT}`]: QpAttrMask.STATE,
+  [`${QpType.UD}:${QpState.RTS}->${QpState.RTS}`]: QpAttrMask.STATE,
 };
+
+/**
+ * Attributes a transition accepts besides the required ones (spec section 8.11, table "Optional attributes").
+ * Transitions to RESET and ERR take STATE only. A transition absent from both tables is WRONG_STATE.
+ */
+export const OPTIONAL_QP_ATTRS: Readonly<Record<string, number>> = {
+  [`${QpType.RC}:${QpState.INIT}->${QpState.INIT}`]: QpAttrMask.ACCESS_FLAGS | QpAttrMask.PKEY_INDEX | QpAttrMask.PORT,
+  [`${QpType.RC}:${QpState.INIT}->${QpState.RTR}`]: QpAttrMask.ACCESS_FLAGS | QpAttrMask.PKEY_INDEX,
+  [`${QpType.RC}:${QpState.RTR}->${QpState.RTS}`]: QpAttrMask.ACCESS_FLAGS | QpAttrMask.MIN_RNR_TIMER,
+  [`${QpType.RC}:${QpState.RTS}->${QpState.RTS}`]: QpAttrMask.ACCESS_FLAGS | QpAttrMask.MIN_RNR_TIMER,
+  [`${QpType.UD}:${QpState.INIT}->${QpState.INIT}`]: QpAttrMask.PKEY_INDEX | QpAttrMask.PORT | QpAttrMask.QKEY,
+  [`${QpType.UD}:${QpState.INIT}->${QpState.RTR}`]: QpAttrMask.PKEY_INDEX | QpAttrMask.QKEY,
+  [`${QpType.UD}:${QpState.RTR}->${QpState.RTS}`]: QpAttrMask.QKEY,
+  [`${QpType.UD}:${QpState.RTS}->${QpState.RTS}`]: QpAttrMask.QKEY,
+};
+
+/** Key of REQUIRED_QP_ATTRS / OPTIONAL_QP_ATTRS. */
+export function transitionKey(qpType: number, from: number, to: number): string {
+  return `${qpType}:${from}->${to}`;
+}
 
 /** Memory access flags of REG_MR and of the QP's qp_access_flags. */
 export const AccessFlag = {
