@@ -1,0 +1,66 @@
+// A small device model for the vhost-user conformance tests: every queue answers each chain with the bytes of its
+// readable part (as many as fit in the writable part). Config space: 4 read-only bytes (a magic number) and 4
+// writable bytes.
+
+import type { ActivationContext, VirtioDeviceModel } from '../../vmm-device/virtio/device.ts';
+import { drainQueue } from '../../vmm-device/virtio/core.ts';
+
+export const ECHO_DEVICE_ID = 42;
+export const ECHO_CONFIG_MAGIC = 0x6f686365; // "echo"
+export const ECHO_MAX_QUEUE_SIZE = 256;
+/** A device feature bit, to see it offered and acked. */
+export const ECHO_F_TEST = 1n << 0n;
+
+export class EchoDevice implements VirtioDeviceModel {
+  readonly deviceId = ECHO_DEVICE_ID;
+  readonly deviceFeatures = ECHO_F_TEST;
+  readonly configSize = 8;
+  readonly config = new Uint8Array(8);
+  ctx: ActivationContext | undefined;
+  activations = 0;
+  resets = 0;
+  served = 0;
+
+  constructor(readonly queueCount = 2) {
+    new DataView(this.config.buffer).setUint32(0, ECHO_CONFIG_MAGIC, true);
+  }
+
+  maxQueueSize(): number {
+    return ECHO_MAX_QUEUE_SIZE;
+  }
+
+  readConfig(offset: number, dest: Uint8Array): void {
+    dest.set(this.config.subarray(offset, offset + dest.length));
+  }
+
+  writeConfig(offset: number, src: Uint8Array): boolean {
+    if (offset < 4) return false;
+    this.config.set(src, offset);
+    return true;
+  }
+
+  activate(ctx: ActivationContext): void {
+    this.ctx = ctx;
+    this.activations++;
+  }
+
+  queueNotify(index: number): void {
+    const ctx = this.ctx!;
+    const q = ctx.queues[index];
+    if (q === undefined) return;
+    const err = drainQueue(q, (chain) => {
+      const data = chain.reader().read(chain.readableBytes);
+      const n = Math.min(data.length, chain.writableBytes);
+      chain.writer().write(data.subarray(0, n));
+      q.pushUsed(chain, n);
+      this.served++;
+    });
+    if (err !== undefined) ctx.queueBroken(index, err);
+    if (q.needsNotification()) ctx.interrupt(index);
+  }
+
+  reset(): void {
+    this.ctx = undefined;
+    this.resets++;
+  }
+}

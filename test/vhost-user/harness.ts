@@ -1,0 +1,131 @@
+// Shared set-up for the vhost-user conformance tests: a real back-end server on a real unix socket in a temporary
+// folder, the echo device behind it, and the reference front-end connected to it. Everything goes through the
+// native sys addon (sockets with SCM_RIGHTS, memfds, mmap, eventfds). `finish()` closes both ends and checks that
+// the back-end released every mapping and watcher it held (the addon counts them).
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
+import { VhostUserFrontend } from '../../guest-driver-spec/frontend/frontend.ts';
+import { nativeStats } from '../../vmm-device/native/sys.ts';
+import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
+import type { VhostUserSession } from '../../vmm-device/transport/vhost-user/session.ts';
+import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import { RecordingLogger } from '../../vmm-device/util/log.ts';
+import { EchoDevice } from './echo-device.ts';
+import {
+  FLAG_NEED_REPLY,
+  VHOST_USER_VERSION,
+  decodeU64,
+  encodeU64,
+  ProtocolFeature,
+  SUPPORTED_PROTOCOL_FEATURES,
+  bit,
+} from '../../vmm-device/transport/vhost-user/messages.ts';
+
+export const host = new SysHost();
+export const V = VHOST_USER_VERSION;
+export const NEED_REPLY = V | FLAG_NEED_REPLY;
+
+export interface Rig {
+  dir: string;
+  path: string;
+  server: VhostUserServer;
+  device: EchoDevice;
+  log: RecordingLogger;
+  fe: VhostUserFrontend;
+  /** The back-end session of the current connection (set once the server accepted it). */
+  session(): VhostUserSession;
+  /** Guest RAM the test created through `ram()`; released by finish(). */
+  rams: GuestRam[];
+  ram(plans?: { gpa: number; size: number; mmapOffset?: number; userAddr?: number }[]): GuestRam;
+  /** Waits for the server to accept (the session exists). */
+  accepted(): Promise<VhostUserSession>;
+  /** Closes the front-end and the server; returns the native mapping/watcher counts left over. */
+  finish(): Promise<{ watchers: number; mappings: number }>;
+}
+
+let counter = 0;
+
+export async function rig(opts: { queues?: number } = {}): Promise<Rig> {
+  const before = nativeStats();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhost-user-test-'));
+  const sockPath = path.join(dir, `vu${counter++}.sock`);
+  const log = new RecordingLogger('vhost-user');
+  const device = new EchoDevice(opts.queues ?? 2);
+  const server = new VhostUserServer({ path: sockPath, host, model: device, log });
+  let current: VhostUserSession | undefined;
+  let onAccept: (() => void) | undefined;
+  server.onSession = (s) => {
+    current = s;
+    onAccept?.();
+  };
+  server.listen();
+  const fe = await VhostUserFrontend.connect(host, sockPath);
+  const rams: GuestRam[] = [];
+  const r: Rig = {
+    dir,
+    path: sockPath,
+    server,
+    device,
+    log,
+    fe,
+    rams,
+    session: () => {
+      if (current === undefined) throw new Error('no session accepted yet');
+      return current;
+    },
+    ram: (plans = [{ gpa: 0, size: 0x40000 }]) => {
+      const ram = new GuestRam(host, plans);
+      rams.push(ram);
+      return ram;
+    },
+    accepted: async () => {
+      if (current !== undefined) return current;
+      await new Promise<void>((resolve) => (onAccept = resolve));
+      return current!;
+    },
+    finish: async () => {
+      fe.close();
+      server.close();
+      for (const ram of rams) ram.release();
+      await new Promise((res) => setImmediate(res));
+      fs.rmSync(dir, { recursive: true, force: true });
+      const after = nativeStats();
+      return { watchers: after.watchers - before.watchers, mappings: after.mappings - before.mappings };
+    },
+  };
+  await r.accepted();
+  return r;
+}
+
+/** Negotiates protocol features as QEMU would (all offered) unless `features` says which. */
+export async function negotiate(r: Rig, features: bigint = SUPPORTED_PROTOCOL_FEATURES): Promise<void> {
+  await r.fe.getFeatures();
+  await r.fe.getProtocolFeatures();
+  await r.fe.setProtocolFeatures(features);
+}
+
+/** Protocol features without REPLY_ACK: a bad message must then close the connection. */
+export const WITHOUT_REPLY_ACK = SUPPORTED_PROTOCOL_FEATURES & ~bit(ProtocolFeature.REPLY_ACK);
+
+/** Sends a request with NEED_REPLY and returns the u64 the back-end acked with (0 success, non-zero failure). */
+export async function ack(r: Rig, request: number, payload = new Uint8Array(0), fds: number[] = []): Promise<bigint> {
+  r.fe.send(request, payload, fds, NEED_REPLY);
+  const m = await r.fe.reply(request, 8);
+  return decodeU64(m.payload)!;
+}
+
+/** The last log line the back-end wrote about a refused request. */
+export function lastRefusal(r: Rig): { request: string; kind: string; reason: string } | undefined {
+  for (let i = r.log.lines.length - 1; i >= 0; i--) {
+    const f = r.log.lines[i]!.fields;
+    if (f !== undefined && typeof f.kind === 'string' && typeof f.reason === 'string') {
+      return { request: String(f.request), kind: f.kind, reason: f.reason };
+    }
+  }
+  return undefined;
+}
+
+export { encodeU64 };
