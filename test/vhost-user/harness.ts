@@ -111,7 +111,7 @@ export async function negotiate(r: Rig, features: bigint = SUPPORTED_PROTOCOL_FE
 export const WITHOUT_REPLY_ACK = SUPPORTED_PROTOCOL_FEATURES & ~bit(ProtocolFeature.REPLY_ACK);
 
 /** Sends a request with NEED_REPLY and returns the u64 the back-end acked with (0 success, non-zero failure). */
-export async function ack(r: Rig, request: number, payload = new Uint8Array(0), fds: number[] = []): Promise<bigint> {
+export async function ack(r: Rig, request: number, payload: Uint8Array = new Uint8Array(0), fds: number[] = []): Promise<bigint> {
   r.fe.send(request, payload, fds, NEED_REPLY);
   const m = await r.fe.reply(request, 8);
   return decodeU64(m.payload)!;
@@ -129,3 +129,45 @@ export function lastRefusal(r: Rig): { request: string; kind: string; reason: st
 }
 
 export { encodeU64 };
+
+type T = Pick<typeof import('tap').default, 'ok' | 'equal' | 'match' | 'notOk' | 'same'>;
+
+/**
+ * The back-end closed the connection for `request` with a log line naming it, the error kind and the reason; the
+ * bad-message counter moved; and the server goes on listening (a new front-end is served).
+ */
+export async function expectClose(t: T, r: Rig, request: string, kind: string, reason: RegExp): Promise<void> {
+  const before = r.server.counters.badMessages[kind as keyof typeof r.server.counters.badMessages];
+  t.ok(await r.fe.waitClosed(), `${request}: the back-end closed the connection`);
+  t.match(lastRefusal(r), { request, kind, reason }, 'log line names the request, the kind and the reason');
+  t.ok(r.server.counters.badMessages[kind as keyof typeof r.server.counters.badMessages] >= Math.max(1, before), 'counted');
+  const again = await VhostUserFrontend.connect(host, r.path);
+  try {
+    t.ok((await again.getFeatures()) > 0n, 'the server serves the next connection');
+  } finally {
+    again.close();
+  }
+}
+
+/** With REPLY_ACK negotiated and NEED_REPLY set: the back-end answers failure (1) and keeps the connection. */
+export async function expectAckFailure(
+  t: T,
+  r: Rig,
+  request: number,
+  payload: Uint8Array,
+  fds: number[],
+  expected: { request: string; kind: string; reason: RegExp },
+): Promise<void> {
+  t.equal(await ack(r, request, payload, fds), 1n, `${expected.request}: REPLY_ACK failure`);
+  t.match(lastRefusal(r), expected, 'log line names the request, the kind and the reason');
+  t.notOk(r.fe.closedByBackend, 'connection kept');
+}
+
+/** Protocol features negotiated (all by default), virtio features set, and `ram` as the memory table. */
+export async function prepare(r: Rig, o: { protocol?: bigint; features?: bigint; ram?: GuestRam } = {}): Promise<GuestRam> {
+  await negotiate(r, o.protocol ?? SUPPORTED_PROTOCOL_FEATURES);
+  await r.fe.setFeatures(o.features ?? (bit(32) | bit(30)));
+  const ram = o.ram ?? r.ram();
+  await r.fe.setMemTable(ram.regions);
+  return ram;
+}

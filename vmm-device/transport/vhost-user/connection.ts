@@ -62,8 +62,13 @@ export class VhostUserConnection {
       }
       this.fds.push(...r.fds);
       if (r.fdsTruncated || this.fds.length > MAX_FDS_PER_MESSAGE) {
+        // The kernel closed the fds that did not fit, and the bytes that came with them are gone: the stream
+        // cannot be resynchronised.
         this.session.counters.badMessages.BadFdCount++;
-        this.close(`${this.parsed ? requestName(this.parsed.request) : 'message'}: BadFdCount: more than ${MAX_FDS_PER_MESSAGE} fds (ancillary data truncated)`);
+        const request = this.parsed ? requestName(this.parsed.request) : 'message';
+        const reason = `more than ${MAX_FDS_PER_MESSAGE} fds (ancillary data truncated)`;
+        this.log.log('error', 'too many fds; closing the connection', { request, kind: 'BadFdCount', reason });
+        this.close(`${request}: BadFdCount: ${reason}`);
         return;
       }
       if (this.parsed === undefined) {
@@ -76,7 +81,7 @@ export class VhostUserConnection {
         } catch (e) {
           const err = e as VhostUserProtocolError;
           this.session.counters.badMessages.BadHeader++;
-          this.log.log('error', 'bad header; closing the connection', { request: requestName(h.request), reason: err.reason });
+          this.log.log('error', 'bad header; closing the connection', { request: requestName(h.request), kind: 'BadHeader', reason: err.reason });
           this.close(`${requestName(h.request)}: BadHeader: ${err.reason}`);
           return;
         }
