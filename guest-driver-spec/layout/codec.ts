@@ -177,3 +177,13 @@ export function ringOccupancy(producer: number, consumer: number): number {
 export function isPowerOfTwo(n: number): boolean {
   return Number.isInteger(n) && n > 0 && n <= 0x8000_0000 && (n & (n - 1)) === 0;
 }
+
+/**
+ * The smallest `max_pages_per_command` a device may advertise for its `max_qp_wr` and `max_cqe` (spec section 5.2):
+ * the largest QP's SQ and RQ, and the largest CQ, must each fit in one command with 4 KiB pages.
+ */
+export function minPagesPerCommand(maxQpWr: number, maxCqe: number): number {
+  const qp =
+    ringPages(maxQpWr, Limits.SQ_WQE_SIZE, Limits.MIN_PAGE_SHIFT) + ringPages(maxQpWr, Limits.RQ_WQE_SIZE, Limits.MIN_PAGE_SHIFT);
+  return Math.max(qp, ringPages(maxCqe, Limits.CQE_SIZE, Limits.MIN_PAGE_SHIFT));
+}
