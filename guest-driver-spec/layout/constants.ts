@@ -127,6 +127,7 @@ export const DoorbellErrorReason = {
   UNKNOWN_TYPE: 2,
   PARTIAL_RECORD: 3,
   WRONG_STATE: 4,
+  TOO_MANY_RECORDS: 5,
 } as const;
 
 /** Doorbell record types (spec section 10.5). */
@@ -377,7 +378,6 @@ export const Limits = {
   QKEY_CONTROLLED_BIT: 0x8000_0000,
   /** Largest queue depth (WQEs or CQEs) a v1 device may advertise: indexes are free-running u32 counters. */
   MAX_QUEUE_DEPTH: 1 << 22,
+  /** Records the device takes from one doorbell buffer; later ones are ignored and reported (bounded work per buffer). */
+  DOORBELL_MAX_RECORDS: 256,
 } as const;
-
-/** Doorbell records per doorbell buffer at most (a buffer holds a whole number of records). */
-export const MAX_DOORBELL_RECORDS_PER_BUFFER = 256;
