@@ -203,7 +203,7 @@ function errorCase(layout: Layout, c: MalformedCase, seed: number): Fixture {
   rec.popAll().forEach((chain, k) => rec.pushUsed(k, rng.int(0, writableBytes(chain))));
   rec.checkUsed().popEmpty();
   c.build(driver);
-  rec.hasAvailable().popError(c.kind);
+  rec.hasAvailable(true).popError(c.kind);
   return rec.finish();
 }
 
