@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# `npm run qemu:build`: builds qemu-system-x86_64 from Debian trixie's qemu source with the project's two edits
+# (a user-creatable vhost-user-device-pci, and a name for virtio ID 42), and caches it by source version under
+# ${VRDMA_CACHE:-/var/cache/vrdma}/qemu/<version>/. Prints the binary's path as the LAST line of stdout (callers
+# run `bash scripts/qemu/build.sh | tail -n1`); progress goes to stderr. A cached binary makes this take seconds.
+set -euo pipefail
+. "$(dirname "$0")/common.sh"
+
+# The minimal configuration: no docs, no default features, only what a vhost-user PCI device with a memfd
+# memory backend under qtest needs. The +ds tarball strips firmware blobs and dtc, hence --disable-install-blobs
+# and --disable-fdt; a pyenv python first on PATH could not see Debian's meson, hence the explicit --python.
+CONFIGURE_ARGS=(
+  --target-list=x86_64-softmmu --disable-docs --disable-werror --without-default-features
+  --enable-vhost-user --enable-pixman --disable-fdt --disable-install-blobs --python=/usr/bin/python3
+)
+BUILD_JOBS=${VRDMA_QEMU_JOBS:-2}
+
+need() { # need <what> <debian package> <test command...>
+  local what=$1 pkg=$2; shift 2
+  "$@" >/dev/null 2>&1 || qemu_die "$what is missing: apt-get install $pkg (scripts/setup.sh installs it)"
+}
+need "meson >= 1.5" "-t bookworm-backports meson" \
+  sh -c 'meson --version | awk -F. "{exit !(\$1>1 || (\$1==1 && \$2>=5))}"'
+need "ninja" ninja-build command -v ninja
+need "pkg-config" pkgconf command -v pkg-config
+need "glib headers" libglib2.0-dev pkg-config --exists glib-2.0
+need "pixman headers" libpixman-1-dev pkg-config --exists pixman-1
+need "zlib headers" zlib1g-dev pkg-config --exists zlib
+need "a C compiler" gcc command -v cc
+need "make" make command -v make
+
+qemu_lock
+version=$(qemu_source_version)
+dir=$(qemu_version_dir "$version")
+binary=$dir/bin/qemu-system-x86_64
+# The binary is valid for this script's edits and configuration: a change to either rebuilds (incrementally).
+recipe=$( { cat "$QEMU_SCRIPTS_DIR/common.sh"; printf '%s\n' "${CONFIGURE_ARGS[@]}"; } | sha256sum | cut -d' ' -f1)
+
+if [ -x "$binary" ] && [ "$(cat "$dir/bin/.recipe" 2>/dev/null)" = "$recipe" ]; then
+  qemu_log "cached: $binary (qemu $version)"
+  printf '%s\n' "$binary"
+  exit 0
+fi
+
+if [ -f "$dir/source/.vrdma-patched" ] && [ "$(cat "$dir/source/.vrdma-recipe" 2>/dev/null)" != "$recipe" ]; then
+  qemu_log "the build recipe changed: refetching the source tree"
+  rm -rf "$dir/source"
+fi
+tree=$(qemu_source_tree "$version")
+echo "$recipe" > "$tree/.vrdma-recipe"
+
+cd "$tree"
+if [ ! -f build/build.ninja ] || [ "$(cat build/.vrdma-configure 2>/dev/null)" != "${CONFIGURE_ARGS[*]}" ]; then
+  qemu_log "configuring (minimal x86_64-softmmu)"
+  rm -rf build
+  ./configure "${CONFIGURE_ARGS[@]}" >&2 || qemu_die "configure failed"
+  echo "${CONFIGURE_ARGS[*]}" > build/.vrdma-configure
+fi
+start=$(date +%s)
+qemu_log "building qemu-system-x86_64 with make -j$BUILD_JOBS (about 3.5 minutes on 2 cores)"
+make -j"$BUILD_JOBS" qemu-system-x86_64 >&2 || qemu_die "make qemu-system-x86_64 failed"
+qemu_log "built in $(( $(date +%s) - start )) s"
+
+mkdir -p "$dir/bin"
+cp -f build/qemu-system-x86_64 "$binary.tmp"
+mv -f "$binary.tmp" "$binary"
+echo "$recipe" > "$dir/bin/.recipe"
+"$binary" --version | head -n1 >&2
+printf '%s\n' "$binary"

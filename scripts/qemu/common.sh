@@ -1,0 +1,102 @@
+# Shared by scripts/qemu/build.sh and scripts/qemu/source.sh (sourced, not run).
+# Fetches Debian trixie's qemu source package through an apt configuration that lives entirely in the cache
+# folder (never /etc/apt: trixie lines there would make apt replace bookworm's glibc), unpacks it and applies
+# the project's two source edits. Progress goes to stderr; stdout is kept for the one path the caller prints.
+
+QEMU_CACHE=${VRDMA_CACHE:-/var/cache/vrdma}/qemu
+QEMU_APT_DIR=$QEMU_CACHE/apt
+QEMU_SOURCE_SUITE=trixie
+QEMU_SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+qemu_log() { printf '[qemu] %s\n' "$*" >&2; }
+qemu_die() { printf '[qemu] error: %s\n' "$*" >&2; exit 1; }
+
+qemu_apt() {
+  apt-get \
+    -o Dir::Etc::SourceList="$QEMU_APT_DIR/sources.list" \
+    -o Dir::Etc::SourceParts=- \
+    -o Dir::State::Lists="$QEMU_APT_DIR/lists" \
+    -o Dir::Cache="$QEMU_APT_DIR/cache" \
+    -o Dir::State::Status=/var/lib/dpkg/status \
+    "$@"
+}
+qemu_apt_cache() {
+  apt-cache \
+    -o Dir::Etc::SourceList="$QEMU_APT_DIR/sources.list" \
+    -o Dir::Etc::SourceParts=- \
+    -o Dir::State::Lists="$QEMU_APT_DIR/lists" \
+    -o Dir::Cache="$QEMU_APT_DIR/cache" \
+    "$@"
+}
+
+# Takes an exclusive lock on the cache so parallel callers (tests run in parallel) never build twice at once.
+qemu_lock() {
+  mkdir -p "$QEMU_CACHE"
+  exec {QEMU_LOCK_FD}>"$QEMU_CACHE/.lock"
+  flock "$QEMU_LOCK_FD"
+}
+
+# Prints the version of trixie's qemu source package. Uses the cached package lists (no network) unless they are
+# missing or VRDMA_QEMU_REFRESH=1 asks for a fresh look at the archive.
+qemu_source_version() {
+  mkdir -p "$QEMU_APT_DIR/lists/partial" "$QEMU_APT_DIR/cache/archives/partial"
+  echo "deb-src http://deb.debian.org/debian $QEMU_SOURCE_SUITE main" > "$QEMU_APT_DIR/sources.list"
+  if [ "${VRDMA_QEMU_REFRESH:-0}" = 1 ] || ! ls "$QEMU_APT_DIR"/lists/*_Sources* >/dev/null 2>&1; then
+    qemu_log "fetching the $QEMU_SOURCE_SUITE source package lists (isolated apt configuration in $QEMU_APT_DIR)"
+    qemu_apt -qq update >&2 || qemu_die "apt-get update of the isolated $QEMU_SOURCE_SUITE deb-src list failed"
+  fi
+  local version
+  version=$(qemu_apt_cache showsrc qemu 2>/dev/null | awk '/^Package: qemu$/ {p=1} p && /^Version:/ {print $2; exit}')
+  [ -n "$version" ] || qemu_die "no qemu source package in the $QEMU_SOURCE_SUITE lists ($QEMU_APT_DIR/lists)"
+  printf '%s\n' "$version"
+}
+
+# The cache folder of a source version: the Debian epoch ("1:") is dropped, because make and meson mis-read
+# colons in paths.
+qemu_version_dir() { printf '%s/%s\n' "$QEMU_CACHE" "${1#*:}"; }
+
+# Replaces exactly one occurrence of a fixed line in a file; fails loudly when the line is missing or repeated,
+# so a new upstream version that moved the code cannot be built silently without the edit.
+qemu_edit_once() { # qemu_edit_once <file> <exact old line> <new line(s)>
+  local file=$1 old=$2 new=$3 count
+  count=$(grep -cxF -- "$old" "$file" || true)
+  [ "$count" = 1 ] || qemu_die "edit of $file: expected exactly 1 line '$old', found $count"
+  OLD="$old" NEW="$new" perl -0pi -e 's/^\Q$ENV{OLD}\E$/$ENV{NEW}/m' "$file"
+  grep -qxF -- "$(printf '%s' "$new" | head -n1)" "$file" || qemu_die "edit of $file did not apply"
+}
+
+# The two source edits (see /work/shared/research/qemu.md):
+#  1. the generic vhost-user device is not user creatable in QEMU <= 10.1: make it (and its PCI proxy) creatable;
+#  2. virtio_id_to_name() asserts for an ID missing from its name table: give virtio ID 42 a name.
+qemu_apply_edits() { # qemu_apply_edits <source tree>
+  local src=$1
+  qemu_edit_once "$src/hw/virtio/vhost-user-device.c" \
+    '    dc->user_creatable = false;' '    dc->user_creatable = true;'
+  qemu_edit_once "$src/hw/virtio/vhost-user-device-pci.c" \
+    '    dc->user_creatable = false;' '    dc->user_creatable = true;'
+  qemu_edit_once "$src/hw/virtio/virtio.c" \
+    '    [VIRTIO_ID_GPIO] = "virtio-gpio"' \
+    "$(printf '    [VIRTIO_ID_GPIO] = "virtio-gpio",\n    [42] = "virtio-rdma"')"
+}
+
+# Prints the path of the unpacked, patched source tree of <version>, fetching and patching it when missing.
+qemu_source_tree() { # qemu_source_tree <version>
+  local version=$1 dir
+  dir=$(qemu_version_dir "$version")
+  local tree=$dir/source
+  if [ -f "$tree/.vrdma-patched" ]; then printf '%s\n' "$tree"; return 0; fi
+  command -v dpkg-source >/dev/null || qemu_die "dpkg-source is missing: apt-get install dpkg-dev (scripts/setup.sh installs it)"
+  rm -rf "$tree" "$dir/fetch"
+  mkdir -p "$dir/fetch"
+  qemu_log "fetching and unpacking the qemu $version source package into $dir"
+  (cd "$dir/fetch" && qemu_apt -qq source "qemu=$version" >&2) || qemu_die "apt-get source qemu=$version failed"
+  local unpacked
+  unpacked=$(find "$dir/fetch" -mindepth 1 -maxdepth 1 -type d -name 'qemu-*' | head -n1)
+  [ -n "$unpacked" ] && [ -f "$unpacked/configure" ] || qemu_die "no unpacked qemu tree in $dir/fetch"
+  mv "$unpacked" "$tree"
+  rm -rf "$dir/fetch"   # the .orig tarball and .dsc are not needed once unpacked (hundreds of MB)
+  qemu_log "applying the project's source edits"
+  qemu_apply_edits "$tree"
+  touch "$tree/.vrdma-patched"
+  printf '%s\n' "$tree"
+}
