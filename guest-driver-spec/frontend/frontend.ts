@@ -441,6 +441,50 @@ export class VhostUserFrontend {
     return this.waitEventfd(fd, timeoutMs);
   }
 
+  // ---------------------------------------------------------------------------------------------------------
+  // The back-end channel (requests from the back-end: CONFIG_CHANGE_MSG, VRING_HOST_NOTIFIER_MSG)
+
+  private channelBuffered = new Uint8Array(0);
+  private channelFds: number[] = [];
+
+  /** The next request the back-end sent on its channel (header, payload, fds), or undefined on timeout. */
+  async nextBackendRequest(timeoutMs = REPLY_TIMEOUT_MS): Promise<ReceivedMessage | undefined> {
+    const fd = this.backendChannelFd;
+    if (fd === undefined) throw new FrontendError('no back-end channel (init() with backendChannel)');
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      if (this.channelBuffered.length >= HEADER_SIZE) {
+        const header = decodeHeader(this.channelBuffered);
+        if (this.channelBuffered.length >= HEADER_SIZE + header.size) {
+          const payload = this.channelBuffered.slice(HEADER_SIZE, HEADER_SIZE + header.size);
+          this.channelBuffered = this.channelBuffered.slice(HEADER_SIZE + header.size);
+          const fds = this.channelFds;
+          this.channelFds = [];
+          return { header, payload, fds };
+        }
+      }
+      const r = this.host.recv(fd, 4096, MAX_FDS_PER_MESSAGE);
+      if (r.kind === 'eof') return undefined;
+      if (r.kind === 'data') {
+        this.channelFds.push(...r.fds);
+        const joined = new Uint8Array(this.channelBuffered.length + r.bytes.length);
+        joined.set(this.channelBuffered);
+        joined.set(r.bytes, this.channelBuffered.length);
+        this.channelBuffered = joined;
+        continue;
+      }
+      if (Date.now() >= deadline) return undefined;
+      await new Promise((res) => setTimeout(res, 5));
+    }
+  }
+
+  /** Answers a back-end request (REPLY_ACK): u64 0 for success. */
+  answerBackendRequest(request: number, value: bigint): void {
+    const fd = this.backendChannelFd;
+    if (fd === undefined) throw new FrontendError('no back-end channel');
+    this.host.sendMessage(fd, encodeMessage(request, 0x4 | VHOST_USER_VERSION, encodeU64(value)), []);
+  }
+
   /** Closes the connection and every eventfd this front-end created. */
   close(): void {
     if (this.closedLocally) return;

@@ -14,6 +14,7 @@ import type { VhostUserSession } from '../../vmm-device/transport/vhost-user/ses
 import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { EchoDevice } from './echo-device.ts';
+import { GuestAllocator, SplitRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import {
   FLAG_NEED_REPLY,
   VHOST_USER_VERSION,
@@ -22,6 +23,9 @@ import {
   ProtocolFeature,
   SUPPORTED_PROTOCOL_FEATURES,
   bit,
+  encodeVringAddr,
+  encodeVringState,
+  FrontendRequest as R,
 } from '../../vmm-device/transport/vhost-user/messages.ts';
 
 export const host = new SysHost();
@@ -170,4 +174,36 @@ export async function prepare(r: Rig, o: { protocol?: bigint; features?: bigint;
   const ram = o.ram ?? r.ram();
   await r.fe.setMemTable(ram.regions);
   return ram;
+}
+
+/** Configures and starts ring `index` (NUM, BASE, ADDR, KICK, CALL, ENABLE) over a split ring driver in `ram`. */
+export async function startRing(r: Rig, ram: GuestRam, alloc: GuestAllocator, index: number, size: number): Promise<SplitRingDriver> {
+  const d = new SplitRingDriver(ram, alloc, size);
+  await r.fe.request(R.SET_VRING_NUM, encodeVringState({ index, num: size }));
+  await r.fe.request(R.SET_VRING_BASE, encodeVringState({ index, num: 0 }));
+  await r.fe.request(R.SET_VRING_ADDR, ringAddr(ram, index, d));
+  for (const m of [r.fe.kickFds, r.fe.callFds]) {
+    const old = m.get(index);
+    if (old !== undefined) host.close(old);
+  }
+  const kick = host.eventfd();
+  r.fe.kickFds.set(index, kick);
+  await r.fe.setVringFile(R.SET_VRING_KICK, index, kick);
+  const call = host.eventfd();
+  r.fe.callFds.set(index, call);
+  await r.fe.setVringFile(R.SET_VRING_CALL, index, call);
+  await r.fe.request(R.SET_VRING_ENABLE, encodeVringState({ index, num: 1 }));
+  return d;
+}
+
+/** SET_VRING_ADDR payload for a driver's rings (front-end virtual addresses). */
+export function ringAddr(ram: GuestRam, index: number, d: { addrs: { desc: number; avail: number; used: number } }, flags = 0): Uint8Array {
+  return encodeVringAddr({
+    index,
+    flags,
+    desc: BigInt(ram.gpaToUser(d.addrs.desc)),
+    used: BigInt(ram.gpaToUser(d.addrs.used)),
+    avail: BigInt(ram.gpaToUser(d.addrs.avail)),
+    log: 0n,
+  });
 }

@@ -9,6 +9,7 @@
 // so a region is 32 + 32 * queue_size bytes, rounded up to INFLIGHT_REGION_ALIGNMENT.
 
 import type { HostOps } from './host.ts';
+import { FrontendRequest, VhostUserProtocolError } from './messages.ts';
 
 export const INFLIGHT_VERSION = 1;
 export const INFLIGHT_REGION_ALIGNMENT = 64;
@@ -55,9 +56,12 @@ export class InflightArea {
   /** The area the front-end handed back (SET_INFLIGHT_FD), checked to hold every queue region. */
   static attach(host: HostOps, fd: number, mmapSize: number, mmapOffset: number, numQueues: number, queueSize: number): InflightArea {
     const need = inflightAreaSize(numQueues, queueSize);
-    if (mmapSize < need) throw new Error(`inflight area of ${mmapSize} bytes is smaller than the ${need} bytes ${numQueues} queues of ${queueSize} need`);
+    const bad = (why: string): never => {
+      throw new VhostUserProtocolError('BadPayload', FrontendRequest.SET_INFLIGHT_FD, why);
+    };
+    if (mmapSize < need) bad(`inflight area of ${mmapSize} bytes is smaller than the ${need} bytes ${numQueues} queues of ${queueSize} need`);
     const fileSize = host.fileSize(fd);
-    if (mmapOffset + mmapSize > fileSize) throw new Error(`inflight area [${mmapOffset}, +${mmapSize}) ends past the end of its fd (${fileSize} bytes)`);
+    if (mmapOffset + mmapSize > fileSize) bad(`inflight area [${mmapOffset}, +${mmapSize}) ends past the end of its fd (${fileSize} bytes)`);
     const mapping = host.mmapShared(fd, mmapOffset + mmapSize, 0);
     return new InflightArea(host, fd, mapping, mmapOffset, numQueues, queueSize);
   }
