@@ -161,7 +161,48 @@ export class SplitQueue implements DeviceQueue {
     return chain;
   }
 
+  /**
+   * The common case without indirection, buffers inside one region each and addresses below 2^32, in straight-line
+   * code. Anything else (including every error) is left to walkGeneral, which starts over and reports precisely.
+   */
   private walk(head: number): DescriptorChain | VirtqueueError {
+    const size = this.size;
+    if (head >= size) return this.walkGeneral(head);
+    const u32 = this.desc.u32;
+    const u16 = this.desc.u16;
+    const memory = this.memory;
+    const segments: number[] = [];
+    let readableCount = 0;
+    let readableBytes = 0;
+    let writableBytes = 0;
+    let i = head;
+    for (let count = 1; ; count++) {
+      const flags = u16[i * 8 + 6]!;
+      const addr = u32[i * 4]!;
+      const len = u32[i * 4 + 2]!;
+      if (count > size || (flags & VIRTQ_DESC_F_INDIRECT) !== 0 || u32[i * 4 + 1] !== 0 || len === 0) {
+        return this.walkGeneral(head);
+      }
+      const region = memory.findRegion(addr);
+      if (region === undefined || addr + len > region.end) return this.walkGeneral(head);
+      segments.push(addr, len);
+      if ((flags & VIRTQ_DESC_F_WRITE) !== 0) {
+        writableBytes += len;
+      } else {
+        if (writableBytes > 0) return this.walkGeneral(head);
+        readableCount++;
+        readableBytes += len;
+      }
+      if ((flags & VIRTQ_DESC_F_NEXT) === 0) break;
+      i = u16[i * 8 + 7]!;
+      if (i >= size) return this.walkGeneral(head);
+    }
+    if (readableBytes > 0xffff_ffff || writableBytes > 0xffff_ffff) return this.walkGeneral(head);
+    return new DescriptorChain(memory, head, 1, segments, readableCount, readableBytes, writableBytes);
+  }
+
+  /** Walks any chain, indirect tables included, and names the first thing wrong with it. */
+  private walkGeneral(head: number): DescriptorChain | VirtqueueError {
     if (head >= this.size) {
       return new VirtqueueError('DescriptorIndexOutOfRange', `head descriptor ${head} >= queue size ${this.size}`);
     }
@@ -221,14 +262,17 @@ export class SplitQueue implements DeviceQueue {
   }
 
   needsNotification(): boolean {
-    if (this.pushedSinceSignal === 0) return false;
+    const pushed = this.pushedSinceSignal;
+    if (pushed === 0) return false;
     this.pushedSinceSignal = 0;
     if (this.eventIdx) {
       // used_event is read after our release store of used.idx; Atomics are sequentially consistent, which is the
       // full barrier virtio asks for between publishing used.idx and reading used_event.
       const usedEvent = Atomics.load(this.avail, this.usedEventWord);
       const old = this.signalledUsed;
-      const valid = this.signalledValid;
+      // After 2^15 or more used elements without a decision, the 16-bit window of vring_need_event no longer
+      // tells old from new: interrupt unconditionally (libvhost-user does the same).
+      const valid = this.signalledValid && pushed < 0x8000;
       this.signalledUsed = this.nextUsed;
       this.signalledValid = true;
       return !valid || vringNeedEvent(usedEvent, this.nextUsed, old);
