@@ -218,3 +218,39 @@ t.test('normative key words appear only in requirements subsections and section 
   });
   t.same(offenders, [], 'no MUST/SHOULD/MAY outside normative text');
 });
+
+t.test('every "offset N" in a command section of chapter 8 is the offset of a field of that command', async (t) => {
+  // The request layouts whose field offsets each section's error list may name.
+  const sections: Record<string, readonly Layout<unknown>[]> = {
+    '8.4': [L.QueryPortRequest],
+    '8.5': [L.QueryGidRequest],
+    '8.6': [L.HandleRequest],
+    '8.7': [L.CreateCqRequest],
+    '8.8': [L.HandleRequest],
+    '8.9': [L.ArmCqRequest],
+    '8.10': [L.CreateQpRequest],
+    '8.11': [L.ModifyQpRequest],
+    '8.12': [L.HandleRequest],
+    '8.13': [L.HandleRequest],
+    '8.14': [L.RegMrRequest, L.RegMrContinueRequest],
+    '8.15': [L.HandleRequest],
+    '8.16': [L.CreateAhRequest, L.HandleRequest],
+  };
+  const offsetsOf = (layout: Layout<unknown>): number[] =>
+    layout.fields.flatMap((f) =>
+      f.ref !== undefined ? L.ALL_LAYOUTS.get(f.ref)!.fields.map((g) => f.offset + g.offset) : [f.offset],
+    );
+  for (const [section, layouts] of Object.entries(sections)) {
+    const start = spec.indexOf(`\n### ${section} `);
+    t.ok(start >= 0, `section ${section} exists`);
+    const end = spec.indexOf('\n### ', start + 1);
+    const text = spec.slice(start, end);
+    const allowed = new Set(layouts.flatMap(offsetsOf));
+    // "offset 4", "offsets 24, 28, 32", "offset 48 or 56"; not the page-entry form "offset 64 + 8i".
+    const named = [...text.matchAll(/offsets? (\d+(?:(?:, | or | and )\d+)*)\b(?! \+ 8i)/g)].flatMap((m) =>
+      m[1]!.split(/, | or | and /).map(Number),
+    );
+    t.ok(section === '8.6' || named.length > 0, `section ${section} names offsets`);
+    for (const n of named) t.ok(allowed.has(n), `section ${section}: offset ${n} is a field of ${layouts.map((l) => l.name).join('/')}`);
+  }
+});
