@@ -241,6 +241,14 @@ export class VhostUserFrontend {
     return decodeU64(m.payload)!;
   }
 
+  /**
+   * Waits until the back-end has processed everything sent so far: requests without a reply give no other sign.
+   * (QEMU does the same: GET_FEATURES as a barrier when REPLY_ACK is missing.)
+   */
+  async sync(): Promise<void> {
+    await this.getFeatures();
+  }
+
   getFeatures(): Promise<bigint> {
     return this.getU64(R.GET_FEATURES);
   }

@@ -8,6 +8,7 @@ t.test('reports what was set', async (t) => {
   await negotiate(r);
   t.equal(await r.fe.getStatus(), 0);
   await r.fe.setStatus(0x3);
+  await r.fe.sync();
   t.equal(await r.fe.getStatus(), 0x3);
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });

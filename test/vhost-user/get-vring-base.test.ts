@@ -10,6 +10,7 @@ t.test('stops a running ring; its position is returned; later kicks are dropped'
   const alloc = new GuestAllocator(ram);
   const d = await startRing(r, ram, alloc, 0, 64);
   await r.fe.addStatus(0xf);
+  await r.fe.sync();
   d.post(alloc, Uint8Array.of(1, 2, 3), 8);
   r.fe.kick(0);
   t.ok((await r.fe.waitCall(0)) > 0n);

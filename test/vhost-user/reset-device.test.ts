@@ -11,6 +11,7 @@ t.test('a running device is reset and can be started again', async (t) => {
   const alloc = new GuestAllocator(ram);
   await startRing(r, ram, alloc, 0, 64);
   await r.fe.addStatus(0xf);
+  await r.fe.sync();
   t.equal(await ack(r, R.RESET_DEVICE), 0n);
   const s = r.session().describe();
   t.same(s.rings.map((x) => [x.started, x.kick, x.call]), [[false, false, false], [false, false, false]]);
@@ -22,6 +23,7 @@ t.test('a running device is reset and can be started again', async (t) => {
   await r.fe.setFeatures(bit(32) | bit(30));
   const d = await startRing(r, ram, alloc, 0, 64);
   await r.fe.addStatus(0xf);
+  await r.fe.sync();
   const p = d.post(alloc, Uint8Array.of(1, 2), 4);
   r.fe.kick(0);
   t.ok((await r.fe.waitCall(0)) > 0n);

@@ -10,6 +10,7 @@ import { rig } from './harness.ts';
 t.test('init, start, echo round trip, stop', async (t) => {
   const r = await rig({ queues: 2 });
   const init = await r.fe.init({ queues: 2 });
+  await r.fe.sync();
   t.equal(init.queueNum, 2, 'GET_QUEUE_NUM');
   t.equal(init.maxMemSlots, 509, 'GET_MAX_MEM_SLOTS');
   t.ok(r.session().describe().owner, 'SET_OWNER');
@@ -27,6 +28,7 @@ t.test('init, start, echo round trip, stop', async (t) => {
       { index: 1, size: 16, ...q1.addrs },
     ],
   });
+  await r.fe.sync();
   t.ok(r.session().core.isActive, 'device active after DRIVER_OK');
   t.equal(r.device.activations, 1);
   t.equal(await r.fe.getStatus(), 0xf, 'GET_STATUS: ACKNOWLEDGE|DRIVER|FEATURES_OK|DRIVER_OK');
@@ -49,6 +51,8 @@ t.test('init, start, echo round trip, stop', async (t) => {
   }
 
   const bases = await r.fe.stop([0, 1]);
+
+  await r.fe.sync();
   t.same(bases, [1, 2], 'GET_VRING_BASE returns the next available index of each ring');
   t.notOk(r.session().core.isActive, 'SET_STATUS 0 reset the device');
   t.same(r.session().describe().rings.map((x) => x.started), [false, false], 'rings stopped');

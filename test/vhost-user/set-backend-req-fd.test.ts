@@ -9,6 +9,7 @@ import { expectAckFailure, expectClose, host, negotiate, rig, startRing } from '
 t.test('channel installed; VRING_HOST_NOTIFIER_MSG after DRIVER_OK carries the page fd and waits for the answer', async (t) => {
   const r = await rig();
   await r.fe.init({ queues: 2 });
+  await r.fe.sync();
   t.ok(r.session().describe().backendChannel);
   const ram = r.ram();
   await r.fe.setFeatures(bit(32) | bit(30));
@@ -17,6 +18,7 @@ t.test('channel installed; VRING_HOST_NOTIFIER_MSG after DRIVER_OK carries the p
   const page = host.memfd('notify-page', host.pageSize);
   await t.rejects(r.session().setHostNotifier(0, page, host.pageSize, 0), /only valid after DRIVER_OK/);
   await r.fe.addStatus(0xf);
+  await r.fe.sync();
   const answer = r.session().setHostNotifier(0, page, host.pageSize, 0);
   const req = await r.fe.nextBackendRequest();
   t.ok(req !== undefined, 'request arrived');
@@ -48,6 +50,7 @@ t.test('channel installed; VRING_HOST_NOTIFIER_MSG after DRIVER_OK carries the p
 t.test('CONFIG_CHANGE_MSG when the device raises NEEDS_RESET', async (t) => {
   const r = await rig();
   await r.fe.init({ queues: 2 });
+  await r.fe.sync();
   const p = r.session().channel!.configChanged();
   const req = await r.fe.nextBackendRequest();
   t.equal(req!.header.request, BackendRequest.CONFIG_CHANGE_MSG);

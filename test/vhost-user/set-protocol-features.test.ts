@@ -7,6 +7,7 @@ import { ack, expectClose, rig } from './harness.ts';
 t.test('accepted; REPLY_ACK works from the next message on', async (t) => {
   const r = await rig();
   await r.fe.setProtocolFeatures(SUPPORTED_PROTOCOL_FEATURES);
+  await r.fe.sync();
   t.equal(r.session().negotiatedProtocolFeatures, SUPPORTED_PROTOCOL_FEATURES);
   t.equal(await ack(r, R.SET_OWNER), 0n);
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
@@ -15,6 +16,7 @@ t.test('accepted; REPLY_ACK works from the next message on', async (t) => {
 t.test('a subset is fine', async (t) => {
   const r = await rig();
   await r.fe.setProtocolFeatures(bit(P.MQ));
+  await r.fe.sync();
   r.fe.send(R.GET_QUEUE_NUM);
   t.ok(await r.fe.reply(R.GET_QUEUE_NUM, 8));
   t.same(await r.finish(), { watchers: 0, mappings: 0 });

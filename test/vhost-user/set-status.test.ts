@@ -9,14 +9,17 @@ t.test('QEMU order: FEATURES_OK alone, then ACK|DRIVER|DRIVER_OK added; 0 resets
   const r = await rig();
   const ram = await prepare(r);
   await r.fe.addStatus(0x8);
+  await r.fe.sync();
   t.notOk(r.session().core.isActive);
   await startRing(r, ram, new GuestAllocator(ram), 0, 64);
   await r.fe.addStatus(0x7);
+  await r.fe.sync();
   t.ok(r.session().core.isActive, 'active after DRIVER_OK');
   t.equal(r.device.activations, 1);
   t.ok(r.device.ctx!.queues[0] !== undefined && r.device.ctx!.queues[1] === undefined, 'the started ring was handed to the device');
   t.equal(r.device.ctx!.features, bit(32), 'virtio features only (PROTOCOL_FEATURES removed)');
   await r.fe.setStatus(0);
+  await r.fe.sync();
   t.notOk(r.session().core.isActive);
   t.equal(r.device.resets, 1);
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
@@ -26,6 +29,7 @@ t.test('DRIVER_OK without VERSION_1 acked: the device refuses, NEEDS_RESET is no
   const r = await rig();
   await prepare(r, { features: bit(30) });
   await r.fe.setStatus(0xf);
+  await r.fe.sync();
   t.notOk(r.session().core.isActive);
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });

@@ -23,6 +23,7 @@ t.test('the call fd in use is the last one set', async (t) => {
   const alloc = new GuestAllocator(ram);
   const d = await startRing(r, ram, alloc, 0, 64);
   await r.fe.addStatus(0xf);
+  await r.fe.sync();
   const c2 = host.eventfd();
   await r.fe.setVringFile(R.SET_VRING_CALL, 0, c2);
   d.post(alloc, Uint8Array.of(1), 4);

@@ -11,6 +11,7 @@ t.test('disabled ring holds buffers; enabling serves them', async (t) => {
   const alloc = new GuestAllocator(ram);
   const d = await startRing(r, ram, alloc, 0, 64);
   await r.fe.addStatus(0xf);
+  await r.fe.sync();
   t.equal(await ack(r, R.SET_VRING_ENABLE, encodeVringState({ index: 0, num: 0 })), 0n);
   const p = d.post(alloc, Uint8Array.of(5, 6), 4);
   r.fe.kick(0);

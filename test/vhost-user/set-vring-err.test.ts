@@ -27,6 +27,7 @@ t.test('a looping descriptor chain: the err eventfd fires, the device needs rese
   r.fe.errFds.set(0, e);
   await r.fe.setVringFile(R.SET_VRING_ERR, 0, e);
   await r.fe.addStatus(0xf);
+  await r.fe.sync();
   const buf = alloc.alloc(16);
   d.writeDescriptor(0, buf, 16, VIRTQ_DESC_F_NEXT, 1);
   d.writeDescriptor(1, buf, 16, VIRTQ_DESC_F_NEXT, 0); // 0 -> 1 -> 0 -> ...
@@ -38,6 +39,7 @@ t.test('a looping descriptor chain: the err eventfd fires, the device needs rese
   t.same(d.readUsed(), [], 'nothing completed');
   // The connection and the process are fine: a reset and a restart work.
   await r.fe.setStatus(0);
+  await r.fe.sync();
   t.equal(await r.fe.getStatus(), 0);
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });
