@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Builds the soft-RoCE test host's kernel and initramfs from Debian packages and caches them by kernel version
-# under ${VRDMA_CACHE:-/var/cache/vrdma}/rxe/<kernel-version>/ (vmlinuz, initrd.gz). Prints that folder as the
+# under ${VRDMA_CACHE:-/var/cache/vrdma}/rxe/<kernel-version>/ (vmlinux, initrd.gz). Prints that folder as the
 # LAST line of stdout; progress goes to stderr. A cached build makes this take milliseconds.
-#   kernel:    `apt-get download linux-image-6.1.0-56-amd64` in a temporary folder, `dpkg-deb -x`
+#   kernel:    `apt-get download linux-image-6.1.0-56-amd64` in a temporary folder, `dpkg-deb -x`, and the
+#              ELF vmlinux taken out of its vmlinuz: under TCG, the xz decompressor of a bzImage takes 10 to 20 s,
+#              while QEMU boots the ELF (it has a PVH entry note) at once.
 #   initramfs: busybox-static's /bin/busybox, scripts/rxe/init.sh as /init, the modules of RXE_ROOT_MODULES
 #              and their dependencies (from `modinfo -F depends` on the extracted tree) with their load order.
 set -euo pipefail
@@ -13,7 +15,7 @@ rxe_lock
 dir=$RXE_CACHE/$RXE_KERNEL_VERSION
 # The build is valid for this recipe: a change to the init script, the module list or this script rebuilds it.
 recipe=$(cat "$RXE_SCRIPTS_DIR/init.sh" "$RXE_SCRIPTS_DIR/build.sh" "$RXE_SCRIPTS_DIR/common.sh" /bin/busybox | sha256sum | cut -d' ' -f1)
-if [ -f "$dir/vmlinuz" ] && [ -f "$dir/initrd.gz" ] && [ "$(cat "$dir/.recipe" 2>/dev/null)" = "$recipe" ]; then
+if [ -f "$dir/vmlinux" ] && [ -f "$dir/initrd.gz" ] && [ "$(cat "$dir/.recipe" 2>/dev/null)" = "$recipe" ]; then
   printf '%s\n' "$dir"
   exit 0
 fi
@@ -27,6 +29,18 @@ trap 'rm -rf "$work"' EXIT
   apt-get download -q "$RXE_KERNEL_PACKAGE" >&2 2> >(grep -v 'unsandboxed' >&2) \
     || rxe_die "apt-get download $RXE_KERNEL_PACKAGE failed (is deb.debian.org reachable?)"
 )
+# The bzImage holds the kernel as one xz stream after its decompressor stub (Debian: CONFIG_KERNEL_XZ).
+extract_vmlinux() { # extract_vmlinux <vmlinuz> <output>
+  local offset
+  offset=$(LC_ALL=C grep -obUaP '\xFD7zXZ\x00' "$1" | head -n 1 | cut -d: -f1)
+  [ -n "$offset" ] || rxe_die "no xz stream in $1 (the kernel's compression changed? see CONFIG_KERNEL_* in its config)"
+  # xz stops after the one stream, so tail may die of SIGPIPE: only xz's status counts.
+  { tail -c +"$((offset + 1))" "$1" 2>/dev/null || :; } | xz -dc --single-stream >"$2" \
+    || rxe_die "decompressing the kernel in $1 failed"
+  [ "$(head -c 4 "$2" | od -An -c | tr -d ' ')" = '177ELF' ] || rxe_die "what $1 holds is not an ELF kernel"
+  readelf -n "$2" 2>/dev/null | grep -q 'Xen' || rxe_die "the kernel in $1 has no PVH entry note (CONFIG_PVH)"
+}
+
 deb=$(ls "$work"/"$RXE_KERNEL_PACKAGE"_*.deb)
 dpkg-deb -x "$deb" "$work/kernel"
 modules_dir=$work/kernel/lib/modules/$RXE_KERNEL_VERSION
@@ -69,9 +83,9 @@ rxe_log "modules, in load order: ${order[*]}"
 
 mkdir -p "$dir"
 (cd "$root" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$dir/initrd.gz.new"
-cp "$work/kernel/boot/vmlinuz-$RXE_KERNEL_VERSION" "$dir/vmlinuz.new"
+extract_vmlinux "$work/kernel/boot/vmlinuz-$RXE_KERNEL_VERSION" "$dir/vmlinux.new"
 mv "$dir/initrd.gz.new" "$dir/initrd.gz"
-mv "$dir/vmlinuz.new" "$dir/vmlinuz"
+mv "$dir/vmlinux.new" "$dir/vmlinux"
 printf '%s\n' "$recipe" >"$dir/.recipe"
 rxe_log "built: $dir ($(du -sh "$dir/initrd.gz" | cut -f1) initramfs)"
 printf '%s\n' "$dir"

@@ -10,6 +10,7 @@
 #                       written there (e.g. bench-results JSON) reach the host; may be repeated
 #   --bench-results     the same as --out <project>/bench-results
 #   --verbose           copy the boot console (kernel, init) to stderr as it comes
+# VRDMA_RXE_KERNEL_ARGS adds kernel parameters (e.g. "loglevel=7 initcall_debug" to see where boot time goes).
 #
 # The command's output (stdout and stderr merged, as the VM has one console) goes to stdout, and nothing else
 # does: boot messages are held back (shown on stderr only when the VM fails). Inside, VRDMA_IN_TEST_HOST=1.
@@ -31,7 +32,7 @@ RXE_VCPUS=2
 RXE_PASSED_VARIABLES=(PATH HOME CI)
 
 usage() {
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' | sed "s/\$RXE_DEFAULT_TIMEOUT/$RXE_DEFAULT_TIMEOUT/" >&2
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' | sed "s/\$RXE_DEFAULT_TIMEOUT/$RXE_DEFAULT_TIMEOUT/" >&2
   exit 2
 }
 bad_usage() { printf '[rxe] usage error: %s (see --help)\n' "$*" >&2; exit 2; }
@@ -67,7 +68,7 @@ done
 
 rxe_ensure_packages
 assets=$(bash "$RXE_SCRIPTS_DIR/build.sh" | tail -n 1) || exit "$RXE_EXIT_HOST_FAILED"
-[ -f "$assets/vmlinuz" ] && [ -f "$assets/initrd.gz" ] || rxe_die "scripts/rxe/build.sh gave no kernel/initramfs"
+[ -f "$assets/vmlinux" ] && [ -f "$assets/initrd.gz" ] || rxe_die "scripts/rxe/build.sh gave no kernel/initramfs"
 
 # The run's folder: the VM reads the job script from it through the read-only share (same path inside).
 run_dir=$(mktemp -d "/tmp/vrdma-rxe-run.XXXXXX") || rxe_die "cannot create a run folder in /tmp"
@@ -94,7 +95,8 @@ out_paths=()
 index=0
 for dir in "${out_dirs[@]}"; do
   mkdir -p "$dir" || rxe_die "cannot create the --out folder $dir"
-  abs=$(cd "$dir" && pwd -P)
+  abs=$(cd "$dir" && pwd -P) || rxe_die "cannot enter the --out folder $dir"
+  [[ $abs != *$'\n'* ]] || rxe_die "the --out folder's path has a newline: $dir"
   virtfs_out+=(-virtfs "local,path=$abs,mount_tag=out$index,security_model=none")
   out_paths+=("$abs")
   index=$((index + 1))
@@ -106,10 +108,11 @@ done
   printf 'RXE_CWD=%q\n' "$PWD"
   printf 'RXE_ENV_FILE=%q\n' "$run_dir/env.sh"
   printf 'RXE_COMMAND=('; printf '%q ' "$@"; printf ')\n'
-  printf 'RXE_OUT_DIRS=('; [ ${#out_paths[@]} -gt 0 ] && printf '%q ' "${out_paths[@]}"; printf ')\n'
   printf '. %q\n' "$RXE_SCRIPTS_DIR/guest.sh"
   printf 'rxe_guest_main\n'
 } >"$run_dir/job.sh"
+# The initramfs mounts these (tag out<N> for line N) before it switches root.
+[ ${#out_paths[@]} -eq 0 ] || printf '%s\n' "${out_paths[@]}" >"$run_dir/out-dirs"
 
 # The console: QEMU's stdout (the serial port) goes through a FIFO to the filter, which keeps everything before
 # the start marker in boot.log, copies the command's output to stdout, and takes the exit code from the exit marker.
@@ -117,8 +120,8 @@ mkfifo "$run_dir/console"
 timeout --kill-after=5 "$timeout_seconds" qemu-system-x86_64 \
   -M q35 -accel tcg,thread=multi -cpu max -smp "$RXE_VCPUS" -m "$RXE_MEMORY" \
   -nographic -nic none -no-reboot \
-  -kernel "$assets/vmlinuz" -initrd "$assets/initrd.gz" \
-  -append "console=ttyS0 quiet loglevel=0 panic=-1 mitigations=off vrdma.job=$run_dir/job.sh vrdma.upper=$RXE_UPPER_SIZE" \
+  -kernel "$assets/vmlinux" -initrd "$assets/initrd.gz" \
+  -append "console=ttyS0 quiet loglevel=0 panic=-1 mitigations=off vrdma.job=$run_dir/job.sh vrdma.upper=$RXE_UPPER_SIZE ${VRDMA_RXE_KERNEL_ARGS:-}" \
   -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
   "${virtfs_out[@]}" \
   </dev/null >"$run_dir/console" 2>"$run_dir/qemu.stderr" &
