@@ -28,6 +28,10 @@ RXE_EXIT_HOST_FAILED=125
 RXE_MEMORY=${VRDMA_RXE_MEMORY:-4G}
 RXE_UPPER_SIZE=75%
 RXE_VCPUS=2
+# Kernel parameters: a quiet console (the command's output shares it), power-off instead of a hang on panic,
+# and no boot work a throw-away test VM does not need (crypto self-tests, LSMs, audit, CPU bug mitigations):
+# under TCG each of these costs seconds.
+RXE_KERNEL_ARGS="console=ttyS0 quiet loglevel=0 panic=-1 mitigations=off cryptomgr.notests lsm=capability audit=0"
 # Variables every run passes (plus every VRDMA_* one): what the project's scripts and tools read.
 RXE_PASSED_VARIABLES=(PATH HOME CI)
 
@@ -121,7 +125,7 @@ timeout --kill-after=5 "$timeout_seconds" qemu-system-x86_64 \
   -M q35 -accel tcg,thread=multi -cpu max -smp "$RXE_VCPUS" -m "$RXE_MEMORY" \
   -nographic -nic none -no-reboot \
   -kernel "$assets/vmlinux" -initrd "$assets/initrd.gz" \
-  -append "console=ttyS0 quiet loglevel=0 panic=-1 mitigations=off vrdma.job=$run_dir/job.sh vrdma.upper=$RXE_UPPER_SIZE ${VRDMA_RXE_KERNEL_ARGS:-}" \
+  -append "$RXE_KERNEL_ARGS vrdma.job=$run_dir/job.sh vrdma.upper=$RXE_UPPER_SIZE ${VRDMA_RXE_KERNEL_ARGS:-}" \
   -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
   "${virtfs_out[@]}" \
   </dev/null >"$run_dir/console" 2>"$run_dir/qemu.stderr" &
