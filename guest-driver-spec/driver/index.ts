@@ -1,0 +1,10 @@
+// The reference virtio-rdma guest driver (spec: ../virtio-rdma.md): transports, the driver core, and a small
+// verbs-like API for tests and the demo.
+export * from './errors.ts';
+export * from './memory.ts';
+export * from './buffer.ts';
+export * from './virtqueue.ts';
+export * from './transport.ts';
+export * from './vhost-user-transport.ts';
+export * from './driver.ts';
+export * from './verbs.ts';

@@ -1,0 +1,759 @@
+// A small verbs-like API over the virtio-rdma driver, for tests and the demo: open a device, PDs, CQs, QPs (RC and
+// UD), MRs, AHs, post send and receive work requests, poll CQs and arm them. Each call is the spec's command or
+// data-path step, nothing more; the names follow libibverbs where a reader expects them.
+//
+//   const ctx = await RdmaContext.open(transport);
+//   const pd = await ctx.allocPd();
+//   const cq = await ctx.createCq(64);
+//   const qp = await ctx.createQp(pd, { type: 'RC', sendCq: cq, recvCq: cq, maxSendWr: 16, maxRecvWr: 16 });
+//   const buf = ctx.allocBuffer(4096);
+//   const mr = await ctx.regMr(pd, buf, AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE);
+//   await qp.connect({ gid: peerGid, qpn: peerQpn });
+//   await qp.postSend([{ wrId: 1n, opcode: 'SEND', sgList: [mr.sge(0, 64)], signaled: true }]);
+//   const wcs = await cq.waitPoll(1, 5000);
+
+import {
+  AccessFlag,
+  ArmCqRequest,
+  Command,
+  CreateAhRequest,
+  CreateCqRequest,
+  CreateCqResponse,
+  CreateQpRequest,
+  CreateQpResponse,
+  Cqe,
+  DestroyQpResponse,
+  DoorbellType,
+  Empty,
+  FeatureBit,
+  HandleRequest,
+  HandleResponse,
+  Limits,
+  ModifyQpRequest,
+  Mtu,
+  QpAttr,
+  QpAttrMask,
+  QpState,
+  QpType,
+  QueryDeviceResponse,
+  QueryGidRequest,
+  QueryGidResponse,
+  QueryPortRequest,
+  QueryPortResponse,
+  QueryQpResponse,
+  RecvWqe,
+  RegMrContinueRequest,
+  RegMrRequest,
+  RegMrResponse,
+  SendFlag,
+  SendOpcode,
+  SendWqe,
+  WcOpcode,
+  WcStatus,
+  encodeSges,
+  mrPageCount,
+  ringOccupancy,
+  ringPages,
+  type SgeValue,
+} from '../layout/index.ts';
+import { GuestBuffer, VirtualAddressSpace, type GuestBufferOptions } from './buffer.ts';
+import { VirtioRdmaDriver, type DeviceEvent, type DriverOptions } from './driver.ts';
+import { ProtocolError, UsageError, wcStatusName } from './errors.ts';
+import type { DriverTransport } from './transport.ts';
+
+export type QpStateName = keyof typeof QpState;
+export type QpTypeName = keyof typeof QpType;
+export type SendOpcodeName = keyof typeof SendOpcode;
+export type QueryDevice = ReturnType<typeof QueryDeviceResponse.decode>;
+export type QueryPort = ReturnType<typeof QueryPortResponse.decode>;
+export type QpAttrValue = ReturnType<typeof QpAttr.decode>;
+export type Sge = SgeValue;
+
+/** Ring page size the driver uses for CQ, SQ and RQ rings (4 KiB, always allowed). */
+export const RING_PAGE_SHIFT = Limits.MIN_PAGE_SHIFT;
+
+function nameOf(table: Readonly<Record<string, number>>, value: number): string {
+  for (const [k, v] of Object.entries(table)) if (v === value) return k;
+  return `unknown(${value})`;
+}
+
+/** Index block field offsets (QueueIndex). */
+const PRODUCER = 0;
+const CONSUMER = 4;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Objects
+
+export class Pd {
+  constructor(
+    readonly ctx: RdmaContext,
+    readonly handle: number,
+  ) {}
+  dealloc(): Promise<void> {
+    return this.ctx.deallocPd(this);
+  }
+}
+
+export class Ah {
+  constructor(
+    readonly ctx: RdmaContext,
+    readonly handle: number,
+    readonly pd: Pd,
+  ) {}
+  destroy(): Promise<void> {
+    return this.ctx.destroyAh(this);
+  }
+}
+
+export class Mr {
+  constructor(
+    readonly ctx: RdmaContext,
+    readonly handle: number,
+    readonly pd: Pd,
+    readonly iova: bigint,
+    readonly length: bigint,
+    readonly lkey: number,
+    readonly rkey: number,
+    readonly buffer: GuestBuffer | undefined,
+  ) {}
+  /** An SGE over [offset, offset + length) of the region. */
+  sge(offset: number, length: number): Sge {
+    return { addr: this.iova + BigInt(offset), length, lkey: this.lkey };
+  }
+  dereg(): Promise<void> {
+    return this.ctx.deregMr(this);
+  }
+}
+
+/** A ring in guest memory with its QueueIndex block (section 10.2). */
+class Ring {
+  readonly buffer: GuestBuffer;
+  readonly indexGpa: number;
+  constructor(
+    readonly ctx: RdmaContext,
+    readonly depth: number,
+    readonly entrySize: number,
+  ) {
+    this.buffer = ctx.allocBuffer(depth * entrySize, { pageShift: RING_PAGE_SHIFT });
+    // Section 8.17: the index block is zeroed before CREATE_CQ / CREATE_QP names it.
+    this.indexGpa = ctx.driver.memory.allocZeroed(Limits.QUEUE_INDEX_SIZE, Limits.QUEUE_INDEX_SIZE);
+  }
+  get pages(): readonly bigint[] {
+    return this.buffer.pages;
+  }
+  get numPages(): number {
+    return ringPages(this.depth, this.entrySize, RING_PAGE_SHIFT);
+  }
+  entryOffset(n: number): number {
+    return ((n >>> 0) % this.depth) * this.entrySize;
+  }
+  load(field: number): number {
+    return this.ctx.driver.memory.loadU32(this.indexGpa + field);
+  }
+  store(field: number, value: number): void {
+    this.ctx.driver.memory.storeU32(this.indexGpa + field, value);
+  }
+  release(): void {
+    this.buffer.release();
+    this.ctx.driver.memory.release(this.indexGpa);
+  }
+}
+
+export interface WorkCompletion {
+  wrId: bigint;
+  qpHandle: number;
+  status: number;
+  statusName: string;
+  opcode: number;
+  opcodeName: string;
+  byteLen: number;
+  immData: number;
+  srcQp: number;
+  wcFlags: number;
+  vendorErr: number;
+}
+
+export class Cq {
+  private consumer = 0;
+  destroyed = false;
+  constructor(
+    readonly ctx: RdmaContext,
+    readonly handle: number,
+    readonly depth: number,
+    readonly ring: Ring,
+  ) {}
+
+  /**
+   * Takes up to `max` completions (section 10.2, driver polling): read producer_index, then the CQEs, then write
+   * consumer_index.
+   */
+  poll(max = this.depth): WorkCompletion[] {
+    const producer = this.ring.load(PRODUCER);
+    const ready = ringOccupancy(producer, this.consumer);
+    if (ready > this.depth) throw new ProtocolError(`CQ ${this.handle}: producer_index ${producer} is ${ready} ahead of ${this.consumer}, depth ${this.depth}`);
+    const out: WorkCompletion[] = [];
+    const n = Math.min(ready, max);
+    for (let i = 0; i < n; i++) {
+      const c = Cqe.decode(this.ring.buffer.read(this.ring.entryOffset(this.consumer), Limits.CQE_SIZE));
+      out.push({
+        wrId: c.wr_id,
+        qpHandle: c.qp_handle,
+        status: c.status,
+        statusName: wcStatusName(c.status),
+        opcode: c.opcode,
+        opcodeName: nameOf(WcOpcode, c.opcode),
+        byteLen: c.byte_len,
+        immData: c.imm_data,
+        srcQp: c.src_qp,
+        wcFlags: c.wc_flags,
+        vendorErr: c.vendor_err,
+      });
+      this.consumer = (this.consumer + 1) >>> 0;
+    }
+    if (n > 0) this.ring.store(CONSUMER, this.consumer);
+    return out;
+  }
+
+  /**
+   * Arms the CQ (section 10.7). By default with a doorbell record (no round trip); `viaCommand` uses ARM_CQ, whose
+   * arm is in effect when the response returns. consumer_index was written by the last poll, as 10.10 requires.
+   * The caller polls again after arming (a completion may have landed between its last poll and the arm).
+   */
+  async reqNotify(solicitedOnly = false, viaCommand = false): Promise<void> {
+    if (viaCommand) {
+      await this.ctx.driver.command(Command.ARM_CQ, ArmCqRequest.encode({ cq_handle: this.handle, solicited_only: solicitedOnly ? 1 : 0 }), [], Empty);
+      return;
+    }
+    await this.ctx.driver.doorbell([{ handle: this.handle, type: solicitedOnly ? DoorbellType.CQ_ARM_SOLICITED : DoorbellType.CQ_ARM_NEXT }]);
+  }
+
+  /** Waits for this CQ's COMPLETION event. */
+  waitEvent(timeoutMs: number): Promise<DeviceEvent | undefined> {
+    return this.ctx.driver.waitCompletionEvent(this.handle, timeoutMs);
+  }
+
+  /**
+   * Collects `count` completions within `timeoutMs`, sleeping on completion events between polls (arm, poll
+   * again, wait), as an interrupt-driven guest does. Returns what arrived (fewer on timeout).
+   */
+  async waitPoll(count: number, timeoutMs: number): Promise<WorkCompletion[]> {
+    const deadline = Date.now() + timeoutMs;
+    const got = this.poll(count);
+    while (got.length < count) {
+      await this.reqNotify(false);
+      got.push(...this.poll(count - got.length));
+      if (got.length >= count) break;
+      const left = deadline - Date.now();
+      if (left <= 0) break;
+      await this.waitEvent(left);
+      got.push(...this.poll(count - got.length));
+    }
+    return got;
+  }
+
+  destroy(): Promise<void> {
+    return this.ctx.destroyCq(this);
+  }
+}
+
+export interface QpCaps {
+  maxSendWr: number;
+  maxRecvWr: number;
+  maxSendSge: number;
+  maxRecvSge: number;
+  maxInlineData: number;
+}
+
+export interface CreateQpOptions extends Partial<QpCaps> {
+  type: QpTypeName;
+  sendCq: Cq;
+  recvCq: Cq;
+  sqSigAll?: boolean;
+}
+
+export interface AddressVector {
+  /** The destination's VIRTUAL GID (the peer VM's configuration gid). */
+  dgid: Uint8Array;
+  hopLimit?: number;
+  flowLabel?: number;
+  trafficClass?: number;
+  sl?: number;
+}
+
+/** Attributes of MODIFY_QP; the mask is made of the attributes present (STATE always). */
+export interface ModifyQpAttrs {
+  state: QpStateName;
+  accessFlags?: number;
+  qkey?: number;
+  rqPsn?: number;
+  sqPsn?: number;
+  destQpn?: number;
+  pathMtu?: number;
+  timeout?: number;
+  retryCnt?: number;
+  rnrRetry?: number;
+  minRnrTimer?: number;
+  maxRdAtomic?: number;
+  maxDestRdAtomic?: number;
+  port?: number;
+  pkeyIndex?: number;
+  av?: AddressVector;
+  /** Sends exactly this mask instead of the computed one (tests of the device's checks). */
+  attrMaskOverride?: number;
+}
+
+export interface SendWr {
+  wrId: bigint;
+  opcode: SendOpcodeName;
+  sgList?: readonly Sge[];
+  /** Inline payload (sets INLINE; needs the feature and the QP's max_inline_data). */
+  inline?: Uint8Array;
+  signaled?: boolean;
+  solicited?: boolean;
+  fence?: boolean;
+  imm?: number;
+  remoteAddr?: bigint;
+  rkey?: number;
+  compareAdd?: bigint;
+  swap?: bigint;
+  /** UD: destination. */
+  ah?: Ah;
+  remoteQpn?: number;
+  remoteQkey?: number;
+}
+
+export interface RecvWr {
+  wrId: bigint;
+  sgList: readonly Sge[];
+}
+
+/** Encodes one send WQE (section 10.3). Exported for encoding tests. */
+export function encodeSendWqe(wr: SendWr): Uint8Array {
+  const sges = wr.sgList ?? [];
+  let flags = (wr.signaled ? SendFlag.SIGNALED : 0) | (wr.solicited ? SendFlag.SOLICITED : 0) | (wr.fence ? SendFlag.FENCE : 0);
+  let payload: Uint8Array;
+  let numSge = 0;
+  let inlineLength = 0;
+  if (wr.inline !== undefined) {
+    if (sges.length > 0) throw new UsageError('a WQE carries inline data or SGEs, not both');
+    if (wr.inline.byteLength > Limits.SQ_WQE_MAX_INLINE) throw new UsageError(`inline data of ${wr.inline.byteLength} bytes (at most ${Limits.SQ_WQE_MAX_INLINE})`);
+    flags |= SendFlag.INLINE;
+    payload = new Uint8Array(64);
+    payload.set(wr.inline);
+    inlineLength = wr.inline.byteLength;
+  } else {
+    if (sges.length > Limits.SQ_WQE_MAX_SGE) throw new UsageError(`${sges.length} SGEs (a send WQE holds ${Limits.SQ_WQE_MAX_SGE})`);
+    payload = encodeSges(sges, Limits.SQ_WQE_MAX_SGE);
+    numSge = sges.length;
+  }
+  return SendWqe.encode({
+    wr_id: wr.wrId,
+    opcode: SendOpcode[wr.opcode],
+    flags,
+    num_sge: numSge,
+    imm_data: (wr.imm ?? 0) >>> 0,
+    remote_addr: wr.remoteAddr ?? 0n,
+    rkey: wr.rkey ?? 0,
+    inline_length: inlineLength,
+    compare_add: wr.compareAdd ?? 0n,
+    swap: wr.swap ?? 0n,
+    ah_handle: wr.ah?.handle ?? 0,
+    remote_qpn: wr.remoteQpn ?? 0,
+    remote_qkey: wr.remoteQkey ?? 0,
+    payload,
+  });
+}
+
+/** Encodes one receive WQE (section 10.4). */
+export function encodeRecvWqe(wr: RecvWr): Uint8Array {
+  if (wr.sgList.length > Limits.RQ_WQE_MAX_SGE) throw new UsageError(`${wr.sgList.length} SGEs (a receive WQE holds ${Limits.RQ_WQE_MAX_SGE})`);
+  return RecvWqe.encode({ wr_id: wr.wrId, num_sge: wr.sgList.length, sges: encodeSges(wr.sgList, Limits.RQ_WQE_MAX_SGE) });
+}
+
+/** The MODIFY_QP request body for these attributes (section 8.11). Exported for encoding tests. */
+export function encodeModifyQp(qpHandle: number, a: ModifyQpAttrs): Uint8Array {
+  let mask = QpAttrMask.STATE;
+  const set = (bit: number, present: boolean): void => {
+    if (present) mask |= bit;
+  };
+  set(QpAttrMask.ACCESS_FLAGS, a.accessFlags !== undefined);
+  set(QpAttrMask.QKEY, a.qkey !== undefined);
+  set(QpAttrMask.RQ_PSN, a.rqPsn !== undefined);
+  set(QpAttrMask.SQ_PSN, a.sqPsn !== undefined);
+  set(QpAttrMask.DEST_QPN, a.destQpn !== undefined);
+  set(QpAttrMask.PATH_MTU, a.pathMtu !== undefined);
+  set(QpAttrMask.TIMEOUT, a.timeout !== undefined);
+  set(QpAttrMask.RETRY_CNT, a.retryCnt !== undefined);
+  set(QpAttrMask.RNR_RETRY, a.rnrRetry !== undefined);
+  set(QpAttrMask.MIN_RNR_TIMER, a.minRnrTimer !== undefined);
+  set(QpAttrMask.MAX_QP_RD_ATOMIC, a.maxRdAtomic !== undefined);
+  set(QpAttrMask.MAX_DEST_RD_ATOMIC, a.maxDestRdAtomic !== undefined);
+  set(QpAttrMask.PORT, a.port !== undefined);
+  set(QpAttrMask.PKEY_INDEX, a.pkeyIndex !== undefined);
+  set(QpAttrMask.AV, a.av !== undefined);
+  const attr = QpAttr.encode({
+    qp_state: QpState[a.state],
+    qp_access_flags: a.accessFlags ?? 0,
+    qkey: a.qkey ?? 0,
+    rq_psn: a.rqPsn ?? 0,
+    sq_psn: a.sqPsn ?? 0,
+    dest_qp_num: a.destQpn ?? 0,
+    path_mtu: a.pathMtu ?? 0,
+    timeout: a.timeout ?? 0,
+    retry_cnt: a.retryCnt ?? 0,
+    rnr_retry: a.rnrRetry ?? 0,
+    min_rnr_timer: a.minRnrTimer ?? 0,
+    max_rd_atomic: a.maxRdAtomic ?? 0,
+    max_dest_rd_atomic: a.maxDestRdAtomic ?? 0,
+    port_num: a.port ?? 0,
+    pkey_index: a.pkeyIndex ?? 0,
+    // Section 8.17: the driver names its own GID only by index 0.
+    sgid_index: 0,
+    hop_limit: a.av?.hopLimit ?? 0,
+    flow_label: a.av?.flowLabel ?? 0,
+    traffic_class: a.av?.trafficClass ?? 0,
+    sl: a.av?.sl ?? 0,
+    dgid: a.av?.dgid ?? new Uint8Array(Limits.GID_SIZE),
+  });
+  return ModifyQpRequest.encode({ qp_handle: qpHandle, attr_mask: a.attrMaskOverride ?? mask, attr });
+}
+
+/** Defaults of an RC connection (INIT -> RTR -> RTS) that tests and the demo use. */
+export const RC_DEFAULTS = {
+  accessFlags: AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE | AccessFlag.REMOTE_READ,
+  pathMtu: Mtu.MTU_1024,
+  rqPsn: 0,
+  sqPsn: 0,
+  maxDestRdAtomic: 1,
+  maxRdAtomic: 1,
+  minRnrTimer: 12,
+  timeout: 14,
+  retryCnt: 7,
+  rnrRetry: 7,
+  hopLimit: 64,
+} as const;
+
+/** Q_Key the demo and tests use on UD QPs (bit 31 clear: not a controlled Q_Key). */
+export const DEFAULT_QKEY = 0x1111_1111;
+
+class WorkQueue {
+  producer = 0;
+  constructor(
+    readonly ring: Ring,
+    readonly depth: number,
+  ) {}
+}
+
+export class Qp {
+  state: QpStateName = 'RESET';
+  destroyed = false;
+  constructor(
+    readonly ctx: RdmaContext,
+    readonly handle: number,
+    readonly qpNum: number,
+    readonly type: QpTypeName,
+    readonly pd: Pd,
+    readonly sendCq: Cq,
+    readonly recvCq: Cq,
+    readonly caps: QpCaps,
+    readonly sq: WorkQueue,
+    readonly rq: WorkQueue,
+  ) {}
+
+  async modify(attrs: ModifyQpAttrs): Promise<void> {
+    await this.ctx.driver.command(Command.MODIFY_QP, encodeModifyQp(this.handle, attrs), [], Empty);
+    this.state = attrs.state;
+  }
+
+  async query(): Promise<{ attr: QpAttrValue; qpNum: number; caps: QpCaps; type: number; sqSigAll: number }> {
+    const r = await this.ctx.driver.command(Command.QUERY_QP, HandleRequest.encode({ handle: this.handle }), [], QueryQpResponse);
+    return {
+      attr: QpAttr.decode(r.attr),
+      qpNum: r.qp_num,
+      caps: { maxSendWr: r.max_send_wr, maxRecvWr: r.max_recv_wr, maxSendSge: r.max_send_sge, maxRecvSge: r.max_recv_sge, maxInlineData: r.max_inline_data },
+      type: r.qp_type,
+      sqSigAll: r.sq_sig_all,
+    };
+  }
+
+  /** RC: RESET -> INIT -> RTR (destination = the peer VM's virtual GID and wire QPN) -> RTS. */
+  async connect(peer: { gid: Uint8Array; qpn: number }, o: Partial<typeof RC_DEFAULTS> & { accessFlags?: number } = {}): Promise<void> {
+    if (this.type !== 'RC') throw new UsageError('connect() is for RC QPs; UD QPs use readyUd()');
+    const c = { ...RC_DEFAULTS, ...o };
+    if (this.state === 'RESET') await this.modify({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, accessFlags: c.accessFlags });
+    await this.modify({
+      state: 'RTR',
+      av: { dgid: peer.gid, hopLimit: c.hopLimit },
+      pathMtu: c.pathMtu,
+      destQpn: peer.qpn,
+      rqPsn: c.rqPsn,
+      maxDestRdAtomic: c.maxDestRdAtomic,
+      minRnrTimer: c.minRnrTimer,
+    });
+    await this.modify({ state: 'RTS', sqPsn: c.sqPsn, timeout: c.timeout, retryCnt: c.retryCnt, rnrRetry: c.rnrRetry, maxRdAtomic: c.maxRdAtomic });
+  }
+
+  /** UD: RESET -> INIT (qkey) -> RTR -> RTS. */
+  async readyUd(qkey = DEFAULT_QKEY): Promise<void> {
+    if (this.type !== 'UD') throw new UsageError('readyUd() is for UD QPs');
+    await this.modify({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, qkey });
+    await this.modify({ state: 'RTR' });
+    await this.modify({ state: 'RTS', sqPsn: 0 });
+  }
+
+  /**
+   * Writes the WQEs into the SQ ring, then producer_index (store-release), then one SQ doorbell record
+   * (section 10.2 and 10.6). Throws before writing anything if the ring has no room for all of them.
+   */
+  async postSend(wrs: readonly SendWr[]): Promise<void> {
+    const wqes = wrs.map(encodeSendWqe);
+    this.post(this.sq, wqes, 'SQ');
+    await this.ctx.driver.doorbell([{ handle: this.handle, type: DoorbellType.SQ }]);
+  }
+
+  async postRecv(wrs: readonly RecvWr[]): Promise<void> {
+    const wqes = wrs.map(encodeRecvWqe);
+    this.post(this.rq, wqes, 'RQ');
+    await this.ctx.driver.doorbell([{ handle: this.handle, type: DoorbellType.RQ }]);
+  }
+
+  /** Writes raw WQE bytes (tests of the device's WQE checks) and rings the doorbell. */
+  async postRaw(queue: 'SQ' | 'RQ', wqes: readonly Uint8Array[]): Promise<void> {
+    this.post(queue === 'SQ' ? this.sq : this.rq, wqes, queue);
+    await this.ctx.driver.doorbell([{ handle: this.handle, type: queue === 'SQ' ? DoorbellType.SQ : DoorbellType.RQ }]);
+  }
+
+  private post(wq: WorkQueue, wqes: readonly Uint8Array[], name: string): void {
+    if (this.destroyed) throw new UsageError(`QP ${this.handle} is destroyed`);
+    const consumer = wq.ring.load(CONSUMER);
+    const used = ringOccupancy(wq.producer, consumer);
+    if (used + wqes.length > wq.depth) {
+      throw new UsageError(`QP ${this.handle} ${name}: ${wqes.length} WQEs do not fit (${used} of ${wq.depth} outstanding)`);
+    }
+    for (const w of wqes) {
+      wq.ring.buffer.write(wq.ring.entryOffset(wq.producer), w);
+      wq.producer = (wq.producer + 1) >>> 0;
+    }
+    wq.ring.store(PRODUCER, wq.producer);
+  }
+
+  destroy(): Promise<{ sqFlushed: number; rqFlushed: number; flushDropped: number }> {
+    return this.ctx.destroyQp(this);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The context
+
+export interface RegMrOptions {
+  /** Pages per command; default the device's max_pages_per_command (smaller values force REG_MR_CONTINUE). */
+  pagesPerCommand?: number;
+}
+
+export class RdmaContext {
+  readonly vas = new VirtualAddressSpace();
+
+  private constructor(readonly driver: VirtioRdmaDriver) {}
+
+  /** openDevice: initializes the device over a transport (section 6). */
+  static async open(transport: DriverTransport, options: DriverOptions = {}): Promise<RdmaContext> {
+    return new RdmaContext(await VirtioRdmaDriver.open(transport, options));
+  }
+
+  get config() {
+    return this.driver.config;
+  }
+
+  /** The VM's own virtual GID (configuration `gid`), what a peer names this VM by. */
+  get gid(): Uint8Array {
+    return this.driver.config.gid;
+  }
+
+  allocBuffer(length: number, options: GuestBufferOptions = {}): GuestBuffer {
+    return GuestBuffer.allocate(this.driver.memory, this.vas, length, options);
+  }
+
+  queryDevice(): Promise<QueryDevice> {
+    return this.driver.command(Command.QUERY_DEVICE, new Uint8Array(0), [], QueryDeviceResponse);
+  }
+
+  queryPort(port = Limits.PORT_NUM): Promise<QueryPort> {
+    return this.driver.command(Command.QUERY_PORT, QueryPortRequest.encode({ port_num: port }), [], QueryPortResponse);
+  }
+
+  async queryGid(index = 0, port = Limits.PORT_NUM): Promise<{ gid: Uint8Array; gidType: number }> {
+    const r = await this.driver.command(Command.QUERY_GID, QueryGidRequest.encode({ port_num: port, index }), [], QueryGidResponse);
+    return { gid: r.gid, gidType: r.gid_type };
+  }
+
+  async allocPd(): Promise<Pd> {
+    const r = await this.driver.command(Command.CREATE_PD, new Uint8Array(0), [], HandleResponse);
+    return new Pd(this, r.handle);
+  }
+
+  async deallocPd(pd: Pd): Promise<void> {
+    await this.driver.command(Command.DESTROY_PD, HandleRequest.encode({ handle: pd.handle }), [], Empty);
+  }
+
+  /** CREATE_CQ with a ring of `depth` CQEs (rounded up to a power of two) in 4 KiB pages. */
+  async createCq(depth: number): Promise<Cq> {
+    const cqeCount = roundUpPow2(depth);
+    const ring = new Ring(this, cqeCount, Limits.CQE_SIZE);
+    try {
+      const body = CreateCqRequest.encode({ cqe_count: cqeCount, page_shift: RING_PAGE_SHIFT, num_pages: ring.numPages, index_gpa: BigInt(ring.indexGpa) });
+      const r = await this.driver.command(Command.CREATE_CQ, body, ring.pages, CreateCqResponse);
+      if (r.cqe_count !== cqeCount) throw new ProtocolError(`CREATE_CQ: depth ${r.cqe_count} in effect, ${cqeCount} asked`);
+      return new Cq(this, r.cq_handle, cqeCount, ring);
+    } catch (e) {
+      ring.release();
+      throw e;
+    }
+  }
+
+  async destroyCq(cq: Cq): Promise<void> {
+    await this.driver.command(Command.DESTROY_CQ, HandleRequest.encode({ handle: cq.handle }), [], Empty);
+    cq.destroyed = true;
+    // Section 8.17: the ring stays in guest RAM until the response; now it is the driver's again.
+    cq.ring.release();
+    this.driver.takeEvents((e) => e.handle === cq.handle);
+  }
+
+  async createQp(pd: Pd, o: CreateQpOptions): Promise<Qp> {
+    const cfg = this.driver.config;
+    const caps: QpCaps = {
+      maxSendWr: roundUpPow2(o.maxSendWr ?? 16),
+      maxRecvWr: roundUpPow2(o.maxRecvWr ?? 16),
+      maxSendSge: o.maxSendSge ?? Math.min(cfg.max_send_sge, Limits.SQ_WQE_MAX_SGE),
+      maxRecvSge: o.maxRecvSge ?? Math.min(cfg.max_recv_sge, Limits.RQ_WQE_MAX_SGE),
+      maxInlineData: o.maxInlineData ?? (this.driver.has(FeatureBit.INLINE) ? cfg.max_inline_data : 0),
+    };
+    const sqRing = new Ring(this, caps.maxSendWr, Limits.SQ_WQE_SIZE);
+    let rqRing: Ring | undefined;
+    try {
+      rqRing = new Ring(this, caps.maxRecvWr, Limits.RQ_WQE_SIZE);
+      const body = CreateQpRequest.encode({
+        pd_handle: pd.handle,
+        send_cq_handle: o.sendCq.handle,
+        recv_cq_handle: o.recvCq.handle,
+        qp_type: QpType[o.type],
+        sq_sig_all: o.sqSigAll ? 1 : 0,
+        sq_page_shift: RING_PAGE_SHIFT,
+        rq_page_shift: RING_PAGE_SHIFT,
+        max_send_wr: caps.maxSendWr,
+        max_recv_wr: caps.maxRecvWr,
+        max_send_sge: caps.maxSendSge,
+        max_recv_sge: caps.maxRecvSge,
+        max_inline_data: caps.maxInlineData,
+        sq_num_pages: sqRing.numPages,
+        rq_num_pages: rqRing.numPages,
+        sq_index_gpa: BigInt(sqRing.indexGpa),
+        rq_index_gpa: BigInt(rqRing.indexGpa),
+      });
+      const r = await this.driver.command(Command.CREATE_QP, body, [...sqRing.pages, ...rqRing.pages], CreateQpResponse);
+      const got: QpCaps = { maxSendWr: r.max_send_wr, maxRecvWr: r.max_recv_wr, maxSendSge: r.max_send_sge, maxRecvSge: r.max_recv_sge, maxInlineData: r.max_inline_data };
+      if (JSON.stringify(got) !== JSON.stringify(caps)) throw new ProtocolError(`CREATE_QP: capabilities in effect ${JSON.stringify(got)} differ from the request`);
+      return new Qp(this, r.qp_handle, r.qp_num, o.type, pd, o.sendCq, o.recvCq, caps, new WorkQueue(sqRing, caps.maxSendWr), new WorkQueue(rqRing, caps.maxRecvWr));
+    } catch (e) {
+      sqRing.release();
+      rqRing?.release();
+      throw e;
+    }
+  }
+
+  async destroyQp(qp: Qp): Promise<{ sqFlushed: number; rqFlushed: number; flushDropped: number }> {
+    const r = await this.driver.command(Command.DESTROY_QP, HandleRequest.encode({ handle: qp.handle }), [], DestroyQpResponse);
+    qp.destroyed = true;
+    qp.sq.ring.release();
+    qp.rq.ring.release();
+    this.driver.takeEvents((e) => e.handle === qp.handle);
+    return { sqFlushed: r.sq_flushed, rqFlushed: r.rq_flushed, flushDropped: r.flush_dropped };
+  }
+
+  /**
+   * Registers a region (section 8.14): a GuestBuffer (its iova and pages), or an explicit description. A page list
+   * longer than max_pages_per_command goes in REG_MR then REG_MR_CONTINUE commands, in order.
+   */
+  async regMr(
+    pd: Pd,
+    region: GuestBuffer | { iova: bigint; length: bigint; pageShift: number; pages: readonly bigint[] },
+    access: number,
+    options: RegMrOptions = {},
+  ): Promise<Mr> {
+    const isBuffer = region instanceof GuestBuffer;
+    const iova = region.iova;
+    const length = isBuffer ? BigInt(region.length) : region.length;
+    const pageShift = region.pageShift;
+    const pages = region.pages;
+    const total = mrPageCount(iova, length, pageShift);
+    if (BigInt(pages.length) !== total) throw new UsageError(`region needs ${total} pages, ${pages.length} given`);
+    const perCommand = options.pagesPerCommand ?? this.driver.config.max_pages_per_command;
+    if (perCommand < 1 || perCommand > this.driver.config.max_pages_per_command) throw new UsageError(`pagesPerCommand ${perCommand}`);
+    const first = pages.slice(0, perCommand);
+    const body = RegMrRequest.encode({
+      pd_handle: pd.handle,
+      access_flags: access,
+      iova,
+      length,
+      page_shift: pageShift,
+      total_pages: Number(total),
+      num_pages: first.length,
+    });
+    let r = await this.driver.command(Command.REG_MR, body, first, RegMrResponse);
+    const handle = r.mr_handle;
+    try {
+      while (r.pages_received < pages.length) {
+        const start = r.pages_received;
+        const chunk = pages.slice(start, start + perCommand);
+        const cont = RegMrContinueRequest.encode({ mr_handle: handle, start_index: start, num_pages: chunk.length });
+        const next = await this.driver.command(Command.REG_MR_CONTINUE, cont, chunk, RegMrResponse);
+        if (next.mr_handle !== handle || next.pages_received !== start + chunk.length) {
+          throw new ProtocolError(`REG_MR_CONTINUE: handle ${next.mr_handle} with ${next.pages_received} pages, expected ${handle} with ${start + chunk.length}`);
+        }
+        r = next;
+      }
+    } catch (e) {
+      // A pending MR counts against the limits (section 8.14): give it back.
+      await this.driver.command(Command.DEREG_MR, HandleRequest.encode({ handle }), [], Empty).catch(() => undefined);
+      throw e;
+    }
+    return new Mr(this, handle, pd, iova, length, r.lkey, r.rkey, isBuffer ? region : undefined);
+  }
+
+  async deregMr(mr: Mr): Promise<void> {
+    await this.driver.command(Command.DEREG_MR, HandleRequest.encode({ handle: mr.handle }), [], Empty);
+  }
+
+  async createAh(pd: Pd, av: AddressVector): Promise<Ah> {
+    const body = CreateAhRequest.encode({
+      pd_handle: pd.handle,
+      flow_label: av.flowLabel ?? 0,
+      port_num: Limits.PORT_NUM,
+      sgid_index: 0,
+      hop_limit: av.hopLimit ?? 64,
+      traffic_class: av.trafficClass ?? 0,
+      sl: av.sl ?? 0,
+      dgid: av.dgid,
+    });
+    const r = await this.driver.command(Command.CREATE_AH, body, [], HandleResponse);
+    return new Ah(this, r.handle, pd);
+  }
+
+  async destroyAh(ah: Ah): Promise<void> {
+    await this.driver.command(Command.DESTROY_AH, HandleRequest.encode({ handle: ah.handle }), [], Empty);
+  }
+
+  /** Resets the device (every object destroyed on the device side, section 11.5) and closes the transport. */
+  async close(): Promise<void> {
+    await this.driver.close();
+    await this.driver.transport.close();
+  }
+}
+
+function roundUpPow2(n: number): number {
+  if (!Number.isInteger(n) || n < 1 || n > Limits.MAX_QUEUE_DEPTH) throw new UsageError(`queue depth ${n}`);
+  let p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+export { AccessFlag, WcStatus, WcOpcode, QpState };

@@ -1,0 +1,105 @@
+// The driver side of one split virtqueue, built with the driver-side test kit (guest-driver-spec/testkit): the
+// kit's SplitDriver lays the descriptor table, available ring and used ring out in guest memory and builds chains,
+// exactly as it does for the device conformance tests. Here its memory is the real guest RAM the device sees (the
+// front-end's memfd, or QEMU's memfd mapped into this process), so the rings the kit writes are the rings the
+// device reads.
+//
+// The kit's TestGuestMemory allocates its own backing buffers; SharedRingMemory gives it a plan that covers one
+// arena of real guest RAM (allocated from the driver's allocator for this queue) and swaps its GuestMemory for the
+// shared one, so the kit's allocations stay inside the arena and its writes land in guest RAM.
+
+import { descTableSize, splitAvailSize, splitUsedSize, SPLIT_ALIGN } from '../../vmm-device/virtqueue/constants.ts';
+import type { GuestMemory } from '../../vmm-device/memory/guest-memory.ts';
+import { SplitDriver, TestGuestMemory } from '../testkit/index.ts';
+import type { DriverMemory } from './memory.ts';
+
+/** One buffer of a chain: guest physical address, length, and whether the device writes it. */
+export interface ChainBuffer {
+  gpa: number;
+  len: number;
+  write: boolean;
+}
+
+export interface UsedChain {
+  id: number;
+  len: number;
+}
+
+/** Seed of the kit's generator: the driver hands out descriptors in a fixed order per queue. */
+const RING_SEED = 0x5eed;
+
+class SharedRingMemory extends TestGuestMemory {
+  constructor(shared: GuestMemory, arenaGpa: number, arenaSize: number, seed: number) {
+    super({ regions: [{ gpa: arenaGpa, size: arenaSize }], rng: seed, maxGap: 0, guardBytes: 0 });
+    // The kit reads and writes through `memory`; point it at the guest RAM the device shares.
+    Object.defineProperty(this, 'memory', { value: shared, writable: false });
+  }
+
+  override snapshot(): Uint8Array[] {
+    return this.plans.map((p) => this.read(p.gpa, p.size));
+  }
+
+  override regionBytes(i: number): Uint8Array {
+    const p = this.plans[i]!;
+    return this.view(p.gpa, p.size);
+  }
+}
+
+/** Bytes of an arena that holds the three split rings of a queue of `size` entries with their alignments. */
+export function splitArenaBytes(size: number): number {
+  return descTableSize(size) + SPLIT_ALIGN.desc + splitAvailSize(size) + SPLIT_ALIGN.avail + splitUsedSize(size) + SPLIT_ALIGN.used;
+}
+
+export class DriverVirtqueue {
+  readonly ring: SplitDriver;
+  readonly arena: number;
+
+  constructor(
+    readonly index: number,
+    readonly size: number,
+    private readonly mem: DriverMemory,
+  ) {
+    const bytes = splitArenaBytes(size);
+    this.arena = mem.allocZeroed(bytes, 4096);
+    const kitMemory = new SharedRingMemory(mem.memory, this.arena, Math.ceil(bytes / 8) * 8, RING_SEED + index);
+    this.ring = new SplitDriver({ mem: kitMemory, size, shuffleDescriptors: false });
+  }
+
+  get descAddr(): number {
+    return this.ring.descAddr;
+  }
+  get availAddr(): number {
+    return this.ring.availAddr;
+  }
+  get usedAddr(): number {
+    return this.ring.usedAddr;
+  }
+
+  get freeDescriptors(): number {
+    return this.ring.freeDescriptorCount;
+  }
+
+  /**
+   * Makes one chain of the driver's own buffers available (device-readable ones first, as virtio requires) and
+   * returns its head id and whether the device asked to be notified.
+   */
+  add(buffers: readonly ChainBuffer[]): { id: number; kick: boolean } {
+    if (buffers.length === 0) throw new RangeError('a chain needs at least one buffer');
+    if (buffers.length > this.ring.freeDescriptorCount) {
+      throw new RangeError(`queue ${this.index}: ${buffers.length} descriptors wanted, ${this.ring.freeDescriptorCount} free`);
+    }
+    const old = this.ring.availIdx;
+    const built = this.ring.add({ buffers: buffers.map((b) => ({ addr: b.gpa, len: b.len, write: b.write })) });
+    return { id: built.id, kick: this.ring.kickNeeded(old, this.ring.availIdx) };
+  }
+
+  /** Used chains returned since the last call (their descriptors are free again). */
+  takeUsed(): UsedChain[] {
+    return this.ring.readUsed();
+  }
+
+  /** Gives the arena back (after the device was reset). */
+  release(): void {
+    this.mem.release(this.arena);
+  }
+}
