@@ -22,6 +22,7 @@ export {
   type RegionPlan,
   type TestMemoryOptions,
   type AllocOptions,
+  type AllocMark,
   type RandomLayoutOptions,
 } from './test-memory.ts';
 export {

@@ -44,6 +44,12 @@ export interface AllocOptions {
   gap?: boolean;
 }
 
+/** Allocator state saved by TestGuestMemory.mark(). */
+export interface AllocMark {
+  readonly nextFree: readonly number[];
+  readonly crossingUsed: readonly boolean[];
+}
+
 /** A boundary where region `left` ends exactly where region `right` begins in guest physical address space. */
 interface Boundary {
   gpa: number;
@@ -124,6 +130,17 @@ export class TestGuestMemory {
       }
     }
     throw new RangeError(`test memory: no region has ${len} free bytes (align ${align})`);
+  }
+
+  /** The allocator's state now: release(mark) later frees everything allocated after it (a round of buffers). */
+  mark(): AllocMark {
+    return { nextFree: [...this.nextFree], crossingUsed: this.boundaries.map((b) => b.used) };
+  }
+
+  /** Frees every allocation made since `mark` (the caller knows none of those buffers is still in use). */
+  release(mark: AllocMark): void {
+    mark.nextFree.forEach((v, i) => (this.nextFree[i] = v));
+    mark.crossingUsed.forEach((used, i) => (this.boundaries[i]!.used = used));
   }
 
   /** True when some boundary between adjacent regions is still free for a crossing buffer. */
