@@ -1,0 +1,151 @@
+// The device's objects: what one guest handle stands for. Host handles live only here, never in anything the
+// guest reads. Rings are guest memory described by page lists (spec section 10.2).
+
+import type { GuestMemory } from '../memory/guest-memory.ts';
+import type { AhHandle, CqHandle, MrHandle, PdHandle, QpHandle } from '../verbs/host-verbs.ts';
+
+export interface Pd {
+  handle: number;
+  host: PdHandle;
+  qps: number;
+  mrs: number;
+  ahs: number;
+}
+
+/** A ring of `depth` entries of `entrySize` bytes in guest pages, with its QueueIndex block. */
+export class GuestRing {
+  constructor(
+    readonly depth: number,
+    readonly entrySize: number,
+    readonly pageShift: number,
+    /** Guest physical address of each page (checked inside guest RAM at creation). */
+    readonly pages: readonly number[],
+    readonly indexGpa: number,
+  ) {}
+
+  /** Guest physical address of entry n (a free-running index). An entry never crosses a page. */
+  entryGpa(n: number): number {
+    const byte = ((n >>> 0) % this.depth) * this.entrySize;
+    const page = Math.floor(byte / 2 ** this.pageShift);
+    return this.pages[page]! + (byte - page * 2 ** this.pageShift);
+  }
+
+  readProducer(memory: GuestMemory): number {
+    return readU32(memory, this.indexGpa);
+  }
+  readConsumer(memory: GuestMemory): number {
+    return readU32(memory, this.indexGpa + 4);
+  }
+  writeProducer(memory: GuestMemory, value: number): void {
+    writeU32(memory, this.indexGpa, value);
+  }
+  writeConsumer(memory: GuestMemory, value: number): void {
+    writeU32(memory, this.indexGpa + 4, value);
+  }
+}
+
+const scratch = new Uint8Array(4);
+const scratchView = new DataView(scratch.buffer);
+
+export function readU32(memory: GuestMemory, gpa: number): number {
+  memory.read(gpa, scratch);
+  return scratchView.getUint32(0, true);
+}
+
+export function writeU32(memory: GuestMemory, gpa: number, value: number): void {
+  scratchView.setUint32(0, value >>> 0, true);
+  memory.write(gpa, scratch);
+}
+
+export const ArmState = { DISARMED: 0, NEXT: 1, SOLICITED: 2 } as const;
+
+export interface Cq {
+  handle: number;
+  host: CqHandle;
+  ring: GuestRing;
+  /** The device's producer index (it alone writes it into the index block). */
+  producer: number;
+  arm: number;
+  /** Set on overrun, invalid index or host error: no more completions, only DESTROY_CQ (spec section 10.8). */
+  error: boolean;
+  /** QPs using this CQ as send or receive CQ. */
+  qps: Set<Qp>;
+  destroyed: boolean;
+}
+
+/** One work request the device took from a ring and has not completed into the guest CQ yet. */
+export interface Outstanding {
+  /** Host wr_id: the key host completions come back with. */
+  hostWrId: number;
+  wrId: bigint;
+  /** Send: a successful completion is written only when signaled (or sq_sig_all). Receives always. */
+  signaled: boolean;
+  /** Set when the completion is known (from the host, or decided by the device); written in WQE order. */
+  done?: CompletionInfo;
+  /** UD receives: where the 40-byte routing header area is (iova and lkey of the first SGE). */
+  grh?: { sges: { addr: bigint; length: number; lkey: number }[] };
+}
+
+export interface CompletionInfo {
+  status: number;
+  opcode: number;
+  byteLen: number;
+  immData: number;
+  srcQp: number;
+  wcFlags: number;
+  vendorErr: number;
+}
+
+export interface QpWorkQueue {
+  ring: GuestRing;
+  /** The device's consumer index (it alone writes it). */
+  consumer: number;
+  /** Taken and not yet completed into the guest CQ, in WQE order. */
+  outstanding: Outstanding[];
+  /** Of those, how many the host holds (bounded by the depth: the host queue has depth entries). */
+  inHost: number;
+  nextSeq: number;
+}
+
+export interface Qp {
+  handle: number;
+  host: QpHandle;
+  pd: Pd;
+  sendCq: Cq;
+  recvCq: Cq;
+  qpType: number;
+  sqSigAll: boolean;
+  maxSendSge: number;
+  maxRecvSge: number;
+  maxInlineData: number;
+  sq: QpWorkQueue;
+  rq: QpWorkQueue;
+  state: number;
+  /** The guest's own view of its attributes (QUERY_QP): values last applied, virtual dgid included. */
+  attr: Record<string, number | Uint8Array>;
+  destroyed: boolean;
+  /** Set while DESTROY_QP flushes: flush completions written and dropped (DestroyQpResponse). */
+  flushCounts?: { sq: number; rq: number; dropped: number };
+}
+
+export interface Mr {
+  handle: number;
+  pd: Pd;
+  access: number;
+  iova: bigint;
+  length: bigint;
+  pageShift: number;
+  totalPages: number;
+  /** Guest physical address of each page received so far. */
+  pages: number[];
+  /** Where the region's first byte is in the backend's mapping (set from the first page). */
+  backing?: { buffer: ArrayBuffer; offset: number };
+  host?: MrHandle;
+}
+
+export interface Ah {
+  handle: number;
+  pd: Pd;
+  host: AhHandle;
+  dgid: Uint8Array;
+}
