@@ -2,7 +2,7 @@
 import t from 'tap';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { FrontendRequest as R, SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature as P, bit, encodeSingleRegion } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, expectClose, negotiate, rig } from './harness.ts';
+import { ack, expectAckFailure, expectClose, negotiate, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('regions added one by one', async (t) => {
   const r = await rig();

@@ -1,8 +1,8 @@
 // GET_CONFIG (24): reads device config space (CONFIG negotiated). The protocol's error form is an empty payload.
 import t from 'tap';
 import { FrontendRequest as R, SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature as P, bit, encodeConfig } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ECHO_CONFIG_MAGIC } from './echo-device.ts';
-import { expectClose, lastRefusal, negotiate, rig } from './harness.ts';
+import { ECHO_CONFIG_MAGIC } from '../../guest-driver-spec/frontend/conformance/echo-device.ts';
+import { expectClose, lastRefusal, negotiate, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('reads the config bytes; reply carries offset, size, flags', async (t) => {
   const r = await rig();

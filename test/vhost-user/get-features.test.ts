@@ -2,8 +2,8 @@
 import t from 'tap';
 import { FrontendRequest as R, VHOST_USER_F_PROTOCOL_FEATURES, bit, decodeU64 } from '../../vmm-device/transport/vhost-user/messages.ts';
 import { CORE_FEATURES } from '../../vmm-device/virtio/core.ts';
-import { ECHO_F_TEST } from './echo-device.ts';
-import { expectClose, rig } from './harness.ts';
+import { ECHO_F_TEST } from '../../guest-driver-spec/frontend/conformance/echo-device.ts';
+import { expectClose, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('reply: device features | core features | PROTOCOL_FEATURES, flags 0x5, 8 bytes', async (t) => {
   const r = await rig();
@@ -23,7 +23,7 @@ t.test('a payload on GET_FEATURES: close (its reply has no error form)', async (
 
 t.test('an fd with GET_FEATURES: close, fd not leaked', async (t) => {
   const r = await rig();
-  const { host } = await import('./harness.ts');
+  const { host } = await import('../../guest-driver-spec/frontend/conformance/harness.ts');
   const fd = host.eventfd();
   r.fe.send(R.GET_FEATURES, new Uint8Array(0), [fd]);
   host.close(fd);

@@ -2,7 +2,7 @@
 import t from 'tap';
 import { FrontendRequest as R, SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature as P, bit, encodeInflight } from '../../vmm-device/transport/vhost-user/messages.ts';
 import { inflightAreaSize } from '../../vmm-device/transport/vhost-user/inflight.ts';
-import { expectClose, host, negotiate, rig } from './harness.ts';
+import { expectClose, host, negotiate, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('a memfd sized for every queue, each region initialised (version 1, desc_num)', async (t) => {
   const r = await rig();

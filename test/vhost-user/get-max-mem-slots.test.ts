@@ -1,7 +1,7 @@
 // GET_MAX_MEM_SLOTS (36): 509 memory slots, with CONFIGURE_MEM_SLOTS negotiated.
 import t from 'tap';
 import { FrontendRequest as R, SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature as P, bit, decodeU64 } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { expectClose, negotiate, rig } from './harness.ts';
+import { expectClose, negotiate, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('reply: 509', async (t) => {
   const r = await rig();

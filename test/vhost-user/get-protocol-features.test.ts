@@ -1,7 +1,7 @@
 // GET_PROTOCOL_FEATURES (15): the protocol features this back-end implements; legal before SET_FEATURES.
 import t from 'tap';
 import { FrontendRequest as R, ProtocolFeature as P, SUPPORTED_PROTOCOL_FEATURES, bit, decodeU64 } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { expectClose, rig } from './harness.ts';
+import { expectClose, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('reply lists the issue-3 protocol features', async (t) => {
   const r = await rig();

@@ -1,7 +1,7 @@
 // GET_QUEUE_NUM (17): the device's queue count; only with MQ negotiated.
 import t from 'tap';
 import { FrontendRequest as R, SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature as P, bit, decodeU64 } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { expectClose, negotiate, rig } from './harness.ts';
+import { expectClose, negotiate, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('reply: the queue count', async (t) => {
   const r = await rig({ queues: 3 });

@@ -1,7 +1,7 @@
 // GET_STATUS (40): the status last set, plus NEEDS_RESET when the device raised it.
 import t from 'tap';
 import { FrontendRequest as R, SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature as P, bit } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { expectClose, negotiate, rig } from './harness.ts';
+import { expectClose, negotiate, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('reports what was set', async (t) => {
   const r = await rig();

@@ -2,7 +2,7 @@
 import t from 'tap';
 import { GuestAllocator } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { FrontendRequest as R, encodeVringState } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { expectClose, prepare, rig, startRing, WITHOUT_REPLY_ACK } from './harness.ts';
+import { expectClose, prepare, rig, startRing, WITHOUT_REPLY_ACK } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('stops a running ring; its position is returned; later kicks are dropped', async (t) => {
   const r = await rig();

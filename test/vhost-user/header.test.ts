@@ -3,7 +3,7 @@
 // the connection's resources and serves the next front-end.
 import t from 'tap';
 import { encodeHeader, encodeMessage, FrontendRequest as R, MAX_PAYLOAD_SIZE } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, expectClose, host, lastRefusal, negotiate, rig, V, WITHOUT_REPLY_ACK } from './harness.ts';
+import { ack, expectAckFailure, expectClose, host, lastRefusal, negotiate, rig, V, WITHOUT_REPLY_ACK } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 const cases: { name: string; bytes: Uint8Array; request: string; reason: RegExp }[] = [
   { name: 'version 2', bytes: encodeMessage(R.GET_FEATURES, 2), request: 'GET_FEATURES (1)', reason: /version 2, expected 1/ },

@@ -2,7 +2,7 @@
 import t from 'tap';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { FrontendRequest as R, encodeSingleRegion } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, host, negotiate, rig } from './harness.ts';
+import { ack, expectAckFailure, host, negotiate, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('removes the matching region and unmaps it', async (t) => {
   const r = await rig();

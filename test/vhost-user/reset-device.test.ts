@@ -3,7 +3,7 @@
 import t from 'tap';
 import { GuestAllocator } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { FrontendRequest as R, SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature as P, bit } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectClose, negotiate, prepare, rig, startRing } from './harness.ts';
+import { ack, expectClose, negotiate, prepare, rig, startRing } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('a running device is reset and can be started again', async (t) => {
   const r = await rig();

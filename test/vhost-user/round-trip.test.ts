@@ -4,8 +4,8 @@
 import t from 'tap';
 import { GuestAllocator, SplitRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { F_VERSION_1, bit } from '../../vmm-device/virtio/constants.ts';
-import { ECHO_F_TEST } from './echo-device.ts';
-import { rig } from './harness.ts';
+import { ECHO_F_TEST } from '../../guest-driver-spec/frontend/conformance/echo-device.ts';
+import { rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('init, start, echo round trip, stop', async (t) => {
   const r = await rig({ queues: 2 });

@@ -4,7 +4,7 @@
 import t from 'tap';
 import { GuestAllocator } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { BackendRequest, FrontendRequest as R, SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature as P, bit, decodeVringArea } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { expectAckFailure, expectClose, host, negotiate, rig, startRing } from './harness.ts';
+import { expectAckFailure, expectClose, host, negotiate, rig, startRing } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('channel installed; VRING_HOST_NOTIFIER_MSG after DRIVER_OK carries the page fd and waits for the answer', async (t) => {
   const r = await rig();

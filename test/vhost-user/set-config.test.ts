@@ -1,7 +1,7 @@
 // SET_CONFIG (25): writes device config space; read-only bytes are refused unless flagged as migration.
 import t from 'tap';
 import { FrontendRequest as R, encodeConfig } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, expectClose, negotiate, rig, WITHOUT_REPLY_ACK } from './harness.ts';
+import { ack, expectAckFailure, expectClose, negotiate, rig, WITHOUT_REPLY_ACK } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('writable bytes written', async (t) => {
   const r = await rig();

@@ -1,7 +1,7 @@
 // SET_FEATURES (2): a subset of what GET_FEATURES offered.
 import t from 'tap';
 import { FrontendRequest as R, VHOST_USER_F_PROTOCOL_FEATURES, bit, encodeU64 } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, expectClose, negotiate, rig, WITHOUT_REPLY_ACK } from './harness.ts';
+import { ack, expectAckFailure, expectClose, negotiate, rig, WITHOUT_REPLY_ACK } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 const OK = bit(32) | bit(VHOST_USER_F_PROTOCOL_FEATURES);
 

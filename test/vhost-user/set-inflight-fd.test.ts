@@ -3,7 +3,7 @@
 import t from 'tap';
 import { FrontendRequest as R, encodeInflight } from '../../vmm-device/transport/vhost-user/messages.ts';
 import { inflightAreaSize } from '../../vmm-device/transport/vhost-user/inflight.ts';
-import { ack, expectAckFailure, host, negotiate, rig } from './harness.ts';
+import { ack, expectAckFailure, host, negotiate, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('the area from GET_INFLIGHT_FD is accepted back', async (t) => {
   const r = await rig();

@@ -3,7 +3,7 @@
 import t from 'tap';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { FrontendRequest as R, encodeMemTable } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, expectClose, host, negotiate, rig, WITHOUT_REPLY_ACK } from './harness.ts';
+import { ack, expectAckFailure, expectClose, host, negotiate, rig, WITHOUT_REPLY_ACK } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('two regions mapped; guest memory reads what the front-end wrote', async (t) => {
   const r = await rig();

@@ -1,7 +1,7 @@
 // SET_OWNER (3): marks the session start; a second one in the same session is refused.
 import t from 'tap';
 import { FrontendRequest as R } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, expectClose, negotiate, rig, WITHOUT_REPLY_ACK } from './harness.ts';
+import { ack, expectAckFailure, expectClose, negotiate, rig, WITHOUT_REPLY_ACK } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('first SET_OWNER accepted, second refused (REPLY_ACK)', async (t) => {
   const r = await rig();

@@ -2,7 +2,7 @@
 // negotiated yet when it arrives, so a refusal closes the connection.
 import t from 'tap';
 import { FrontendRequest as R, ProtocolFeature as P, SUPPORTED_PROTOCOL_FEATURES, bit, encodeU64 } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectClose, rig } from './harness.ts';
+import { ack, expectClose, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('accepted; REPLY_ACK works from the next message on', async (t) => {
   const r = await rig();

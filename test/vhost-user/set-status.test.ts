@@ -3,7 +3,7 @@
 import t from 'tap';
 import { GuestAllocator } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { FrontendRequest as R, SUPPORTED_PROTOCOL_FEATURES, ProtocolFeature as P, bit, encodeU64 } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { expectAckFailure, expectClose, negotiate, prepare, rig, startRing } from './harness.ts';
+import { expectAckFailure, expectClose, negotiate, prepare, rig, startRing } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('QEMU order: FEATURES_OK alone, then ACK|DRIVER|DRIVER_OK added; 0 resets', async (t) => {
   const r = await rig();

@@ -3,7 +3,7 @@
 import t from 'tap';
 import { GuestAllocator, SplitRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { FrontendRequest as R, encodeVringAddr, encodeVringState } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, expectClose, prepare, rig, ringAddr, WITHOUT_REPLY_ACK } from './harness.ts';
+import { ack, expectAckFailure, expectClose, prepare, rig, ringAddr, WITHOUT_REPLY_ACK } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 async function setup(protocol?: bigint) {
   const r = await rig();
@@ -61,7 +61,7 @@ t.test('before SET_VRING_NUM', async (t) => {
 
 t.test('before any memory table: close without REPLY_ACK', async (t) => {
   const r = await rig();
-  const { negotiate } = await import('./harness.ts');
+  const { negotiate } = await import('../../guest-driver-spec/frontend/conformance/harness.ts');
   await negotiate(r, WITHOUT_REPLY_ACK);
   const ram = r.ram();
   const d = new SplitRingDriver(ram, new GuestAllocator(ram), 64);

@@ -3,7 +3,7 @@
 import t from 'tap';
 import { GuestAllocator } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { FrontendRequest as R, encodeU64 } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, host, negotiate, prepare, rig, startRing } from './harness.ts';
+import { ack, expectAckFailure, host, negotiate, prepare, rig, startRing } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('accepted before ring set-up; NOFD clears it', async (t) => {
   const r = await rig();

@@ -3,7 +3,7 @@
 import t from 'tap';
 import { GuestAllocator } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { FrontendRequest as R, encodeVringState } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, prepare, rig, startRing } from './harness.ts';
+import { ack, expectAckFailure, prepare, rig, startRing } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('disabled ring holds buffers; enabling serves them', async (t) => {
   const r = await rig();

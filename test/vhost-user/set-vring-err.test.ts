@@ -3,7 +3,7 @@ import t from 'tap';
 import { GuestAllocator } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { FrontendRequest as R, encodeU64 } from '../../vmm-device/transport/vhost-user/messages.ts';
 import { VIRTQ_DESC_F_NEXT } from '../../vmm-device/virtqueue/constants.ts';
-import { ack, expectAckFailure, host, negotiate, prepare, rig, startRing } from './harness.ts';
+import { ack, expectAckFailure, host, negotiate, prepare, rig, startRing } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('accepted; NOFD clears it; bad index refused', async (t) => {
   const r = await rig();

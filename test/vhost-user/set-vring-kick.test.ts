@@ -2,7 +2,7 @@
 import t from 'tap';
 import { GuestAllocator, SplitRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { FrontendRequest as R, encodeU64, encodeVringState } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { ack, expectAckFailure, expectClose, host, prepare, rig, ringAddr, WITHOUT_REPLY_ACK } from './harness.ts';
+import { ack, expectAckFailure, expectClose, host, prepare, rig, ringAddr, WITHOUT_REPLY_ACK } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 
 t.test('starts the configured ring; a second kick fd replaces the first', async (t) => {
   const r = await rig();

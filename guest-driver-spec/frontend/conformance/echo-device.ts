@@ -2,8 +2,8 @@
 // readable part (as many as fit in the writable part). Config space: 4 read-only bytes (a magic number) and 4
 // writable bytes.
 
-import type { ActivationContext, VirtioDeviceModel } from '../../vmm-device/virtio/device.ts';
-import { drainQueue } from '../../vmm-device/virtio/core.ts';
+import type { ActivationContext, VirtioDeviceModel } from '../../../vmm-device/virtio/device.ts';
+import { drainQueue } from '../../../vmm-device/virtio/core.ts';
 
 export const ECHO_DEVICE_ID = 42;
 export const ECHO_CONFIG_MAGIC = 0x6f686365; // "echo"

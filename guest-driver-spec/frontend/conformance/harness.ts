@@ -6,15 +6,15 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
-import { VhostUserFrontend } from '../../guest-driver-spec/frontend/frontend.ts';
-import { nativeStats } from '../../vmm-device/native/sys.ts';
-import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
-import type { VhostUserSession } from '../../vmm-device/transport/vhost-user/session.ts';
-import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
-import { RecordingLogger } from '../../vmm-device/util/log.ts';
+import { GuestRam } from '../guest-ram.ts';
+import { VhostUserFrontend } from '../frontend.ts';
+import { nativeStats } from '../../../vmm-device/native/sys.ts';
+import { VhostUserServer } from '../../../vmm-device/transport/vhost-user/server.ts';
+import type { VhostUserSession } from '../../../vmm-device/transport/vhost-user/session.ts';
+import { SysHost } from '../../../vmm-device/transport/vhost-user/sys-host.ts';
+import { RecordingLogger } from '../../../vmm-device/util/log.ts';
 import { EchoDevice } from './echo-device.ts';
-import { GuestAllocator, SplitRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
+import { GuestAllocator, SplitRingDriver } from '../guest-driver.ts';
 import {
   FLAG_NEED_REPLY,
   VHOST_USER_VERSION,
@@ -26,7 +26,7 @@ import {
   encodeVringAddr,
   encodeVringState,
   FrontendRequest as R,
-} from '../../vmm-device/transport/vhost-user/messages.ts';
+} from '../../../vmm-device/transport/vhost-user/messages.ts';
 
 export const host = new SysHost();
 export const V = VHOST_USER_VERSION;
