@@ -196,14 +196,14 @@ constexpr int kEventDisconnect = UV_DISCONNECT;
 void OnWatcherClosed(uv_handle_t* handle) { delete static_cast<Watcher*>(handle->data); }
 
 // Stops a watcher: no callback runs after this returns; the uv handle is closed and the Watcher freed by libuv's
-// close callback (a later loop iteration), never while libuv may still touch it.
+// close callback (a later loop iteration), never while libuv may still touch it. The async context is destroyed
+// there too, not here: stop() may be called from inside the callback, while MakeCallback still uses it.
 void StopWatcher(Watcher* watcher) {
   if (watcher->stopped) return;
   watcher->stopped = true;
   g_watchers.erase(watcher->id);
   uv_poll_stop(&watcher->handle);
   watcher->callback.Reset();
-  watcher->context.reset();
   uv_close(reinterpret_cast<uv_handle_t*>(&watcher->handle), OnWatcherClosed);
 }
 
@@ -233,10 +233,15 @@ void OnPoll(uv_poll_t* handle, int status, int events) {
   }
 }
 
+// The environment is going away (a worker thread ends): no JS runs any more, so the async contexts are destroyed
+// now, while the environment they belong to still exists.
 void CleanupWatchers(void*) {
   std::vector<Watcher*> all;
   for (auto& entry : g_watchers) all.push_back(entry.second);
-  for (Watcher* watcher : all) StopWatcher(watcher);
+  for (Watcher* watcher : all) {
+    StopWatcher(watcher);
+    watcher->context.reset();
+  }
   if (g_sys_error_class != nullptr) {
     g_sys_error_class->Reset();
     delete g_sys_error_class;
