@@ -78,6 +78,8 @@ export class VhostUserTransport implements DriverTransport {
   async reset(): Promise<void> {
     if (this.started) {
       await this.fe.stop([...this.queues.keys()]);
+      // SET_STATUS 0 has no reply: wait until the back-end has processed it, as a driver waits for status 0.
+      await this.fe.sync();
       this.started = false;
     }
     for (const q of this.queues.values()) q.release();
