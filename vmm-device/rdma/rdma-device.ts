@@ -1045,8 +1045,8 @@ export class RdmaDevice implements VirtioDeviceModel {
       if (first + i === 0) {
         backing = { buffer: slice.region.buffer, offset: pos + Number(mr.iova % BigInt(pageSize)) };
       } else {
-        const prevGpa = first + i - 1 < first ? undefined : i === 0 ? mr.pages[first - 1] : pages[i - 1];
-        const prev = this.memory.translate(prevGpa!, pageSize)!;
+        const prevGpa = i === 0 ? mr.pages[first - 1]! : pages[i - 1]!;
+        const prev = this.memory.translate(prevGpa, pageSize)!;
         if (prev.region.buffer !== slice.region.buffer || prev.region.bufferOffset + prev.offset + pageSize !== pos) fail('NOT_SUPPORTED', at);
       }
     });
