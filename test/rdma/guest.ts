@@ -235,7 +235,7 @@ export class TestGuest {
   }
 
   /** Posts `n` event buffers of `len` bytes. */
-  postEventBuffers(n: number, len = Limits.EVENT_SIZE): void {
+  postEventBuffers(n: number, len: number = Limits.EVENT_SIZE): void {
     for (let i = 0; i < n; i++) this.eventq.add({ buffers: [{ len, write: true }] });
     this.device.queueNotify(1);
   }

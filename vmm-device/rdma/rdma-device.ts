@@ -476,6 +476,7 @@ export class RdmaDevice implements VirtioDeviceModel {
     if (header.length > readable - CtrlRequestHeader.size) return { ...base, status: Status.INVALID_LENGTH, statusName: 'INVALID_LENGTH', detail: 0 };
     // Frame the fixed body alone, with the length the guest claimed: the checks then agree with the full request.
     const fixed = bytes.slice(0, CtrlRequestHeader.size + spec.request.size);
+    CtrlRequestHeader.encode({ ...header, length: spec.request.size }, fixed, 0);
     const r = checkRequestFraming(fixed, writable, this.config.max_pages_per_command);
     if (r.kind === 'status' && r.statusName === 'INVALID_ARGUMENT') return r;
     return { ...base, status: Status.INVALID_LENGTH, statusName: 'INVALID_LENGTH', detail: 0 };
