@@ -148,6 +148,9 @@ function rounds(name: string, description: string, o: SetupOptions, r: RoundsOpt
   rec.begin();
   let popped = 0;
   for (let round = 0; round < r.rounds; round++) {
+    // Buffers of a round are free again once the driver has read its used elements (the next round reuses them,
+    // and its crossing buffers can take the region boundaries again).
+    const mark = mem.mark();
     if (round > 0) rec.available(...addChains(rng, driver, rng.int(1, r.maxChains ?? 4), chainOpts));
     rec.hasAvailable().disableNotifications();
     const first = rec.popAll();
@@ -176,6 +179,7 @@ function rounds(name: string, description: string, o: SetupOptions, r: RoundsOpt
     // A packed window longer than the ring (several laps since the last interrupt) has no linear reading: ENABLE.
     if (rec.notificationAmbiguous && driver instanceof PackedDriver) driver.setDriverEvent(RING_EVENT_FLAGS_ENABLE);
     rec.needsNotification().inFlight().checkUsed();
+    if (round > 0) mem.release(mark);
   }
   rec.notBroken();
   return rec.finish();
