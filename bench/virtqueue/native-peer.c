@@ -3,7 +3,7 @@
  * project fetches) doing exactly the workload bench/virtqueue/run.ts gives our engine: a split ring with
  * EVENT_IDX, batches of 3-descriptor chains made available by a driver loop, and the device side popping each
  * chain (vu_queue_pop: read, translate, build the element) and returning it (vu_queue_push: used element + index).
- * Only the device side is timed. Prints one JSON object on stdout.
+ * Only the device side is timed, in CPU time of the process. Prints one JSON object on stdout.
  *
  * Usage: native-peer QUEUE_SIZE BATCH SECONDS
  */
@@ -28,9 +28,17 @@ static void on_panic(VuDev *dev, const char *err) {
     exit(2);
 }
 
+/* Wall-clock time bounds the run; CPU time of the process measures the device side, so that other load on the
+ * machine (preemption) does not count against either peer. */
 static double now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+static double cpu_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec * 1e9 + ts.tv_nsec;
 }
 
@@ -88,7 +96,7 @@ int main(int argc, char **argv) {
         __atomic_store_n(&vq.vring.avail->idx, (uint16_t)(avail_idx + batch), __ATOMIC_RELEASE);
         avail_idx += batch;
 
-        double t0 = now_ns();
+        double t0 = cpu_ns();
         for (;;) {
             VuVirtqElement *elem = vu_queue_pop(&dev, &vq, sizeof(VuVirtqElement));
             if (elem == NULL) break;
@@ -96,7 +104,7 @@ int main(int argc, char **argv) {
             free(elem);
             chains++;
         }
-        device_ns += now_ns() - t0;
+        device_ns += cpu_ns() - t0;
 
         /* Driver: reclaim. */
         uint16_t used = __atomic_load_n(&vq.vring.used->idx, __ATOMIC_ACQUIRE);
