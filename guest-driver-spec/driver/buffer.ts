@@ -32,8 +32,10 @@ export interface GuestBufferOptions {
   /** log2 of the page size (default 12: 4 KiB). */
   pageShift?: number;
   /**
-   * 'scattered' (default): each page allocated on its own and the list handed out in an order that is not the
-   * address order, so page lists are really used. 'contiguous': one block, iova = guest physical address.
+   * 'contiguous' (default): one block of guest physical pages, iova = its guest physical address (what the
+   * vrdma-backend device can register: it answers NOT_SUPPORTED for pages that are not contiguous in its mapping).
+   * 'scattered': each page allocated on its own and the list handed out in an order that is not the address order,
+   * as a guest process's pages are; section 8.2 allows it and the driver's rings use it.
    */
   placement?: 'scattered' | 'contiguous';
 }
@@ -59,7 +61,7 @@ export class GuestBuffer {
     if (!Number.isSafeInteger(length) || length < 1) throw new RangeError(`buffer of ${length} bytes`);
     if (!Number.isInteger(pageOffset) || pageOffset < 0 || pageOffset >= pageSize) throw new RangeError(`page offset ${pageOffset}`);
     const count = Math.ceil((pageOffset + length) / pageSize);
-    if (options.placement === 'contiguous') {
+    if ((options.placement ?? 'contiguous') === 'contiguous') {
       const gpa = mem.allocZeroed(count * pageSize, pageSize);
       const pages = Array.from({ length: count }, (_, i) => BigInt(gpa + i * pageSize));
       return new GuestBuffer(mem, BigInt(gpa + pageOffset), length, pageShift, pages, [gpa]);

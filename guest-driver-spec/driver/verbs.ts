@@ -134,7 +134,7 @@ class Ring {
     readonly depth: number,
     readonly entrySize: number,
   ) {
-    this.buffer = ctx.allocBuffer(depth * entrySize, { pageShift: RING_PAGE_SHIFT });
+    this.buffer = ctx.allocBuffer(depth * entrySize, { pageShift: RING_PAGE_SHIFT, placement: 'scattered' });
     // Section 8.17: the index block is zeroed before CREATE_CQ / CREATE_QP names it.
     this.indexGpa = ctx.driver.memory.allocZeroed(Limits.QUEUE_INDEX_SIZE, Limits.QUEUE_INDEX_SIZE);
   }
@@ -577,11 +577,11 @@ export class RdmaContext {
     return this.driver.command(Command.QUERY_DEVICE, new Uint8Array(0), [], QueryDeviceResponse);
   }
 
-  queryPort(port = Limits.PORT_NUM): Promise<QueryPort> {
+  queryPort(port: number = Limits.PORT_NUM): Promise<QueryPort> {
     return this.driver.command(Command.QUERY_PORT, QueryPortRequest.encode({ port_num: port }), [], QueryPortResponse);
   }
 
-  async queryGid(index = 0, port = Limits.PORT_NUM): Promise<{ gid: Uint8Array; gidType: number }> {
+  async queryGid(index = 0, port: number = Limits.PORT_NUM): Promise<{ gid: Uint8Array; gidType: number }> {
     const r = await this.driver.command(Command.QUERY_GID, QueryGidRequest.encode({ port_num: port, index }), [], QueryGidResponse);
     return { gid: r.gid, gidType: r.gid_type };
   }

@@ -305,7 +305,7 @@ t.test('MR page lists: scattered pages in byte order, REG_MR then REG_MR_CONTINU
   const { rig, ctx, device } = await opened();
   device.answers.push(ok(1n, HandleResponse.encode({ handle: 1 })));
   const pd = await ctx.allocPd();
-  const buf = ctx.allocBuffer(40 * 4096 - 100, { pageOffset: 100 });
+  const buf = ctx.allocBuffer(40 * 4096 - 100, { pageOffset: 100, placement: 'scattered' });
   t.equal(buf.pages.length, 40);
   // Byte k is at page[j] + (o mod 4096), o = (iova mod 4096) + k (section 8.14).
   for (const k of [0, 3995, 3996, 100_000, buf.length - 1]) {
