@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { decodeFixture } from '../../scripts/fixture.ts';
-import { fixtureFiles, loadFixture } from './fixture-files.ts';
+import { fixtureFiles, loadFixture } from '../../guest-driver-spec/testkit/fixture-files.ts';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..', '..');
 

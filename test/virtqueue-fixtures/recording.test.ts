@@ -6,7 +6,7 @@ import { readFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { VIRTQUEUE_ERROR_KINDS } from '../../vmm-device/virtqueue/errors.ts';
 import { fixtureFileName, recordAll, serialize } from '../../scripts/record-virtqueue-fixtures.ts';
-import { fixtureFiles, loadFixture, MIN_FIXTURES } from './fixture-files.ts';
+import { fixtureFiles, loadFixture, MIN_FIXTURES } from '../../guest-driver-spec/testkit/fixture-files.ts';
 
 t.test('recording again gives the committed files, byte for byte', async (t) => {
   const recorded = recordAll();

@@ -5,7 +5,7 @@ import t from 'tap';
 import { basename } from 'node:path';
 import { createQueue } from '../../vmm-device/virtqueue/index.ts';
 import { replayFixture } from '../../guest-driver-spec/testkit/fixture-replay.ts';
-import { fixtureFiles, loadFixture, MIN_FIXTURES } from './fixture-files.ts';
+import { fixtureFiles, loadFixture, MIN_FIXTURES } from '../../guest-driver-spec/testkit/fixture-files.ts';
 
 const files = fixtureFiles();
 

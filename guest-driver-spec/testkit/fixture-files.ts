@@ -1,9 +1,9 @@
-// The recorded fixture files, for the tests that walk all of them.
+// Where the recorded virtqueue fixtures of this repository are, and loading them (for tests and tools).
 
 import { readFileSync, readdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseFixture, type Fixture } from '../../guest-driver-spec/testkit/fixture-format.ts';
+import { parseFixture, type Fixture } from './fixture-format.ts';
 
 export const FIXTURE_DIR = join(dirname(fileURLToPath(import.meta.url)), '..', '..', 'fixtures', 'virtqueue');
 
