@@ -1,0 +1,183 @@
+// The driver's transport over real QEMU with no guest OS: PCI, the virtio-pci modern registers, notifications and
+// INTx interrupts go through qtest (guest-driver-spec/qtest/), exactly as a guest kernel's virtio-pci driver would
+// touch them. Rings and buffers do NOT go through qtest: QEMU's guest RAM is a shared memfd
+// (memory-backend-memfd,share=on, as QemuQtest starts it), and this transport maps that same memfd into this
+// process (opened through /proc/<qemu pid>/fd), so the driver reads and writes guest RAM directly, with the same
+// memory ordering as a guest CPU, and the back-end sees the very same pages. (qtest read/write would make every
+// index access a socket round trip, and the driver's memory access is synchronous by design.)
+//
+// Interrupts: QEMU's vhost-user-device-pci is driven without MSI-X here, so all queues share one INTx line. A
+// waiter for queue q waits a short while for the line, then acknowledges it by reading the ISR and returns;
+// callers re-check their used ring whatever woke them, so an interrupt meant for another queue costs one extra
+// look, never a lost wake-up.
+
+import fs from 'node:fs';
+import { GuestMemory } from '../../vmm-device/memory/guest-memory.ts';
+import type { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import {
+  COMMON_QUEUE_DESC,
+  COMMON_QUEUE_DEVICE,
+  COMMON_QUEUE_DRIVER,
+  COMMON_QUEUE_ENABLE,
+  COMMON_QUEUE_MSIX_VECTOR,
+  COMMON_QUEUE_SELECT,
+  COMMON_QUEUE_SIZE,
+  GUEST_RAM_ALLOC_START,
+  VIRTIO_MSI_NO_VECTOR,
+  VirtioPciDevice,
+  type QemuQtest,
+} from '../qtest/index.ts';
+import { DriverMemory } from './memory.ts';
+import { TransportError, type DriverTransport } from './transport.ts';
+import { DriverVirtqueue } from './virtqueue.ts';
+
+/** Longest single wait on the shared INTx line before the caller looks at its ring again. */
+export const INTX_POLL_MS = 20;
+
+/** The memfd QEMU backs guest RAM with: `memory-backend-memfd,id=mem` shows as /memfd:mem in /proc/<pid>/fd. */
+export const RAM_MEMFD_NAME = '/memfd:mem';
+
+/** Finds QEMU's guest-RAM memfd and opens it read-write through /proc (same user, so no ptrace rights needed beyond that). */
+export function openQemuRamFd(pid: number, memfdName = RAM_MEMFD_NAME): number {
+  const dir = `/proc/${pid}/fd`;
+  for (const entry of fs.readdirSync(dir)) {
+    let target: string;
+    try {
+      target = fs.readlinkSync(`${dir}/${entry}`);
+    } catch {
+      continue;
+    }
+    if (target === memfdName || target.startsWith(`${memfdName} `)) return fs.openSync(`${dir}/${entry}`, 'r+');
+  }
+  throw new TransportError(`QEMU (pid ${pid}) has no ${memfdName} open: start it with -object memory-backend-memfd,id=mem,share=on`);
+}
+
+export interface QtestTransportOptions {
+  qemu: QemuQtest;
+  host: SysHost;
+  /** Virtio device ID to probe for (42). */
+  virtioId?: number;
+}
+
+export class QtestTransport implements DriverTransport {
+  readonly kind = 'qtest virtio-pci';
+  readonly memory: DriverMemory;
+  private readonly notifyAddresses = new Map<number, number>();
+  private readonly queues = new Map<number, DriverVirtqueue>();
+  private closed = false;
+
+  private constructor(
+    readonly qemu: QemuQtest,
+    readonly dev: VirtioPciDevice,
+    private readonly host: SysHost,
+    private readonly ramFd: number,
+    private readonly mapping: ArrayBuffer,
+    ramBytes: number,
+  ) {
+    const memory = new GuestMemory([{ guestPhysAddr: 0, size: ramBytes, buffer: mapping, bufferOffset: 0 }]);
+    // The first MiB is left alone, as a real guest leaves it to firmware.
+    this.memory = new DriverMemory(memory, [{ gpa: GUEST_RAM_ALLOC_START, size: ramBytes - GUEST_RAM_ALLOC_START }]);
+  }
+
+  static async open(o: QtestTransportOptions): Promise<QtestTransport> {
+    const dev = await VirtioPciDevice.probe(o.qemu.qtest, { virtioId: o.virtioId ?? 42 });
+    const fd = openQemuRamFd(o.qemu.pid);
+    try {
+      const size = o.host.fileSize(fd);
+      if (size !== o.qemu.ram.size) throw new TransportError(`QEMU's RAM memfd has ${size} bytes, ${o.qemu.ram.size} expected`);
+      const mapping = o.host.mmapShared(fd, size, 0);
+      return new QtestTransport(o.qemu, dev, o.host, fd, mapping, size);
+    } catch (e) {
+      fs.closeSync(fd);
+      throw e;
+    }
+  }
+
+  private commonAddr(field: number): number {
+    const bar = this.dev.pci.bar(this.dev.common.bar);
+    if (bar?.address === undefined) throw new TransportError(`BAR${this.dev.common.bar} is not placed`);
+    return bar.address + this.dev.common.offset + field;
+  }
+
+  async reset(): Promise<void> {
+    await this.dev.reset();
+    for (const q of this.queues.values()) q.release();
+    this.queues.clear();
+    this.notifyAddresses.clear();
+  }
+  getStatus(): Promise<number> {
+    return this.dev.status();
+  }
+  setStatus(status: number): Promise<void> {
+    return status === 0 ? this.reset() : this.dev.setStatus(status);
+  }
+  deviceFeatures(): Promise<bigint> {
+    return this.dev.deviceFeatures();
+  }
+  writeDriverFeatures(features: bigint): Promise<void> {
+    return this.dev.writeDriverFeatures(features);
+  }
+  readConfig(offset: number, size: number): Promise<Uint8Array> {
+    return this.dev.configRead(offset, size);
+  }
+  configGeneration(): Promise<number> {
+    return this.dev.configGeneration();
+  }
+  numQueues(): Promise<number | undefined> {
+    return this.dev.numQueues();
+  }
+  maxQueueSize(index: number): Promise<number> {
+    return this.dev.queueMaxSize(index);
+  }
+
+  async setupQueue(index: number, size: number): Promise<DriverVirtqueue> {
+    const max = await this.dev.queueMaxSize(index);
+    if (max === 0) throw new TransportError(`queue ${index} does not exist`);
+    if (size > max) throw new TransportError(`queue ${index}: size ${size} above the device's ${max}`);
+    this.queues.get(index)?.release();
+    const q = new DriverVirtqueue(index, size, this.memory);
+    this.queues.set(index, q);
+    const qt = this.qemu.qtest;
+    const write64 = async (field: number, value: number): Promise<void> => {
+      await qt.writel(this.commonAddr(field), value % 2 ** 32);
+      await qt.writel(this.commonAddr(field + 4), Math.floor(value / 2 ** 32));
+    };
+    await qt.writew(this.commonAddr(COMMON_QUEUE_SELECT), index);
+    await qt.writew(this.commonAddr(COMMON_QUEUE_SIZE), size);
+    await qt.writew(this.commonAddr(COMMON_QUEUE_MSIX_VECTOR), VIRTIO_MSI_NO_VECTOR);
+    await write64(COMMON_QUEUE_DESC, q.descAddr);
+    await write64(COMMON_QUEUE_DRIVER, q.availAddr);
+    await write64(COMMON_QUEUE_DEVICE, q.usedAddr);
+    this.notifyAddresses.set(index, await this.dev.notifyAddress(index));
+    await qt.writew(this.commonAddr(COMMON_QUEUE_SELECT), index);
+    await qt.writew(this.commonAddr(COMMON_QUEUE_ENABLE), 1);
+    return q;
+  }
+
+  async notify(index: number): Promise<void> {
+    const addr = this.notifyAddresses.get(index);
+    if (addr === undefined) throw new TransportError(`queue ${index} was not set up`);
+    await this.qemu.qtest.writew(addr, index);
+  }
+
+  async waitInterrupt(_index: number, timeoutMs: number): Promise<boolean> {
+    if (!this.dev.interruptRaised()) {
+      try {
+        await this.dev.waitInterrupt(Math.max(1, Math.min(timeoutMs, INTX_POLL_MS)));
+      } catch {
+        return false; // no interrupt in this slice: the caller looks at its ring and decides
+      }
+    }
+    await this.dev.readIsr(); // acknowledges: INTx goes low
+    return true;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    for (const q of this.queues.values()) q.release();
+    this.queues.clear();
+    this.host.munmap(this.mapping);
+    this.host.close(this.ramFd);
+  }
+}
