@@ -33,8 +33,8 @@ qemu_lock
 version=$(qemu_source_version)
 dir=$(qemu_version_dir "$version")
 binary=$dir/bin/qemu-system-x86_64
-# The binary is valid for this script's edits and configuration: a change to either rebuilds (incrementally).
-recipe=$( { cat "$QEMU_SCRIPTS_DIR/common.sh"; printf '%s\n' "${CONFIGURE_ARGS[@]}"; } | sha256sum | cut -d' ' -f1)
+# The binary is valid for these source edits and this configuration: a change to either rebuilds it.
+recipe=$( { qemu_edits_fingerprint; printf '%s\n' "${CONFIGURE_ARGS[@]}"; } | sha256sum | cut -d' ' -f1)
 
 if [ -x "$binary" ] && [ "$(cat "$dir/bin/.recipe" 2>/dev/null)" = "$recipe" ]; then
   qemu_log "cached: $binary (qemu $version)"
@@ -42,12 +42,7 @@ if [ -x "$binary" ] && [ "$(cat "$dir/bin/.recipe" 2>/dev/null)" = "$recipe" ]; 
   exit 0
 fi
 
-if [ -f "$dir/source/.vrdma-patched" ] && [ "$(cat "$dir/source/.vrdma-recipe" 2>/dev/null)" != "$recipe" ]; then
-  qemu_log "the build recipe changed: refetching the source tree"
-  rm -rf "$dir/source"
-fi
 tree=$(qemu_source_tree "$version")
-echo "$recipe" > "$tree/.vrdma-recipe"
 
 cd "$tree"
 if [ ! -f build/build.ninja ] || [ "$(cat build/.vrdma-configure 2>/dev/null)" != "${CONFIGURE_ARGS[*]}" ]; then

@@ -79,12 +79,22 @@ qemu_apply_edits() { # qemu_apply_edits <source tree>
     "$(printf '    [VIRTIO_ID_GPIO] = "virtio-gpio",\n    [42] = "virtio-rdma"')"
 }
 
+# A fingerprint of the source edits (the function bodies as bash normalizes them, so comments do not count): a
+# tree patched by other edits is fetched again.
+qemu_edits_fingerprint() {
+  declare -f qemu_edit_once qemu_apply_edits | sha256sum | cut -d' ' -f1
+}
+
 # Prints the path of the unpacked, patched source tree of <version>, fetching and patching it when missing.
 qemu_source_tree() { # qemu_source_tree <version>
   local version=$1 dir
   dir=$(qemu_version_dir "$version")
   local tree=$dir/source
-  if [ -f "$tree/.vrdma-patched" ]; then printf '%s\n' "$tree"; return 0; fi
+  if [ -f "$tree/.vrdma-patched" ] && [ "$(cat "$tree/.vrdma-patched")" = "$(qemu_edits_fingerprint)" ]; then
+    printf '%s\n' "$tree"
+    return 0
+  fi
+  [ -d "$tree" ] && qemu_log "the source edits changed: fetching the source tree again"
   command -v dpkg-source >/dev/null || qemu_die "dpkg-source is missing: apt-get install dpkg-dev (scripts/setup.sh installs it)"
   rm -rf "$tree" "$dir/fetch"
   mkdir -p "$dir/fetch"
@@ -97,6 +107,6 @@ qemu_source_tree() { # qemu_source_tree <version>
   rm -rf "$dir/fetch"   # the .orig tarball and .dsc are not needed once unpacked (hundreds of MB)
   qemu_log "applying the project's source edits"
   qemu_apply_edits "$tree"
-  touch "$tree/.vrdma-patched"
+  qemu_edits_fingerprint > "$tree/.vrdma-patched"
   printf '%s\n' "$tree"
 }

@@ -1,0 +1,17 @@
+// A guest driver for real QEMU with no guest OS: the qtest protocol client, PCI configuration and BAR placement,
+// the virtio-pci modern transport, split virtqueues in guest RAM, and a QEMU launcher.
+export { QtestClient, QtestError, MAX_TRANSFER_BYTES, DEFAULT_IRQ_TIMEOUT_MS } from './qtest-client.ts';
+export { GuestRam, GUEST_RAM_ALLOC_START } from './guest-ram.ts';
+export {
+  PciConfig,
+  PciFunction,
+  AddressWindow,
+  enumerateBus0,
+  formatPciAddress,
+  type PciAddress,
+  type PciBar,
+  type PciCapability,
+} from './pci.ts';
+export * from './virtio-pci.ts';
+export { QtestSplitQueue, type UsedBuffer, MAX_QUEUE_SIZE, MAX_BUFFER_BYTES } from './split-queue.ts';
+export { QemuQtest, findQemu, type QemuQtestOptions, type QemuExit, DEFAULT_RAM_MIB } from './qemu.ts';
