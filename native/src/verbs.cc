@@ -1134,8 +1134,18 @@ Napi::Value QueryQp(const Napi::CallbackInfo& info) {
   return job->Start();
 }
 
+// The QP goes to ERR first: its outstanding work requests then complete with IBV_WC_WR_FLUSH_ERR on its CQs
+// (where they stay pollable after the QP is gone). ibv_destroy_qp alone drops them silently on rxe; the flush is
+// done before the destroy returns (rxe's destroy waits for the QP's scheduled tasks).
 Napi::Value DestroyQp(const Napi::CallbackInfo& info) {
-  return Destroy(info, "ibv_destroy_qp", Kind::Qp, [](void* o) { return ibv_destroy_qp(static_cast<ibv_qp*>(o)); });
+  return Destroy(info, "ibv_destroy_qp", Kind::Qp, [](void* o) {
+    ibv_qp* qp = static_cast<ibv_qp*>(o);
+    ibv_qp_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.qp_state = IBV_QPS_ERR;
+    ibv_modify_qp(qp, &attr, IBV_QP_STATE);  // a QP that cannot go to ERR has nothing to flush
+    return ibv_destroy_qp(qp);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------- MR
