@@ -46,14 +46,20 @@ export interface Rig {
   ram(plans?: { gpa: number; size: number; mmapOffset?: number; userAddr?: number }[]): GuestRam;
   /** Waits for the server to accept (the session exists). */
   accepted(): Promise<VhostUserSession>;
-  /** Closes the front-end and the server; returns the native mapping/watcher counts left over. */
-  finish(): Promise<{ watchers: number; mappings: number }>;
+  /** Closes the front-end and the server; returns the native mappings/watchers (and fds, when any) left over. */
+  finish(): Promise<{ watchers: number; mappings: number; fds?: number }>;
 }
 
 let counter = 0;
 
+/** Open fds of this process (a leak check: every fd a test made the back-end take must be closed again). */
+export function openFdCount(): number {
+  return fs.readdirSync('/proc/self/fd').length;
+}
+
 export async function rig(opts: { queues?: number } = {}): Promise<Rig> {
   const before = nativeStats();
+  const fdsBefore = openFdCount();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhost-user-test-'));
   const sockPath = path.join(dir, `vu${counter++}.sock`);
   const log = new RecordingLogger('vhost-user');
@@ -97,7 +103,9 @@ export async function rig(opts: { queues?: number } = {}): Promise<Rig> {
       await new Promise((res) => setImmediate(res));
       fs.rmSync(dir, { recursive: true, force: true });
       const after = nativeStats();
-      return { watchers: after.watchers - before.watchers, mappings: after.mappings - before.mappings };
+      const leaked = { watchers: after.watchers - before.watchers, mappings: after.mappings - before.mappings };
+      const fds = openFdCount() - fdsBefore;
+      return fds === 0 ? leaked : { ...leaked, fds };
     },
   };
   await r.accepted();
