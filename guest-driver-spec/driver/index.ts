@@ -8,3 +8,4 @@ export * from './transport.ts';
 export * from './vhost-user-transport.ts';
 export * from './driver.ts';
 export * from './verbs.ts';
+// The qtest transport (qtest-transport.ts) is imported from its own file: it needs guest-driver-spec/qtest/.
