@@ -1,29 +1,90 @@
 #!/usr/bin/env bash
-# The project's test command (`npm test`): set up what is missing, type-check, run every test with tap,
-# and end with the plain line `N passed, N failed` that CI reads.
-# Arguments, if any, are test files or folders to run instead of the whole suite.
+# The project's test command (`npm test`): set up whatever is missing, type-check, run every test, and end with the
+# plain line `N passed, N failed` that CI reads.
+#
+# Suites:
+#   host   every test on this machine (real sockets, memfds, QEMU in qtest mode)
+#   rxe    tests that need real verbs, inside the soft-RoCE test host (a VM with rdma_rxe; scripts/rxe/run.sh)
+# Arguments, if any, are test files or folders to run instead of everything.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-bash scripts/setup.sh || { echo "setup failed"; echo "0 passed, 1 failed"; exit 1; }
+# How long the in-VM suite may take, boot included, before the runner stops the VM.
+RXE_SUITE_TIMEOUT=2400
 
-passed=0; failed=0; skipped=0
-if npx tsc -p tsconfig.json --noEmit; then passed=$((passed + 1)); echo "ok - typecheck"; else failed=$((failed + 1)); echo "not ok - typecheck"; fi
+if ! bash scripts/setup.sh; then
+  echo "setup failed (see the lines above)"
+  echo "0 passed, 1 failed"
+  exit 1
+fi
 
-if [ "$#" -gt 0 ]; then targets=("$@"); else targets=(test); fi
-log=$(mktemp)
-npx tap "${targets[@]}" 2>&1 | tee "$log"
-# tap closes with `# { total: N, pass: N, fail: N, skip: N, ... }`; missing keys mean zero.
-summary=$(grep -E '^# \{ total:' "$log" | tail -n 1)
-get() { printf '%s' "$summary" | grep -oE "$1: [0-9]+" | grep -oE '[0-9]+' || echo 0; }
-if [ -z "$summary" ]; then
-  failed=$((failed + 1)); echo "tap printed no summary (crashed?)"
-else
+passed=0
+failed=0
+skipped=0
+
+# Adds the counts of tap's closing line `# { total: N, pass: N, fail: N, skip: N, todo: N }` from a log file.
+# A suite that printed no such line crashed: it counts as one failure.
+count_suite() {
+  local name=$1 log=$2 summary
+  summary=$(grep -E '^# \{ total:' "$log" | tail -n 1)
+  if [ -z "$summary" ]; then
+    echo "suite '$name' printed no tap summary: counted as failed"
+    failed=$((failed + 1))
+    return
+  fi
+  get() { printf '%s' "$summary" | grep -oE "$1: [0-9]+" | grep -oE '[0-9]+' || echo 0; }
   passed=$((passed + $(get pass)))
   failed=$((failed + $(get fail)))
   skipped=$((skipped + $(get skip) + $(get todo)))
+}
+
+run_host_suite() {
+  local log
+  log=$(mktemp)
+  echo "=== host suite: ${*}"
+  npx tap "$@" 2>&1 | tee "$log"
+  count_suite host "$log"
+  rm -f "$log"
+}
+
+run_rxe_suite() {
+  local log
+  log=$(mktemp)
+  echo "=== rxe suite (inside the soft-RoCE test host): ${*}"
+  bash scripts/rxe/run.sh --timeout "$RXE_SUITE_TIMEOUT" -- npx tap "$@" 2>&1 | tee "$log"
+  count_suite rxe "$log"
+  rm -f "$log"
+}
+
+echo "=== typecheck"
+if npx tsc -p tsconfig.json --noEmit; then
+  passed=$((passed + 1))
+  echo "ok - typecheck"
+else
+  failed=$((failed + 1))
+  echo "not ok - typecheck"
 fi
-rm -f "$log"
-if [ "$skipped" -gt 0 ]; then echo "$passed passed, $failed failed, $skipped skipped"; else echo "$passed passed, $failed failed"; fi
+
+# Test files are `*.test.ts` (other .ts files under test/ are helpers). Those under test/rxe/, and those named
+# rxe-*.test.ts anywhere, need real verbs and run in the test host; every other one runs here.
+host_targets=()
+rxe_targets=()
+if [ "$#" -gt 0 ]; then roots=("$@"); else roots=(test); fi
+while IFS= read -r file; do
+  if [[ $file == test/rxe/* || $(basename "$file") == rxe-*.test.ts ]]; then
+    rxe_targets+=("$file")
+  else
+    host_targets+=("$file")
+  fi
+done < <(find "${roots[@]}" -name '*.test.ts' -type f 2>/dev/null | sed 's|^\./||' | sort)
+
+[ "${#host_targets[@]}" -gt 0 ] && run_host_suite "${host_targets[@]}"
+[ "${#rxe_targets[@]}" -gt 0 ] && run_rxe_suite "${rxe_targets[@]}"
+
+if [ "$skipped" -gt 0 ]; then
+  echo "$passed passed, $failed failed, $skipped skipped"
+else
+  echo "$passed passed, $failed failed"
+fi
 [ "$failed" -eq 0 ]
