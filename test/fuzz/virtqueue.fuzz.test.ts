@@ -445,6 +445,7 @@ t.test('the checks catch a misbehaving device (so the fuzz can fail)', async (t)
 
 t.test(`virtqueue fuzz: ${CASES} cases, seed ${SEED}`, { timeout: 600_000 }, async (t) => {
   const started = Date.now();
+  const cpuStart = process.cpuUsage();
   const stats: Stats = { cases: 0, fixtureCases: 0, randomCases: 0, chains: 0, errors: new Map(), failures: [] };
   const pools = fixtureFiles().map((f) => poolOf(loadFixture(f)));
   const small = pools.filter((p) => !p.large);
@@ -476,9 +477,11 @@ t.test(`virtqueue fuzz: ${CASES} cases, seed ${SEED}`, { timeout: 600_000 }, asy
     caseSeed++;
   }
   const seconds = (Date.now() - started) / 1000;
+  const cpuUsed = process.cpuUsage(cpuStart);
+  const cpuSeconds = (cpuUsed.user + cpuUsed.system) / 1e6;
   const kinds = [...stats.errors.entries()].sort().map(([k, n]) => `${k} ${n}`).join(', ');
   if (process.env.FUZZ_PROFILE) console.log(`end: ${cpu()}`);
-  const summary = `fuzz: ${stats.cases} cases (${stats.fixtureCases} mutated fixtures, ${stats.randomCases} random rings) in ${seconds.toFixed(1)} s; ${stats.chains} chains popped; errors: ${kinds}`;
+  const summary = `fuzz: ${stats.cases} cases (${stats.fixtureCases} mutated fixtures, ${stats.randomCases} random rings) in ${seconds.toFixed(1)} s (${cpuSeconds.toFixed(1)} s of CPU); ${stats.chains} chains popped; errors: ${kinds}`;
   console.log(summary);
   t.comment(summary);
   for (const f of stats.failures.slice(0, MAX_REPORTED)) t.fail(f);

@@ -32,6 +32,9 @@ t.test('the command line decodes a fixture and rejects bad input', async (t) => 
   t.match(ok.stdout, /indirect table of descriptor \d+: 32 bytes at 0x/, 'decodes the indirect tables');
   t.match(ok.stdout, /flags INDIRECT/, 'decodes descriptor flags');
   t.match(ok.stdout, /pop -> error NestedIndirect/, 'states the expected error');
+  const replay = spawnSync(tsx, ['scripts/fixture.ts', 'replay', file!], { cwd: root, encoding: 'utf8' });
+  t.equal(replay.status, 0, replay.stderr);
+  t.match(replay.stdout, /split-error-nested-indirect: ok \(\d+ steps\)/, 'replay through our engine: ok');
   const usage = spawnSync(tsx, ['scripts/fixture.ts', 'frobnicate'], { cwd: root, encoding: 'utf8' });
   t.equal(usage.status, 2, 'unknown command: usage error');
   const missing = spawnSync(tsx, ['scripts/fixture.ts', 'decode', join(root, 'no-such-fixture.json')], { cwd: root, encoding: 'utf8' });
