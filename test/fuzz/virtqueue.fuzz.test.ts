@@ -211,7 +211,8 @@ function mutate(rng: SeededRandom, t: Target, count: number): void {
       // avail.idx: a small step, a jump, or anything.
       const view = t.mem.memory.contiguous(t.driver[0], 4)!;
       const idx = view[2]! | (view[3]! << 8);
-      const next = rng.bool() ? idx + rng.int(0, 3) : rng.int(0, 0xffff);
+      // Mostly a small step (deeper paths), sometimes anything (AvailIndexJump).
+      const next = rng.bool(0.85) ? idx + rng.int(0, 3) : rng.int(0, 0xffff);
       view[2] = next & 0xff;
       view[3] = (next >> 8) & 0xff;
     } else if (what === 6) flipByte(rng, t, t.driver);

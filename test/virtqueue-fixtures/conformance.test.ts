@@ -284,6 +284,33 @@ t.test('packed notification suppression', async (t) => {
   });
 });
 
+t.test('stop and resume: getState() gives a new queue the position to continue from', async (t) => {
+  for (const layout of layouts) {
+    const start = layout === 'split' ? 65534 : { pos: 5, wrap: true };
+    const { driver, queue } = build({ layout, size: 8, eventIdx: true, indirect: true, seed: seed++, start });
+    const first = [0, 1, 2].map(() => driver.add({ buffers: [{ len: 16 }, { len: 16, write: true }] }));
+    for (const b of first) {
+      const c = popAndCheck(t, queue, b, `${layout}: before the stop`);
+      if (c) queue.pushUsed(c, 4);
+    }
+    t.same(driver.readUsed().map((u) => u.id), first.map((b) => b.id), `${layout}: returned before the stop`);
+    const state = queue.getState();
+    if (driver instanceof SplitDriver) {
+      t.same(state, { nextAvail: 1, nextUsed: 1 }, 'split: 65534 + 3 wraps to 1');
+    } else {
+      t.same(state, { nextAvail: 3, nextUsed: 3, availWrap: false, usedWrap: false }, 'packed: slot 5 + 6 slots = slot 3 of the next lap');
+    }
+    const resumed = createQueue(layout, { ...driver.queueOptions(), state });
+    const later = [0, 1].map(() => driver.add({ buffers: [{ len: 8 }, { len: 8, write: true }], indirect: true }));
+    for (const b of later) {
+      const c = popAndCheck(t, resumed, b, `${layout}: after the resume`);
+      if (c) resumed.pushUsed(c, 2);
+    }
+    t.equal(resumed.pop(), null, `${layout}: nothing more after the resume`);
+    t.same(driver.readUsed(), later.map((b) => ({ id: b.id, len: 2 })), `${layout}: the resumed queue returns chains where the driver looks`);
+  }
+});
+
 t.test('createQueue builds both layouts from kit options', async (t) => {
   for (const layout of layouts) {
     const { driver } = build({ layout, size: 4, eventIdx: false, indirect: false, seed: seed++ });
