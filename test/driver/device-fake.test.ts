@@ -196,3 +196,27 @@ t.test('a large MR goes in REG_MR then REG_MR_CONTINUE; pending until the last p
   buf.release();
   await tearDown(t, s);
 });
+
+t.test('UD: Q_Key set, AH by virtual GID, a datagram send completes; AH of another VPC refused', async (t) => {
+  const s = await setUp(t);
+  const { ctx } = s;
+  const pd = await ctx.allocPd();
+  const cq = await ctx.createCq(16);
+  const qp = await ctx.createQp(pd, { type: 'UD', sendCq: cq, recvCq: cq });
+  await qp.readyUd(0x1234);
+  const q = await qp.query();
+  t.equal(q.attr.qp_state, 3, 'RTS');
+  t.equal(q.attr.qkey, 0x1234, 'QUERY_QP returns the guest Q_Key (the host uses the VPC one, section 12.4)');
+  await t.rejects(qp.modify({ state: 'RTS', qkey: 0x8000_0001 }), { name: 'CommandError', statusName: 'INVALID_ARGUMENT', detail: 16 }, 'controlled Q_Key');
+  await t.rejects(ctx.createAh(pd, { dgid: gidFromIpv4('192.168.7.3') }), { name: 'CommandError', statusName: 'DESTINATION_UNREACHABLE', detail: 16 });
+  const ah = await ctx.createAh(pd, { dgid: gidFromIpv4('192.168.7.2') });
+  const buf = ctx.allocBuffer(4096);
+  const mr = await ctx.regMr(pd, buf, AccessFlag.LOCAL_WRITE);
+  await qp.postSend([{ wrId: 40n, opcode: 'SEND', signaled: true, sgList: [mr.sge(0, 256)], ah, remoteQpn: 0x99, remoteQkey: 0x1234 }]);
+  t.match(await cq.waitPoll(1, WAIT_MS), [{ wrId: 40n, status: WcStatus.SUCCESS, opcode: WcOpcode.SEND }]);
+  // A WQE naming a destroyed AH completes with LOC_QP_OP_ERR (sections 8.16, 10.8).
+  await ah.destroy();
+  await qp.postSend([{ wrId: 41n, opcode: 'SEND', signaled: true, sgList: [mr.sge(0, 16)], ah, remoteQpn: 0x99, remoteQkey: 0x1234 }]);
+  t.match(await cq.waitPoll(1, WAIT_MS), [{ wrId: 41n, status: WcStatus.LOC_QP_OP_ERR }]);
+  await tearDown(t, s);
+});
