@@ -1,0 +1,113 @@
+// The embedded control plane: one local JSON policy file, reloaded on change without restarting the backend.
+// fs.watch on the file's directory (editors replace files by rename, which a watch on the file itself loses),
+// debounced, re-validated; an invalid new file is refused with a log line naming the field, and the last good
+// policy stays in force.
+
+import { EventEmitter } from 'node:events';
+import { readFileSync, watch, type FSWatcher } from 'node:fs';
+import { basename, dirname, resolve } from 'node:path';
+import { performance } from 'node:perf_hooks';
+import type { Logger } from '../util/log.ts';
+import type { VpcEngine } from './engine.ts';
+import { parsePolicyText } from './schema.ts';
+
+/** Quiet time after the last change event before the file is read (editors write in several steps). */
+export const DEFAULT_DEBOUNCE_MS = 100;
+/** Largest policy file read (65,536 VMs with rules fit well within it). */
+export const MAX_POLICY_FILE_BYTES = 64 << 20;
+/** Errors quoted in one log line (the rest are counted). */
+const ERRORS_PER_LINE = 5;
+
+export interface FileSourceMetrics {
+  loaded: number;
+  rejected: number;
+  lastError: string | undefined;
+}
+
+export interface FilePolicySourceOptions {
+  path: string;
+  engine: VpcEngine;
+  log: Logger;
+  debounceMs?: number;
+}
+
+export type LoadOutcome = { ok: true; version: number; tornDown: number; latencyMs: number } | { ok: false; errors: string[] };
+
+/** Emits 'applied' (LoadOutcome ok) and 'rejected' (LoadOutcome not ok) after each reload. */
+export class FilePolicySource extends EventEmitter {
+  readonly path: string;
+  private readonly engine: VpcEngine;
+  private readonly log: Logger;
+  private readonly debounceMs: number;
+  private watcher: FSWatcher | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private firstEventAt: number | undefined;
+  private lastText: string | undefined;
+  readonly metrics: FileSourceMetrics = { loaded: 0, rejected: 0, lastError: undefined };
+
+  constructor(opts: FilePolicySourceOptions) {
+    super();
+    this.path = resolve(opts.path);
+    this.engine = opts.engine;
+    this.log = opts.log;
+    this.debounceMs = opts.debounceMs ?? DEFAULT_DEBOUNCE_MS;
+  }
+
+  /** Loads the file (an invalid one is an error: the backend has no policy to start with) and watches it. */
+  start(): void {
+    const first = this.load(performance.now());
+    if (first !== undefined && !first.ok) throw new Error(`policy file ${this.path}: ${first.errors.join('; ')}`);
+    const name = basename(this.path);
+    this.watcher = watch(dirname(this.path), (_event, file) => {
+      if (file !== null && file !== name) return;
+      this.firstEventAt ??= performance.now();
+      if (this.timer !== undefined) clearTimeout(this.timer);
+      this.timer = setTimeout(() => this.reload(), this.debounceMs);
+    });
+    this.watcher.on('error', (e) => this.log.log('error', 'policy file watch failed', { path: this.path, error: e.message }));
+  }
+
+  stop(): void {
+    this.watcher?.close();
+    this.watcher = undefined;
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+
+  private reload(): void {
+    this.timer = undefined;
+    const at = this.firstEventAt ?? performance.now();
+    this.firstEventAt = undefined;
+    const outcome = this.load(at);
+    if (outcome !== undefined) this.emit(outcome.ok ? 'applied' : 'rejected', outcome);
+  }
+
+  /** Reads, validates and applies; undefined when the text did not change (a touch, or a write of the same bytes). */
+  private load(observedAt: number): LoadOutcome | undefined {
+    const refuse = (errors: string[]): LoadOutcome => {
+      this.metrics.rejected++;
+      this.metrics.lastError = errors[0];
+      const more = errors.length > ERRORS_PER_LINE ? ` (and ${errors.length - ERRORS_PER_LINE} more)` : '';
+      this.log.log('error', `policy file refused: ${errors.slice(0, ERRORS_PER_LINE).join('; ')}${more}`, {
+        path: this.path,
+        inForce: this.engine.hasPolicy ? `version ${this.engine.metrics.policyVersion} from ${this.engine.metrics.policySource}` : 'none',
+      });
+      return { ok: false, errors };
+    };
+    let text: string;
+    try {
+      text = readFileSync(this.path, 'utf8');
+    } catch (e) {
+      return refuse([`(file): cannot read it: ${(e as Error).message}`]);
+    }
+    if (Buffer.byteLength(text) > MAX_POLICY_FILE_BYTES) return refuse([`(file): larger than ${MAX_POLICY_FILE_BYTES} bytes`]);
+    if (text === this.lastText) return undefined;
+    const parsed = parsePolicyText(text);
+    if (!parsed.ok) return refuse(parsed.errors);
+    const r = this.engine.apply(parsed.policy, { source: this.path, observedAt });
+    this.lastText = text;
+    this.metrics.loaded++;
+    this.metrics.lastError = undefined;
+    return { ok: true, version: r.version, tornDown: r.tornDown, latencyMs: r.teardownLatencyMs };
+  }
+}
