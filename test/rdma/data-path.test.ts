@@ -284,3 +284,18 @@ t.test('MODIFY_QP to RESET discards work without completions and empties the rin
   await new Promise((r) => setTimeout(r, 20));
   t.same(cq.poll(), []);
 });
+
+t.test('policy teardown (the hook for the VPC work): ERR, flush, then QP_POLICY_TEARDOWN', async (t) => {
+  const { g, cq, qp, mr } = await setup(t);
+  g.postEventBuffers(4);
+  qp.writeRecv(1n, [{ addr: mr.iova, length: 64, lkey: mr.lkey }]);
+  await g.ring([{ handle: qp.handle, type: DoorbellType.RQ }]);
+  const torn = await g.device.teardownConnections((c) => (c.dgid[15] === 2 ? 1 : undefined));
+  t.same(torn, [qp.handle]);
+  const cqes = await cq.waitFor(1);
+  t.same([cqes[0]!.wr_id, cqes[0]!.status], [1n, WcStatus.WR_FLUSH_ERR]);
+  const [e] = await g.waitEvents(1);
+  t.same([e!.type, e!.handle, e!.detail], [EventType.QP_POLICY_TEARDOWN, qp.handle, 1]);
+  t.equal(await qpState(g, qp), QpState.ERR);
+  t.same(await g.device.teardownConnections(() => 1), [], 'a QP in ERR is not torn down twice');
+});

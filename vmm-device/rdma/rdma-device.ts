@@ -1239,6 +1239,27 @@ export class RdmaDevice implements VirtioDeviceModel {
     this.queueEvent(EventType.DOORBELL_ERROR, handle, reason);
   }
 
+  // ------------------------------------------------------------------------------------------ VPC hooks
+
+  /**
+   * Connection tracking for the VPC work (spec 12.3): every connected QP (one that went to RTR with a destination)
+   * for which `decide` returns a PolicyReason is moved to ERR, its work flushed, then QP_POLICY_TEARDOWN is queued.
+   * Returns the handles torn down.
+   */
+  async teardownConnections(decide: (c: { handle: number; qpType: number; dgid: Uint8Array }) => number | undefined): Promise<number[]> {
+    const done: number[] = [];
+    for (const qp of [...this.qps.values()]) {
+      const dgid = qp.attr['dgid'];
+      if (qp.destroyed || qp.state === QpState.ERR || !(dgid instanceof Uint8Array)) continue;
+      const reason = decide({ handle: qp.handle, qpType: qp.qpType, dgid: dgid.slice() });
+      if (reason === undefined) continue;
+      await this.data.moveToError(qp); // flush completions first, then the event (spec 11.4)
+      if (!qp.destroyed) this.queueEvent(EventType.QP_POLICY_TEARDOWN, qp.handle, reason);
+      done.push(qp.handle);
+    }
+    return done;
+  }
+
   // ------------------------------------------------------------------------------------------ host events
 
   private onHostAsyncEvent(e: AsyncEvent): void {
