@@ -262,8 +262,11 @@ t.test('every quota is hit, reported and counted; charges never leak', async (t)
     t.equal(engine.describeVm('a1')!.quotas[kind].used, quotas[kind], 'the operator view shows the use');
     held[0]!.release();
     held[0]!.release(); // twice: given back once
-    t.ok(engine.charge('a1', kind, amount).ok, `${kind}: released room can be charged again`);
+    const again = engine.charge('a1', kind, amount);
+    t.ok(again.ok, `${kind}: released room can be charged again`);
+    if (again.ok) again.charge.release();
     for (const h of held) h.release();
+    t.equal(engine.usageOf('a1')[kind], 0, `${kind}: all given back`);
   }
   // The host's capacity: host-1 offers 12 QPs for a1 and g1 (8 each by default).
   const qps = [];
