@@ -36,6 +36,7 @@
 #include <arpa/inet.h>
 #include <endian.h>
 #include <fcntl.h>
+#include <unistd.h>
 #include <infiniband/verbs.h>
 #include <uv.h>
 
@@ -1010,7 +1011,12 @@ Napi::Value CreateQp(const Napi::CallbackInfo& info) {
   job->run = [pd, attr, qp](std::string&) -> int {
     errno = 0;
     *qp = ibv_create_qp(pd, attr.get());
-    return *qp == nullptr ? ErrnoOr(ENOMEM) : 0;
+    if (*qp == nullptr) return ErrnoOr(ENOMEM);
+    // Providers may round the queues up without writing the result back (rxe does): ask for the real ones.
+    ibv_qp_attr actual;
+    ibv_qp_init_attr init;
+    if (ibv_query_qp(*qp, &actual, IBV_QP_CAP, &init) == 0) attr->cap = actual.cap;
+    return 0;
   };
   job->finish = [held](bool) { Release(held); };
   job->done = [st, qp, attr, id, pdE, sendCq, recvCq](Napi::Env env) -> Napi::Value {
@@ -1021,7 +1027,7 @@ Napi::Value CreateQp(const Napi::CallbackInfo& info) {
     Napi::Object r = Napi::Object::New(env);
     r.Set("qp", e->id);
     r.Set("qpNum", (*qp)->qp_num);
-    r.Set("cap", CapToJs(env, attr->cap));  // ibv_create_qp writes the actual capabilities back
+    r.Set("cap", CapToJs(env, attr->cap));
     return r;
   };
   return job->Start();
@@ -1173,6 +1179,13 @@ Napi::Value RegMr(const Napi::CallbackInfo& info) {
                  "range " + std::to_string(offset) + "+" + std::to_string(length) + " is outside the " +
                      std::to_string(ab.ByteLength()) + "-byte buffer");
   uint8_t* addr = static_cast<uint8_t*>(ab.Data()) + offset;
+  // The kernel (ib_uverbs_reg_mr) requires the iova to sit at the same offset within a page as the memory.
+  const uint64_t pageMask = static_cast<uint64_t>(sysconf(_SC_PAGESIZE)) - 1;
+  if (withIova && (iova & pageMask) != (reinterpret_cast<uintptr_t>(addr) & pageMask))
+    return Throw(env, verb, EINVAL,
+                 "iova offset within a page (" + std::to_string(iova & pageMask) +
+                     ") differs from the memory's (" + std::to_string(reinterpret_cast<uintptr_t>(addr) & pageMask) +
+                     ")");
   ibv_pd* pd = static_cast<ibv_pd*>(pdE->obj);
   auto mr = std::make_shared<ibv_mr*>(nullptr);
   auto memory = std::make_shared<Napi::Reference<Napi::ArrayBuffer>>(Napi::Persistent(ab));

@@ -131,12 +131,19 @@ t.test('RC SEND with immediate: the receiver gets the immediate in host order', 
 t.test('RDMA WRITE into memory registered at a guest address (ibv_reg_mr_iova), with and without immediate', async (t) => {
   await withRxe(t, async (f) => {
     const { a, b } = await f.rcPair();
-    const GUEST_ADDR = 0x7_4000_0000n; // the guest's own address of its buffer, not the backend's
     const src = new ArrayBuffer(64 * KiB);
     const dst = new ArrayBuffer(64 * KiB);
+    // The guest's own address of its buffer, not the backend's: at the same offset within a page (as guest RAM is).
+    const GUEST_ADDR = 0x7_4000_0000n + (f.verbs.bufferAddress(dst) % 4096n);
     const mrA = await f.mr(src);
     const mrB = await f.mr(dst, ALL_ACCESS, GUEST_ADDR);
     t.equal(mrB.addr, GUEST_ADDR, 'the MR is addressed by the iova');
+    await t.rejects(f.verbs.regMr(f.pd, dst, { access: ALL_ACCESS, iova: GUEST_ADDR + 1n }), {
+      name: 'VerbsError',
+      verb: 'ibv_reg_mr_iova',
+      errno: 'EINVAL',
+      message: /iova offset within a page/,
+    });
     new Uint8Array(src).set(pattern(64 * KiB, 3));
     f.verbs.postSend(
       a.qp,

@@ -222,7 +222,10 @@ export interface RegMrOptions {
   length?: number;
   /** Access bits. */
   access: number;
-  /** The address work requests use for the first byte (ibv_reg_mr_iova): e.g. the guest's own address. */
+  /**
+   * The address work requests use for the first byte (ibv_reg_mr_iova): e.g. the guest's own address. It must
+   * have the same offset within a page as the memory (guest RAM mapped page by page always does).
+   */
   iova?: number | bigint;
 }
 

@@ -331,6 +331,14 @@ export class NativeVerbs implements HostVerbs {
     return handle;
   }
 
+  /**
+   * The process address of a buffer's first byte (what a work request names for memory registered without an
+   * iova). An iova must have the same offset within a page as the memory it names.
+   */
+  bufferAddress(memory: ArrayBuffer): bigint {
+    return this.raw.bufferAddress(memory);
+  }
+
   async deregMr(mr: MrHandle): Promise<void> {
     await call(() => this.raw.deregMr(mr.id));
     this.mrs.delete(mr.id);
