@@ -436,3 +436,28 @@ t.test('a reset during a host call releases the object the call created', async 
   void pd;
   await g.device.close();
 });
+
+t.test('DEREG_MR of a pending MR; DESTROY_PD busy with a QP', async (t) => {
+  const verbs = new FakeVerbs();
+  const g = await open(t, verbs);
+  const pd = await g.createPd();
+  const pending = RegMrRequest.encode({ pd_handle: pd, access_flags: 1, iova: 0n, length: 3n * 4096n, page_shift: 12, total_pages: 3, num_pages: 1 });
+  const mr = RegMrResponse.decode(await g.ok(Command.REG_MR, pending, [BigInt(g.allocPages(1))]));
+  t.equal(g.device.mrBytes, 3n * 4096n, 'a pending MR counts against MR_BYTES');
+  expectStatus(t, await g.destroy(Command.DEREG_MR, mr.mr_handle), 'OK', 0, 'dereg pending');
+  t.equal(g.device.mrBytes, 0n);
+  const cq = await g.createCq();
+  const qp = await g.createQp(pd, cq, cq);
+  expectStatus(t, await g.destroy(Command.DESTROY_PD, pd), 'BUSY', ResourceKind.QP, 'PD with a QP');
+  expectStatus(t, await g.destroy(Command.DESTROY_QP, qp.handle), 'OK', 0, 'QP');
+  expectStatus(t, await g.destroy(Command.DESTROY_CQ, cq.handle), 'OK', 0, 'CQ');
+  expectStatus(t, await g.destroy(Command.DESTROY_PD, pd), 'OK', 0, 'PD');
+  t.same(verbs.liveObjects(), { device: 1, pd: 0, cq: 0, qp: 0, mr: 0, ah: 0 });
+});
+
+t.test('activation without RC and UD is refused (spec 4.2)', async (t) => {
+  const g = await open(t);
+  g.device.reset();
+  t.notOk(g.device.acceptFeatures(1n << 32n));
+  t.throws(() => g.activate(1n << 32n), /neither RC nor UD/);
+});
