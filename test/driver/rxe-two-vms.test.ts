@@ -15,6 +15,9 @@ import { pattern, rdmaResourcesOf, requireTestHost, RXE_DEVICE, RXE_HOST_IP } fr
 import { driverRig, type DriverRig } from './harness.ts';
 
 requireTestHost('test/driver/rxe-two-vms.test.ts');
+/** Under TCG on a loaded 2-core machine, opening two devices and connecting them takes tens of seconds. */
+const SUBTEST_TIMEOUT_MS = 600_000;
+t.setTimeout(6 * SUBTEST_TIMEOUT_MS);
 
 const HOST_IP = RXE_HOST_IP;
 const TABLE: GidTableEntry[] = [
@@ -86,7 +89,7 @@ async function rcPair(a: Vm, b: Vm): Promise<[Qp, Qp]> {
   return [qa, qb];
 }
 
-t.test('each VM sees its own virtual GID, not the host one', async (t) => {
+t.test('each VM sees its own virtual GID, not the host one', { timeout: SUBTEST_TIMEOUT_MS }, async (t) => {
   await withTwoVms(t, async (a, b) => {
     t.same(a.ctx.gid, gidFromIpv4('192.168.7.1'));
     t.same(b.ctx.gid, gidFromIpv4('192.168.7.2'));
@@ -94,7 +97,7 @@ t.test('each VM sees its own virtual GID, not the host one', async (t) => {
   });
 });
 
-t.test('RC SEND/RECV and SEND with immediate: bytes arrive intact across two SGEs', async (t) => {
+t.test('RC SEND/RECV and SEND with immediate: bytes arrive intact across two SGEs', { timeout: SUBTEST_TIMEOUT_MS }, async (t) => {
   await withTwoVms(t, async (a, b) => {
     const [qa, qb] = await rcPair(a, b);
     const msg = pattern(3000, 1);
@@ -123,7 +126,7 @@ t.test('RC SEND/RECV and SEND with immediate: bytes arrive intact across two SGE
   });
 });
 
-t.test('RDMA WRITE, WRITE with immediate and READ: remote memory changes and comes back byte for byte', async (t) => {
+t.test('RDMA WRITE, WRITE with immediate and READ: remote memory changes and comes back byte for byte', { timeout: SUBTEST_TIMEOUT_MS }, async (t) => {
   await withTwoVms(t, async (a, b) => {
     const [qa, qb] = await rcPair(a, b);
     const data = pattern(20_000, 3);
@@ -150,7 +153,7 @@ t.test('RDMA WRITE, WRITE with immediate and READ: remote memory changes and com
   });
 });
 
-t.test('atomics: compare-and-swap and fetch-and-add on the peer, old values returned', async (t) => {
+t.test('atomics: compare-and-swap and fetch-and-add on the peer, old values returned', { timeout: SUBTEST_TIMEOUT_MS }, async (t) => {
   await withTwoVms(t, async (a, b) => {
     const [qa] = await rcPair(a, b);
     const u64 = (v: bigint): Uint8Array => {
@@ -178,7 +181,7 @@ t.test('atomics: compare-and-swap and fetch-and-add on the peer, old values retu
   });
 });
 
-t.test('UD SEND: datagram with the routing header area naming virtual addresses', async (t) => {
+t.test('UD SEND: datagram with the routing header area naming virtual addresses', { timeout: SUBTEST_TIMEOUT_MS }, async (t) => {
   await withTwoVms(t, async (a, b) => {
     const ua = await a.ctx.createQp(a.pd, { type: 'UD', sendCq: a.cq, recvCq: a.cq });
     const ub = await b.ctx.createQp(b.pd, { type: 'UD', sendCq: b.cq, recvCq: b.cq });
