@@ -19,7 +19,7 @@ RXE_ROOT_MODULES=(crc32_generic virtio_pci 9pnet_virtio 9p overlay veth ib_uverb
 # Debian packages run.sh needs on the host (scripts/setup.sh lists and installs them all), as command:package.
 RXE_HOST_COMMANDS=(
   qemu-system-x86_64:qemu-system-x86 busybox:busybox-static modinfo:kmod cpio:cpio ip:iproute2 rdma:iproute2
-  ibv_devinfo:ibverbs-utils ibv_rc_pingpong:ibverbs-utils flock:util-linux readelf:binutils xz:xz-utils
+  ibv_devinfo:ibverbs-utils ibv_rc_pingpong:ibverbs-utils flock:util-linux setpriv:util-linux timeout:coreutils readelf:binutils xz:xz-utils
 )
 RXE_HOST_FILES=(
   /bin/busybox:busybox-static /usr/share/seabios/bios-256k.bin:seabios /usr/share/qemu/pvh.bin:qemu-system-data

@@ -77,8 +77,10 @@ assets=$(bash "$RXE_SCRIPTS_DIR/build.sh" | tail -n 1) || exit "$RXE_EXIT_HOST_F
 # The run's folder: the VM reads the job script from it through the read-only share (same path inside).
 run_dir=$(mktemp -d "/tmp/vrdma-rxe-run.XXXXXX") || rxe_die "cannot create a run folder in /tmp"
 qemu_pid=
+filter_pid=
 cleanup() {
   [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null
+  [ -n "$filter_pid" ] && kill "$filter_pid" 2>/dev/null
   rm -rf "$run_dir"
 }
 trap cleanup EXIT
@@ -121,7 +123,10 @@ done
 # The console: QEMU's stdout (the serial port) goes through a FIFO to the filter, which keeps everything before
 # the start marker in boot.log, copies the command's output to stdout, and takes the exit code from the exit marker.
 mkfifo "$run_dir/console"
-timeout --kill-after=5 "$timeout_seconds" qemu-system-x86_64 \
+# setpriv --pdeathsig: if this script is killed outright (SIGKILL), `timeout` gets SIGTERM and passes it on to
+# QEMU, so no VM outlives its runner. (`timeout` has its own process group: a terminal's Ctrl-C reaches it
+# through the INT trap above.)
+setpriv --pdeathsig TERM -- timeout --kill-after=5 "$timeout_seconds" qemu-system-x86_64 \
   -M q35 -accel tcg,thread=multi -cpu max -smp "$RXE_VCPUS" -m "$RXE_MEMORY" \
   -nographic -nic none -no-reboot \
   -kernel "$assets/vmlinux" -initrd "$assets/initrd.gz" \
@@ -153,7 +158,11 @@ awk "${awk_flags[@]}" -v token="$token" -v boot_log="$run_dir/boot.log" -v code_
     next
   }
   { print > boot_log; if (verbose) { print > "/dev/stderr"; fflush("/dev/stderr") } }
-' <"$run_dir/console"
+' <"$run_dir/console" &
+filter_pid=$!
+# `wait` (unlike a foreground job) returns at once on a trapped signal: a SIGTERM from a test runner stops the VM now.
+wait "$filter_pid"
+filter_pid=
 
 wait "$qemu_pid"
 qemu_status=$?

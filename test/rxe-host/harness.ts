@@ -2,6 +2,8 @@
 // and when: these tests boot the real VM, on the host (not inside it: a TCG VM nested in one takes minutes).
 
 import { spawn } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -40,6 +42,11 @@ export interface RunOptions {
 
 /** Runs `bash scripts/rxe/run.sh <args...>` to its end. */
 export function runInTestHost(args: string[], options: RunOptions = {}): Promise<RunResult> {
+  return startInTestHost(args, options).done;
+}
+
+/** Starts `bash scripts/rxe/run.sh <args...>`: the runner's process, and its result when it ends. */
+export function startInTestHost(args: string[], options: RunOptions = {}): { child: ChildProcess; done: Promise<RunResult> } {
   const started = Date.now();
   const child = spawn('bash', [RUN_SH, ...args], {
     cwd: options.cwd ?? PROJECT_ROOT,
@@ -52,7 +59,7 @@ export function runInTestHost(args: string[], options: RunOptions = {}): Promise
   child.stderr.setEncoding('utf8');
   child.stdout.on('data', (text: string) => chunks.push({ atMs: Date.now() - started, text }));
   child.stderr.on('data', (text: string) => stderr.push(text));
-  return new Promise((resolve, reject) => {
+  const done = new Promise<RunResult>((resolve, reject) => {
     child.on('error', reject);
     child.on('close', (code, signal) =>
       resolve({
@@ -65,6 +72,32 @@ export function runInTestHost(args: string[], options: RunOptions = {}): Promise
       }),
     );
   });
+  return { child, done };
+}
+
+/** Pids of the processes whose command line contains `text` (e.g. the QEMU of one run, by its --out folder). */
+export function pidsWithCommandLine(text: string): number[] {
+  const pids: number[] = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const cmdline = fs.readFileSync(`/proc/${entry}/cmdline`, 'utf8');
+      if (cmdline.includes(text)) pids.push(Number(entry));
+    } catch {
+      // The process ended while we looked.
+    }
+  }
+  return pids;
+}
+
+/** Polls `predicate` every 200 ms until it holds or `timeoutMs` passes; returns whether it held. */
+export async function waitFor(predicate: () => boolean, timeoutMs: number): Promise<boolean> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (predicate()) return true;
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return predicate();
 }
 
 /** Skip reason when these tests run inside the test host itself (they would boot a VM in the VM). */
