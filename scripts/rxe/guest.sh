@@ -8,6 +8,8 @@
 # and then calls rxe_guest_main. Output goes to the serial console, which run.sh reads.
 # Every exec here reads its binary over 9p under TCG, which costs; hence builtins wherever one does the job.
 
+RXE_GUEST_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
 # How long rxe0's port may take to become ACTIVE with its IPv4 GID (index 1) in place.
 RXE_PORT_WAIT_TENTHS=300
 RXE_NETDEV=veth0
@@ -76,6 +78,8 @@ rxe_guest_main() {
     for name in $(compgen -e); do unset "$name"; done
     . "$RXE_ENV_FILE"
     export VRDMA_IN_TEST_HOST=1
+    # tap's test processes get TypeScript from tsx, not ts-node (minutes under TCG): see tsx-for-tap.mjs.
+    export NODE_OPTIONS="--import=$RXE_GUEST_DIR/tsx-for-tap.mjs${NODE_OPTIONS:+ $NODE_OPTIONS}"
     exec {RXE_WAIT_FD}>&-
     cd "$RXE_CWD" || exit 126
     exec "${RXE_COMMAND[@]}"
