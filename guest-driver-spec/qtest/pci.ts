@@ -202,7 +202,7 @@ export class PciFunction {
         await this.write32(offset + 4, 0xffff_ffff);
         const highMask = await this.read32(offset + 4);
         await this.write32(offset + 4, highOriginal);
-        const full = (BigInt(highMask) << 32n) | BigInt(mask & ~0xf);
+        const full = (BigInt(highMask) << 32n) | BigInt((mask & ~0xf) >>> 0);
         size = ((~full & 0xffff_ffff_ffff_ffffn) + 1n) & 0xffff_ffff_ffff_ffffn;
       } else {
         size = BigInt((~(mask & ~0xf) + 1) >>> 0);

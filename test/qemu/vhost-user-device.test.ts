@@ -172,23 +172,42 @@ t.test('QEMU restart: the back-end serves the next QEMU after the first one went
   t.equal(backend.server.connectionsServed, 2);
 });
 
-t.test('back-end restart: QEMU reconnects and the guest keeps using its queues', async (t) => {
+// QEMU 10.0's generic vhost-user device cannot take a restarted back-end over a live connection: on disconnect
+// vub_disconnect() runs vhost_dev_cleanup(), and on reconnect vub_connect() starts the device again without a new
+// vhost_dev_init() (hw/virtio/vhost-user-base.c), so QEMU either gives up or dies. What this project controls is
+// the back-end side: a restarted back-end takes the same socket path over (the stale file of the dead one is
+// removed), holds nothing of the old connection, and serves the QEMU that connects to it. When QEMU did survive
+// the reconnection the test uses the same guest; otherwise it starts the next QEMU on the same path.
+t.test('back-end restart: the new back-end takes the socket path over and serves the guest', async (t) => {
   const rig = await startRig({ reconnect: true });
   t.teardown(() => rig.finish());
   const queues = await bringUp(rig.dev, rig.ram);
   await until(() => rig.backend.device.activations === 1, 'activation');
   await roundTrip(t, rig.dev, queues[0]!, bytes('before the restart'));
 
-  rig.backend.close(); // the back-end process "dies": its socket and every mapping go away
+  rig.backend.close(); // the back-end "dies": its connection, socket, mappings and watchers go away
   const settled = await sysStatsSettled();
   t.equal(settled.watchers, 0, 'the closed back-end holds no watcher');
+  t.equal(settled.mappings, 0, 'and no guest memory mapping');
   rig.backend = startBackend(rig.socketPath, 0x99n);
-  await rig.backend.session();
-  await until(() => rig.backend.device.activations === 1, 'QEMU to restart the device on the new back-end', 10_000);
-
-  // The guest did nothing: QEMU re-sent memory table and rings, resuming from the used index.
-  await roundTrip(t, rig.dev, queues[0]!, bytes('after the restart'));
-  await roundTrip(t, rig.dev, queues[1]!, bytes('the other queue too'));
+  const reconnected = await Promise.race([
+    rig.backend.session().then(() => until(() => rig.backend.device.activations === 1, 'restart', 10_000)).then(() => true),
+    rig.qemu.exited.then(() => false),
+    new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 10_000)),
+  ]);
+  let driven = queues;
+  if (reconnected && rig.qemu.running) {
+    t.comment('QEMU reconnected and restarted the device on the new back-end');
+  } else {
+    t.comment(`QEMU did not take the new back-end over (running: ${rig.qemu.running}); starting the next QEMU`);
+    await rig.qemu.stop();
+    rig.qemu = await QemuQtest.start({ workDir: rig.dir, args: vhostUserDeviceArgs(rig.socketPath, { reconnect: true }) });
+    rig.dev = await VirtioPciDevice.probe(rig.qemu.qtest, { virtioId: 42 });
+    driven = await bringUp(rig.dev, rig.qemu.ram);
+    await until(() => rig.backend.device.activations >= 1, 'activation on the new back-end');
+  }
+  await roundTrip(t, rig.dev, driven[0]!, bytes('after the restart'));
+  await roundTrip(t, rig.dev, driven[1]!, bytes('the other queue too'));
   const config = await rig.dev.configRead(8, 8);
   t.equal(new DataView(config.buffer).getBigUint64(0, true), 0x99n, 'config now comes from the new back-end');
 });
