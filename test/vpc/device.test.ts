@@ -1,0 +1,77 @@
+// The VPC engine behind the real device model (RdmaDevice over FakeVerbs, the guest played by test/rdma's driver
+// kit): what the device does today through the AddressResolver interface. Translation to the host GID, the
+// tenant's traffic class on the host QP whatever the guest asks, the VPC's Q_Key on the host, identical refusals
+// for another VPC's address and a guessed one, and REFUSED_BY_POLICY carrying the rule id.
+
+import t, { type Test } from 'tap';
+import { Command, CreateAhRequest, QpAttr, QpAttrMask as S, Status } from '../../guest-driver-spec/layout/index.ts';
+import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
+import { RecordingLogger } from '../../vmm-device/util/log.ts';
+import type { StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
+import { VpcEngine } from '../../vmm-device/vpc/engine.ts';
+import { VpcAddressResolver } from '../../vmm-device/vpc/resolver.ts';
+import { vpcQkey } from '../../vmm-device/rdma/address-resolver.ts';
+import { TestGuest, type Answer } from '../rdma/guest.ts';
+import { fixtureJson, gid, valid } from './policy.ts';
+
+const at = (f: string): number => 8 + QpAttr.offsetOf(f); // body offset of the attr field
+const RTR = S.STATE | S.AV | S.PATH_MTU | S.DEST_QPN | S.RQ_PSN | S.MAX_DEST_RD_ATOMIC | S.MIN_RNR_TIMER;
+const INIT = S.STATE | S.PKEY_INDEX | S.PORT | S.ACCESS_FLAGS;
+
+function status(a: Answer): [string, number] {
+  return [Object.entries(Status).find(([, v]) => v === a.status)?.[0] ?? String(a.status), a.detail];
+}
+
+async function open(t: Test, json = fixtureJson()) {
+  const log = new RecordingLogger('vpc');
+  const engine = new VpcEngine({ log });
+  engine.apply(valid(json), { source: 'test' });
+  const resolver = new VpcAddressResolver(engine, 'host-1', log);
+  const verbs = new FakeVerbs();
+  // TestGuest types its resolver as the static table; the device itself only uses the AddressResolver interface.
+  const g = await TestGuest.open({ verbs, vmId: 'a1', resolver: resolver as unknown as StaticAddressResolver });
+  t.teardown(() => g.device.close());
+  return { engine, verbs, g };
+}
+
+t.test('RC through the device: host GID, tenant traffic class, refusals as the spec says', async (t) => {
+  const { engine, verbs, g } = await open(t);
+  t.same([...g.device.config.gid], [...gid('172.16.0.1')], "the guest's GID is its virtual IP from the policy");
+  const pd = await g.createPd();
+  const cq = await g.createCq();
+  const qp = await g.createQp(pd, cq, cq);
+  t.same(status(await g.modifyQp(qp.handle, INIT, { qp_state: 1, port_num: 1, qp_access_flags: 7 })), ['OK', 0]);
+  const good = { qp_state: 2, path_mtu: 1, dest_qp_num: 0x123, rq_psn: 5, max_dest_rd_atomic: 1, min_rnr_timer: 12, hop_limit: 64, traffic_class: 0xfc };
+  const otherVpc = status(await g.modifyQp(qp.handle, RTR, { ...good, dgid: gid('172.16.0.3') }));
+  const guessed = status(await g.modifyQp(qp.handle, RTR, { ...good, dgid: gid('172.16.0.99') }));
+  t.same(otherVpc, ['DESTINATION_UNREACHABLE', at('dgid')], "g2's address (globex) from a1 (acme)");
+  t.same(guessed, otherVpc, 'a guessed address gets the very same answer');
+  t.match(engine.countersOfVm('a1'), { unreachable: 2, otherVpc: 1, unknownDestination: 1 }, 'counted apart for the operator');
+  t.same(status(await g.modifyQp(qp.handle, RTR, { ...good, dgid: gid('172.16.0.2') })), ['OK', 0], 'a1 -> a2, same VPC');
+  const host = await verbs.queryQp(g.device.qps.get(qp.handle)!.host);
+  t.same([...host.ahAttr.grh!.dgid], [...gid('10.0.0.2')], "a2's host GID is programmed, never the virtual one");
+  t.equal(host.ahAttr.grh!.trafficClass, 26 << 2, "acme's class, not the guest's 0xfc");
+
+  const j = fixtureJson();
+  j.vpcs[0].rules.unshift({ id: 55, action: 'deny', src: '172.16.0.1', dst: '172.16.0.2', qpTypes: ['RC'], priority: 1 });
+  engine.apply(valid(j), { source: 'deny rule 55' });
+  const qp2 = await g.createQp(pd, cq, cq);
+  await g.modifyQp(qp2.handle, INIT, { qp_state: 1, port_num: 1, qp_access_flags: 7 });
+  t.same(status(await g.modifyQp(qp2.handle, RTR, { ...good, dgid: gid('172.16.0.2') })), ['REFUSED_BY_POLICY', 55], 'the rule id is the detail');
+  t.equal(engine.countersOfVm('a1').refusedByRule, 1);
+});
+
+t.test("UD through the device: the VPC's Q_Key on the host, AH to a same-VPC address only", async (t) => {
+  const { g, verbs } = await open(t);
+  const pd = await g.createPd();
+  const cq = await g.createCq();
+  const qp = await g.createQp(pd, cq, cq, 4);
+  t.same(status(await g.modifyQp(qp.handle, S.STATE | S.PKEY_INDEX | S.PORT | S.QKEY, { qp_state: 1, port_num: 1, qkey: 0x1111 })), ['OK', 0]);
+  const host = await verbs.queryQp(g.device.qps.get(qp.handle)!.host);
+  t.equal(host.qkey, vpcQkey('acme-prod'), "acme-prod's Q_Key, whatever the guest wrote");
+  const ah = (dgid: Uint8Array) => CreateAhRequest.encode({ pd_handle: pd, flow_label: 0, port_num: 1, sgid_index: 0, hop_limit: 64, traffic_class: 0, sl: 0, dgid });
+  t.same(status(await g.cmd(Command.CREATE_AH, ah(gid('172.16.0.2')))), ['OK', 0]);
+  const refused = status(await g.cmd(Command.CREATE_AH, ah(gid('172.16.0.3'))));
+  t.same(refused[0], 'DESTINATION_UNREACHABLE');
+  t.same(status(await g.cmd(Command.CREATE_AH, ah(gid('172.16.0.77')))), refused, 'same answer for a guessed address');
+});
