@@ -14,6 +14,8 @@
 #
 # The command's output (stdout and stderr merged, as the VM has one console) goes to stdout, and nothing else
 # does: boot messages are held back (shown on stderr only when the VM fails). Inside, VRDMA_IN_TEST_HOST=1.
+# At most VRDMA_RXE_MAX_VMS test hosts run at once (default: one per 2 cores); others wait (not part of --timeout).
+# Inside, tap's test processes transpile TypeScript with tsx rather than ts-node (see tsx-for-tap.mjs).
 # Exit codes: the command's own; 124 on time-out; 125 when the test host itself failed (no exit code came back).
 set -uo pipefail
 . "$(dirname "$0")/common.sh"
@@ -32,11 +34,17 @@ RXE_VCPUS=2
 # and no boot work a throw-away test VM does not need (crypto self-tests, LSMs, audit, CPU bug mitigations):
 # under TCG each of these costs seconds.
 RXE_KERNEL_ARGS="console=ttyS0 quiet loglevel=0 panic=-1 mitigations=off cryptomgr.notests lsm=capability audit=0"
+# How many test-host VMs may run at once on this machine: each keeps 2 vCPUs busy, and on a 2-core machine two
+# VMs side by side each run at half speed (boots of a minute, tests hitting their time limits). Other runs wait
+# for a free slot; the wait does not count toward --timeout.
+RXE_MAX_VMS=${VRDMA_RXE_MAX_VMS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}
+RXE_SLOT_POLL_S=1
 # Variables every run passes (plus every VRDMA_* one): what the project's scripts and tools read.
 RXE_PASSED_VARIABLES=(PATH HOME CI)
 
 usage() {
-  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//' | sed "s/\$RXE_DEFAULT_TIMEOUT/$RXE_DEFAULT_TIMEOUT/" >&2
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" \
+    | sed "s/\$RXE_DEFAULT_TIMEOUT/$RXE_DEFAULT_TIMEOUT/" >&2
   exit 2
 }
 bad_usage() { printf '[rxe] usage error: %s (see --help)\n' "$*" >&2; exit 2; }
@@ -119,6 +127,24 @@ done
 } >"$run_dir/job.sh"
 # The initramfs mounts these (tag out<N> for line N) before it switches root.
 [ ${#out_paths[@]} -eq 0 ] || printf '%s\n' "${out_paths[@]}" >"$run_dir/out-dirs"
+
+# A VM slot: a lock held by this script and inherited by QEMU, so it is free again only once the VM is gone.
+[[ $RXE_MAX_VMS =~ ^[1-9][0-9]*$ ]] || rxe_die "VRDMA_RXE_MAX_VMS must be a positive number, not '$RXE_MAX_VMS'"
+mkdir -p "$RXE_CACHE/slots"
+waiting_since=
+while :; do
+  for ((slot = 0; slot < RXE_MAX_VMS; slot++)); do
+    exec {slot_fd}>"$RXE_CACHE/slots/$slot"
+    flock -n "$slot_fd" && break 2
+    exec {slot_fd}>&-
+  done
+  if [ -z "$waiting_since" ]; then
+    waiting_since=$SECONDS
+    rxe_log "waiting for a free test-host slot ($RXE_MAX_VMS VM(s) at a time here; VRDMA_RXE_MAX_VMS changes it)"
+  fi
+  sleep "$RXE_SLOT_POLL_S"
+done
+[ -n "$waiting_since" ] && rxe_log "got a slot after $((SECONDS - waiting_since)) s"
 
 # The console: QEMU's stdout (the serial port) goes through a FIFO to the filter, which keeps everything before
 # the start marker in boot.log, copies the command's output to stdout, and takes the exit code from the exit marker.

@@ -17,8 +17,13 @@ export const EXIT_TIMEOUT = 124;
 
 /** How long one run may take in these tests (boot included; the machine's 2 cores are shared). */
 export const RUN_TIMEOUT_S = 240;
-/** A tap timeout for a test that boots the VM once: the run's own limit plus the build of a cold cache. */
-export const ONE_BOOT_TEST_TIMEOUT_MS = (RUN_TIMEOUT_S + 180) * 1000;
+/**
+ * A tap timeout for a test that boots the VM once: the run's own limit, the build of a cold cache, and a wait for
+ * a VM slot (one VM at a time on a 2-core machine: another file's VM may be running).
+ */
+export const ONE_BOOT_TEST_TIMEOUT_MS = (RUN_TIMEOUT_S + 180 + 2 * RUN_TIMEOUT_S) * 1000;
+/** The whole file's limit (tap's own default from package.json is shorter than a few serialized boots). */
+export const FILE_TIMEOUT_MS = 3 * ONE_BOOT_TEST_TIMEOUT_MS;
 
 export interface StdoutChunk {
   /** Milliseconds since the runner was started. */

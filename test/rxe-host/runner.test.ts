@@ -5,15 +5,17 @@ import t from 'tap';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import {
-  EXIT_USAGE,
+import {  EXIT_USAGE,
   ONE_BOOT_TEST_TIMEOUT_MS,
   PROJECT_ROOT,
   RUN_TIMEOUT_S,
   insideTestHostReason,
   runInTestHost,
   section,
+  FILE_TIMEOUT_MS,
 } from './harness.ts';
+
+t.setTimeout(FILE_TIMEOUT_MS);
 
 /** The gap the command leaves between its two lines; the host must see the first well before the second. */
 const STREAM_GAP_S = 6;

@@ -2,7 +2,9 @@
 // (ibv_rc_pingpong, server and client on the same rxe0, GID index 1), and no other network device exists.
 
 import t from 'tap';
-import { ONE_BOOT_TEST_TIMEOUT_MS, RUN_TIMEOUT_S, insideTestHostReason, runInTestHost, section } from './harness.ts';
+import { ONE_BOOT_TEST_TIMEOUT_MS, RUN_TIMEOUT_S, insideTestHostReason, runInTestHost, section, FILE_TIMEOUT_MS } from './harness.ts';
+
+t.setTimeout(FILE_TIMEOUT_MS);
 
 /** Fewer round trips than ibv_rc_pingpong's default 1000: under TCG each takes milliseconds. */
 const PINGPONG_ITERATIONS = 200;

@@ -5,7 +5,9 @@ import t from 'tap';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { insideTestHostReason, pidsWithCommandLine, startInTestHost, waitFor } from './harness.ts';
+import { insideTestHostReason, pidsWithCommandLine, startInTestHost, waitFor, FILE_TIMEOUT_MS } from './harness.ts';
+
+t.setTimeout(FILE_TIMEOUT_MS);
 
 /** How long QEMU may take to appear (a cold cache builds the kernel first), and to go once its runner is gone. */
 const QEMU_START_MS = 240_000;
