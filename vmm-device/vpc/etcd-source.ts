@@ -19,6 +19,11 @@ import { validatePolicy, type PolicyDocument, type PolicyInput } from './schema.
 
 /** How often the backend checks that its etcd member still answers (a hung member never ends the watch). */
 export const DEFAULT_HEALTH_INTERVAL_MS = 500;
+/**
+ * Failed health checks in a row before the member counts as gone. A killed member also ends the watch stream at
+ * once; this is for a member that hangs, and one slow answer on a loaded machine must not count as an outage.
+ */
+export const HEALTH_FAILURES_BEFORE_DOWN = 3;
 /** Wait between reconnection attempts: doubles from the first to the last. */
 export const RECONNECT_MIN_MS = 100;
 export const RECONNECT_MAX_MS = 2000;
@@ -178,13 +183,19 @@ export class EtcdPolicySource {
         this.kvs = new Map(snap.kvs.map((kv: KeyValue) => [kv.key, kv.value]));
         this.evaluate(snap.revision, observedAt);
         // A member that stops answering (killed, partitioned, lost its quorum) does not always end the stream.
+        let failures = 0;
+        let checking = false;
         health = setInterval(() => {
+          if (checking) return; // one check at a time: a slow one is not several failures
+          checking = true;
           this.client
             .range(`${this.prefix}${SETTINGS_KEY}`)
+            .then(() => (failures = 0))
             .catch((e: Error) => {
               this.metrics.lastError = e.message;
-              abort.abort();
-            });
+              if (++failures >= HEALTH_FAILURES_BEFORE_DOWN) abort.abort();
+            })
+            .finally(() => (checking = false));
         }, this.healthIntervalMs);
         const endpoint = this.client.endpoint;
         await this.client.watch(

@@ -5,6 +5,7 @@
 
 import { PolicyReason, QpType } from '../../guest-driver-spec/layout/index.ts';
 import type { AddressResolver, Resolution, VirtualAddress } from '../rdma/address-resolver.ts';
+import type { DeviceQuotas } from '../rdma/limits.ts';
 import type { Logger } from '../util/log.ts';
 import type { Connection, TeardownSink, VpcEngine } from './engine.ts';
 import type { QpTypeName } from './schema.ts';
@@ -43,6 +44,13 @@ export class VpcAddressResolver implements AddressResolver, PolicyHooks {
       return undefined;
     }
     return { vpc: a.vpc, gid: a.gid, mac: a.mac, qkey: a.qkey, trafficClass: a.trafficClass };
+  }
+
+  /** The VM's object quotas as RdmaDeviceOptions.quotas takes them (fixed when the device opens). */
+  deviceQuotasOf(vmId: string): Partial<DeviceQuotas> | undefined {
+    const q = this.engine.quotasOf(vmId);
+    if (q === undefined) return undefined;
+    return { maxPd: q.pds, maxCq: q.cqs, maxQp: q.qps, maxMr: q.mrs, maxAh: q.ahs, maxMrBytes: BigInt(q.mrBytes) };
   }
 
   resolve(vmId: string, virtualGid: Uint8Array, qpType: number): Resolution {
