@@ -1,7 +1,7 @@
 // Error paths against real rxe0: work-completion statuses for bad keys, QPs in the wrong state, flushes, and the
 // handle rules (destroyed, wrong kind, parents with children).
 import t from 'tap';
-import { ALL_ACCESS, RXE_PORT, requireTestHost, withRxe } from './harness.ts';
+import { ALL_ACCESS, RXE_PORT, requireTestHost, withRxe } from './fixture/harness.ts';
 import { RecvWrList, SendWrList } from '../../vmm-device/verbs/layout.ts';
 import { Access, QpState, QpType, SendFlags, WcStatus, WrOpcode, wcStatusName } from '../../vmm-device/verbs/constants.ts';
 import type { AsyncEvent } from '../../vmm-device/verbs/host-verbs.ts';

@@ -6,7 +6,7 @@ import {
   pattern,
   requireTestHost,
   withRxe,
-} from './harness.ts';
+} from './fixture/harness.ts';
 import { RecvWrList, SendWrList } from '../../vmm-device/verbs/layout.ts';
 import {
   GidType,

@@ -1,6 +1,6 @@
 // UD SEND between two UD QPs on rxe0 through an address handle with a GRH (RoCE v2, GID index 1).
 import t from 'tap';
-import { RXE_GID_INDEX, RXE_PORT, pattern, requireTestHost, withRxe } from './harness.ts';
+import { RXE_GID_INDEX, RXE_PORT, pattern, requireTestHost, withRxe } from './fixture/harness.ts';
 import { RecvWrList, SendWrList } from '../../vmm-device/verbs/layout.ts';
 import { GRH_BYTES, QpState, QpType, SendFlags, WcFlags, WcOpcode, WcStatus, WrOpcode } from '../../vmm-device/verbs/constants.ts';
 
