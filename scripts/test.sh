@@ -23,6 +23,17 @@ passed=0
 failed=0
 skipped=0
 
+# The real peers the tests drive, built (or found in the cache) before any test starts, so that no test's own time
+# limit has to cover a first build: the patched QEMU, and the soft-RoCE test host's kernel and initramfs.
+echo "=== test peers"
+if bash scripts/qemu/build.sh >/dev/null && bash scripts/rxe/build.sh >/dev/null; then
+  passed=$((passed + 1))
+  echo "ok - test peers built (QEMU, soft-RoCE test host)"
+else
+  failed=$((failed + 1))
+  echo "not ok - test peers could not be built (see the lines above); the tests that need them will fail"
+fi
+
 # Adds the counts of tap's closing line `# { total: N, pass: N, fail: N, skip: N, todo: N }` from a log file.
 # A suite that printed no such line crashed: it counts as one failure.
 count_suite() {
