@@ -36,6 +36,8 @@ import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import type { HostVerbs } from '../../vmm-device/verbs/host-verbs.ts';
 import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
 import { F_VERSION_1 } from '../../vmm-device/virtio/constants.ts';
+import { GuestMemory } from '../../vmm-device/memory/guest-memory.ts';
+import * as sys from '../../vmm-device/native/sys.ts';
 
 export const PAGE = 4096;
 /** How long a test waits for the device to answer (host verbs on TCG rxe are slow). */
@@ -72,6 +74,12 @@ export interface GuestOptions {
   /** Bytes of each of the two RAM regions. */
   regionSize?: number;
   quotas?: ConstructorParameters<typeof Object>[0];
+  /**
+   * Back guest RAM with page-aligned shared memfd mappings, as a vhost-user front-end does. Needed with a real
+   * RNIC: the kernel registers an MR only when the host address and the iova have the same offset in their page
+   * (ib_uverbs_reg_mr), and a plain ArrayBuffer is not page aligned.
+   */
+  memfdRam?: boolean;
 }
 
 export class TestGuest {
@@ -89,15 +97,23 @@ export class TestGuest {
     readonly device: RdmaDevice,
     regionSize: number,
     seed: number,
+    memfdRam: boolean,
   ) {
-    this.mem = new TestGuestMemory({
-      regions: [
-        { gpa: 0x10_0000, size: regionSize },
-        { gpa: 0x1000_0000, size: regionSize },
-      ],
-      rng: seed,
-      maxGap: 64,
-    });
+    const regions = [
+      { gpa: 0x10_0000, size: regionSize },
+      { gpa: 0x1000_0000, size: regionSize },
+    ];
+    this.mem = new TestGuestMemory({ regions, rng: seed, maxGap: 64, ...(memfdRam ? { guardBytes: 0 } : {}) });
+    if (memfdRam) {
+      // The kit allocates by plan; only the backing changes: the same regions over memfd mappings.
+      const specs = regions.map((r) => {
+        const fd = sys.memfdCreate('test-guest-ram', r.size);
+        const buffer = sys.mmap(fd, 0, r.size, true);
+        sys.close(fd); // the mapping keeps the memory
+        return { guestPhysAddr: r.gpa, size: r.size, buffer };
+      });
+      (this.mem as unknown as { memory: GuestMemory }).memory = new GuestMemory(specs);
+    }
     this.ctrl = new SplitDriver({ mem: this.mem, size: 64 });
     this.eventq = new SplitDriver({ mem: this.mem, size: 64 });
     this.doorbell = new SplitDriver({ mem: this.mem, size: 64 });
@@ -114,7 +130,7 @@ export class TestGuest {
       log,
       ...(opts.quotas !== undefined ? { quotas: opts.quotas as object } : {}),
     });
-    const g = new TestGuest(device, opts.regionSize ?? 8 << 20, opts.seed ?? 42);
+    const g = new TestGuest(device, opts.regionSize ?? 8 << 20, opts.seed ?? 42, opts.memfdRam ?? false);
     g.activate(opts.features ?? ALL_FEATURES);
     return g;
   }

@@ -25,7 +25,7 @@ import {
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { StaticAddressResolver, gidFromIpv4, ipv4FromGid, pickHostGidIndex } from '../../vmm-device/rdma/index.ts';
 import { TestGuest, PAGE, type GuestCq, type GuestMr, type GuestQp } from '../rdma/guest.ts';
-import { RXE_DEVICE, pattern, rdmaResourcesOf, requireTestHost } from './harness.ts';
+import { RXE_DEVICE, pattern, rdmaResourcesOf, requireTestHost } from './fixture/harness.ts';
 
 requireTestHost();
 const S = QpAttrMask;
@@ -65,7 +65,7 @@ async function twoVms(t: Test, qpType: number): Promise<[Vm, Vm]> {
     ['vm-a', 1, 0x7f00_0000_0000n],
     ['vm-b', 2, 0x5500_1234_0000n],
   ] as const) {
-    const g = await TestGuest.open({ verbs, hostDevice: RXE_DEVICE, vmId, resolver, seed });
+    const g = await TestGuest.open({ verbs, hostDevice: RXE_DEVICE, vmId, resolver, seed, memfdRam: true });
     t.teardown(() => closeOnce(g));
     const pd = await g.createPd();
     const cq = await g.createCq(64);
