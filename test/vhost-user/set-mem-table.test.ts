@@ -22,7 +22,7 @@ t.test('two regions mapped; guest memory reads what the front-end wrote', async 
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });
 
-const bad: { name: string; build: (ram: GuestRam) => { payload: Uint8Array; fds: number[] }; kind: string; reason: RegExp }[] = [
+const bad: { name: string; build: (ram: GuestRam) => { payload: Uint8Array; fds: number[]; ours?: number[] }; kind: string; reason: RegExp }[] = [
   {
     name: 'overlapping guest ranges',
     build: (ram) => {
@@ -80,8 +80,7 @@ const bad: { name: string; build: (ram: GuestRam) => { payload: Uint8Array; fds:
     name: 'an fd that is not a memfd mapping (an eventfd)',
     build: (ram) => {
       const efd = host.eventfd();
-      setTimeout(() => host.close(efd), 500);
-      return { payload: encodeMemTable([GuestRam.describe(ram.regions[0]!)]), fds: [efd] };
+      return { payload: encodeMemTable([GuestRam.describe(ram.regions[0]!)]), fds: [efd], ours: [efd] };
     },
     kind: 'BadPayload',
     reason: /ends past the end of its fd \(0 bytes\)/,
@@ -95,8 +94,9 @@ for (const c of bad) {
     const good = r.ram([{ gpa: 0x200000, size: 0x1000 }]);
     await r.fe.setMemTable(good.regions);
     const ram = r.ram([{ gpa: 0, size: 0x10000 }, { gpa: 0x10000, size: 0x10000 }]);
-    const { payload, fds } = c.build(ram);
+    const { payload, fds, ours } = c.build(ram);
     await expectAckFailure(t, r, R.SET_MEM_TABLE, payload, fds, { request: 'SET_MEM_TABLE (5)', kind: c.kind, reason: c.reason });
+    for (const fd of ours ?? []) host.close(fd);
     t.same(r.session().describe().regions.map((x) => x.guestPhysAddr), [0x200000], 'old table kept');
     t.same(await r.finish(), { watchers: 0, mappings: 0 });
   });
