@@ -68,14 +68,22 @@ export function formatPrefix(prefix: Prefix): string {
 
 /** GID bytes of an address number. */
 export function gidOfIpv4Number(value: number): Uint8Array {
-  return gidFromIpv4(formatIpv4(value));
+  const gid = new Uint8Array(16);
+  gid[10] = 0xff;
+  gid[11] = 0xff;
+  gid[12] = value >>> 24;
+  gid[13] = (value >>> 16) & 0xff;
+  gid[14] = (value >>> 8) & 0xff;
+  gid[15] = value & 0xff;
+  return gid;
 }
 
 /** The address number inside an IPv4-mapped GID, or undefined for any other GID (wrong length included). */
 export function ipv4NumberFromGid(gid: Uint8Array): number | undefined {
   if (gid.byteLength !== 16) return undefined;
-  const text = ipv4FromGid(gid);
-  return text === undefined ? undefined : parseIpv4(text);
+  for (let i = 0; i < 10; i++) if (gid[i] !== 0) return undefined;
+  if (gid[10] !== 0xff || gid[11] !== 0xff) return undefined;
+  return ((gid[12]! << 24) | (gid[13]! << 16) | (gid[14]! << 8) | gid[15]!) >>> 0;
 }
 
 /** ::ffff:a.b.c.d, for logs and the operator view. */
