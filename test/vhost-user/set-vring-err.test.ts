@@ -43,3 +43,22 @@ t.test('a looping descriptor chain: the err eventfd fires, the device needs rese
   t.equal(await r.fe.getStatus(), 0);
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });
+
+t.test('a device model that throws: NEEDS_RESET and the err eventfd, never a crash', async (t) => {
+  const r = await rig();
+  const ram = await prepare(r);
+  const alloc = new GuestAllocator(ram);
+  const d = await startRing(r, ram, alloc, 0, 8);
+  const e = host.eventfd();
+  r.fe.errFds.set(0, e);
+  await r.fe.setVringFile(R.SET_VRING_ERR, 0, e);
+  await r.fe.addStatus(0xf);
+  await r.fe.sync();
+  r.device.throwOnNotify = true;
+  d.post(alloc, Uint8Array.of(1), 4);
+  r.fe.kick(0);
+  t.ok((await r.fe.waitEventfd(e)) > 0n, 'err eventfd fired');
+  t.equal((await r.fe.getStatus()) & 0x40, 0x40, 'NEEDS_RESET');
+  t.match(r.log.lines.find((l) => l.message.includes('queue broken')), { fields: { queue: 0, detail: /injected model failure/ } });
+  t.same(await r.finish(), { watchers: 0, mappings: 0 });
+});

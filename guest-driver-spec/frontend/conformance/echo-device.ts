@@ -20,6 +20,8 @@ export class EchoDevice implements VirtioDeviceModel {
   activations = 0;
   resets = 0;
   served = 0;
+  /** Makes queueNotify throw (a device model bug): the back-end must survive it. */
+  throwOnNotify = false;
 
   constructor(readonly queueCount = 2) {
     new DataView(this.config.buffer).setUint32(0, ECHO_CONFIG_MAGIC, true);
@@ -45,6 +47,7 @@ export class EchoDevice implements VirtioDeviceModel {
   }
 
   queueNotify(index: number): void {
+    if (this.throwOnNotify) throw new Error('echo device: injected model failure');
     const ctx = this.ctx!;
     const q = ctx.queues[index];
     if (q === undefined) return;
