@@ -311,6 +311,7 @@ export class VpcEngine {
   apply(doc: PolicyDocument, opts: ApplyOptions): ApplyResult {
     const observedAt = opts.observedAt ?? performance.now();
     const next = compile(doc);
+    this.previous = this.policy;
     this.policy = next;
     this.metrics.policyVersion++;
     this.metrics.applied++;
@@ -326,6 +327,14 @@ export class VpcEngine {
       for (const victim of this.withPair(c)) {
         lastLatency = this.tearDown(victim, reason, observedAt);
         tornDown++;
+      }
+    }
+    for (const listener of this.appliedListeners) {
+      try {
+        listener({ observedAt, version: this.metrics.policyVersion });
+      } catch (e) {
+        this.metrics.sinkErrors++;
+        this.log.log('error', 'a policy listener failed', { error: (e as Error).message });
       }
     }
     this.log.log('info', 'VPC policy in force', {
@@ -353,6 +362,45 @@ export class VpcEngine {
     let allowed = verdicts.get(key);
     if (allowed === undefined) verdicts.set(key, (allowed = evaluate(self.vpc, self.ip, peer.ip, c.kind).allow));
     return allowed ? undefined : 'RULE_CHANGED';
+  }
+
+  private previous: CompiledPolicy | undefined;
+  private readonly appliedListeners = new Set<(info: { observedAt: number; version: number }) => void>();
+
+  /** Called after every apply (the device link re-judges the device's own connected QPs). */
+  onApplied(listener: (info: { observedAt: number; version: number }) => void): () => void {
+    this.appliedListeners.add(listener);
+    return () => this.appliedListeners.delete(listener);
+  }
+
+  /**
+   * Whether a connection of VM `vmId` to `peerGid` that the PREVIOUS policy allowed is still allowed by the one in
+   * force: undefined when it is, else the PolicyReason value (for a device that keeps its own connection table).
+   */
+  judge(vmId: string, peerGid: Uint8Array, qpType: QpTypeName): number | undefined {
+    const now = this.policy;
+    const before = this.previous;
+    const self = now?.vms.get(vmId);
+    const old = before?.vms.get(vmId);
+    if (self === undefined) return PolicyReason.MAPPING_CHANGED;
+    if (old !== undefined && (old.ip !== self.ip || old.vpc.spec.id !== self.vpc.spec.id || old.host.id !== self.host.id)) return PolicyReason.MAPPING_CHANGED;
+    const dst = ipv4NumberFromGid(peerGid);
+    const peer = dst === undefined ? undefined : self.vpc.members.get(dst);
+    if (peer === undefined) return PolicyReason.PEER_REMOVED;
+    const oldPeer = dst === undefined ? undefined : old?.vpc.members.get(dst);
+    if (oldPeer !== undefined && oldPeer.spec.id !== peer.spec.id) return PolicyReason.PEER_REMOVED;
+    if (oldPeer !== undefined && oldPeer.hostIp !== peer.hostIp) return PolicyReason.MAPPING_CHANGED;
+    return evaluate(self.vpc, self.ip, peer.ip, qpType).allow ? undefined : PolicyReason.RULE_CHANGED;
+  }
+
+  /** Counts teardowns a device did itself (the device link). */
+  countTeardowns(vmId: string, n: number, latencyMs: number): void {
+    for (let i = 0; i < n; i++) this.count(vmId, (k) => k.tornDown++);
+    if (n === 0) return;
+    this.metrics.lastTeardownLatencyMs = latencyMs;
+    this.metrics.maxTeardownLatencyMs = Math.max(this.metrics.maxTeardownLatencyMs, latencyMs);
+    this.metrics.teardownLatenciesMs.push(latencyMs);
+    if (this.metrics.teardownLatenciesMs.length > TEARDOWN_LATENCY_HISTORY) this.metrics.teardownLatenciesMs.shift();
   }
 
   /** What each connection's own VM looked like when it was established. */

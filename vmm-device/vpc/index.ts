@@ -5,3 +5,4 @@ export { FilePolicySource } from './file-source.ts';
 export { EtcdClient } from './etcd-client.ts';
 export { EtcdPolicySource, publishPolicy, policyKeys, SETTINGS_KEY } from './etcd-source.ts';
 export { PolicyDocumentSchema, validatePolicy, parsePolicyText, QUOTA_KINDS, type PolicyDocument, type QuotaKind } from './schema.ts';
+export { linkDevice, type DeviceLink, type TeardownCapableDevice } from './device-link.ts';
