@@ -369,3 +369,33 @@ t.test('1,000 rules: resolution cost and teardown of many connections (figures f
   // All 2,000 in one synchronous pass: bounded by CPU; on this shared 2-core machine under load it takes tens of ms.
   t.ok(r.teardownLatencyMs < 1000, 'the 2,000th within a second');
 });
+
+t.test('judge: a device-held connection against the previous and the new policy', async (t) => {
+  const { engine } = engineWith();
+  const a2 = gid('172.16.0.2');
+  t.equal(engine.judge('a1', a2, 'RC'), undefined, 'allowed');
+  const moved = fixtureJson();
+  moved.vms[1].host = 'host-1';
+  engine.apply(valid(moved), { source: 'a2 moves' });
+  t.equal(engine.judge('a1', a2, 'RC'), PolicyReason.MAPPING_CHANGED, "the peer's host changed");
+  engine.apply(valid(moved), { source: 'same' });
+  t.equal(engine.judge('a1', a2, 'RC'), undefined, 'nothing changed since');
+  const swapped = structuredClone(moved);
+  swapped.vms[1].ip = '172.16.0.20';
+  swapped.vms.push({ id: 'a5', vpc: 'acme-prod', ip: '172.16.0.2', host: 'host-1' });
+  engine.apply(valid(swapped), { source: 'another VM takes the address' });
+  t.equal(engine.judge('a1', a2, 'RC'), PolicyReason.PEER_REMOVED, 'the address now belongs to another VM');
+  const gone = structuredClone(swapped);
+  gone.vms = gone.vms.filter((v: { id: string }) => v.id !== 'a5');
+  engine.apply(valid(gone), { source: 'address freed' });
+  t.equal(engine.judge('a1', a2, 'RC'), PolicyReason.PEER_REMOVED);
+  const renumbered = structuredClone(gone);
+  renumbered.vms[0].ip = '172.16.0.30';
+  engine.apply(valid(renumbered), { source: 'a1 renumbered' });
+  t.equal(engine.judge('a1', gid('172.16.0.20'), 'RC'), PolicyReason.MAPPING_CHANGED, "a1's own address changed");
+  const ruled = structuredClone(renumbered);
+  ruled.vpcs[0].rules = [];
+  engine.apply(valid(ruled), { source: 'rules gone' });
+  t.equal(engine.judge('a1', gid('172.16.0.20'), 'UD'), PolicyReason.RULE_CHANGED);
+  t.equal(engine.judge('nobody', a2, 'RC'), PolicyReason.MAPPING_CHANGED, 'a VM no longer in the policy');
+});
