@@ -34,12 +34,16 @@ import { DriverVirtqueue } from './virtqueue.ts';
 /** Longest single wait on the shared INTx line before the caller looks at its ring again. */
 export const INTX_POLL_MS = 20;
 
-/** The memfd QEMU backs guest RAM with: `memory-backend-memfd,id=mem` shows as /memfd:mem in /proc/<pid>/fd. */
-export const RAM_MEMFD_NAME = '/memfd:mem';
+/** How /proc/<pid>/fd shows a memfd: QEMU names the one of memory-backend-memfd after the backend type. */
+export const MEMFD_LINK_PREFIX = '/memfd:';
 
-/** Finds QEMU's guest-RAM memfd and opens it read-write through /proc (same user, so no ptrace rights needed beyond that). */
-export function openQemuRamFd(pid: number, memfdName = RAM_MEMFD_NAME): number {
+/**
+ * Finds QEMU's guest-RAM memfd (a memfd of exactly the RAM size) and opens it read-write through /proc (same user,
+ * so nothing beyond ordinary /proc access is needed).
+ */
+export function openQemuRamFd(pid: number, ramBytes: number): number {
   const dir = `/proc/${pid}/fd`;
+  const seen: string[] = [];
   for (const entry of fs.readdirSync(dir)) {
     let target: string;
     try {
@@ -47,9 +51,16 @@ export function openQemuRamFd(pid: number, memfdName = RAM_MEMFD_NAME): number {
     } catch {
       continue;
     }
-    if (target === memfdName || target.startsWith(`${memfdName} `)) return fs.openSync(`${dir}/${entry}`, 'r+');
+    if (!target.startsWith(MEMFD_LINK_PREFIX)) continue;
+    const fd = fs.openSync(`${dir}/${entry}`, 'r+');
+    const size = fs.fstatSync(fd).size;
+    if (size === ramBytes) return fd;
+    seen.push(`${target} (${size} bytes)`);
+    fs.closeSync(fd);
   }
-  throw new TransportError(`QEMU (pid ${pid}) has no ${memfdName} open: start it with -object memory-backend-memfd,id=mem,share=on`);
+  throw new TransportError(
+    `QEMU (pid ${pid}) has no memfd of ${ramBytes} bytes (memfds: ${seen.join(', ') || 'none'}): start it with -object memory-backend-memfd,share=on`,
+  );
 }
 
 export interface QtestTransportOptions {
@@ -81,7 +92,7 @@ export class QtestTransport implements DriverTransport {
 
   static async open(o: QtestTransportOptions): Promise<QtestTransport> {
     const dev = await VirtioPciDevice.probe(o.qemu.qtest, { virtioId: o.virtioId ?? 42 });
-    const fd = openQemuRamFd(o.qemu.pid);
+    const fd = openQemuRamFd(o.qemu.pid, o.qemu.ram.size);
     try {
       const size = o.host.fileSize(fd);
       if (size !== o.qemu.ram.size) throw new TransportError(`QEMU's RAM memfd has ${size} bytes, ${o.qemu.ram.size} expected`);
