@@ -61,9 +61,10 @@ t.test(
       `printf 'last line without newline'`,
       `exit 3`,
     ].join('\n');
+    const env = { ...process.env, VRDMA_RXE_TEST_MARK: 'marked', RXE_PASSED_BY_ENV: 'a b  c', RXE_NOT_PASSED: 'no' };
     const r = await runInTestHost(['--timeout', String(RUN_TIMEOUT_S), '--out', outDir, '--env', 'RXE_PASSED_BY_ENV', '--', 'bash', '-c', script], {
       cwd,
-      env: { ...process.env, VRDMA_RXE_TEST_MARK: 'marked', RXE_PASSED_BY_ENV: 'a b  c', RXE_NOT_PASSED: 'no' },
+      env,
     });
     t.equal(r.code, 3, `a command exiting 3 gives 3 (stderr: ${r.stderr.slice(-2000)})`);
 
@@ -83,7 +84,17 @@ t.test(
     t.equal(section(r.stdout, 'cwd'), `${fs.realpathSync(cwd)}\nwritten on the host`, "runs in the caller's folder, sees its files");
     t.equal(
       section(r.stdout, 'env'),
-      ['HOME=' + (process.env['HOME'] ?? ''), 'RXE_PASSED_BY_ENV=a b  c', 'VRDMA_IN_TEST_HOST=1', 'VRDMA_RXE_TEST_MARK=marked'].sort().join('\n'),
+      [
+        'HOME=' + (process.env['HOME'] ?? ''),
+        'RXE_PASSED_BY_ENV=a b  c',
+        'VRDMA_IN_TEST_HOST=1',
+        // Every VRDMA_* variable of the caller (the mark set here, and any the test run itself was given).
+        ...Object.entries(env)
+          .filter(([name]) => name.startsWith('VRDMA_') && name !== 'VRDMA_IN_TEST_HOST')
+          .map(([name, value]) => `${name}=${value ?? ''}`),
+      ]
+        .sort()
+        .join('\n'),
       'HOME, VRDMA_*, --env names pass (values intact); other variables do not; VRDMA_IN_TEST_HOST=1 is set',
     );
     t.equal(section(r.stdout, 'out'), 'wrote-out\nwrote-overlay', 'both writes succeeded inside');
