@@ -171,17 +171,16 @@ t.test('QEMU restart: the back-end serves the next QEMU after the first one went
   t.equal(backend.server.connectionsServed, 2);
 });
 
-// QEMU 10.0's generic vhost-user device cannot take a restarted back-end over a live connection: on disconnect
-// vub_disconnect() runs vhost_dev_cleanup(), and on reconnect vub_connect() starts the device again without a new
-// vhost_dev_init() (hw/virtio/vhost-user-base.c), so QEMU either gives up or dies. What this project controls is
-// the back-end side: a restarted back-end takes the same socket path over (the stale file of the dead one is
-// removed), holds nothing of the old connection, and serves the QEMU that connects to it. When QEMU did survive
-// the reconnection the test uses the same guest; otherwise it starts the next QEMU on the same path.
-t.test('back-end restart: the new back-end takes the socket path over and serves the guest', async (t) => {
-  const rig = await startRig({ reconnect: true });
+// QEMU 10.0's generic vhost-user device cannot take a restarted back-end over: with a reconnecting chardev
+// (reconnect-ms) its realize fails ("vhost_backend_init failed": it does not wait for the connection), and on a
+// disconnect vub_disconnect() runs vhost_dev_cleanup() while vub_connect() never runs vhost_dev_init() again
+// (hw/virtio/vhost-user-base.c). What this project controls is the back-end side: a restarted back-end takes the
+// same socket path over (the dead one's stale socket file is removed), holds nothing of the old connection, and
+// serves the next QEMU from scratch.
+t.test('back-end restart: the new back-end takes the socket path over and serves the next QEMU', async (t) => {
+  const rig = await startRig();
   t.teardown(() => rig.finish());
   const queues = await bringUp(rig.dev, rig.ram);
-  await until(() => rig.backend.device.activations === 1, 'activation');
   await roundTrip(t, rig.dev, queues[0]!, bytes('before the restart'));
 
   rig.backend.close(); // the back-end "dies": its connection, socket, mappings and watchers go away
@@ -189,24 +188,15 @@ t.test('back-end restart: the new back-end takes the socket path over and serves
   t.equal(settled.watchers, 0, 'the closed back-end holds no watcher');
   t.equal(settled.mappings, 0, 'and no guest memory mapping');
   rig.backend = startBackend(rig.socketPath, 0x99n);
-  const reconnected = await Promise.race([
-    rig.backend.session().then(() => until(() => rig.backend.device.activations === 1, 'restart', 10_000)).then(() => true),
-    rig.qemu.exited.then(() => false),
-    new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 10_000)),
-  ]);
-  let driven = queues;
-  if (reconnected && rig.qemu.running) {
-    t.comment('QEMU reconnected and restarted the device on the new back-end');
-  } else {
-    t.comment(`QEMU did not take the new back-end over (running: ${rig.qemu.running}); starting the next QEMU`);
-    await rig.qemu.stop();
-    rig.qemu = await QemuQtest.start({ workDir: rig.dir, args: vhostUserDeviceArgs(rig.socketPath, { reconnect: true }) });
-    rig.dev = await VirtioPciDevice.probe(rig.qemu.qtest, { virtioId: 42 });
-    driven = await bringUp(rig.dev, rig.qemu.ram);
-    await until(() => rig.backend.device.activations >= 1, 'activation on the new back-end');
-  }
-  await roundTrip(t, rig.dev, driven[0]!, bytes('after the restart'));
-  await roundTrip(t, rig.dev, driven[1]!, bytes('the other queue too'));
+  t.ok(rig.qemu.running, 'QEMU survived losing its back-end');
+  await rig.qemu.stop();
+
+  rig.qemu = await QemuQtest.start({ workDir: rig.dir, args: vhostUserDeviceArgs(rig.socketPath) });
+  rig.dev = await VirtioPciDevice.probe(rig.qemu.qtest, { virtioId: 42 });
+  const again = await bringUp(rig.dev, rig.qemu.ram);
+  await roundTrip(t, rig.dev, again[0]!, bytes('after the restart'));
+  await roundTrip(t, rig.dev, again[1]!, bytes('the other queue too'));
   const config = await rig.dev.configRead(8, 8);
   t.equal(new DataView(config.buffer).getBigUint64(0, true), 0x99n, 'config now comes from the new back-end');
+  t.equal(rig.backend.server.connectionsServed, 1);
 });
