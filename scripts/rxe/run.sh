@@ -90,6 +90,7 @@ cleanup() {
   [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null
   [ -n "$filter_pid" ] && kill "$filter_pid" 2>/dev/null
   rm -rf "$run_dir"
+  [ -n "${ticket:-}" ] && rm -f "$ticket"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -129,21 +130,48 @@ done
 [ ${#out_paths[@]} -eq 0 ] || printf '%s\n' "${out_paths[@]}" >"$run_dir/out-dirs"
 
 # A VM slot: a lock held by this script and inherited by QEMU, so it is free again only once the VM is gone.
+# Waiters queue in arrival order (a ticket file each, locked by its owner: a dead owner's ticket is unlocked and
+# removed); only the oldest live ticket may take a free slot, so no run waits forever behind newer ones.
 [[ $RXE_MAX_VMS =~ ^[1-9][0-9]*$ ]] || rxe_die "VRDMA_RXE_MAX_VMS must be a positive number, not '$RXE_MAX_VMS'"
-mkdir -p "$RXE_CACHE/slots"
+mkdir -p "$RXE_CACHE/slots" "$RXE_CACHE/queue"
+ticket=$RXE_CACHE/queue/$(date +%s%N)-$$
+exec {ticket_fd}>"$ticket"
+flock -n "$ticket_fd" || rxe_die "cannot lock the queue ticket $ticket"
 waiting_since=
+got_slot=0
 while :; do
-  for ((slot = 0; slot < RXE_MAX_VMS; slot++)); do
-    exec {slot_fd}>"$RXE_CACHE/slots/$slot"
-    flock -n "$slot_fd" && break 2
-    exec {slot_fd}>&-
+  # A waiter that probed the ticket between its creation and its lock may have removed it: put it back.
+  if [ ! -e "$ticket" ]; then
+    exec {ticket_fd}>&-
+    exec {ticket_fd}>"$ticket"
+    flock -n "$ticket_fd" || rxe_die "cannot lock the queue ticket $ticket"
+  fi
+  first=
+  for other in $(ls "$RXE_CACHE/queue" 2>/dev/null | sort); do
+    if [ "$RXE_CACHE/queue/$other" = "$ticket" ]; then first=$ticket; break; fi
+    # Another waiter's ticket: live if its owner still holds the lock.
+    if ( exec {probe_fd}>>"$RXE_CACHE/queue/$other" && flock -n "$probe_fd" ) 2>/dev/null; then
+      rm -f "$RXE_CACHE/queue/$other"
+      continue
+    fi
+    break
   done
+  if [ "$first" = "$ticket" ]; then
+    for ((slot = 0; slot < RXE_MAX_VMS; slot++)); do
+      exec {slot_fd}>"$RXE_CACHE/slots/$slot"
+      if flock -n "$slot_fd"; then got_slot=1; break; fi
+      exec {slot_fd}>&-
+    done
+    [ "$got_slot" -eq 1 ] && break
+  fi
   if [ -z "$waiting_since" ]; then
     waiting_since=$SECONDS
     rxe_log "waiting for a free test-host slot ($RXE_MAX_VMS VM(s) at a time here; VRDMA_RXE_MAX_VMS changes it)"
   fi
   sleep "$RXE_SLOT_POLL_S"
 done
+rm -f "$ticket"
+exec {ticket_fd}>&-
 [ -n "$waiting_since" ] && rxe_log "got a slot after $((SECONDS - waiting_since)) s"
 
 # The console: QEMU's stdout (the serial port) goes through a FIFO to the filter, which keeps everything before
