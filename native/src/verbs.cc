@@ -1141,15 +1141,21 @@ Napi::Value QueryQp(const Napi::CallbackInfo& info) {
 }
 
 // The QP goes to ERR first: its outstanding work requests then complete with IBV_WC_WR_FLUSH_ERR on its CQs
-// (where they stay pollable after the QP is gone). ibv_destroy_qp alone drops them silently on rxe; the flush is
-// done before the destroy returns (rxe's destroy waits for the QP's scheduled tasks).
+// (where they stay pollable after the QP is gone). ibv_destroy_qp alone drops them silently on rxe. rxe flushes
+// from a tasklet that the modify only schedules and that destroy cancels, so the QP is given FLUSH_GRACE_MS
+// (on the thread pool, not the event loop) before it is destroyed. No verb reports when a flush is done.
+constexpr useconds_t FLUSH_GRACE_MS = 100;
 Napi::Value DestroyQp(const Napi::CallbackInfo& info) {
   return Destroy(info, "ibv_destroy_qp", Kind::Qp, [](void* o) {
     ibv_qp* qp = static_cast<ibv_qp*>(o);
     ibv_qp_attr attr;
+    ibv_qp_init_attr init;
+    memset(&attr, 0, sizeof attr);
+    bool needsFlush = ibv_query_qp(qp, &attr, IBV_QP_STATE, &init) != 0 || attr.qp_state != IBV_QPS_RESET;
     memset(&attr, 0, sizeof attr);
     attr.qp_state = IBV_QPS_ERR;
-    ibv_modify_qp(qp, &attr, IBV_QP_STATE);  // a QP that cannot go to ERR has nothing to flush
+    // A QP in RESET holds no work; one that cannot go to ERR has nothing to flush.
+    if (needsFlush && ibv_modify_qp(qp, &attr, IBV_QP_STATE) == 0) usleep(FLUSH_GRACE_MS * 1000);
     return ibv_destroy_qp(qp);
   });
 }
