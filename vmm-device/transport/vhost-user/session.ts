@@ -5,9 +5,11 @@
 //
 // The virtio device itself is the device core (vmm-device/virtio/core.ts) over a device model. vhost-user does not
 // carry the guest's status writes one by one, so the session drives the core through a proper virtio init sequence
-// itself when the device is to start: on SET_STATUS with DRIVER_OK when the STATUS protocol feature is negotiated
-// (QEMU sends it after every ring is started and enabled), otherwise on the first kick of an enabled ring (rings
-// started later are then not seen by the model until the next reset; QEMU 10 always negotiates STATUS).
+// itself when the device is to start: on SET_STATUS with DRIVER_OK, or on the first kick of an enabled ring,
+// whichever comes first (rings started later are then not seen by the model until the next reset). The kick is
+// needed even with the STATUS protocol feature: QEMU 10's generic vhost-user device negotiates STATUS but never
+// sends SET_STATUS DRIVER_OK (its vhost_dev.vq_index_end stays 0, so vhost_user_dev_start() returns early), and a
+// driver only notifies after DRIVER_OK.
 
 import { GuestMemory, GuestMemoryError, type MemoryRegionSpec } from '../../memory/guest-memory.ts';
 import type { Logger } from '../../util/log.ts';
@@ -698,7 +700,7 @@ export class VhostUserSession {
       this.counters.droppedKicks++;
       return;
     }
-    if (!this.core.isActive && !this.hasProtocol(ProtocolFeature.STATUS)) this.activateCore();
+    if (!this.core.isActive) this.activateCore();
     this.notifyCore(index);
   }
 
