@@ -15,5 +15,6 @@ need "make" make command -v make
 need "python3 (node-gyp runs it)" python3 command -v python3
 need "Node.js headers (/usr/include/node/node_api.h)" nodejs test -f /usr/include/node/node_api.h
 need "libibverbs headers (infiniband/verbs.h)" libibverbs-dev test -f /usr/include/infiniband/verbs.h
-# npm 11 stops honouring the nodedir user config: pass it explicitly.
-exec npx --no-install node-gyp rebuild --nodedir=/usr --loglevel=warn
+# npm 11 stops honouring the nodedir user config: pass it explicitly. Two builds at once in one checkout (parallel
+# installs) would race on native/build: the second waits for the first.
+exec flock build.lock npx --no-install node-gyp rebuild --nodedir=/usr --loglevel=warn

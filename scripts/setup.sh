@@ -11,11 +11,13 @@ cd "$root"
 #   host verbs at run time:       rdma-core ibverbs-providers ibverbs-utils perftest iproute2
 #   soft-RoCE test host (VM):     qemu-system-x86 busybox-static kmod (the kernel .deb is fetched by scripts/rxe)
 #   patched QEMU build:           dpkg-dev libglib2.0-dev libpixman-1-dev zlib1g-dev ninja-build + meson (backports)
+#   VPC control-plane tests:      etcd-server (real etcd on loopback)
 APT_PACKAGES=(
   g++ make python3 pkgconf libibverbs-dev
   rdma-core ibverbs-providers ibverbs-utils perftest iproute2
   qemu-system-x86 qemu-system-data seabios busybox-static kmod cpio
   dpkg-dev libglib2.0-dev libpixman-1-dev zlib1g-dev ninja-build
+  etcd-server
 )
 # Packages that only bookworm-backports has in a new enough version (QEMU 10 needs meson >= 1.5).
 BACKPORTS_PACKAGES=(meson)
