@@ -31,15 +31,16 @@ function deviceArgs(socketPath: string): string[] {
 }
 
 /**
- * Known integration bug, outside the driver: QEMU 10.0's vhost-user-base never sets vhost_dev.vq_index_end, so
- * vhost_user_dev_start() (hw/virtio/vhost-user.c, "Set device status only for last queue pair") returns before it
- * sends SET_STATUS DRIVER_OK, and reset never sends SET_STATUS 0. The back-end's core stays at FEATURES_OK and
- * ignores every kick, so the first control request is never answered. Marked TODO (reported, not hidden) until the
- * QEMU patch sets vq_index_end or the vhost-user session activates on ring start.
+ * Known integration gap, outside the driver: QEMU 10.0's vhost-user-base never sets vhost_dev.vq_index_end, so
+ * vhost_user_dev_start() (hw/virtio/vhost-user.c, "Set device status only for last queue pair") sends neither
+ * SET_STATUS DRIVER_OK nor, on reset, SET_STATUS 0. The back-end now starts the device on the first kick, so the
+ * whole path works; a guest's device reset through QEMU, though, reaches the back-end only as rings stopped with
+ * GET_VRING_BASE, which the back-end does not (yet) treat as a device reset, so the VM's host objects live on until
+ * the connection closes (which releases them: test/rdma/vhost-user.test.ts). That one assertion is TODO.
  */
-const KNOWN_BUG = 'QEMU vhost-user-base sends no SET_STATUS DRIVER_OK (vq_index_end 0): the back-end never activates';
+const KNOWN_GAP = 'a device reset through QEMU 10 reaches the back-end only as GET_VRING_BASE; host objects are released at disconnect, not at reset';
 
-t.test('open, control path, a send completing into the guest CQ, INTx-driven events, reset releases all', { todo: KNOWN_BUG }, async (t) => {
+t.test('open, control path, a send completing into the guest CQ, INTx-driven events, reset releases all', async (t) => {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-driver-qemu-'));
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const socketPath = path.join(dir, 'vu.sock');
@@ -77,5 +78,5 @@ t.test('open, control path, a send completing into the guest CQ, INTx-driven eve
   await ctx.close();
   t.equal(await transport.getStatus(), 0, 'device reset');
   await new Promise((r) => setTimeout(r, 200));
-  t.same(verbs.liveObjects(), { device: 1, pd: 0, cq: 0, qp: 0, mr: 0, ah: 0 }, 'reset released every host object of the VM');
+  t.same(verbs.liveObjects(), { device: 1, pd: 0, cq: 0, qp: 0, mr: 0, ah: 0 }, 'reset released every host object of the VM', { todo: KNOWN_GAP });
 });
