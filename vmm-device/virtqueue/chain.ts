@@ -62,7 +62,7 @@ export class DescriptorChain {
   }
 }
 
-/** A cursor over segments [first, end) of a chain. */
+/** A cursor over the segments of a chain from `first` on, `total` bytes long. */
 abstract class ChainCursor {
   protected seg: number;
   protected segOffset = 0;
@@ -71,7 +71,6 @@ abstract class ChainCursor {
   constructor(
     protected readonly chain: DescriptorChain,
     first: number,
-    protected readonly end: number,
     readonly total: number,
   ) {
     this.seg = first;
@@ -118,7 +117,7 @@ abstract class ChainCursor {
 /** Reads the device-readable part of a chain, front to back. */
 export class ChainReader extends ChainCursor {
   constructor(chain: DescriptorChain) {
-    super(chain, 0, chain.readableCount, chain.readableBytes);
+    super(chain, 0, chain.readableBytes);
   }
 
   /** Copies the next dest.length bytes into dest. */
@@ -144,7 +143,7 @@ export class ChainReader extends ChainCursor {
 /** Writes the device-writable part of a chain, front to back. `position` is the used length to report. */
 export class ChainWriter extends ChainCursor {
   constructor(chain: DescriptorChain) {
-    super(chain, chain.readableCount, chain.segmentCount, chain.writableBytes);
+    super(chain, chain.readableCount, chain.writableBytes);
   }
 
   write(src: Uint8Array): void {
