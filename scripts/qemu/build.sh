@@ -32,11 +32,15 @@ need "make" make command -v make
 qemu_lock
 version=$(qemu_source_version)
 dir=$(qemu_version_dir "$version")
-binary=$dir/bin/qemu-system-x86_64
-# The binary is valid for these source edits and this configuration: a change to either rebuilds it.
+# The binary is valid for these source edits and this configuration: a change to either builds another one,
+# cached next to the others under its own recipe (a QEMU still running an older binary keeps it).
 recipe=$( { qemu_edits_fingerprint; printf '%s\n' "${CONFIGURE_ARGS[@]}"; } | sha256sum | cut -d' ' -f1)
+binary=$dir/bin/${recipe:0:16}/qemu-system-x86_64
 
-if [ -x "$binary" ] && [ "$(cat "$dir/bin/.recipe" 2>/dev/null)" = "$recipe" ]; then
+# The first layout kept one binary in bin/ itself (bin/.recipe names its recipe).
+legacy=$dir/bin/qemu-system-x86_64
+if [ -x "$legacy" ] && [ "$(cat "$dir/bin/.recipe" 2>/dev/null)" = "$recipe" ]; then binary=$legacy; fi
+if [ -x "$binary" ]; then
   qemu_log "cached: $binary (qemu $version)"
   printf '%s\n' "$binary"
   exit 0
@@ -56,9 +60,8 @@ qemu_log "building qemu-system-x86_64 with make -j$BUILD_JOBS (about 3.5 minutes
 make -j"$BUILD_JOBS" qemu-system-x86_64 >&2 || qemu_die "make qemu-system-x86_64 failed"
 qemu_log "built in $(( $(date +%s) - start )) s"
 
-mkdir -p "$dir/bin"
+mkdir -p "$(dirname "$binary")"
 cp -f build/qemu-system-x86_64 "$binary.tmp"
 mv -f "$binary.tmp" "$binary"
-echo "$recipe" > "$dir/bin/.recipe"
 "$binary" --version | head -n1 >&2
 printf '%s\n' "$binary"

@@ -56,18 +56,30 @@ qemu_source_version() {
 qemu_version_dir() { printf '%s/%s\n' "$QEMU_CACHE" "${1#*:}"; }
 
 # Replaces exactly one occurrence of a fixed line in a file; fails loudly when the line is missing or repeated,
-# so a new upstream version that moved the code cannot be built silently without the edit.
+# so a new upstream version that moved the code cannot be built silently without the edit. Idempotent: a file
+# that already carries the new text (a tree patched before) is left alone. The first edit of a file keeps the
+# pristine file next to it as <file>.vrdma-orig, so a change of the edit list restores and re-applies in place
+# instead of fetching the source again (make then rebuilds only what the edits touch).
 qemu_edit_once() { # qemu_edit_once <file> <exact old line> <new line(s)>
   local file=$1 old=$2 new=$3 count
+  if NEW="$new" perl -0ne 'exit(index($_, $ENV{NEW}) >= 0 ? 0 : 1)' "$file"; then
+    return 0
+  fi
   count=$(grep -cxF -- "$old" "$file" || true)
   [ "$count" = 1 ] || qemu_die "edit of $file: expected exactly 1 line '$old', found $count"
+  [ -f "$file.vrdma-orig" ] || cp -p "$file" "$file.vrdma-orig"
   OLD="$old" NEW="$new" perl -0pi -e 's/^\Q$ENV{OLD}\E$/$ENV{NEW}/m' "$file"
   grep -qxF -- "$(printf '%s' "$new" | head -n1)" "$file" || qemu_die "edit of $file did not apply"
 }
 
-# The two source edits (see /work/shared/research/qemu.md):
+# The source edits (see /work/shared/research/qemu.md and scripts/qemu/README.md):
 #  1. the generic vhost-user device is not user creatable in QEMU <= 10.1: make it (and its PCI proxy) creatable;
-#  2. virtio_id_to_name() asserts for an ID missing from its name table: give virtio ID 42 a name.
+#  2. virtio_id_to_name() asserts for an ID missing from its name table: give virtio ID 42 a name;
+#  3. hw/virtio/vhost-user-base.c (the generic device) as vhost-user-blk.c does it: wait for the chardev before
+#     the first vhost_dev_init (a reconnecting chardev connects asynchronously), re-initialise the vhost state on
+#     a reconnection (disconnect cleans it up), stop only a started device on disconnect, keep an inflight area
+#     across reconnections (GET/SET_INFLIGHT_FD at start), and set vq_index_end so SET_STATUS DRIVER_OK and
+#     SET_STATUS 0 reach the backend.
 qemu_apply_edits() { # qemu_apply_edits <source tree>
   local src=$1
   qemu_edit_once "$src/hw/virtio/vhost-user-device.c" \
@@ -77,10 +89,67 @@ qemu_apply_edits() { # qemu_apply_edits <source tree>
   qemu_edit_once "$src/hw/virtio/virtio.c" \
     '    [VIRTIO_ID_GPIO] = "virtio-gpio"' \
     "$(printf '    [VIRTIO_ID_GPIO] = "virtio-gpio",\n    [42] = "virtio-rdma"')"
+  local base=$src/hw/virtio/vhost-user-base.c
+  qemu_edit_once "$src/include/hw/virtio/vhost-user-base.h" \
+    '    bool connected;' \
+    "$(printf '    bool connected;\n    struct vhost_inflight *inflight; /* vrdma: kept across reconnections */')"
+  qemu_edit_once "$base" \
+    '    vub->vhost_dev.acked_features = vdev->guest_features;' \
+    "$(cat <<'C'
+    vub->vhost_dev.acked_features = vdev->guest_features;
+    vub->vhost_dev.vq_index_end = vub->vhost_dev.nvqs; /* vrdma: SET_STATUS */
+    if (!vub->inflight) {
+        vub->inflight = g_new0(struct vhost_inflight, 1);
+    }
+    ret = vhost_dev_prepare_inflight(&vub->vhost_dev, vdev);
+    if (ret == 0 && !vub->inflight->addr) {
+        ret = vhost_dev_get_inflight(&vub->vhost_dev, vub->vq_size,
+                                     vub->inflight);
+    }
+    if (ret == 0) {
+        ret = vhost_dev_set_inflight(&vub->vhost_dev, vub->inflight);
+    }
+    if (ret < 0) {
+        error_report("Error setting up the inflight area: %d", -ret);
+        goto err_guest_notifiers;
+    }
+C
+)"
+  qemu_edit_once "$base" \
+    '    vub->connected = true;' \
+    "$(cat <<'C'
+    if (!vhost_dev->vqs) { /* vrdma: cleaned up by a disconnect */
+        Error *local_err = NULL;
+        struct vhost_virtqueue *vqs = g_new0(struct vhost_virtqueue,
+                                             vub->num_vqs);
+        vhost_dev->nvqs = vub->num_vqs;
+        vhost_dev->vqs = vqs;
+        if (vhost_dev_init(vhost_dev, &vub->vhost_user,
+                           VHOST_BACKEND_TYPE_USER, 0, &local_err) < 0) {
+            error_report_err(local_err);
+            g_free(vqs);
+            return -1;
+        }
+    }
+    vub->connected = true;
+C
+)"
+  qemu_edit_once "$base" \
+    '    if (!vhost_user_init(&vub->vhost_user, &vub->chardev, errp)) {' \
+    "$(cat <<'C'
+    if (qemu_chr_fe_wait_connected(&vub->chardev, errp) < 0) { /* vrdma */
+        return;
+    }
+    if (!vhost_user_init(&vub->vhost_user, &vub->chardev, errp)) {
+C
+)"
+  qemu_edit_once "$base" \
+    '    vub_stop(vdev);' \
+    "$(printf '    if (vdev->vhost_started) { /* vrdma: never started, nothing to stop */\n        vub_stop(vdev);\n    }')"
 }
 
 # A fingerprint of the source edits (the function bodies as bash normalizes them, so comments do not count): a
-# tree patched by other edits is fetched again.
+# tree patched by other edits is restored from its .vrdma-orig copies and patched again.
 qemu_edits_fingerprint() {
   declare -f qemu_edit_once qemu_apply_edits | sha256sum | cut -d' ' -f1
 }
@@ -94,7 +163,17 @@ qemu_source_tree() { # qemu_source_tree <version>
     printf '%s\n' "$tree"
     return 0
   fi
-  [ -d "$tree" ] && qemu_log "the source edits changed: fetching the source tree again"
+  if [ -f "$tree/configure" ] && [ -f "$tree/.vrdma-patched" ]; then
+    qemu_log "the source edits changed: restoring the edited files and applying the edits again"
+    local orig
+    while IFS= read -r -d '' orig; do
+      cp -p "$orig" "${orig%.vrdma-orig}" && touch "${orig%.vrdma-orig}"
+    done < <(find "$tree" -name '*.vrdma-orig' -print0)
+    qemu_apply_edits "$tree"
+    qemu_edits_fingerprint > "$tree/.vrdma-patched"
+    printf '%s\n' "$tree"
+    return 0
+  fi
   command -v dpkg-source >/dev/null || qemu_die "dpkg-source is missing: apt-get install dpkg-dev (scripts/setup.sh installs it)"
   rm -rf "$tree" "$dir/fetch"
   mkdir -p "$dir/fetch"
