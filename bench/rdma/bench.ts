@@ -1,0 +1,775 @@
+// `npm run bench:rdma` (bench/rdma/run.sh starts the soft-RoCE test host and runs this inside it): the virtio-rdma
+// device end to end against native verbs and perftest on the same rxe0, in one run.
+//
+//   - QP connection setup: create QP + INIT + RTR + RTS as guest control commands through the device, vs the same
+//     four verbs straight on NativeVerbs; rounds alternate the two; p50 per connection.
+//   - RDMA WRITE latency (2 bytes, ping-pong as ib_write_lat: each side spins on the last byte of its receive
+//     buffer), 64 KiB RDMA WRITE bandwidth (as ib_write_bw: a window of WRITEs in flight, one signaled per group),
+//     SEND/RECV latency (2 bytes, ping-pong as ib_send_lat: each side polls its CQ for the RECV), all between VM A
+//     and VM B through the guest rings and doorbells, vs perftest on rxe0 in the same run.
+//
+// Two VMs = two device instances (each with its own vhost-user server and guest) on ONE rxe0. The headline set
+// goes through two real QEMU processes (the patched QEMU in qtest mode, vhost-user-device-pci, virtio ID 42) as
+// `npm run demo` does: MMIO (doorbell kicks, status) and INTx go through qtest, rings and buffers are QEMU's
+// guest RAM memfd mapped by the driver. A second set goes through the reference vhost-user front-end (no QEMU:
+// kicks and interrupts are eventfds), its metrics named `..._frontend`.
+//
+// Where the time goes. The driver, both devices and both vhost-user servers share ONE Node.js event loop (a guest
+// CPU's work and the back-end's interleave), so a waiting guest yields to the loop between looks at its memory
+// rather than spinning (spinning would starve the very device it waits for). Each latency sample is split with
+// timestamps the bench takes around the host verbs the device calls (a probe over NativeVerbs, nothing inside the
+// device changes):
+//   doorbell   guest starts posting -> the device calls ibv_post_send (WQE write, doorbell record, the kick's
+//              trip: qtest MMIO write -> QEMU -> ioeventfd -> back-end's event loop, the device reading the WQE)
+//   post       time inside ibv_post_send
+//   wire       ibv_post_send returns -> the peer sees the data (rxe's send and receive work)
+//   completion (SEND/RECV) host poll that found the RECV -> the guest sees the CQE (CQE write + guest poll)
+// The run prints the medians of each part. Under TCG the numbers themselves mean little: only the ratios of
+// this run do, and the parts say which layer a missed target should be blamed on.
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { AccessFlag, FeatureBit, WcOpcode, WcStatus } from '../../guest-driver-spec/layout/index.ts';
+import { RdmaContext, VhostUserTransport, type Cq, type DriverTransport, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr, type WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
+import { QtestTransport } from '../../guest-driver-spec/driver/qtest-transport.ts';
+import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
+import { QemuQtest } from '../../guest-driver-spec/qtest/index.ts';
+import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
+import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
+import { Access, GidType, Mtu, QpState, QpType, WcOpcode as HostWcOpcode } from '../../vmm-device/verbs/constants.ts';
+import type { CqHandle, DeviceHandle, GidEntry, HostVerbs, PdHandle, QpHandle } from '../../vmm-device/verbs/host-verbs.ts';
+import type { SendWrList, WcBuffer } from '../../vmm-device/verbs/layout.ts';
+import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
+import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import { RecordingLogger } from '../../vmm-device/util/log.ts';
+import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts';
+import { mean, median, record, writeResults, type BenchRecord } from '../common/results.ts';
+
+// ------------------------------------------------------------------------------------------------ parameters
+
+const RXE_DEVICE = 'rxe0';
+/** rxe0's netdev address inside the test host (scripts/rxe/guest.sh). */
+const RXE_HOST_IP = '10.233.0.1';
+/** The RoCE v2 GID of rxe0 that perftest (-x) and the native baseline use; the device picks its own the same way. */
+const GID_INDEX = 1;
+const PORT = 1;
+const ADDRESS_TABLE: GidTableEntry[] = [
+  { vmId: 'vm-a', vpc: 'bench', virtualIp: '192.168.9.1', hostIp: RXE_HOST_IP },
+  { vmId: 'vm-b', vpc: 'bench', virtualIp: '192.168.9.2', hostIp: RXE_HOST_IP },
+];
+
+function positiveInt(name: string, fallback: number, max: number): number {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < 1 || n > max) throw new Error(`${name}=${raw}: a whole number from 1 to ${max}`);
+  return n;
+}
+
+const MAX_ITERS = 1_000_000;
+const ROUNDS = positiveInt('VRDMA_BENCH_ROUNDS', 3, 100);
+const SETUP_ITERS = positiveInt('VRDMA_BENCH_SETUP_ITERS', 20, 10_000);
+const LAT_ITERS = positiveInt('VRDMA_BENCH_LAT_ITERS', 1000, MAX_ITERS);
+const BW_ITERS = positiveInt('VRDMA_BENCH_BW_ITERS', 2000, MAX_ITERS);
+/** Which device transports to measure: "qemu", "frontend", or both (comma-separated). */
+const TRANSPORTS = (process.env['VRDMA_BENCH_TRANSPORTS'] ?? 'qemu,frontend').split(',').map((s) => s.trim());
+for (const t of TRANSPORTS) if (t !== 'qemu' && t !== 'frontend') throw new Error(`VRDMA_BENCH_TRANSPORTS: unknown transport '${t}'`);
+
+const LAT_SIZE = 2;
+const BW_SIZE = 64 * 1024;
+/** Latency samples before this many iterations are warm-up and not kept. */
+const LAT_WARMUP = Math.min(100, LAT_ITERS >> 2);
+/** WRITEs in flight in the bandwidth test (perftest's default tx depth) and the SQ depth of every data QP. */
+const TX_DEPTH = 128;
+/** One signaled work request per this many, the rest unsignaled (both latency tests and bandwidth). */
+const SIGNAL_EVERY = 32;
+/** Receive WQEs kept posted in the SEND/RECV test; refilled in one doorbell once this many were consumed. */
+const RECV_DEPTH = 64;
+const RECV_REFILL = 16;
+/** Inline payload asked for the data QPs (2-byte messages go inline, as perftest sends them). */
+const MAX_INLINE = 64;
+/** Depth of the setup test's QPs (small, as a connection set-up measurement needs nothing more). */
+const SETUP_QP_DEPTH = 16;
+/** A wait for a byte or a completion gives up after this long (a lost message would otherwise hang the run). */
+const WAIT_MS = 30_000;
+/** perftest processes are killed after this long. */
+const PERFTEST_TIMEOUT_MS = 600_000;
+/** Guest RAM of the front-end variant. */
+const FRONTEND_RAM_BYTES = 16 << 20;
+/** Each VM's data buffer: the bandwidth test's 64 KiB source/target plus the latency tests' slots. */
+const BUFFER_BYTES = 2 * BW_SIZE;
+/** Where in its buffer each VM sends from and where its peer writes to (latency tests). */
+const SEND_AT = 0;
+const RECV_AT = 4096;
+const ALL_ACCESS = AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE | AccessFlag.REMOTE_READ;
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const RESULTS = path.resolve(here, '../../bench-results/rdma.json');
+
+const now = (): bigint => process.hrtime.bigint();
+const usBetween = (a: bigint, b: bigint): number => Number(b - a) / 1000;
+
+// ------------------------------------------------------------------------------------------------ the probe
+
+interface HostPost {
+  start: bigint;
+  end: bigint;
+}
+
+/**
+ * Timestamps of the host verbs the devices call (ibv_post_send, and ibv_poll_cq calls that returned a RECV): the
+ * bench's view into the back-end without touching it. Off outside the latency loops.
+ */
+class Probe {
+  on = false;
+  posts: HostPost[] = [];
+  recvPolls: bigint[] = [];
+  clear(): void {
+    this.posts.length = 0;
+    this.recvPolls.length = 0;
+  }
+}
+
+/** NativeVerbs with postSend and pollCq timed into `probe`; every other call goes straight through. */
+function probedVerbs(verbs: NativeVerbs, probe: Probe): HostVerbs {
+  return new Proxy(verbs, {
+    get(target, prop) {
+      if (prop === 'postSend') {
+        return (qp: QpHandle, wrs: SendWrList): void => {
+          const start = now();
+          target.postSend(qp, wrs);
+          if (probe.on) probe.posts.push({ start, end: now() });
+        };
+      }
+      if (prop === 'pollCq') {
+        return (cq: CqHandle, out: WcBuffer, max?: number): number => {
+          const n = target.pollCq(cq, out, max);
+          if (probe.on && n > 0) {
+            const at = now();
+            for (let i = 0; i < n; i++) {
+              if (out.opcode(i) === HostWcOpcode.RECV) {
+                probe.recvPolls.push(at);
+                break;
+              }
+            }
+          }
+          return n;
+        };
+      }
+      const v: unknown = Reflect.get(target, prop, target);
+      return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+    },
+  }) as HostVerbs;
+}
+
+// ------------------------------------------------------------------------------------------------ the two VMs
+
+type TransportKind = 'qemu' | 'frontend';
+
+interface Vm {
+  name: string;
+  ctx: RdmaContext;
+  pd: Pd;
+  buf: GuestBuffer;
+  mr: Mr;
+}
+
+interface Testbed {
+  kind: TransportKind;
+  a: Vm;
+  b: Vm;
+  close: () => Promise<string[]>;
+}
+
+const host = new SysHost();
+
+async function openTestbed(kind: TransportKind, verbs: HostVerbs): Promise<Testbed> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-bench-rdma-'));
+  const cleanups: { what: string; run: () => Promise<unknown> }[] = [];
+  const close = async (): Promise<string[]> => {
+    const errors: string[] = [];
+    for (const c of cleanups.reverse()) {
+      try {
+        await c.run();
+      } catch (e) {
+        errors.push(`release of ${c.what}: ${(e as Error).message}`);
+      }
+    }
+    fs.rmSync(dir, { recursive: true, force: true });
+    return errors;
+  };
+  const resolver = new StaticAddressResolver(ADDRESS_TABLE);
+
+  const openTransport = async (device: RdmaDevice, name: string): Promise<DriverTransport> => {
+    const socketPath = path.join(dir, `${name}.sock`);
+    const server = new VhostUserServer({ path: socketPath, host, model: device, log: new RecordingLogger(`${name}-vhost-user`) });
+    server.listen();
+    cleanups.push({ what: `${name} vhost-user server`, run: async () => server.close() });
+    if (kind === 'qemu') {
+      const qemu = await QemuQtest.start({
+        workDir: dir,
+        args: [
+          '-chardev', `socket,id=vu,path=${socketPath}`,
+          '-device', 'vhost-user-device-pci,chardev=vu,virtio-id=42,num_vqs=3,vq_size=256,config_size=128,page-per-vq=on',
+        ],
+      });
+      cleanups.push({ what: `${name} QEMU`, run: () => qemu.stop() });
+      const transport = await QtestTransport.open({ qemu, host });
+      cleanups.push({ what: `${name} qtest transport`, run: () => transport.close() });
+      return transport;
+    }
+    const ram = new GuestRam(host, [{ gpa: 0, size: FRONTEND_RAM_BYTES }]);
+    cleanups.push({ what: `${name} guest RAM`, run: async () => ram.release() });
+    const transport = await VhostUserTransport.open({ host, socketPath, ram, queues: device.queueCount });
+    cleanups.push({ what: `${name} front-end transport`, run: () => transport.close() });
+    return transport;
+  };
+
+  const openVm = async (name: string): Promise<Vm> => {
+    const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name) });
+    cleanups.push({ what: `${name} device`, run: () => device.close() });
+    const transport = await openTransport(device, name);
+    const ctx = await RdmaContext.open(transport);
+    cleanups.push({ what: `${name} driver (device reset)`, run: () => ctx.close() });
+    const pd = await ctx.allocPd();
+    const buf = ctx.allocBuffer(BUFFER_BYTES);
+    const mr = await ctx.regMr(pd, buf, ALL_ACCESS);
+    return { name, ctx, pd, buf, mr };
+  };
+
+  try {
+    const a = await openVm('vm-a');
+    const b = await openVm('vm-b');
+    return { kind, a, b, close };
+  } catch (e) {
+    await close();
+    throw e;
+  }
+}
+
+interface DataPair {
+  qa: Qp;
+  qb: Qp;
+  cqa: Cq;
+  cqb: Cq;
+  release: () => Promise<void>;
+}
+
+/** An RC QP on each VM, connected to each other, each with its own CQ. */
+async function dataPair(t: Testbed): Promise<DataPair> {
+  const inline = (vm: Vm): number => (vm.ctx.driver.has(FeatureBit.INLINE) ? Math.min(MAX_INLINE, vm.ctx.config.max_inline_data) : 0);
+  const make = async (vm: Vm): Promise<{ qp: Qp; cq: Cq }> => {
+    const cq = await vm.ctx.createCq(2 * TX_DEPTH);
+    const qp = await vm.ctx.createQp(vm.pd, {
+      type: 'RC',
+      sendCq: cq,
+      recvCq: cq,
+      maxSendWr: TX_DEPTH,
+      maxRecvWr: RECV_DEPTH,
+      maxSendSge: 1,
+      maxRecvSge: 1,
+      maxInlineData: inline(vm),
+    });
+    return { qp, cq };
+  };
+  const A = await make(t.a);
+  const B = await make(t.b);
+  await A.qp.connect({ gid: t.b.ctx.gid, qpn: B.qp.qpNum }, { accessFlags: ALL_ACCESS });
+  await B.qp.connect({ gid: t.a.ctx.gid, qpn: A.qp.qpNum }, { accessFlags: ALL_ACCESS });
+  return {
+    qa: A.qp,
+    qb: B.qp,
+    cqa: A.cq,
+    cqb: B.cq,
+    release: async () => {
+      await A.qp.destroy();
+      await B.qp.destroy();
+      await A.cq.destroy();
+      await B.cq.destroy();
+    },
+  };
+}
+
+function checkWcs(wcs: readonly WorkCompletion[], what: string): void {
+  for (const wc of wcs) if (wc.status !== WcStatus.SUCCESS) throw new Error(`${what}: completion ${wc.opcodeName} ${wc.statusName}`);
+}
+
+/** Yields to the event loop until `done()` holds; throws after WAIT_MS. */
+async function waitUntil(done: () => boolean, what: string): Promise<void> {
+  if (done()) return;
+  const deadline = Date.now() + WAIT_MS;
+  for (;;) {
+    await yieldToLoop();
+    if (done()) return;
+    if (Date.now() > deadline) throw new Error(`${what}: nothing within ${WAIT_MS} ms`);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ setup
+
+interface StepTimes {
+  create: number[];
+  init: number[];
+  rtr: number[];
+  rts: number[];
+  total: number[];
+}
+
+const emptySteps = (): StepTimes => ({ create: [], init: [], rtr: [], rts: [], total: [] });
+
+/** One connection through the device: CREATE_QP, then MODIFY_QP to INIT, RTR, RTS (guest control commands). */
+async function deviceConnection(t: Testbed, cq: Cq, peer: Qp, out: StepTimes): Promise<void> {
+  const vm = t.a;
+  const t0 = now();
+  const qp = await vm.ctx.createQp(vm.pd, { type: 'RC', sendCq: cq, recvCq: cq, maxSendWr: SETUP_QP_DEPTH, maxRecvWr: SETUP_QP_DEPTH, maxSendSge: 1, maxRecvSge: 1, maxInlineData: 0 });
+  const t1 = now();
+  await qp.modify({ state: 'INIT', pkeyIndex: 0, port: PORT, accessFlags: ALL_ACCESS });
+  const t2 = now();
+  await qp.modify({ state: 'RTR', av: { dgid: t.b.ctx.gid, hopLimit: 64 }, pathMtu: Mtu.MTU_1024, destQpn: peer.qpNum, rqPsn: 0, maxDestRdAtomic: 1, minRnrTimer: 12 });
+  const t3 = now();
+  await qp.modify({ state: 'RTS', sqPsn: 0, timeout: 14, retryCnt: 7, rnrRetry: 7, maxRdAtomic: 1 });
+  const t4 = now();
+  await qp.destroy();
+  out.create.push(usBetween(t0, t1));
+  out.init.push(usBetween(t1, t2));
+  out.rtr.push(usBetween(t2, t3));
+  out.rts.push(usBetween(t3, t4));
+  out.total.push(usBetween(t0, t4));
+}
+
+interface NativeSetup {
+  verbs: NativeVerbs;
+  device: DeviceHandle;
+  pd: PdHandle;
+  cq: CqHandle;
+  peer: QpHandle;
+  gid: GidEntry;
+}
+
+async function openNativeSetup(verbs: NativeVerbs): Promise<NativeSetup & { close: () => Promise<void> }> {
+  const device = await verbs.openDevice(RXE_DEVICE);
+  const gid = (await verbs.queryGidTable(device)).find((g) => g.index === GID_INDEX && g.type === GidType.ROCE_V2);
+  if (gid === undefined) throw new Error(`${RXE_DEVICE} has no RoCE v2 GID at index ${GID_INDEX}`);
+  const pd = await verbs.allocPd(device);
+  const cq = await verbs.createCq(device, 4 * SETUP_QP_DEPTH);
+  const peer = await verbs.createQp(pd, nativeQpInit(cq));
+  return {
+    verbs,
+    device,
+    pd,
+    cq,
+    peer,
+    gid,
+    close: async () => {
+      await verbs.destroyQp(peer);
+      await verbs.destroyCq(cq);
+      await verbs.deallocPd(pd);
+      await verbs.closeDevice(device);
+    },
+  };
+}
+
+function nativeQpInit(cq: CqHandle) {
+  return { qpType: QpType.RC, sendCq: cq, recvCq: cq, maxSendWr: SETUP_QP_DEPTH, maxRecvWr: SETUP_QP_DEPTH, maxSendSge: 1, maxRecvSge: 1, maxInlineData: 0 };
+}
+
+/** The same connection straight on the host's verbs (what the device itself calls, with no guest in between). */
+async function nativeConnection(n: NativeSetup, out: StepTimes): Promise<void> {
+  const v = n.verbs;
+  const t0 = now();
+  const qp = await v.createQp(n.pd, nativeQpInit(n.cq));
+  const t1 = now();
+  await v.modifyQp(qp, { qpState: QpState.INIT, pkeyIndex: 0, portNum: PORT, qpAccessFlags: Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ });
+  const t2 = now();
+  await v.modifyQp(qp, {
+    qpState: QpState.RTR,
+    pathMtu: Mtu.MTU_1024,
+    destQpNum: n.peer.qpNum,
+    rqPsn: 0,
+    maxDestRdAtomic: 1,
+    minRnrTimer: 12,
+    ahAttr: { portNum: PORT, grh: { dgid: n.gid.gid, sgidIndex: GID_INDEX, hopLimit: 64 } },
+  });
+  const t3 = now();
+  await v.modifyQp(qp, { qpState: QpState.RTS, sqPsn: 0, timeout: 14, retryCnt: 7, rnrRetry: 7, maxRdAtomic: 1 });
+  const t4 = now();
+  await v.destroyQp(qp);
+  out.create.push(usBetween(t0, t1));
+  out.init.push(usBetween(t1, t2));
+  out.rtr.push(usBetween(t2, t3));
+  out.rts.push(usBetween(t3, t4));
+  out.total.push(usBetween(t0, t4));
+}
+
+/** One round of the setup comparison: SETUP_ITERS connections each way, in the order `deviceFirst` says. */
+async function setupRound(t: Testbed, native: NativeSetup, deviceFirst: boolean, dev: StepTimes, nat: StepTimes): Promise<void> {
+  const cq = await t.a.ctx.createCq(4 * SETUP_QP_DEPTH);
+  const peerCq = await t.b.ctx.createCq(4 * SETUP_QP_DEPTH);
+  const peer = await t.b.ctx.createQp(t.b.pd, { type: 'RC', sendCq: peerCq, recvCq: peerCq, maxSendWr: SETUP_QP_DEPTH, maxRecvWr: SETUP_QP_DEPTH, maxSendSge: 1, maxRecvSge: 1, maxInlineData: 0 });
+  try {
+    const runDevice = async () => {
+      for (let i = 0; i < SETUP_ITERS; i++) await deviceConnection(t, cq, peer, dev);
+    };
+    const runNative = async () => {
+      for (let i = 0; i < SETUP_ITERS; i++) await nativeConnection(native, nat);
+    };
+    if (deviceFirst) {
+      await runDevice();
+      await runNative();
+    } else {
+      await runNative();
+      await runDevice();
+    }
+  } finally {
+    await peer.destroy();
+    await cq.destroy();
+    await peerCq.destroy();
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ latency
+
+interface LatencyRun {
+  /** One-way latencies (half a round trip), us. */
+  samples: number[];
+  /** Per one-way leg, us: see the header comment. */
+  doorbell: number[];
+  post: number[];
+  wire: number[];
+  completion: number[];
+  /** Time the guest's postSend call itself took (includes the qtest round trip of the kick). */
+  postCall: number[];
+}
+
+const emptyLatency = (): LatencyRun => ({ samples: [], doorbell: [], post: [], wire: [], completion: [], postCall: [] });
+
+/** Adds one leg's parts from the probe: t0 guest starts posting, seen = the peer saw it. */
+function legParts(probe: Probe, run: LatencyRun, t0: bigint, posted: bigint, seen: bigint, withCompletion: boolean): void {
+  const hostPost = probe.posts.find((p) => p.start >= t0);
+  run.postCall.push(usBetween(t0, posted));
+  if (hostPost === undefined) return;
+  run.doorbell.push(usBetween(t0, hostPost.start));
+  run.post.push(usBetween(hostPost.start, hostPost.end));
+  if (withCompletion) {
+    const polled = probe.recvPolls.find((p) => p >= hostPost.end && p <= seen);
+    if (polled === undefined) return;
+    run.wire.push(usBetween(hostPost.end, polled));
+    run.completion.push(usBetween(polled, seen));
+  } else {
+    run.wire.push(usBetween(hostPost.end, seen));
+  }
+}
+
+/** Tracks signaled send completions owed to one side; checks every completion it sees. */
+class CompletionCounter {
+  owedSends = 0;
+  recvs = 0;
+  constructor(readonly cq: Cq, readonly what: string) {}
+  take(): void {
+    const wcs = this.cq.poll();
+    if (wcs.length === 0) return;
+    checkWcs(wcs, this.what);
+    for (const wc of wcs) {
+      if (wc.opcode === WcOpcode.RECV) this.recvs++;
+      else this.owedSends--;
+    }
+  }
+  async drainSends(): Promise<void> {
+    await waitUntil(() => {
+      this.take();
+      return this.owedSends <= 0;
+    }, `${this.what}: signaled completions`);
+  }
+}
+
+/** RDMA WRITE ping-pong as ib_write_lat: A writes B's slot, B sees the last byte change and writes A's. */
+async function writeLatency(t: Testbed, probe: Probe): Promise<LatencyRun> {
+  const pair = await dataPair(t);
+  const run = emptyLatency();
+  try {
+    const inlineOk = pair.qa.caps.maxInlineData >= LAT_SIZE && pair.qb.caps.maxInlineData >= LAT_SIZE;
+    const last = LAT_SIZE - 1;
+    const sides = [
+      { vm: t.a, qp: pair.qa, peer: t.b, counter: new CompletionCounter(pair.cqa, 'WRITE latency A') },
+      { vm: t.b, qp: pair.qb, peer: t.a, counter: new CompletionCounter(pair.cqb, 'WRITE latency B') },
+    ] as const;
+    const wr = (s: (typeof sides)[number], value: number, signaled: boolean): SendWr => {
+      const payload = new Uint8Array(LAT_SIZE);
+      payload[last] = value;
+      s.vm.buf.write(SEND_AT, payload);
+      return {
+        wrId: BigInt(value),
+        opcode: 'RDMA_WRITE',
+        signaled,
+        remoteAddr: s.peer.mr.iova + BigInt(RECV_AT),
+        rkey: s.peer.mr.rkey,
+        ...(inlineOk ? { inline: payload } : { sgList: [s.vm.mr.sge(SEND_AT, LAT_SIZE)] }),
+      };
+    };
+    for (const s of sides) s.vm.buf.fill(0, RECV_AT, LAT_SIZE);
+    for (let i = 0; i < LAT_ITERS + LAT_WARMUP; i++) {
+      const value = (i % 255) + 1; // never 0, and different from the previous iteration's
+      const signaled = i % SIGNAL_EVERY === SIGNAL_EVERY - 1;
+      const keep = i >= LAT_WARMUP;
+      probe.clear();
+      probe.on = keep;
+      const start = now();
+      let legStart = start;
+      for (const s of sides) {
+        await s.qp.postSend([wr(s, value, signaled)]);
+        const posted = now();
+        if (signaled) s.counter.owedSends++;
+        await waitUntil(() => s.peer.buf.read(RECV_AT + last, 1)[0] === value, `WRITE ${i} from ${s.vm.name}`);
+        const seen = now();
+        if (keep) legParts(probe, run, legStart, posted, seen, false);
+        legStart = seen;
+      }
+      if (keep) run.samples.push(usBetween(start, legStart) / 2);
+      probe.on = false;
+      for (const s of sides) s.counter.take();
+    }
+    for (const s of sides) await s.counter.drainSends();
+    return run;
+  } finally {
+    probe.on = false;
+    await pair.release();
+  }
+}
+
+/** SEND/RECV ping-pong as ib_send_lat: each side polls its CQ for the RECV, then sends back. */
+async function sendLatency(t: Testbed, probe: Probe): Promise<LatencyRun> {
+  const pair = await dataPair(t);
+  const run = emptyLatency();
+  try {
+    const inlineOk = pair.qa.caps.maxInlineData >= LAT_SIZE && pair.qb.caps.maxInlineData >= LAT_SIZE;
+    const sides = [
+      { vm: t.a, qp: pair.qa, counter: new CompletionCounter(pair.cqa, 'SEND latency A'), posted: 0 },
+      { vm: t.b, qp: pair.qb, counter: new CompletionCounter(pair.cqb, 'SEND latency B'), posted: 0 },
+    ];
+    const recvWr = (s: (typeof sides)[number]) => ({ wrId: BigInt(s.posted++), sgList: [s.vm.mr.sge(RECV_AT, LAT_SIZE)] });
+    const refill = async (s: (typeof sides)[number], n: number): Promise<void> => {
+      const wrs = Array.from({ length: n }, () => recvWr(s));
+      await s.qp.postRecv(wrs);
+    };
+    for (const s of sides) await refill(s, RECV_DEPTH);
+    const payload = new Uint8Array(LAT_SIZE);
+    for (let i = 0; i < LAT_ITERS + LAT_WARMUP; i++) {
+      const signaled = i % SIGNAL_EVERY === SIGNAL_EVERY - 1;
+      const keep = i >= LAT_WARMUP;
+      probe.clear();
+      probe.on = keep;
+      const start = now();
+      let legStart = start;
+      for (let k = 0; k < 2; k++) {
+        const s = sides[k]!;
+        const peer = sides[1 - k]!;
+        // A side that has received re-posts receives before it sends (ib_send_lat re-posts one per message; here
+        // RECV_REFILL at once, one doorbell), inside the timed leg as there.
+        if (s.posted - s.counter.recvs <= RECV_DEPTH - RECV_REFILL) await refill(s, RECV_REFILL);
+        payload[LAT_SIZE - 1] = (i % 255) + 1;
+        s.vm.buf.write(SEND_AT, payload);
+        await s.qp.postSend([{ wrId: BigInt(i), opcode: 'SEND', signaled, ...(inlineOk ? { inline: payload } : { sgList: [s.vm.mr.sge(SEND_AT, LAT_SIZE)] }) }]);
+        const posted = now();
+        if (signaled) s.counter.owedSends++;
+        const want = peer.counter.recvs + 1;
+        await waitUntil(() => {
+          peer.counter.take();
+          return peer.counter.recvs >= want;
+        }, `SEND ${i} from ${s.vm.name}`);
+        const seen = now();
+        if (keep) legParts(probe, run, legStart, posted, seen, true);
+        legStart = seen;
+      }
+      if (keep) run.samples.push(usBetween(start, legStart) / 2);
+      probe.on = false;
+    }
+    for (const s of sides) await s.counter.drainSends();
+    return run;
+  } finally {
+    probe.on = false;
+    await pair.release();
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ bandwidth
+
+/**
+ * A streams BW_ITERS 64 KiB WRITEs into B, one work request per post (as ib_write_bw posts them), at most TX_DEPTH
+ * in flight, every SIGNAL_EVERY-th signaled. When the window is full the guest sleeps on the CQ's completion
+ * interrupt (arm, poll, wait) instead of spinning: a spinning guest would take the CPU rxe's kernel work needs.
+ * Returns MiB/s.
+ */
+async function writeBandwidth(t: Testbed): Promise<number> {
+  const pair = await dataPair(t);
+  try {
+    const total = Math.ceil(BW_ITERS / SIGNAL_EVERY) * SIGNAL_EVERY;
+    const wr = (i: number): SendWr => ({
+      wrId: BigInt(i),
+      opcode: 'RDMA_WRITE',
+      signaled: i % SIGNAL_EVERY === SIGNAL_EVERY - 1,
+      sgList: [t.a.mr.sge(0, BW_SIZE)],
+      remoteAddr: t.b.mr.iova + BigInt(BW_SIZE),
+      rkey: t.b.mr.rkey,
+    });
+    let posted = 0;
+    let completed = 0;
+    const start = now();
+    while (completed < total) {
+      while (posted < total && posted - completed < TX_DEPTH) await pair.qa.postSend([wr(posted++)]);
+      let wcs = pair.cqa.poll();
+      if (wcs.length === 0) wcs = await pair.cqa.waitPoll(1, WAIT_MS);
+      if (wcs.length === 0) throw new Error(`bandwidth run stalled at ${completed}/${total} WRITEs`);
+      checkWcs(wcs, 'WRITE bandwidth');
+      completed += wcs.length * SIGNAL_EVERY;
+    }
+    const seconds = Number(now() - start) / 1e9;
+    return (total * BW_SIZE) / seconds / 2 ** 20;
+  } finally {
+    await pair.release();
+  }
+}
+
+// ------------------------------------------------------------------------------------------------ perftest
+
+const perftestName = (tool: string, args: string): string => `perftest ${tool} -d ${RXE_DEVICE} -x ${GID_INDEX} ${args} on the same rxe0, same test-host run`;
+
+async function perftestLatency(tool: 'ib_write_lat' | 'ib_send_lat'): Promise<{ typical: number; avg: number }> {
+  const out = await runPerftest({ tool, device: RXE_DEVICE, gidIndex: GID_INDEX, args: ['-s', String(LAT_SIZE), '-n', String(LAT_ITERS)], timeoutMs: PERFTEST_TIMEOUT_MS });
+  const r = parseLatency(out.client, LAT_SIZE, LAT_ITERS);
+  return { typical: r.typicalUs, avg: r.avgUs };
+}
+
+async function perftestBandwidth(): Promise<number> {
+  const out = await runPerftest({ tool: 'ib_write_bw', device: RXE_DEVICE, gidIndex: GID_INDEX, args: ['-s', String(BW_SIZE), '-n', String(BW_ITERS)], timeoutMs: PERFTEST_TIMEOUT_MS });
+  return parseBandwidth(out.client, BW_SIZE, BW_ITERS).averageMiBs;
+}
+
+// ------------------------------------------------------------------------------------------------ main
+
+interface TransportResults {
+  setupDevice: StepTimes;
+  setupNative: StepTimes;
+  writeLat: LatencyRun[];
+  sendLat: LatencyRun[];
+  bw: number[];
+}
+
+const fmt = (x: number): string => x.toFixed(1);
+const p50 = (xs: readonly number[]): string => (xs.length === 0 ? '-' : fmt(median(xs)));
+
+function describeLatency(name: string, runs: LatencyRun[]): string {
+  const all = (k: keyof LatencyRun) => runs.flatMap((r) => r[k]);
+  const parts = `doorbell ${p50(all('doorbell'))}, post ${p50(all('post'))}, wire ${p50(all('wire'))}` + (all('completion').length > 0 ? `, completion ${p50(all('completion'))}` : '');
+  return `${name}: one-way p50 ${p50(all('samples'))} us, mean ${fmt(mean(all('samples')))} us; per leg p50: ${parts} us; guest postSend call ${p50(all('postCall'))} us`;
+}
+
+function describeSetup(name: string, s: StepTimes): string {
+  return `${name}: p50 per connection ${p50(s.total)} us (create ${p50(s.create)}, INIT ${p50(s.init)}, RTR ${p50(s.rtr)}, RTS ${p50(s.rts)})`;
+}
+
+async function main(): Promise<number> {
+  if (process.env['VRDMA_IN_TEST_HOST'] !== '1') {
+    console.error('bench/rdma/bench.ts runs inside the soft-RoCE test host: npm run bench:rdma');
+    return 2;
+  }
+  const nativeVerbs = new NativeVerbs();
+  const probe = new Probe();
+  const deviceVerbs = probedVerbs(nativeVerbs, probe);
+  const native = await openNativeSetup(nativeVerbs);
+  const kinds = TRANSPORTS as TransportKind[];
+  const testbeds = new Map<TransportKind, Testbed>();
+  const results = new Map<TransportKind, TransportResults>();
+  const base = { writeLat: [] as { typical: number; avg: number }[], sendLat: [] as { typical: number; avg: number }[], bw: [] as number[] };
+  let releaseErrors: string[] = [];
+  try {
+    for (const kind of kinds) {
+      console.log(`[bench:rdma] opening two VMs (${kind})...`);
+      testbeds.set(kind, await openTestbed(kind, deviceVerbs));
+      results.set(kind, { setupDevice: emptySteps(), setupNative: emptySteps(), writeLat: [], sendLat: [], bw: [] });
+    }
+    for (let r = 0; r < ROUNDS; r++) {
+      for (const kind of kinds) {
+        const t = testbeds.get(kind)!;
+        const res = results.get(kind)!;
+        await setupRound(t, native, r % 2 === 0, res.setupDevice, res.setupNative);
+        res.writeLat.push(await writeLatency(t, probe));
+        res.sendLat.push(await sendLatency(t, probe));
+        res.bw.push(await writeBandwidth(t));
+        console.log(
+          `[bench:rdma] round ${r + 1}/${ROUNDS} ${kind}: setup p50 device ${p50(res.setupDevice.total)} us, native ${p50(res.setupNative.total)} us; ` +
+            `WRITE lat p50 ${p50(res.writeLat[r]!.samples)} us; SEND lat p50 ${p50(res.sendLat[r]!.samples)} us; WRITE bw ${fmt(res.bw[r]!)} MiB/s`,
+        );
+      }
+      base.writeLat.push(await perftestLatency('ib_write_lat'));
+      base.sendLat.push(await perftestLatency('ib_send_lat'));
+      base.bw.push(await perftestBandwidth());
+      console.log(
+        `[bench:rdma] round ${r + 1}/${ROUNDS} perftest: ib_write_lat typical ${fmt(base.writeLat[r]!.typical)} us, ` +
+          `ib_send_lat typical ${fmt(base.sendLat[r]!.typical)} us, ib_write_bw ${fmt(base.bw[r]!)} MiB/s`,
+      );
+    }
+  } finally {
+    for (const t of testbeds.values()) releaseErrors = releaseErrors.concat(await t.close());
+    await native.close();
+  }
+  if (releaseErrors.length > 0) throw new Error(`release failed:\n${releaseErrors.join('\n')}`);
+
+  const records: BenchRecord[] = [];
+  const writeLatBase = median(base.writeLat.map((x) => x.typical));
+  const sendLatBase = median(base.sendLat.map((x) => x.typical));
+  const bwBase = median(base.bw);
+  const latArgs = `-s ${LAT_SIZE} -n ${LAT_ITERS}`;
+  for (const kind of kinds) {
+    const res = results.get(kind)!;
+    const suffix = kind === 'qemu' ? '' : '_frontend';
+    const via = kind === 'qemu' ? 'two qtest QEMU VMs' : 'two reference vhost-user front-ends (no QEMU)';
+    console.log(`\n[bench:rdma] ${kind}: where the time goes (medians over all rounds)`);
+    console.log('  ' + describeSetup('setup through the device', res.setupDevice));
+    console.log('  ' + describeSetup('setup on native verbs  ', res.setupNative));
+    console.log('  ' + describeLatency('RDMA WRITE latency', res.writeLat));
+    console.log('  ' + describeLatency('SEND/RECV latency ', res.sendLat));
+    records.push(
+      record(
+        `qp_connection_setup${suffix}`,
+        median(res.setupDevice.total),
+        median(res.setupNative.total),
+        `create QP + INIT + RTR + RTS straight on NativeVerbs (libibverbs) on rxe0, p50 per connection, ${ROUNDS * SETUP_ITERS} connections alternating rounds with ours (through the device from ${via}), same run`,
+        'us',
+        'lower',
+      ),
+      record(
+        `rdma_write_latency_${LAT_SIZE}B${suffix}`,
+        median(res.writeLat.flatMap((x) => x.samples)),
+        writeLatBase,
+        `${perftestName('ib_write_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 one-way, VM A <-> VM B through ${via}`,
+        'us',
+        'lower',
+      ),
+      record(
+        `rdma_write_bandwidth_64KiB${suffix}`,
+        median(res.bw),
+        bwBase,
+        `${perftestName('ib_write_bw', `-s ${BW_SIZE} -n ${BW_ITERS}`)} (BW average, median of ${ROUNDS} runs); ours: VM A -> VM B through ${via}`,
+        'MiB/s',
+        'higher',
+      ),
+      record(
+        `send_recv_latency_${LAT_SIZE}B${suffix}`,
+        median(res.sendLat.flatMap((x) => x.samples)),
+        sendLatBase,
+        `${perftestName('ib_send_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 one-way, VM A <-> VM B through ${via}`,
+        'us',
+        'lower',
+      ),
+    );
+  }
+  writeResults(RESULTS, records);
+  console.log(JSON.stringify(records, null, 2));
+  console.log(`[bench:rdma] wrote ${RESULTS}`);
+  return 0;
+}
+
+process.exitCode = await main();

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# npm run bench:rdma: the virtio-rdma device end to end (QP set-up, RDMA WRITE latency and 64 KiB bandwidth,
+# SEND/RECV latency between two VMs) vs native verbs and perftest on the same rxe0, inside the soft-RoCE test
+# host (started here; bench-results/ is shared with it read-write). Writes bench-results/rdma.json.
+#   VRDMA_BENCH_TRANSPORTS=qemu|frontend|qemu,frontend   which device transports to measure (default both)
+#   VRDMA_BENCH_ROUNDS, VRDMA_BENCH_SETUP_ITERS, VRDMA_BENCH_LAT_ITERS, VRDMA_BENCH_BW_ITERS   sizes of the run
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+# Boot (about a minute under TCG), two QEMU VMs, 3 rounds of every test for both transports and perftest: about
+# a quarter of an hour on 2 cores; this bounds a hung run.
+BENCH_TIMEOUT_SECONDS=2400
+if [ "${VRDMA_IN_TEST_HOST:-}" = 1 ]; then
+  # tsx as an import hook of node itself: one process inside the VM (npx tsx would start a second node).
+  exec node --import tsx/esm bench/rdma/bench.ts
+fi
+bash scripts/setup.sh >&2
+VRDMA_QEMU=$(bash scripts/qemu/build.sh | tail -n 1)
+[ -x "$VRDMA_QEMU" ] || { echo "[bench:rdma] scripts/qemu/build.sh gave no QEMU binary ($VRDMA_QEMU)" >&2; exit 1; }
+export VRDMA_QEMU
+exec bash scripts/rxe/run.sh --timeout "$BENCH_TIMEOUT_SECONDS" --bench-results -- bash bench/rdma/run.sh
