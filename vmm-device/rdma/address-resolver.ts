@@ -65,7 +65,42 @@ export interface AddressResolver {
   reverse(vmId: string, hostGid: Uint8Array, srcQpn: number): Uint8Array | undefined;
   /** A device tells the resolver which wire QPNs belong to which VM (for `reverse` on a host shared by VMs). */
   registerQp(vmId: string, qpn: number): void;
+  /** Also forgets the QP's tracked connection, if the resolver tracks connections. */
   unregisterQp(vmId: string, qpn: number): void;
+
+  // Connection tracking (spec 12.3), optional: a resolver with a control plane that can change under a running
+  // guest (vmm-device/vpc's PolicyHooks) implements these; the device calls each one that is present.
+
+  /**
+   * The host RC QP `qpn` (guest handle `guestHandle`) of VM `vmId` reached RTR connected to the VIRTUAL GID
+   * `peerGid` and wire QPN `peerQpn`. A `teardown` answer (the policy changed between the resolution and now)
+   * makes the device tear the connection down at once.
+   */
+  qpConnected?(vmId: string, c: { qpn: number; guestHandle: number; qpType: number; peerGid: Uint8Array; peerQpn: number }): ConnectionAnswer;
+  /** The device's AH `guestHandle` of VM `vmId` to the VIRTUAL GID `peerGid` exists on the host. */
+  ahCreated?(vmId: string, c: { guestHandle: number; peerGid: Uint8Array }): ConnectionAnswer;
+  ahDestroyed?(vmId: string, guestHandle: number): void;
+  /**
+   * The device gives its sink once, when it opens; the sink is called (synchronously, inside a policy change) once
+   * per connection of `vmId` that became illegal. Returns the detach function the device calls when it closes.
+   */
+  attachDevice?(vmId: string, sink: (notice: ConnectionTeardown) => void): () => void;
+}
+
+/** The resolver's answer to a connection the device reports; `detail` is a PolicyReason (spec 9.1). */
+export type ConnectionAnswer = { ok: true } | { ok: false; teardown: { reason: string; detail: number } };
+
+/** What the device needs of a teardown notice (vmm-device/vpc's TeardownNotice has these fields and more). */
+export interface ConnectionTeardown {
+  connection: {
+    kind: 'RC' | 'UD';
+    /** RC: the host QPN of the device's QP. UD: the device's AH handle. */
+    local: number;
+    /** The guest's handle of the QP (RC) or AH (UD). */
+    guestHandle: number;
+  };
+  /** PolicyReason value: the `detail` of QP_POLICY_TEARDOWN. */
+  detail: number;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ export class DataPath {
     if (qp.qpType === QpType.UD) {
       if (total > mtuBytes(dev.config.active_mtu)) throw new WqeError(WcStatus.LOC_LEN_ERR);
       const ah = dev.ahs.get(wqe.ah_handle);
-      if (ah === undefined || ah.pd !== qp.pd) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
+      if (ah === undefined || ah.pd !== qp.pd || ah.revoked !== undefined) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
       if (wqe.remote_qpn > Limits.QPN_MAX) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
       wr.ah = ah.host;
       wr.remoteQpn = wqe.remote_qpn;

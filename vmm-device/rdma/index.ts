@@ -8,6 +8,8 @@ export {
   vpcQkey,
   GidTableFileSchema,
   type AddressResolver,
+  type ConnectionAnswer,
+  type ConnectionTeardown,
   type Resolution,
   type VirtualAddress,
   type GidTableEntry,

@@ -148,4 +148,6 @@ export interface Ah {
   pd: Pd;
   host: AhHandle;
   dgid: Uint8Array;
+  /** PolicyReason once the policy no longer allows its destination: UD sends to it fail (spec 12.3). */
+  revoked?: number;
 }

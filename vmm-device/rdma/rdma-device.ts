@@ -75,7 +75,7 @@ import { VirtqueueError } from '../virtqueue/errors.ts';
 import type { AhAttr, AsyncEvent, DeviceHandle, GidEntry, HostVerbs, PortAttr, QpAttr as HostQpAttr } from '../verbs/host-verbs.ts';
 import { VerbsError } from '../verbs/host-verbs.ts';
 import { GidType as HostGidType } from '../verbs/constants.ts';
-import type { AddressResolver, VirtualAddress } from './address-resolver.ts';
+import type { AddressResolver, ConnectionAnswer, ConnectionTeardown, VirtualAddress } from './address-resolver.ts';
 import { DataPath } from './data-path.ts';
 import { HandleTable } from './handle-table.ts';
 import { computeConfig, DEFAULT_QUOTAS, OFFERED_FEATURES, type DeviceConfigValue, type DeviceQuotas } from './limits.ts';
@@ -137,6 +137,8 @@ export interface RdmaCounters {
   eventsWritten: number;
   completionsWritten: number;
   hostErrors: number;
+  /** Connections torn down by the policy (spec 12.7): RC QPs moved to ERR, AHs revoked. */
+  policyTeardowns: number;
 }
 
 export class RdmaDevice implements VirtioDeviceModel {
@@ -157,6 +159,7 @@ export class RdmaDevice implements VirtioDeviceModel {
     eventsWritten: 0,
     completionsWritten: 0,
     hostErrors: 0,
+    policyTeardowns: 0,
   };
 
   private hostDevice!: DeviceHandle;
@@ -188,6 +191,9 @@ export class RdmaDevice implements VirtioDeviceModel {
   /** Waiting events, one per (type, handle), in the order they first occurred (section 9.3). */
   private readonly pendingEvents = new Map<string, { type: number; handle: number; detail: number; count: number }>();
   private eventSequence = 0n;
+  /** Detaches the policy sink (resolvers with connection tracking only). */
+  private detachPolicy: (() => void) | undefined;
+  private closed = false;
 
   private constructor(opts: RdmaDeviceOptions) {
     this.verbs = opts.verbs;
@@ -231,11 +237,16 @@ export class RdmaDevice implements VirtioDeviceModel {
     tables['mrs'] = new HandleTable(c.max_mr);
     tables['ahs'] = new HandleTable(c.max_ah);
     dev.configBytes = DeviceConfig.encode(c);
+    dev.detachPolicy = opts.resolver.attachDevice?.(opts.vmId, (n) => dev.onPolicyTeardown(n));
     return dev;
   }
 
   /** Releases everything and closes the host device (backend shutdown). */
   async close(): Promise<void> {
+    if (this.closed) return; // a second close (shutdown racing a test's teardown) has nothing left to do
+    this.closed = true;
+    this.detachPolicy?.();
+    this.detachPolicy = undefined;
     this.reset();
     await this.settled();
     await this.verbs.closeDevice(this.hostDevice);
@@ -317,6 +328,7 @@ export class RdmaDevice implements VirtioDeviceModel {
     const pds = [...this.pds.values()];
     for (const o of [...qps, ...cqs]) o.destroyed = true;
     for (const qp of qps) this.resolver.unregisterQp(this.vmId, qp.host.qpNum);
+    for (const ah of ahs) this.resolver.ahDestroyed?.(this.vmId, ah.handle);
     this.qps.clear();
     this.ahs.clear();
     this.mrs.clear();
@@ -932,6 +944,11 @@ export class RdmaDevice implements VirtioDeviceModel {
     }
     if (to === QpState.RTS) this.data.takeSends(qp);
     if (to === QpState.INIT || to === QpState.RTR || to === QpState.RTS) this.data.takeRecvs(qp);
+    if (to === QpState.RTR && qp.qpType === QpType.RC && has(QpAttrMask.AV) && this.resolver.qpConnected !== undefined) {
+      // The transition succeeded; a policy change that came in since the resolution ends the connection now.
+      const answer = this.resolver.qpConnected(this.vmId, { qpn: qp.host.qpNum, guestHandle: qp.handle, qpType: qp.qpType, peerGid: a.dgid.slice(), peerQpn: a.dest_qp_num });
+      if (!answer.ok) await this.policyTeardownQp(qp, answer.teardown.detail);
+    }
     return new Uint8Array(0);
   }
 
@@ -1121,6 +1138,8 @@ export class RdmaDevice implements VirtioDeviceModel {
     const ah: Ah = { handle: 0, pd, host, dgid: r.dgid };
     ah.handle = this.ahs.add(ah);
     pd.ahs++;
+    const answer: ConnectionAnswer | undefined = this.resolver.ahCreated?.(this.vmId, { guestHandle: ah.handle, peerGid: r.dgid.slice() });
+    if (answer !== undefined && !answer.ok) this.revokeAh(ah, answer.teardown.detail);
     return HandleResponse.encode({ handle: ah.handle });
   }
 
@@ -1130,6 +1149,7 @@ export class RdmaDevice implements VirtioDeviceModel {
     if (ah === undefined) fail('INVALID_HANDLE', 0);
     this.ahs.delete(handle);
     ah.pd.ahs--;
+    this.resolver.ahDestroyed?.(this.vmId, handle);
     // Sends already handed to the host keep their AH until they complete: release it after the QPs' queues drain.
     await this.destroyHost(() => this.verbs.destroyAh(ah.host));
     return new Uint8Array(0);
@@ -1253,11 +1273,44 @@ export class RdmaDevice implements VirtioDeviceModel {
       if (qp.destroyed || qp.state === QpState.ERR || !(dgid instanceof Uint8Array)) continue;
       const reason = decide({ handle: qp.handle, qpType: qp.qpType, dgid: dgid.slice() });
       if (reason === undefined) continue;
-      await this.data.moveToError(qp); // flush completions first, then the event (spec 11.4)
-      if (!qp.destroyed) this.queueEvent(EventType.QP_POLICY_TEARDOWN, qp.handle, reason);
+      await this.policyTeardownQp(qp, reason);
       done.push(qp.handle);
     }
     return done;
+  }
+
+  /**
+   * The resolver's sink (AddressResolver.attachDevice): called synchronously inside a policy change, once per
+   * connection of this VM that became illegal. A notice naming an object that no longer exists (destroyed, reset,
+   * re-created under the same handle) is ignored.
+   */
+  private onPolicyTeardown(n: ConnectionTeardown): void {
+    if (this.ctx === undefined) return;
+    const c = n.connection;
+    if (c.kind === 'RC') {
+      const qp = this.qps.get(c.guestHandle);
+      if (qp === undefined || qp.host.qpNum !== c.local || qp.destroyed || qp.state === QpState.ERR) return;
+      void this.policyTeardownQp(qp, n.detail);
+    } else {
+      const ah = this.ahs.get(c.guestHandle);
+      if (ah === undefined || ah.handle !== c.local) return;
+      this.revokeAh(ah, n.detail);
+    }
+  }
+
+  /** Spec 11.4: the QP moves to ERR (its work flushed), then QP_POLICY_TEARDOWN with the PolicyReason. */
+  private async policyTeardownQp(qp: Qp, reason: number): Promise<void> {
+    const gen = this.generation;
+    this.counters.policyTeardowns++;
+    await this.data.moveToError(qp); // flush completions first, then the event
+    if (gen === this.generation && !qp.destroyed) this.queueEvent(EventType.QP_POLICY_TEARDOWN, qp.handle, reason);
+  }
+
+  /** Spec 12.3: later UD sends to an AH whose destination is no longer allowed complete with LOC_QP_OP_ERR. */
+  private revokeAh(ah: Ah, reason: number): void {
+    if (ah.revoked !== undefined) return;
+    ah.revoked = reason;
+    this.counters.policyTeardowns++;
   }
 
   // ------------------------------------------------------------------------------------------ host events
