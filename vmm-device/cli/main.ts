@@ -2,8 +2,12 @@
 // virtio-rdma device model for one VM, and serves it to QEMU over a vhost-user socket:
 //
 //   npx vrdma-backend --socket /run/vrdma/vm0.sock --device rxe0 [--vm-id vm0] [--gid-table FILE | --virtual-ip IP]
+//   npx vrdma-backend --socket S --device rxe0 --vm-id a1 --host-id host-1 --vpc-policy FILE | --vpc-etcd URLS
+//   npx vrdma-backend status --status-socket PATH [--vm ID]
 //
-// Flags are validated with zod before anything is opened, and every error names the flag it is about.
+// Flags are validated with zod before anything is opened, and every error names the flag it is about. With
+// --vpc-policy or --vpc-etcd the VPC layer (vmm-device/vpc/) gives the VM its address, quotas and QoS, checks every
+// connection, and tears down connections a policy change makes illegal; --status-socket serves the operator's view.
 
 import { parseArgs } from 'node:util';
 import { existsSync, statSync } from 'node:fs';
@@ -15,22 +19,43 @@ import { NO_RDMA_DEVICE_HINT } from '../verbs/native-verbs.ts';
 import { RdmaDevice, pickHostGidIndex } from '../rdma/rdma-device.ts';
 import { StaticAddressResolver, ipv4FromGid, type AddressResolver } from '../rdma/address-resolver.ts';
 import type { DeviceQuotas } from '../rdma/limits.ts';
+import { DEFAULT_ETCD_PREFIX, VpcBackend, type ControlPlaneSpec } from '../vpc/backend.ts';
+import { queryStatus, serveStatus, type StatusServer } from './status.ts';
 
 export const USAGE = `usage: vrdma-backend --socket PATH --device NAME [options]
+       vrdma-backend status --status-socket PATH [--vm ID]
 
 Serves a virtio-rdma device (virtio ID 42) to QEMU over a vhost-user socket, performing the guest's verbs on the
 host RDMA device NAME.
 
   --socket PATH        vhost-user socket to listen on (its folder must exist)
   --device NAME        host RDMA device, e.g. rxe0
-  --vm-id ID           this VM's name in the address table (default: vm0)
+  --vm-id ID           this VM's id in the address table or the VPC policy (default without VPC: vm0)
+  --log-level LEVEL    debug, info, warn or error (default: info)
+  --help               this text
+
+Address from a static table (no VPC policy):
   --gid-table FILE     JSON address table {"vms":[{vmId, vpc, virtualIp, hostIp, mac?, trafficClass?}]}
   --virtual-ip IP      without --gid-table: the VM's virtual IPv4 address (its GID ::ffff:IP)
   --vpc NAME           without --gid-table: the VM's VPC (default: default)
   --max-qp N, --max-cq N, --max-mr N, --max-mr-mib N
                        per-VM quotas (defaults: 1024 QPs, 1024 CQs, 4096 MRs, 4096 MiB registered)
-  --log-level LEVEL    debug, info, warn or error (default: info)
-  --help               this text
+
+VPC policy (vmm-device/vpc/README.md): address, quotas and QoS from the policy, every connection checked, live
+connections torn down (QP_POLICY_TEARDOWN) when a change makes them illegal. Excludes the four flags above.
+  --vpc-policy FILE    control plane 1: a local JSON policy document, reloaded when it changes
+  --vpc-etcd URLS      control plane 2: etcd members, http://host:port[,http://host:port...] (v3 JSON gateway);
+                       while none answers the last known policy stays enforced (log: etcd unreachable)
+  --vpc-prefix PREFIX  with --vpc-etcd: the policy's key prefix, ending in / (default: ${DEFAULT_ETCD_PREFIX})
+  --host-id ID         required with a VPC policy: this host's id in its "hosts"
+  --vm-id ID           required with a VPC policy
+  --status-socket PATH serve the operator's view (JSON) on this Unix socket (mode 0600)
+
+Operator's view: vrdma-backend status --status-socket PATH [--vm ID] prints, as JSON: the policy version and its
+source, the control plane (etcd: connected, revision, disconnects, catch-ups), teardown latency, what QoS is
+enforced (the traffic class; no rate limit on rxe), and per VM its address, quotas with use, QPs with their
+virtual peers and states, connections, counters (allowed, unreachable, refusedByRule, tornDown, quotaHits),
+and per VPC the same counters.
 
 Without an RDMA device: ${NO_RDMA_DEVICE_HINT}. The project's test host: npm run rxe:run -- <command>.`;
 
@@ -46,6 +71,11 @@ const positiveInt = (flag: string, max: number) =>
     .refine((n) => n >= 1 && n <= max, `${flag} must be between 1 and ${max}`)
     .optional();
 
+/** Endpoints of one etcd cluster a backend rotates through. */
+export const MAX_ETCD_ENDPOINTS = 16;
+/** sun_path holds 108 bytes with its terminating NUL. */
+export const MAX_UNIX_SOCKET_PATH = 107;
+
 const ipv4 = /^(25[0-5]|2[0-4]\d|1?\d?\d)(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3}$/;
 
 export const FlagsSchema = z
@@ -59,13 +89,38 @@ export const FlagsSchema = z
     device: z
       .string({ error: '--device is required: the host RDMA device (e.g. rxe0)' })
       .regex(/^[A-Za-z0-9_.-]{1,64}$/, '--device must be an RDMA device name such as rxe0'),
-    'vm-id': z.string().regex(/^[A-Za-z0-9_.:-]{1,128}$/, '--vm-id must be 1 to 128 letters, digits or _.:-').default('vm0'),
+    'vm-id': z.string().regex(/^[A-Za-z0-9_.:-]{1,128}$/, '--vm-id must be 1 to 128 letters, digits or _.:-').optional(),
     'gid-table': z
       .string()
       .refine((p) => existsSync(p), { message: '--gid-table: no such file' })
       .optional(),
     'virtual-ip': z.string().regex(ipv4, '--virtual-ip must be an IPv4 address a.b.c.d').optional(),
-    vpc: z.string().regex(/^[A-Za-z0-9_.-]{1,128}$/, '--vpc must be 1 to 128 letters, digits or _.-').default('default'),
+    vpc: z.string().regex(/^[A-Za-z0-9_.-]{1,128}$/, '--vpc must be 1 to 128 letters, digits or _.-').optional(),
+    'vpc-policy': z
+      .string()
+      .refine((p) => existsSync(p) && statSync(p).isFile(), { message: '--vpc-policy: no such file' })
+      .optional(),
+    'vpc-etcd': z
+      .string()
+      .transform((s) => s.split(','))
+      .pipe(
+        z
+          .array(z.string().regex(/^https?:\/\/[A-Za-z0-9.[\]:-]+:\d{1,5}$/, '--vpc-etcd: each endpoint must be http://host:port'))
+          .min(1)
+          .max(MAX_ETCD_ENDPOINTS, `--vpc-etcd: at most ${MAX_ETCD_ENDPOINTS} endpoints`),
+      )
+      .optional(),
+    'vpc-prefix': z
+      .string()
+      .regex(/^\/[\x21-\x7e]{0,254}\/$/, '--vpc-prefix must start and end with / (printable characters, at most 256)')
+      .optional(),
+    'host-id': z.string().regex(/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/, '--host-id must be 1 to 128 letters, digits or ._- (as in the policy)').optional(),
+    'status-socket': z
+      .string()
+      .min(1, '--status-socket must not be empty')
+      .max(MAX_UNIX_SOCKET_PATH, `--status-socket: at most ${MAX_UNIX_SOCKET_PATH} bytes (a Unix socket path)`)
+      .refine((p) => existsSync(path.dirname(path.resolve(p))), { message: '--status-socket: its folder does not exist' })
+      .optional(),
     'max-qp': positiveInt('--max-qp', 1 << 24),
     'max-cq': positiveInt('--max-cq', 1 << 24),
     'max-mr': positiveInt('--max-mr', 1 << 24),
@@ -74,15 +129,43 @@ export const FlagsSchema = z
   })
   .strict()
   .superRefine((f, ctx) => {
+    const issue = (message: string, flag: string) => ctx.addIssue({ code: 'custom', message, path: [flag] });
+    const vpcFlag = f['vpc-policy'] !== undefined ? '--vpc-policy' : f['vpc-etcd'] !== undefined ? '--vpc-etcd' : undefined;
+    if (f['vpc-policy'] !== undefined && f['vpc-etcd'] !== undefined) {
+      issue('--vpc-policy and --vpc-etcd exclude each other (one control plane)', 'vpc-policy');
+    }
+    if (vpcFlag !== undefined) {
+      for (const flag of ['gid-table', 'virtual-ip', 'vpc', 'max-qp', 'max-cq', 'max-mr', 'max-mr-mib'] as const) {
+        if (f[flag] !== undefined) issue(`--${flag} and ${vpcFlag} exclude each other (the VPC policy gives the address and quotas)`, flag);
+      }
+      if (f['host-id'] === undefined) issue(`--host-id is required with ${vpcFlag}: this host's id in the policy`, 'host-id');
+      if (f['vm-id'] === undefined) issue(`--vm-id is required with ${vpcFlag}: the VM's id in the policy`, 'vm-id');
+      if (f['vpc-prefix'] !== undefined && f['vpc-etcd'] === undefined) issue('--vpc-prefix needs --vpc-etcd', 'vpc-prefix');
+      return;
+    }
+    for (const flag of ['host-id', 'vpc-prefix', 'status-socket'] as const) {
+      if (f[flag] !== undefined) issue(`--${flag} needs --vpc-policy or --vpc-etcd`, flag);
+    }
     if (f['gid-table'] === undefined && f['virtual-ip'] === undefined) {
-      ctx.addIssue({ code: 'custom', message: '--virtual-ip or --gid-table is required: the VM needs a virtual address', path: ['virtual-ip'] });
+      issue('--virtual-ip or --gid-table is required: the VM needs a virtual address (or use --vpc-policy / --vpc-etcd)', 'virtual-ip');
     }
     if (f['gid-table'] !== undefined && f['virtual-ip'] !== undefined) {
-      ctx.addIssue({ code: 'custom', message: '--virtual-ip and --gid-table exclude each other (the table holds the address)', path: ['virtual-ip'] });
+      issue('--virtual-ip and --gid-table exclude each other (the table holds the address)', 'virtual-ip');
     }
   });
 
 export type Flags = z.infer<typeof FlagsSchema>;
+
+/** Without a VPC policy: the VM's id and VPC when the flags do not say. */
+export const DEFAULT_VM_ID = 'vm0';
+export const DEFAULT_STATIC_VPC = 'default';
+
+/** The control plane the flags name, if any. */
+export function controlPlaneOf(f: Flags): ControlPlaneSpec | undefined {
+  if (f['vpc-policy'] !== undefined) return { kind: 'file', path: path.resolve(f['vpc-policy']) };
+  if (f['vpc-etcd'] !== undefined) return { kind: 'etcd', endpoints: f['vpc-etcd'], prefix: f['vpc-prefix'] ?? DEFAULT_ETCD_PREFIX };
+  return undefined;
+}
 
 export class UsageError extends Error {}
 
@@ -106,6 +189,11 @@ export function parseFlags(argv: readonly string[]): Flags | 'help' {
         'max-mr': { type: 'string' },
         'max-mr-mib': { type: 'string' },
         'log-level': { type: 'string' },
+        'vpc-policy': { type: 'string' },
+        'vpc-etcd': { type: 'string' },
+        'vpc-prefix': { type: 'string' },
+        'host-id': { type: 'string' },
+        'status-socket': { type: 'string' },
         help: { type: 'boolean' },
       },
     });
@@ -144,9 +232,10 @@ export function checkHostDevice(verbs: HostVerbs, name: string): void {
 
 /** The address table: the file, or one entry built from --virtual-ip and the host device's own IPv4 GID. */
 export async function buildResolver(verbs: HostVerbs, f: Flags): Promise<AddressResolver> {
+  const vmId = f['vm-id'] ?? DEFAULT_VM_ID;
   if (f['gid-table'] !== undefined) {
     const r = StaticAddressResolver.fromFile(f['gid-table']);
-    if (r.ownAddress(f['vm-id']) === undefined) throw new Error(`--vm-id ${f['vm-id']}: not in --gid-table ${f['gid-table']}`);
+    if (r.ownAddress(vmId) === undefined) throw new Error(`--vm-id ${vmId}: not in --gid-table ${f['gid-table']}`);
     return r;
   }
   const dev = await verbs.openDevice(f.device);
@@ -155,7 +244,7 @@ export async function buildResolver(verbs: HostVerbs, f: Flags): Promise<Address
     const gid = table.find((g) => g.index === pickHostGidIndex(table, f.device))!.gid;
     const hostIp = ipv4FromGid(gid);
     if (hostIp === undefined) throw new Error(`--device ${f.device}: its RoCE v2 GID is not an IPv4 address; use --gid-table`);
-    return new StaticAddressResolver([{ vmId: f['vm-id'], vpc: f.vpc, virtualIp: f['virtual-ip']!, hostIp }]);
+    return new StaticAddressResolver([{ vmId, vpc: f.vpc ?? DEFAULT_STATIC_VPC, virtualIp: f['virtual-ip']!, hostIp }]);
   } finally {
     await verbs.closeDevice(dev);
   }
@@ -166,10 +255,60 @@ export interface RunIo {
   err: (s: string) => void;
   /** The host verbs (tests pass a double); NativeVerbs by default, loaded only once the flags are valid. */
   verbs?: () => Promise<HostVerbs>;
+  /** Called once the device is served (tests look at what the flags built). */
+  onServing?: (served: { device: RdmaDevice; vpc: VpcBackend | undefined }) => void;
+}
+
+export const STATUS_USAGE = `usage: vrdma-backend status --status-socket PATH [--vm ID]
+
+Prints the operator's view a running backend serves on --status-socket (JSON): the policy in force and its control
+plane, teardown latency, QoS enforcement, and per VM and per VPC the counters, resources and connections.`;
+
+/** `vrdma-backend status ...`: asks a backend's status socket and prints the answer. */
+export async function runStatus(argv: readonly string[], io: RunIo): Promise<number> {
+  let values: { 'status-socket'?: string; vm?: string; help?: boolean };
+  try {
+    values = parseArgs({
+      args: [...argv],
+      strict: true,
+      allowPositionals: false,
+      options: { 'status-socket': { type: 'string' }, vm: { type: 'string' }, help: { type: 'boolean' } },
+    }).values;
+  } catch (e) {
+    io.err(`vrdma-backend status: ${(e as Error).message}\n(see --help)\n`);
+    return EXIT_USAGE;
+  }
+  if (values.help === true) {
+    io.out(STATUS_USAGE + '\n');
+    return 0;
+  }
+  const sock = values['status-socket'];
+  if (sock === undefined || sock === '') {
+    io.err('vrdma-backend status: --status-socket is required: the socket the backend serves its view on\n');
+    return EXIT_USAGE;
+  }
+  if (values.vm !== undefined && !/^[A-Za-z0-9_.:-]{1,128}$/.test(values.vm)) {
+    io.err('vrdma-backend status: --vm must be 1 to 128 letters, digits or _.:-\n');
+    return EXIT_USAGE;
+  }
+  try {
+    const answer = await queryStatus(sock, values.vm);
+    io.out(JSON.stringify(answer, null, 2) + '\n');
+    if (answer !== null && typeof answer === 'object' && 'error' in answer) return EXIT_FAILURE;
+    if (values.vm !== undefined && (answer as { vms?: unknown[] }).vms?.length === 0) {
+      io.err(`vrdma-backend status: --vm ${values.vm}: not in this backend's policy\n`);
+      return EXIT_FAILURE;
+    }
+    return 0;
+  } catch (e) {
+    io.err(`vrdma-backend status: ${(e as Error).message}\n`);
+    return EXIT_FAILURE;
+  }
 }
 
 /** Runs the backend until SIGINT/SIGTERM; returns the exit code. */
 export async function run(argv: readonly string[], io: RunIo = { out: (s) => process.stdout.write(s), err: (s) => process.stderr.write(s) }): Promise<number> {
+  if (argv[0] === 'status') return runStatus(argv.slice(1), io);
   let flags: Flags | 'help';
   try {
     flags = parseFlags(argv);
@@ -182,31 +321,71 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     return 0;
   }
   const log = new StderrLogger('vrdma-backend', flags['log-level'] as LogLevel);
+  // Signals are caught from the start: a backend still waiting for etcd must stop cleanly too.
+  const stopping = new AbortController();
+  const onSignal = (sig: NodeJS.Signals) => {
+    log.log('info', 'shutting down', { signal: sig });
+    stopping.abort();
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  const stopped = new Promise<void>((resolve) => stopping.signal.addEventListener('abort', () => resolve(), { once: true }));
   let device: RdmaDevice | undefined;
+  let vpc: VpcBackend | undefined;
+  let status: StatusServer | undefined;
+  let detach: (() => void) | undefined;
   try {
+    const vmId = flags['vm-id'] ?? DEFAULT_VM_ID;
     const verbs = io.verbs !== undefined ? await io.verbs() : new (await import('../verbs/native-verbs.ts')).NativeVerbs();
     checkHostDevice(verbs, flags.device);
-    const resolver = await buildResolver(verbs, flags);
-    device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId: flags['vm-id'], resolver, quotas: quotasOf(flags), log: log.child('device') });
+    const controlPlane = controlPlaneOf(flags);
+    let resolver: AddressResolver;
+    let quotas: Partial<DeviceQuotas>;
+    let deviceLog = log.child('device');
+    if (controlPlane !== undefined) {
+      vpc = await VpcBackend.start({ controlPlane, hostId: flags['host-id']!, log: log.child('vpc'), signal: stopping.signal });
+      quotas = vpc.deviceQuotasOf(vmId);
+      resolver = vpc.resolver;
+      deviceLog = vpc.deviceLogger(vmId, deviceLog);
+    } else {
+      resolver = await buildResolver(verbs, flags);
+      quotas = quotasOf(flags);
+    }
+    device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog });
+    if (vpc !== undefined) detach = vpc.attach(device);
+    if (vpc !== undefined && flags['status-socket'] !== undefined) {
+      const backend = vpc;
+      status = await serveStatus(flags['status-socket'], (vm) => backend.status(vm), log.child('status'));
+    }
     const { VhostUserServer } = await import('../transport/vhost-user/server.ts');
     const { SysHost } = await import('../transport/vhost-user/sys-host.ts');
     const server = new VhostUserServer({ path: flags.socket, host: new SysHost(), model: device, log: log.child('vhost-user') });
     server.listen();
-    log.log('info', 'serving', { socket: flags.socket, device: flags.device, vm: flags['vm-id'], gid: Buffer.from(device.config.gid).toString('hex') });
-    await new Promise<void>((resolve) => {
-      const stop = (sig: string) => {
-        log.log('info', 'shutting down', { signal: sig });
-        resolve();
-      };
-      process.once('SIGINT', () => stop('SIGINT'));
-      process.once('SIGTERM', () => stop('SIGTERM'));
+    log.log('info', 'serving', {
+      socket: flags.socket,
+      device: flags.device,
+      vm: vmId,
+      gid: Buffer.from(device.config.gid).toString('hex'),
+      policy: controlPlane === undefined ? 'static table' : controlPlane.kind === 'file' ? `file ${controlPlane.path}` : `etcd ${controlPlane.endpoints.join(',')} ${controlPlane.prefix}`,
+      ...(flags['status-socket'] === undefined ? {} : { statusSocket: flags['status-socket'] }),
     });
+    io.onServing?.({ device, vpc });
+    await stopped;
     server.close();
+    await status?.close();
+    detach?.();
     await device.close();
+    await vpc?.stop();
     return 0;
   } catch (e) {
     io.err(`vrdma-backend: ${(e as Error).message}\n`);
+    await status?.close().catch(() => undefined);
+    detach?.();
     if (device !== undefined) await device.close().catch(() => undefined);
+    await vpc?.stop().catch(() => undefined);
     return EXIT_FAILURE;
+  } finally {
+    process.removeListener('SIGINT', onSignal);
+    process.removeListener('SIGTERM', onSignal);
   }
 }

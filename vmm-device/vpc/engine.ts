@@ -693,6 +693,14 @@ export class VpcEngine {
     return { ok: false, kind, scope, limit, used };
   }
 
+  /**
+   * Counts a quota the device itself enforced (its handle tables and MR bytes are sized from quotasOf): the device
+   * refused with NO_RESOURCES and the kind; the engine only keeps the count for the operator.
+   */
+  countQuotaHit(vmId: string, kind: QuotaKind): void {
+    this.count(vmId, (k) => k.quotaHits[kind]++);
+  }
+
   // ----------------------------------------------------------------------------------------- observability
 
   private count(vmId: string, bump: (c: Counters) => void): void {

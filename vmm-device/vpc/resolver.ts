@@ -89,8 +89,16 @@ export class VpcAddressResolver implements AddressResolver, PolicyHooks {
   }
 
   attachDevice(vmId: string, sink: TeardownSink): () => void {
-    return this.engine.attach(vmId, sink);
+    const detach = this.engine.attach(vmId, sink);
+    this.attachedVms.add(vmId);
+    return () => {
+      this.attachedVms.delete(vmId);
+      detach();
+    };
   }
+
+  /** VMs whose device reports its connections (called attachDevice): the engine tracks and tears them down. */
+  readonly attachedVms = new Set<string>();
 
   private answer(r: ReturnType<VpcEngine['track']>): HookAnswer {
     if (r.ok) return r;
