@@ -14,7 +14,8 @@ RXE_PROJECT_ROOT=$(cd "$RXE_SCRIPTS_DIR/../.." && pwd)
 #   crc32_generic first in spirit: rxe computes its ICRC with the "crc32" crypto hash and, without a provider,
 #   `rdma link add` fails with "No such file or directory".
 #   virtio_pci + 9pnet_virtio + 9p: the host root; overlay: a writable view of it; veth: rxe0's netdev.
-RXE_ROOT_MODULES=(crc32_generic virtio_pci 9pnet_virtio 9p overlay veth ib_uverbs rdma_rxe)
+#   virtio_net: the link between two test hosts of a multi-host run (run.sh --host-link; unused otherwise).
+RXE_ROOT_MODULES=(crc32_generic virtio_pci 9pnet_virtio 9p overlay veth virtio_net ib_uverbs rdma_rxe)
 
 # Debian packages run.sh needs on the host (scripts/setup.sh lists and installs them all), as command:package.
 RXE_HOST_COMMANDS=(
@@ -58,3 +59,57 @@ rxe_lock() {
   flock "$RXE_LOCK_FD"
 }
 rxe_unlock() { exec {RXE_LOCK_FD}>&-; }
+
+# rxe_take_slots COUNT: waits for COUNT test-host VM slots and holds them all (locks on fds this shell and its
+# children keep: a slot is free again once every holder is gone). Waiters queue in arrival order (a ticket file
+# each, locked by its owner: a dead owner's ticket is unlocked and removed); only the oldest live ticket may take
+# slots, and it takes all COUNT at once or none (a multi-host run's two VMs need each other: holding one slot
+# while waiting for the second could leave two such runs waiting for each other). Sets RXE_TICKET while waiting
+# (the caller's clean-up removes it if killed meanwhile). Needs RXE_MAX_VMS and RXE_SLOT_POLL_S.
+rxe_take_slots() {
+  local count=$1 first other slot waiting_since= ticket_fd probe_fd slot_fd taken
+  [[ $RXE_MAX_VMS =~ ^[1-9][0-9]*$ ]] || rxe_die "VRDMA_RXE_MAX_VMS must be a positive number, not '$RXE_MAX_VMS'"
+  [ "$count" -le "$RXE_MAX_VMS" ] || rxe_die "$count VM slots wanted, but only $RXE_MAX_VMS exist here (VRDMA_RXE_MAX_VMS)"
+  mkdir -p "$RXE_CACHE/slots" "$RXE_CACHE/queue"
+  RXE_TICKET=$RXE_CACHE/queue/$(date +%s%N)-$$
+  exec {ticket_fd}>"$RXE_TICKET"
+  flock -n "$ticket_fd" || rxe_die "cannot lock the queue ticket $RXE_TICKET"
+  while :; do
+    # A waiter that probed the ticket between its creation and its lock may have removed it: put it back.
+    if [ ! -e "$RXE_TICKET" ]; then
+      exec {ticket_fd}>&-
+      exec {ticket_fd}>"$RXE_TICKET"
+      flock -n "$ticket_fd" || rxe_die "cannot lock the queue ticket $RXE_TICKET"
+    fi
+    first=
+    for other in $(ls "$RXE_CACHE/queue" 2>/dev/null | sort); do
+      if [ "$RXE_CACHE/queue/$other" = "$RXE_TICKET" ]; then first=$RXE_TICKET; break; fi
+      # Another waiter's ticket: live if its owner still holds the lock.
+      if ( exec {probe_fd}>>"$RXE_CACHE/queue/$other" && flock -n "$probe_fd" ) 2>/dev/null; then
+        rm -f "$RXE_CACHE/queue/$other"
+        continue
+      fi
+      break
+    done
+    if [ "$first" = "$RXE_TICKET" ]; then
+      taken=()
+      for ((slot = 0; slot < RXE_MAX_VMS && ${#taken[@]} < count; slot++)); do
+        exec {slot_fd}>"$RXE_CACHE/slots/$slot"
+        if flock -n "$slot_fd"; then taken+=("$slot_fd"); else exec {slot_fd}>&-; fi
+      done
+      [ "${#taken[@]}" -eq "$count" ] && break
+      # Not all of them: give back the ones taken (all or none).
+      for slot_fd in "${taken[@]}"; do exec {slot_fd}>&-; done
+    fi
+    if [ -z "$waiting_since" ]; then
+      waiting_since=$SECONDS
+      rxe_log "waiting for $count free test-host slot(s) ($RXE_MAX_VMS VM(s) at a time here; VRDMA_RXE_MAX_VMS changes it)"
+    fi
+    sleep "$RXE_SLOT_POLL_S"
+  done
+  rm -f "$RXE_TICKET"
+  exec {ticket_fd}>&-
+  RXE_TICKET=
+  [ -n "$waiting_since" ] && rxe_log "got $count slot(s) after $((SECONDS - waiting_since)) s"
+  return 0
+}

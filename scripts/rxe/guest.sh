@@ -5,6 +5,7 @@
 #   RXE_CWD         the caller's working directory
 #   RXE_COMMAND     the command, as an array
 #   RXE_ENV_FILE    a file of `export NAME=value` lines: the caller's environment that matters
+#   RXE_LINK_ADDRESS  (multi-host runs only) ADDRESS/PREFIX: rxe0 goes on the NIC joined to the other test host
 # and then calls rxe_guest_main. Output goes to the serial console, which run.sh reads.
 # Every exec here reads its binary over 9p under TCG, which costs; hence builtins wherever one does the job.
 
@@ -51,7 +52,30 @@ link set $RXE_NETDEV up
 link set $RXE_PEER up
 EOF
   rxe_guest_phase "veth pair up"
-  rdma link add "$RXE_DEVICE" type rxe netdev "$RXE_NETDEV" || rxe_guest_fail "rdma link add $RXE_DEVICE failed"
+  rxe_guest_rxe_on "$RXE_NETDEV"
+}
+
+# A multi-host run: the VM's one NIC (run.sh --host-link) leads to the other test host and nowhere else; rxe0
+# goes on it, so RDMA between the two hosts crosses that link with the two host addresses.
+rxe_guest_host_link() {
+  local path name netdev=
+  for path in /sys/class/net/*; do
+    name=${path##*/}
+    [ "$name" != lo ] && [ -e "$path/device" ] && { netdev=$name; break; }
+  done
+  [ -n "$netdev" ] || rxe_guest_fail "no NIC for the host link (run.sh --host-link adds a virtio NIC)"
+  ip -batch - <<EOF || rxe_guest_fail "setting up lo and $netdev ($RXE_LINK_ADDRESS) failed"
+link set lo up
+addr add $RXE_LINK_ADDRESS dev $netdev
+link set $netdev up
+EOF
+  rxe_guest_phase "host link $netdev up ($RXE_LINK_ADDRESS)"
+  rxe_guest_rxe_on "$netdev"
+}
+
+# rdma link add rxe0 on a netdev, then wait until its port is ACTIVE with its IPv4 GID (index 1) in place.
+rxe_guest_rxe_on() {
+  rdma link add "$RXE_DEVICE" type rxe netdev "$1" || rxe_guest_fail "rdma link add $RXE_DEVICE failed"
   local port=/sys/class/infiniband/$RXE_DEVICE/ports/1 tenths=0 state gid
   while :; do
     state=; gid=
@@ -67,7 +91,7 @@ EOF
 rxe_guest_main() {
   rxe_guest_phase "stage 2 started"
   exec {RXE_WAIT_FD}<>/run/vrdma-rxe-wait
-  rxe_guest_network
+  if [ -n "${RXE_LINK_ADDRESS:-}" ]; then rxe_guest_host_link; else rxe_guest_network; fi
   rxe_guest_phase "$RXE_DEVICE ACTIVE"
   local rc
   printf 'VRDMA-RXE-START %s\n' "$RXE_TOKEN"

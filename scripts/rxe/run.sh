@@ -10,6 +10,11 @@
 #                       written there (e.g. bench-results JSON) reach the host; may be repeated
 #   --bench-results     the same as --out <project>/bench-results
 #   --verbose           copy the boot console (kernel, init) to stderr as it comes
+#   --host-link ADDRESS/PREFIX,LOCAL_SOCKET,REMOTE_SOCKET
+#                       multi-host runs (scripts/rxe/multi-host.sh): rxe0 goes on a virtio NIC with that address
+#                       instead of the veth pair; the NIC's frames travel as datagrams between the unix socket
+#                       LOCAL_SOCKET (bound here) and REMOTE_SOCKET (the other test host's), nowhere else
+#   --slot-held         the caller already holds the VM slot(s) (multi-host.sh): do not queue for one
 # VRDMA_RXE_KERNEL_ARGS adds kernel parameters (e.g. "loglevel=7 initcall_debug" to see where boot time goes).
 #
 # The command's output (stdout and stderr merged, as the VM has one console) goes to stdout, and nothing else
@@ -41,6 +46,8 @@ RXE_MAX_VMS=${VRDMA_RXE_MAX_VMS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}
 RXE_SLOT_POLL_S=1
 # Variables every run passes (plus every VRDMA_* one): what the project's scripts and tools read.
 RXE_PASSED_VARIABLES=(PATH HOME CI)
+# The NIC of --host-link: a MAC made of this prefix and the link address's last two bytes.
+RXE_LINK_MAC_PREFIX=52:54:00:77
 
 usage() {
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0" \
@@ -53,6 +60,8 @@ timeout_seconds=$RXE_DEFAULT_TIMEOUT
 extra_variables=()
 out_dirs=()
 verbose=0
+host_link=
+slot_held=0
 while [ $# -gt 0 ]; do
   case $1 in
     --timeout)
@@ -69,6 +78,12 @@ while [ $# -gt 0 ]; do
       out_dirs+=("$2"); shift 2 ;;
     --bench-results) out_dirs+=("$RXE_PROJECT_ROOT/bench-results"); shift ;;
     --verbose) verbose=1; shift ;;
+    --host-link)
+      [ $# -ge 2 ] || bad_usage "--host-link needs ADDRESS/PREFIX,LOCAL_SOCKET,REMOTE_SOCKET"
+      [[ $2 =~ ^(([0-9]{1,3}\.){3}[0-9]{1,3})/([0-9]{1,2}),(/[^,]+),(/[^,]+)$ ]] \
+        || bad_usage "--host-link takes ADDRESS/PREFIX,LOCAL_SOCKET,REMOTE_SOCKET (absolute socket paths), not '$2'"
+      host_link=$2; shift 2 ;;
+    --slot-held) slot_held=1; shift ;;
     -h | --help) usage ;;
     --) shift; break ;;
     -*) bad_usage "unknown option '$1'" ;;
@@ -90,7 +105,7 @@ cleanup() {
   [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null
   [ -n "$filter_pid" ] && kill "$filter_pid" 2>/dev/null
   rm -rf "$run_dir"
-  [ -n "${ticket:-}" ] && rm -f "$ticket"
+  [ -n "${RXE_TICKET:-}" ] && rm -f "$RXE_TICKET"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -123,56 +138,27 @@ done
   printf 'RXE_CWD=%q\n' "$PWD"
   printf 'RXE_ENV_FILE=%q\n' "$run_dir/env.sh"
   printf 'RXE_COMMAND=('; printf '%q ' "$@"; printf ')\n'
+  [ -n "$host_link" ] && printf 'RXE_LINK_ADDRESS=%q\n' "${host_link%%,*}"
   printf '. %q\n' "$RXE_SCRIPTS_DIR/guest.sh"
   printf 'rxe_guest_main\n'
 } >"$run_dir/job.sh"
 # The initramfs mounts these (tag out<N> for line N) before it switches root.
 [ ${#out_paths[@]} -eq 0 ] || printf '%s\n' "${out_paths[@]}" >"$run_dir/out-dirs"
 
-# A VM slot: a lock held by this script and inherited by QEMU, so it is free again only once the VM is gone.
-# Waiters queue in arrival order (a ticket file each, locked by its owner: a dead owner's ticket is unlocked and
-# removed); only the oldest live ticket may take a free slot, so no run waits forever behind newer ones.
-[[ $RXE_MAX_VMS =~ ^[1-9][0-9]*$ ]] || rxe_die "VRDMA_RXE_MAX_VMS must be a positive number, not '$RXE_MAX_VMS'"
-mkdir -p "$RXE_CACHE/slots" "$RXE_CACHE/queue"
-ticket=$RXE_CACHE/queue/$(date +%s%N)-$$
-exec {ticket_fd}>"$ticket"
-flock -n "$ticket_fd" || rxe_die "cannot lock the queue ticket $ticket"
-waiting_since=
-got_slot=0
-while :; do
-  # A waiter that probed the ticket between its creation and its lock may have removed it: put it back.
-  if [ ! -e "$ticket" ]; then
-    exec {ticket_fd}>&-
-    exec {ticket_fd}>"$ticket"
-    flock -n "$ticket_fd" || rxe_die "cannot lock the queue ticket $ticket"
-  fi
-  first=
-  for other in $(ls "$RXE_CACHE/queue" 2>/dev/null | sort); do
-    if [ "$RXE_CACHE/queue/$other" = "$ticket" ]; then first=$ticket; break; fi
-    # Another waiter's ticket: live if its owner still holds the lock.
-    if ( exec {probe_fd}>>"$RXE_CACHE/queue/$other" && flock -n "$probe_fd" ) 2>/dev/null; then
-      rm -f "$RXE_CACHE/queue/$other"
-      continue
-    fi
-    break
-  done
-  if [ "$first" = "$ticket" ]; then
-    for ((slot = 0; slot < RXE_MAX_VMS; slot++)); do
-      exec {slot_fd}>"$RXE_CACHE/slots/$slot"
-      if flock -n "$slot_fd"; then got_slot=1; break; fi
-      exec {slot_fd}>&-
-    done
-    [ "$got_slot" -eq 1 ] && break
-  fi
-  if [ -z "$waiting_since" ]; then
-    waiting_since=$SECONDS
-    rxe_log "waiting for a free test-host slot ($RXE_MAX_VMS VM(s) at a time here; VRDMA_RXE_MAX_VMS changes it)"
-  fi
-  sleep "$RXE_SLOT_POLL_S"
-done
-rm -f "$ticket"
-exec {ticket_fd}>&-
-[ -n "$waiting_since" ] && rxe_log "got a slot after $((SECONDS - waiting_since)) s"
+# A VM slot: a lock held by this script and inherited by QEMU, so it is free again only once the VM is gone
+# (rxe_take_slots in common.sh: waiters queue in arrival order). With --slot-held the caller holds it for us.
+[ "$slot_held" -eq 1 ] || rxe_take_slots 1
+
+# --host-link: the NIC joined only to the other test host (datagrams over two unix sockets on this machine).
+link_args=()
+if [ -n "$host_link" ]; then
+  IFS=, read -r link_address link_local link_remote <<<"$host_link"
+  IFS=./ read -r _ _ link_c link_d _ <<<"$link_address"
+  link_mac=$(printf '%s:%02x:%02x' "$RXE_LINK_MAC_PREFIX" "$link_c" "$link_d")
+  # romfile=: no option ROM (no network boot; Debian ships efi-virtio.rom only with ipxe-qemu).
+  link_args=(-netdev "dgram,id=hostlink,local.type=unix,local.path=$link_local,remote.type=unix,remote.path=$link_remote"
+    -device "virtio-net-pci,netdev=hostlink,mac=$link_mac,romfile=")
+fi
 
 # The console: QEMU's stdout (the serial port) goes through a FIFO to the filter, which keeps everything before
 # the start marker in boot.log, copies the command's output to stdout, and takes the exit code from the exit marker.
@@ -186,7 +172,7 @@ setpriv --pdeathsig TERM -- timeout --kill-after=5 "$timeout_seconds" qemu-syste
   -kernel "$assets/vmlinux" -initrd "$assets/initrd.gz" \
   -append "$RXE_KERNEL_ARGS vrdma.job=$run_dir/job.sh vrdma.upper=$RXE_UPPER_SIZE ${VRDMA_RXE_KERNEL_ARGS:-}" \
   -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
-  "${virtfs_out[@]}" \
+  "${virtfs_out[@]}" "${link_args[@]}" \
   </dev/null >"$run_dir/console" 2>"$run_dir/qemu.stderr" &
 qemu_pid=$!
 
