@@ -81,6 +81,28 @@ export interface StartOptions {
   /** Virtio features the guest accepted (PROTOCOL_FEATURES is added, as QEMU adds backend_features). */
   features: bigint;
   queues: QueueSetup[];
+  /**
+   * The inflight area, as the project's patched QEMU handles it (vhost-user-blk's way): asked for once with
+   * GET_INFLIGHT_FD (`numQueues`, `queueSize`) when `kept` is absent, then handed to the back-end with
+   * SET_INFLIGHT_FD before the rings start, at every start and after every back-end restart.
+   */
+  inflight?: { numQueues: number; queueSize: number; kept?: KeptInflightArea };
+}
+
+/**
+ * An inflight area the front-end keeps across back-end restarts (QEMU's struct vhost_inflight): the memfd the
+ * back-end gave and the layout it described. The front-end never interprets it.
+ */
+export class KeptInflightArea {
+  constructor(
+    private readonly host: SysHost,
+    readonly fd: number,
+    readonly desc: InflightDesc,
+  ) {}
+
+  release(): void {
+    this.host.close(this.fd);
+  }
 }
 
 export class VhostUserFrontend {
@@ -367,8 +389,19 @@ export class VhostUserFrontend {
    * What QEMU does after the guest sets DRIVER_OK (vhost_dev_start): SET_FEATURES (+ FEATURES_OK via STATUS),
    * the memory table, for each queue NUM, BASE, ADDR, KICK and CALL, SET_VRING_ENABLE, then DRIVER_OK via STATUS.
    */
-  async start(o: StartOptions): Promise<void> {
+  async start(o: StartOptions): Promise<KeptInflightArea | undefined> {
     const features = o.features | (hasBit(this.backendFeatures, VHOST_USER_F_PROTOCOL_FEATURES) ? bit(VHOST_USER_F_PROTOCOL_FEATURES) : 0n);
+    let inflight: KeptInflightArea | undefined;
+    if (o.inflight !== undefined && hasBit(this.protocolFeatures, ProtocolFeature.INFLIGHT_SHMFD)) {
+      await this.setFeatures(features); // vhost_dev_prepare_inflight: the back-end learns the ring layout first
+      inflight = o.inflight.kept;
+      if (inflight === undefined) {
+        const got = await this.getInflightFd(o.inflight.numQueues, o.inflight.queueSize);
+        if (got.fd === undefined) throw new FrontendError('GET_INFLIGHT_FD: the reply carried no fd');
+        inflight = new KeptInflightArea(this.host, got.fd, got.desc);
+      }
+      await this.request(R.SET_INFLIGHT_FD, encodeInflight(inflight.desc), [inflight.fd], false);
+    }
     await this.setFeatures(features);
     const status = hasBit(this.protocolFeatures, ProtocolFeature.STATUS);
     if (status) await this.addStatus(0x8 /* FEATURES_OK */);
@@ -404,6 +437,7 @@ export class VhostUserFrontend {
       for (const q of o.queues) await this.request(R.SET_VRING_ENABLE, encodeVringState({ index: q.index, num: 1 }));
     }
     if (status) await this.addStatus(0x1 | 0x2 | 0x4);
+    return inflight;
   }
 
   /** What QEMU does on vhost_dev_stop: disable rings, GET_VRING_BASE each, SET_STATUS 0. Returns the bases. */

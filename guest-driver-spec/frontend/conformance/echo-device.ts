@@ -10,6 +10,8 @@ export const ECHO_CONFIG_MAGIC = 0x6f686365; // "echo"
 export const ECHO_MAX_QUEUE_SIZE = 256;
 /** A device feature bit, to see it offered and acked. */
 export const ECHO_F_TEST = 1n << 0n;
+/** Requests starting with this are kept in flight by the restart tests' holding device (backend-process.ts). */
+export const HOLD_PREFIX = 'hold:';
 
 export class EchoDevice implements VirtioDeviceModel {
   readonly deviceId = ECHO_DEVICE_ID;

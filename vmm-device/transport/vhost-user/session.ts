@@ -29,7 +29,7 @@ import { PACKED_EVENT_SIZE, descTableSize, splitAvailSize, splitUsedSize } from 
 import { checkQueueOptions, createQueue } from '../../virtqueue/index.ts';
 import type { DeviceQueue, QueueOptions } from '../../virtqueue/queue.ts';
 import type { HostOps, Watch } from './host.ts';
-import { InflightArea, inflightAreaSize } from './inflight.ts';
+import { InflightArea, InflightSplitQueue, inflightAreaSize, walkSplitHead, type SplitResubmission } from './inflight.ts';
 import {
   BackendRequest,
   CONFIG_FLAG_MIGRATION,
@@ -81,6 +81,8 @@ export interface SessionCounters {
   /** Kicks for a ring that is stopped, disabled, or broken. */
   droppedKicks: number;
   interrupts: number;
+  /** Inflight-area entries that named a descriptor beyond the ring (ignored at a ring start). */
+  badInflightEntries: number;
 }
 
 export function newCounters(): SessionCounters {
@@ -90,6 +92,7 @@ export function newCounters(): SessionCounters {
     kicks: 0,
     droppedKicks: 0,
     interrupts: 0,
+    badInflightEntries: 0,
   };
 }
 
@@ -412,6 +415,7 @@ export class VhostUserSession {
         return undefined;
       case 'GET_INFLIGHT_FD': {
         needProtocol('INFLIGHT_SHMFD');
+        if (this.rings.some((r) => r.queue !== undefined)) state('the inflight area cannot change while a ring is started');
         if (m.numQueues > this.rings.length) state(`num_queues ${m.numQueues} exceeds the queue count ${this.rings.length}`);
         const max = this.core.model.maxQueueSize(0);
         if (m.queueSize > max) state(`queue_size ${m.queueSize} exceeds the maximum ${max}`);
@@ -432,6 +436,10 @@ export class VhostUserSession {
       case 'SET_INFLIGHT_FD': {
         needProtocol('INFLIGHT_SHMFD');
         const fd = take();
+        if (this.rings.some((r) => r.queue !== undefined)) {
+          this.safeClose(fd);
+          state('the inflight area cannot change while a ring is started');
+        }
         if (m.numQueues > this.rings.length) {
           this.safeClose(fd);
           state(`num_queues ${m.numQueues} exceeds the queue count ${this.rings.length}`);
@@ -636,13 +644,55 @@ export class VhostUserSession {
     const why = checkQueueOptions(this.packed ? 'packed' : 'split', opts!);
     if (why !== undefined) refuse(`ring ${index}: ${why}`);
     // A new kick fd for a started ring replaces the old one; the queue keeps its position.
-    const state = r.queue?.getState();
+    const previous = r.queue;
+    const state = previous?.getState();
     if (state !== undefined) opts!.state = state;
     this.stopKickWatch(r);
     r.kickFd = fd;
-    r.queue = createQueue(this.packed ? 'packed' : 'split', opts!);
+    if (previous instanceof InflightSplitQueue) {
+      previous.rebind(createQueue('split', opts!), this.headWalker(opts!));
+    } else if (previous === undefined && !this.packed && this.inflight !== undefined) {
+      r.queue = this.trackedSplitQueue(index, opts!);
+    } else {
+      r.queue = createQueue(this.packed ? 'packed' : 'split', opts!);
+    }
     this.core.setQueue(index, r.queue);
     r.kickWatch = this.host.watchReadable(fd, () => this.onKick(index));
+    if (this.core.isActive && r.queue instanceof InflightSplitQueue && r.queue.pendingResubmissions > 0) this.notifyCore(index);
+  }
+
+  private headWalker(opts: QueueOptions): (head: number) => ReturnType<typeof walkSplitHead> {
+    return (head) => walkSplitHead(opts.rings.desc, opts.size, opts.memory, opts.indirect, head);
+  }
+
+  /**
+   * A split ring starting with an inflight area: what the area says was in flight is resubmitted first, and the
+   * ring resumes after it (used->idx + chains in flight, as the front-end's SET_VRING_BASE after a back-end crash
+   * is used->idx: QEMU's restore of last_avail_idx).
+   */
+  private trackedSplitQueue(index: number, opts: QueueOptions): DeviceQueue {
+    const region = this.inflight!.splitRegion(index, opts.size);
+    if (typeof region === 'string') {
+      this.log.log('warn', 'ring not tracked in the inflight area', { queue: index, reason: region });
+      return createQueue('split', opts);
+    }
+    const recovered: SplitResubmission = region.recover(opts.size, opts.state!.nextUsed);
+    if (recovered.invalid.length > 0) {
+      this.counters.badInflightEntries += recovered.invalid.length;
+      this.log.log('warn', 'inflight entries beyond the ring size ignored', { queue: index, heads: recovered.invalid.join(',') });
+    }
+    if (recovered.heads.length > 0) {
+      opts.state = { nextAvail: (recovered.usedIdx + recovered.heads.length) & 0xffff, nextUsed: recovered.usedIdx };
+      this.log.log('info', 'resubmitting requests in flight', { queue: index, count: recovered.heads.length });
+    }
+    return new InflightSplitQueue(createQueue('split', opts), region, recovered, this.headWalker(opts));
+  }
+
+  /** Rings restarted with chains in flight get them served without waiting for a kick that may never come. */
+  private serveResubmissions(): void {
+    this.rings.forEach((r, i) => {
+      if (r.queue instanceof InflightSplitQueue && r.queue.pendingResubmissions > 0) this.notifyCore(i);
+    });
   }
 
   /** Rebuilds a started ring's queue (new memory map or new addresses), keeping its position. */
@@ -653,7 +703,11 @@ export class VhostUserSession {
     try {
       const opts = this.queueOptions(index, r);
       opts.state = this.packed ? st : { nextAvail: st.nextAvail, nextUsed: st.nextUsed };
-      r.queue = createQueue(this.packed ? 'packed' : 'split', opts);
+      if (old instanceof InflightSplitQueue) {
+        old.rebind(createQueue('split', opts), this.headWalker(opts));
+      } else {
+        r.queue = createQueue(this.packed ? 'packed' : 'split', opts);
+      }
       this.core.setQueue(index, r.queue);
     } catch (e) {
       this.log.log('error', 'ring no longer inside guest memory after a memory map change', { queue: index, error: (e as Error).message });
@@ -700,7 +754,10 @@ export class VhostUserSession {
       this.counters.droppedKicks++;
       return;
     }
-    if (!this.core.isActive) this.activateCore();
+    if (!this.core.isActive) {
+      this.activateCore();
+      this.serveResubmissions();
+    }
     this.notifyCore(index);
   }
 
@@ -724,13 +781,18 @@ export class VhostUserSession {
 
   private setStatus(value: number): void {
     if (value === 0) {
+      // A device reset: the device model releases what the driver created, and nothing is in flight any more.
       this.core.reset();
+      this.inflight?.clearAll();
       this.status = 0;
       return;
     }
     const added = value & ~this.status;
     this.status = value;
-    if ((added & STATUS_DRIVER_OK) !== 0 && !this.core.isActive) this.activateCore();
+    if ((added & STATUS_DRIVER_OK) !== 0 && !this.core.isActive) {
+      this.activateCore();
+      this.serveResubmissions();
+    }
   }
 
   /**
@@ -755,6 +817,7 @@ export class VhostUserSession {
 
   private resetDevice(): void {
     this.core.reset();
+    this.inflight?.clearAll();
     this.status = 0;
     this.ackedFeatures = 0n;
     this.featuresSet = false;

@@ -1,0 +1,128 @@
+// Back-end restart with the inflight area (vhost-user.rst "Inflight I/O tracking"): a real back-end process is
+// killed with SIGKILL while it holds requests, a new process takes the socket over, and the reference front-end
+// reconnects as the project's patched QEMU does (the same inflight area handed back with SET_INFLIGHT_FD, each
+// ring's base set to the used index, QEMU's restore after a lost back-end). Every request must complete exactly
+// once: what was in flight is resubmitted (oldest first), what was completed is not served again.
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
+import t from 'tap';
+import { GuestAllocator, SplitRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
+import { VhostUserFrontend, type KeptInflightArea } from '../../guest-driver-spec/frontend/frontend.ts';
+import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
+import { HOLD_PREFIX } from '../../guest-driver-spec/frontend/conformance/echo-device.ts';
+import { host } from '../../guest-driver-spec/frontend/conformance/harness.ts';
+import { F_VERSION_1, bit } from '../../vmm-device/virtio/constants.ts';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const BACKEND_SCRIPT = path.join(here, '../../guest-driver-spec/frontend/conformance/backend-process.ts');
+const QUEUE_SIZE = 16;
+const WAIT_MS = 20_000;
+
+interface BackendEvent {
+  event: string;
+  queue?: number;
+  head?: number;
+  text?: string;
+}
+
+class BackendProcess {
+  readonly events: BackendEvent[] = [];
+  private readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+
+  private constructor(readonly child: ChildProcess) {
+    readline.createInterface({ input: child.stdout! }).on('line', (line) => this.events.push(JSON.parse(line) as BackendEvent));
+    child.stderr!.on('data', (d: Buffer) => process.stderr.write(d));
+    this.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
+  }
+
+  static async start(socketPath: string, mode: 'echo' | 'hold'): Promise<BackendProcess> {
+    const child = spawn(process.execPath, ['--import', 'tsx', BACKEND_SCRIPT, socketPath, '1', mode], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const b = new BackendProcess(child);
+    await b.until((e) => e.some((x) => x.event === 'listening'), 'the back-end process to listen');
+    return b;
+  }
+
+  async until(done: (events: BackendEvent[]) => boolean, what: string): Promise<void> {
+    const deadline = Date.now() + WAIT_MS;
+    while (!done(this.events)) {
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; events: ${JSON.stringify(this.events)}`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+
+  texts(event: 'served' | 'held'): string[] {
+    return this.events.filter((e) => e.event === event).map((e) => e.text!);
+  }
+
+  kill(signal: NodeJS.Signals): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    this.child.kill(signal);
+    return this.exited;
+  }
+}
+
+const words = (list: string[]): Uint8Array[] => list.map((w) => new TextEncoder().encode(w));
+
+t.test('a back-end killed with SIGKILL mid-request: the next one resubmits what was in flight, each request completes once', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhost-user-restart-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const socketPath = path.join(dir, 'vu.sock');
+  const ram = new GuestRam(host, [{ gpa: 0, size: 0x40000 }]);
+  t.teardown(() => ram.release());
+  const alloc = new GuestAllocator(ram);
+  const ring = new SplitRingDriver(ram, alloc, QUEUE_SIZE);
+  const features = bit(F_VERSION_1);
+  const queue = { index: 0, size: QUEUE_SIZE, ...ring.addrs };
+
+  // First back-end: completes plain requests, holds the "hold:" ones.
+  const first = await BackendProcess.start(socketPath, 'hold');
+  const fe1 = await VhostUserFrontend.connect(host, socketPath);
+  await fe1.init({ queues: 1 });
+  const kept: KeptInflightArea | undefined = await fe1.start({ ram, features, queues: [queue], inflight: { numQueues: 1, queueSize: QUEUE_SIZE } });
+  t.ok(kept !== undefined, 'the front-end got an inflight area (GET_INFLIGHT_FD) and handed it back (SET_INFLIGHT_FD)');
+  t.teardown(() => kept?.release());
+  const requests = ['a', `${HOLD_PREFIX}b`, 'c', `${HOLD_PREFIX}d`, 'e'];
+  const heads = new Map<number, string>();
+  for (const [i, w] of words(requests).entries()) heads.set(ring.post(alloc, w, 16).head, requests[i]!);
+  fe1.kick(0);
+  await first.until((e) => e.filter((x) => x.event === 'served' || x.event === 'held').length === requests.length, 'every request to reach the device');
+  t.same(first.texts('served'), ['a', 'c', 'e'], 'the first back-end completed the plain requests');
+  t.same(first.texts('held'), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`], 'and holds two');
+  const completedBefore = ring.readUsed();
+  t.same(completedBefore.map((u) => heads.get(u.id)), ['a', 'c', 'e'], 'the guest sees three completions');
+
+  t.same(await first.kill('SIGKILL'), { code: null, signal: 'SIGKILL' }, 'the first back-end died by SIGKILL');
+  t.ok(await fe1.waitClosed(), 'the front-end saw the connection drop');
+  fe1.close();
+
+  // QEMU's view after losing the back-end: last_avail_idx restored to used->idx (3), the same inflight area.
+  const second = await BackendProcess.start(socketPath, 'echo');
+  t.teardown(() => second.kill('SIGTERM'));
+  const fe2 = await VhostUserFrontend.connect(host, socketPath);
+  t.teardown(() => fe2.close());
+  await fe2.init({ queues: 1 });
+  await fe2.start({ ram, features, queues: [{ ...queue, base: completedBefore.length }], inflight: { numQueues: 1, queueSize: QUEUE_SIZE, kept } });
+  await second.until((e) => e.filter((x) => x.event === 'served').length === 2, 'the resubmitted requests');
+  t.same(second.texts('served'), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`], 'the held requests were resubmitted oldest first, without a kick');
+  t.ok((await fe2.waitCall(0)) > 0n, 'and the guest was interrupted');
+  const resubmitted = ring.readUsed();
+  t.same(resubmitted.map((u) => heads.get(u.id)), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`]);
+  t.same(resubmitted.map((u) => u.len), [6, 6], 'answered in full');
+
+  // The ring goes on after the resubmitted ones.
+  const f = ring.post(alloc, new TextEncoder().encode('f'), 16);
+  heads.set(f.head, 'f');
+  fe2.kick(0);
+  t.ok((await fe2.waitCall(0)) > 0n);
+  const after = ring.readUsed();
+  t.same(after.map((u) => heads.get(u.id)), ['f'], 'a new request after the restart');
+  t.same(second.texts('served'), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`, 'f'], 'nothing completed before the restart was served again');
+
+  const all = [...completedBefore, ...resubmitted, ...after].map((u) => u.id);
+  t.equal(new Set(all).size, all.length, 'no request completed twice');
+  t.equal(all.length, requests.length + 1, 'no request lost');
+  t.same(await fe2.stop([0]), [requests.length + 1], 'GET_VRING_BASE: the ring resumes after all six');
+});
