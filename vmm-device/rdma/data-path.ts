@@ -29,7 +29,7 @@ import { VerbsError } from '../verbs/host-verbs.ts';
 import { RecvWrList, SendWrList, WcBuffer, type SendWr, type Sge as HostSge } from '../verbs/layout.ts';
 import { gidFromIpv4, gidKey } from './address-resolver.ts';
 import { mtuBytes } from './limits.ts';
-import { ArmState, type CompletionInfo, type Cq, type Mr, type Outstanding, type Qp, type QpWorkQueue } from './objects.ts';
+import { ArmState, trackQpCall, type CompletionInfo, type Cq, type Mr, type Outstanding, type Qp, type QpWorkQueue } from './objects.ts';
 import type { RdmaDevice } from './rdma-device.ts';
 
 /** Completions taken from a host CQ per poll call. */
@@ -321,9 +321,13 @@ export class DataPath {
     qp.state = QpState.ERR;
     this.takeSends(qp);
     this.takeRecvs(qp);
-    if (was === QpState.ERR) return;
+    if (was === QpState.ERR) {
+      // Already on its way (an error completion started the move): the caller may destroy next, so wait for it.
+      await qp.hostIdle;
+      return;
+    }
     try {
-      await this.dev.verbs.modifyQp(qp.host, { qpState: QpState.ERR });
+      await trackQpCall(qp, this.dev.verbs.modifyQp(qp.host, { qpState: QpState.ERR }));
     } catch (e) {
       this.dev.counters.hostErrors++;
       this.dev.log.log('warn', 'host refused to move a QP to ERR', { qp: qp.handle, error: (e as Error).message });

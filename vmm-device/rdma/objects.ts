@@ -126,6 +126,18 @@ export interface Qp {
   destroyed: boolean;
   /** Set while DESTROY_QP flushes: flush completions written and dropped (DestroyQpResponse). */
   flushCounts?: { sq: number; rq: number; dropped: number };
+  /**
+   * Settles when the host calls on this QP started so far (modify) have ended. A destroy waits for it: the host
+   * refuses to destroy an object with a call in progress (EBUSY), which would leave the QP and its CQs behind.
+   */
+  hostIdle?: Promise<void>;
+}
+
+/** Records a host call on a QP so that its destroy waits for it (Qp.hostIdle); returns the call. */
+export function trackQpCall<T>(qp: Qp, call: Promise<T>): Promise<T> {
+  const before = qp.hostIdle;
+  qp.hostIdle = Promise.allSettled([before, call]).then(() => undefined);
+  return call;
 }
 
 export interface Mr {

@@ -79,7 +79,7 @@ import type { AddressResolver, ConnectionAnswer, ConnectionTeardown, VirtualAddr
 import { DataPath } from './data-path.ts';
 import { HandleTable } from './handle-table.ts';
 import { computeConfig, DEFAULT_QUOTAS, OFFERED_FEATURES, type DeviceConfigValue, type DeviceQuotas } from './limits.ts';
-import { ArmState, GuestRing, type Ah, type Cq, type Mr, type Pd, type Qp } from './objects.ts';
+import { ArmState, GuestRing, trackQpCall, type Ah, type Cq, type Mr, type Pd, type Qp } from './objects.ts';
 
 /** Queue indexes of this device: control, event, one doorbell queue (no MULTI_DOORBELL). */
 export const CONTROLQ = 0;
@@ -340,8 +340,13 @@ export class RdmaDevice implements VirtioDeviceModel {
     this.release(
       (async () => {
         const v = this.verbs;
-        await Promise.allSettled(qps.map((q) => v.modifyQp(q.host, { qpState: QpState.ERR })));
-        await Promise.allSettled(qps.map((q) => v.destroyQp(q.host)));
+        // Host calls still running on a QP (a command the reset overtook, a move to ERR) end before its destroy.
+        await Promise.allSettled(qps.map((q) => q.hostIdle));
+        await Promise.allSettled(qps.map((q) => trackQpCall(q, v.modifyQp(q.host, { qpState: QpState.ERR }))));
+        await Promise.allSettled(qps.map(async (q) => {
+          await q.hostIdle;
+          await v.destroyQp(q.host);
+        }));
         await Promise.allSettled(ahs.map((a) => v.destroyAh(a.host)));
         await Promise.allSettled(mrs.filter((m) => m.host !== undefined).map((m) => v.deregMr(m.host!)));
         await Promise.allSettled(cqs.map((c) => v.destroyCq(c.host)));
@@ -367,7 +372,7 @@ export class RdmaDevice implements VirtioDeviceModel {
     if (this.broken || this.ctx === undefined) return;
     this.counters.fatal++;
     this.broken = true;
-    for (const qp of this.qps.values()) this.release(this.verbs.modifyQp(qp.host, { qpState: QpState.ERR }));
+    for (const qp of this.qps.values()) this.release(trackQpCall(qp, this.verbs.modifyQp(qp.host, { qpState: QpState.ERR })));
     this.ctx.queueBroken(queue, new Error(why));
   }
 
@@ -381,7 +386,7 @@ export class RdmaDevice implements VirtioDeviceModel {
     const c = q.pop();
     if (c instanceof VirtqueueError) {
       this.broken = true;
-      for (const qp of this.qps.values()) this.release(this.verbs.modifyQp(qp.host, { qpState: QpState.ERR }));
+      for (const qp of this.qps.values()) this.release(trackQpCall(qp, this.verbs.modifyQp(qp.host, { qpState: QpState.ERR })));
       this.ctx?.queueBroken(index, c);
       return null;
     }
@@ -922,7 +927,7 @@ export class RdmaDevice implements VirtioDeviceModel {
       this.checkGeneration(gen);
     } else {
       try {
-        await this.verbs.modifyQp(qp.host, host);
+        await trackQpCall(qp, this.verbs.modifyQp(qp.host, host));
       } catch (e) {
         this.checkGeneration(gen);
         if (e instanceof VerbsError) {
@@ -990,7 +995,10 @@ export class RdmaDevice implements VirtioDeviceModel {
     this.data.removeQp(qp);
     this.resolver.unregisterQp(this.vmId, qp.host.qpNum);
     this.discardEvents(handle, [EventType.QP_FATAL, EventType.QP_REQ_ERR, EventType.QP_ACCESS_ERR, EventType.COMM_EST, EventType.QP_POLICY_TEARDOWN, EventType.DOORBELL_ERROR]);
-    await this.destroyHost(() => this.verbs.destroyQp(qp.host));
+    await this.destroyHost(async () => {
+      await qp.hostIdle; // a move to ERR still running would make the host refuse the destroy (EBUSY)
+      await this.verbs.destroyQp(qp.host);
+    });
     return DestroyQpResponse.encode({ sq_flushed: counts.sq, rq_flushed: counts.rq, flush_dropped: counts.dropped });
   }
 
