@@ -41,6 +41,9 @@
 #include <uv.h>
 
 #include <algorithm>
+#include <chrono>
+#include <deque>
+#include <mutex>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -106,8 +109,27 @@ struct Entry {
   std::unique_ptr<Napi::AsyncContext> asyncContext;
 };
 
+// What each QP has outstanding, and completions taken off a CQ on JS's behalf: shared by the JS thread (post,
+// poll) and the thread pool (a QP's destroy waits for its flush), so every access holds `mu`.
+//
+// A QP's send queue is a FIFO of posted WRs (signaled or not): a successful completion retires every WR up to
+// and including the first signaled one (the unsignaled ones before it completed silently, in order); an error
+// completion (a failure or a flush: rxe reports every one, signaled or not) retires exactly one. Every receive WR
+// completes once. Completions are told apart by opcode (IBV_WC_RECV bit), which rxe sets on error completions too.
+struct QpWork {
+  std::deque<bool> sendSignaled;
+  uint64_t recvPosted = 0;
+  bool signalAll = false;
+};
+struct Completions {
+  std::mutex mu;
+  std::unordered_map<uint32_t, QpWork> byQpNum;
+  std::unordered_map<ibv_cq*, std::deque<ibv_wc>> taken;
+};
+
 struct State {
   napi_env env = nullptr;
+  std::shared_ptr<Completions> completions = std::make_shared<Completions>();
   uv_loop_t* loop = nullptr;
   uint32_t nextId = 1;
   std::unordered_map<uint32_t, std::unique_ptr<Entry>> entries;
@@ -360,6 +382,21 @@ void Release(const std::vector<Entry*>& entries) {
 }
 
 int ErrnoOr(int fallback) { return errno != 0 ? errno : fallback; }
+
+// Queues a verb on the thread pool with `held` marked busy until it finishes (so none of them can be destroyed
+// meanwhile); `done` (optional) builds the resolved value on the JS thread.
+Napi::Value RunJob(Napi::Env env, const char* verb, std::vector<Entry*> held, std::function<int(std::string&)> run,
+                   std::function<Napi::Value(Napi::Env)> done = nullptr) {
+  Job* job = new Job(env, verb);
+  Hold(held);
+  job->run = std::move(run);
+  job->finish = [held](bool) { Release(held); };
+  job->done = std::move(done);
+  return job->Start();
+}
+
+// The result of a libibverbs constructor: 0, or errno (`fallback` when the library left errno unset).
+int CreatedOr(const void* obj, int fallback) { return obj == nullptr ? ErrnoOr(fallback) : 0; }
 
 // ---------------------------------------------------------------------------------------------- conversions
 
@@ -709,11 +746,8 @@ Napi::Value QueryDevice(const Napi::CallbackInfo& info) {
   if (e == nullptr) return env.Undefined();
   auto attr = std::make_shared<ibv_device_attr>();
   ibv_context* ctx = static_cast<ibv_context*>(e->obj);
-  Job* job = new Job(env, "ibv_query_device");
-  Hold({e});
-  job->run = [ctx, attr](std::string&) -> int { return ibv_query_device(ctx, attr.get()); };
-  job->finish = [e](bool) { Release({e}); };
-  job->done = [attr](Napi::Env env) -> Napi::Value {
+  auto run = [ctx, attr](std::string&) -> int { return ibv_query_device(ctx, attr.get()); };
+  return RunJob(env, "ibv_query_device", {e}, run, [attr](Napi::Env env) -> Napi::Value {
     const ibv_device_attr& a = *attr;
     Napi::Object o = Napi::Object::New(env);
     o.Set("fwVer", a.fw_ver);
@@ -740,8 +774,7 @@ Napi::Value QueryDevice(const Napi::CallbackInfo& info) {
     o.Set("maxPkeys", a.max_pkeys);
     o.Set("physPortCnt", a.phys_port_cnt);
     return o;
-  };
-  return job->Start();
+  });
 }
 
 Napi::Value QueryPort(const Napi::CallbackInfo& info) {
@@ -754,11 +787,8 @@ Napi::Value QueryPort(const Napi::CallbackInfo& info) {
   if (!ReadUint(env, verb, "port", info[1], 255, &port)) return env.Undefined();
   auto attr = std::make_shared<ibv_port_attr>();
   ibv_context* ctx = static_cast<ibv_context*>(e->obj);
-  Job* job = new Job(env, verb);
-  Hold({e});
-  job->run = [ctx, attr, port](std::string&) -> int { return ibv_query_port(ctx, static_cast<uint8_t>(port), attr.get()); };
-  job->finish = [e](bool) { Release({e}); };
-  job->done = [attr](Napi::Env env) -> Napi::Value {
+  auto run = [ctx, attr, port](std::string&) -> int { return ibv_query_port(ctx, static_cast<uint8_t>(port), attr.get()); };
+  return RunJob(env, verb, {e}, run, [attr](Napi::Env env) -> Napi::Value {
     const ibv_port_attr& a = *attr;
     Napi::Object o = Napi::Object::New(env);
     o.Set("state", static_cast<int>(a.state));
@@ -776,8 +806,7 @@ Napi::Value QueryPort(const Napi::CallbackInfo& info) {
     o.Set("physState", a.phys_state);
     o.Set("linkLayer", a.link_layer);
     return o;
-  };
-  return job->Start();
+  });
 }
 
 Napi::Value QueryGidTable(const Napi::CallbackInfo& info) {
@@ -789,14 +818,11 @@ Napi::Value QueryGidTable(const Napi::CallbackInfo& info) {
   auto entries = std::make_shared<std::vector<ibv_gid_entry>>(MAX_GID_ENTRIES);
   auto count = std::make_shared<ssize_t>(0);
   ibv_context* ctx = static_cast<ibv_context*>(e->obj);
-  Job* job = new Job(env, verb);
-  Hold({e});
-  job->run = [ctx, entries, count](std::string&) -> int {
+  auto run = [ctx, entries, count](std::string&) -> int {
     *count = ibv_query_gid_table(ctx, entries->data(), entries->size(), 0);
     return *count < 0 ? static_cast<int>(-*count) : 0;
   };
-  job->finish = [e](bool) { Release({e}); };
-  job->done = [entries, count](Napi::Env env) -> Napi::Value {
+  return RunJob(env, verb, {e}, run, [entries, count](Napi::Env env) -> Napi::Value {
     Napi::Array arr = Napi::Array::New(env, static_cast<size_t>(*count));
     for (ssize_t i = 0; i < *count; i++) {
       const ibv_gid_entry& g = (*entries)[static_cast<size_t>(i)];
@@ -809,8 +835,7 @@ Napi::Value QueryGidTable(const Napi::CallbackInfo& info) {
       arr.Set(static_cast<uint32_t>(i), o);
     }
     return arr;
-  };
-  return job->Start();
+  });
 }
 
 // ---------------------------------------------------------------------------------------------- PD
@@ -823,18 +848,14 @@ Napi::Value AllocPd(const Napi::CallbackInfo& info) {
   if (ctxE == nullptr) return env.Undefined();
   auto pd = std::make_shared<ibv_pd*>(nullptr);
   ibv_context* ctx = static_cast<ibv_context*>(ctxE->obj);
-  Job* job = new Job(env, verb);
-  Hold({ctxE});
-  job->run = [ctx, pd](std::string&) -> int {
+  auto run = [ctx, pd](std::string&) -> int {
     errno = 0;
     *pd = ibv_alloc_pd(ctx);
-    return *pd == nullptr ? ErrnoOr(ENOMEM) : 0;
+    return CreatedOr(*pd, ENOMEM);
   };
-  job->finish = [ctxE](bool) { Release({ctxE}); };
-  job->done = [st, ctxE, pd](Napi::Env env) -> Napi::Value {
+  return RunJob(env, verb, {ctxE}, run, [st, ctxE, pd](Napi::Env env) -> Napi::Value {
     return Napi::Number::New(env, Register(st, Kind::Pd, *pd, {ctxE->id})->id);
-  };
-  return job->Start();
+  });
 }
 
 // A destroy verb: marks the handle invalid now, destroys on the pool, unregisters on success and restores the
@@ -884,27 +905,32 @@ Napi::Value CreateCq(const Napi::CallbackInfo& info) {
   auto cq = std::make_shared<ibv_cq*>(nullptr);
   // The CQ's context pointer carries its handle so channel and async events name it; the id is reserved now.
   uint32_t id = st->nextId++;
-  Job* job = new Job(env, verb);
-  Hold({ctxE});
-  job->run = [ctx, channel, cq, cqe, vector, id](std::string&) -> int {
+  auto run = [ctx, channel, cq, cqe, vector, id](std::string&) -> int {
     errno = 0;
     *cq = ibv_create_cq(ctx, static_cast<int>(cqe), reinterpret_cast<void*>(static_cast<uintptr_t>(id)), channel,
                         static_cast<int>(vector));
-    return *cq == nullptr ? ErrnoOr(ENOMEM) : 0;
+    return CreatedOr(*cq, ENOMEM);
   };
-  job->finish = [ctxE](bool) { Release({ctxE}); };
-  job->done = [st, ctxE, cq, id](Napi::Env env) -> Napi::Value {
+  return RunJob(env, verb, {ctxE}, run, [st, ctxE, cq, id](Napi::Env env) -> Napi::Value {
     Entry* e = Register(st, Kind::Cq, *cq, {ctxE->id}, id);
     Napi::Object o = Napi::Object::New(env);
     o.Set("cq", e->id);
     o.Set("cqe", (*cq)->cqe);
     return o;
-  };
-  return job->Start();
+  });
 }
 
 Napi::Value DestroyCq(const Napi::CallbackInfo& info) {
-  return Destroy(info, "ibv_destroy_cq", Kind::Cq, [](void* o) { return ibv_destroy_cq(static_cast<ibv_cq*>(o)); });
+  std::shared_ptr<Completions> completions = StateOf(info)->completions;
+  return Destroy(info, "ibv_destroy_cq", Kind::Cq, [completions](void* o) {
+    ibv_cq* cq = static_cast<ibv_cq*>(o);
+    int rc = ibv_destroy_cq(cq);
+    if (rc == 0) {
+      std::lock_guard<std::mutex> lock(completions->mu);
+      completions->taken.erase(cq);
+    }
+    return rc;
+  });
 }
 
 Napi::Value ReqNotifyCq(const Napi::CallbackInfo& info) {
@@ -916,6 +942,41 @@ Napi::Value ReqNotifyCq(const Napi::CallbackInfo& info) {
   int rc = ibv_req_notify_cq(static_cast<ibv_cq*>(e->obj), solicitedOnly);
   if (rc != 0) return Throw(env, verb, rc);
   return env.Undefined();
+}
+
+// Retires the work `wc` completes from its QP's outstanding count (caller holds Completions::mu).
+void Account(Completions& c, const ibv_wc& wc) {
+  auto it = c.byQpNum.find(wc.qp_num);
+  if (it == c.byQpNum.end()) return;  // a QP already destroyed
+  QpWork& work = it->second;
+  if (wc.opcode & IBV_WC_RECV) {
+    if (work.recvPosted > 0) work.recvPosted--;
+    return;
+  }
+  if (wc.status != IBV_WC_SUCCESS) {
+    if (!work.sendSignaled.empty()) work.sendSignaled.pop_front();
+    return;
+  }
+  while (!work.sendSignaled.empty()) {
+    bool signaled = work.sendSignaled.front();
+    work.sendSignaled.pop_front();
+    if (signaled) break;
+  }
+}
+
+// Polls `cq` empty into Completions::taken (for JS's next pollCq), accounting each (caller holds mu).
+int TakeCompletions(Completions& c, ibv_cq* cq) {
+  ibv_wc wcs[WC_BATCH];
+  for (;;) {
+    int n = ibv_poll_cq(cq, WC_BATCH, wcs);
+    if (n < 0) return EIO;
+    if (n == 0) return 0;
+    std::deque<ibv_wc>& taken = c.taken[cq];
+    for (int i = 0; i < n; i++) {
+      Account(c, wcs[i]);
+      taken.push_back(wcs[i]);
+    }
+  }
 }
 
 void WriteWc(uint8_t* p, const ibv_wc& wc) {
@@ -956,13 +1017,27 @@ Napi::Value PollCq(const Napi::CallbackInfo& info) {
                  "out holds " + std::to_string(outLen / WC_BYTES) + " completions, maxEntries is " +
                      std::to_string(max));
   ibv_cq* cq = static_cast<ibv_cq*>(e->obj);
-  ibv_wc wcs[WC_BATCH];
+  Completions& c = *StateOf(info)->completions;
+  std::lock_guard<std::mutex> lock(c.mu);
   uint32_t total = 0;
+  // Completions a QP's destroy took off this CQ while waiting for its flush come first (they are older).
+  auto taken = c.taken.find(cq);
+  if (taken != c.taken.end()) {
+    for (; total < max && !taken->second.empty(); total++) {
+      WriteWc(out + static_cast<size_t>(total) * WC_BYTES, taken->second.front());
+      taken->second.pop_front();
+    }
+    if (taken->second.empty()) c.taken.erase(taken);
+  }
+  ibv_wc wcs[WC_BATCH];
   while (total < max) {
     int want = static_cast<int>(std::min<uint64_t>(WC_BATCH, max - total));
     int n = ibv_poll_cq(cq, want, wcs);
     if (n < 0) return Throw(env, verb, n == -1 ? EIO : -n, "the CQ is in error");
-    for (int i = 0; i < n; i++) WriteWc(out + static_cast<size_t>(total + i) * WC_BYTES, wcs[i]);
+    for (int i = 0; i < n; i++) {
+      Account(c, wcs[i]);
+      WriteWc(out + static_cast<size_t>(total + i) * WC_BYTES, wcs[i]);
+    }
     total += static_cast<uint32_t>(n);
     if (n < want) break;
   }
@@ -1005,21 +1080,24 @@ Napi::Value CreateQp(const Napi::CallbackInfo& info) {
   attr->qp_context = reinterpret_cast<void*>(static_cast<uintptr_t>(id));
   ibv_pd* pd = static_cast<ibv_pd*>(pdE->obj);
   auto qp = std::make_shared<ibv_qp*>(nullptr);
-  std::vector<Entry*> held{pdE, sendCq, recvCq};
-  Job* job = new Job(env, verb);
-  Hold(held);
-  job->run = [pd, attr, qp](std::string&) -> int {
+  std::shared_ptr<Completions> completions = st->completions;
+  auto run = [pd, attr, qp, completions](std::string&) -> int {
     errno = 0;
     *qp = ibv_create_qp(pd, attr.get());
     if (*qp == nullptr) return ErrnoOr(ENOMEM);
+    {
+      std::lock_guard<std::mutex> lock(completions->mu);
+      QpWork& work = completions->byQpNum[(*qp)->qp_num];
+      work = QpWork{};
+      work.signalAll = attr->sq_sig_all != 0;
+    }
     // Providers may round the queues up without writing the result back (rxe does): ask for the real ones.
     ibv_qp_attr actual;
     ibv_qp_init_attr init;
     if (ibv_query_qp(*qp, &actual, IBV_QP_CAP, &init) == 0) attr->cap = actual.cap;
     return 0;
   };
-  job->finish = [held](bool) { Release(held); };
-  job->done = [st, qp, attr, id, pdE, sendCq, recvCq](Napi::Env env) -> Napi::Value {
+  return RunJob(env, verb, {pdE, sendCq, recvCq}, run, [st, qp, attr, id, pdE, sendCq, recvCq](Napi::Env env) -> Napi::Value {
     std::vector<uint32_t> parents{pdE->id, sendCq->id};
     if (recvCq != sendCq) parents.push_back(recvCq->id);
     Entry* e = Register(st, Kind::Qp, *qp, parents, id);
@@ -1029,8 +1107,7 @@ Napi::Value CreateQp(const Napi::CallbackInfo& info) {
     r.Set("qpNum", (*qp)->qp_num);
     r.Set("cap", CapToJs(env, attr->cap));
     return r;
-  };
-  return job->Start();
+  });
 }
 
 // modifyQp(qp, attrs): the attribute mask is the set of attributes present in `attrs`.
@@ -1081,11 +1158,7 @@ Napi::Value ModifyQp(const Napi::CallbackInfo& info) {
   }
   if (mask == 0) return Throw(env, verb, EINVAL, "no attribute given");
   ibv_qp* qp = static_cast<ibv_qp*>(e->obj);
-  Job* job = new Job(env, verb);
-  Hold({e});
-  job->run = [qp, attr, mask](std::string&) -> int { return ibv_modify_qp(qp, attr.get(), mask); };
-  job->finish = [e](bool) { Release({e}); };
-  return job->Start();
+  return RunJob(env, verb, {e}, [qp, attr, mask](std::string&) -> int { return ibv_modify_qp(qp, attr.get(), mask); });
 }
 
 Napi::Value QueryQp(const Napi::CallbackInfo& info) {
@@ -1101,17 +1174,14 @@ Napi::Value QueryQp(const Napi::CallbackInfo& info) {
   };
   auto out = std::make_shared<Out>();
   memset(out.get(), 0, sizeof *out);
-  Job* job = new Job(env, verb);
-  Hold({e});
-  job->run = [qp, out](std::string&) -> int {
+  auto run = [qp, out](std::string&) -> int {
     int mask = IBV_QP_STATE | IBV_QP_CUR_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS |
                IBV_QP_QKEY | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY |
                IBV_QP_RQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER | IBV_QP_SQ_PSN |
                IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_DEST_QPN | IBV_QP_CAP;
     return ibv_query_qp(qp, &out->attr, mask, &out->init);
   };
-  job->finish = [e](bool) { Release({e}); };
-  job->done = [out, qp](Napi::Env env) -> Napi::Value {
+  return RunJob(env, verb, {e}, run, [out, qp](Napi::Env env) -> Napi::Value {
     const ibv_qp_attr& a = out->attr;
     Napi::Object o = Napi::Object::New(env);
     o.Set("qpNum", qp->qp_num);
@@ -1136,18 +1206,42 @@ Napi::Value QueryQp(const Napi::CallbackInfo& info) {
     o.Set("cap", CapToJs(env, a.cap));
     o.Set("sqSigAll", out->init.sq_sig_all != 0);
     return o;
-  };
-  return job->Start();
+  });
 }
 
 // The QP goes to ERR first: its outstanding work requests then complete with IBV_WC_WR_FLUSH_ERR on its CQs
-// (where they stay pollable after the QP is gone). ibv_destroy_qp alone drops them silently on rxe. rxe flushes
-// from a tasklet that the modify only schedules and that destroy cancels, so the QP is given FLUSH_GRACE_MS
-// (on the thread pool, not the event loop) before it is destroyed. No verb reports when a flush is done.
-constexpr useconds_t FLUSH_GRACE_MS = 100;
+// (where they stay pollable after the QP is gone). ibv_destroy_qp alone drops them silently on rxe: rxe flushes
+// from a tasklet that the modify only schedules and that destroy cancels. No verb reports when a flush is done,
+// so the destroy (on the thread pool) polls the QP's CQs, keeping what it takes for JS's next pollCq, until every
+// work request the QP had outstanding has completed, at most FLUSH_LIMIT_MS (a CQ that overflowed loses
+// completions; the QP is destroyed then anyway).
+constexpr auto FLUSH_LIMIT = std::chrono::milliseconds(5000);
+constexpr useconds_t FLUSH_POLL_INTERVAL_US = 200;
+
+// True once the QP numbered `qpNum` has nothing outstanding; false if FLUSH_LIMIT passed first.
+bool AwaitFlush(Completions& c, uint32_t qpNum, ibv_cq* sendCq, ibv_cq* recvCq) {
+  const auto deadline = std::chrono::steady_clock::now() + FLUSH_LIMIT;
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(c.mu);
+      auto drained = [&] {
+        auto it = c.byQpNum.find(qpNum);
+        return it == c.byQpNum.end() || (it->second.sendSignaled.empty() && it->second.recvPosted == 0);
+      };
+      if (drained()) return true;
+      if (TakeCompletions(c, sendCq) != 0 || (recvCq != sendCq && TakeCompletions(c, recvCq) != 0)) return false;
+      if (drained()) return true;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    usleep(FLUSH_POLL_INTERVAL_US);
+  }
+}
+
 Napi::Value DestroyQp(const Napi::CallbackInfo& info) {
-  return Destroy(info, "ibv_destroy_qp", Kind::Qp, [](void* o) {
+  std::shared_ptr<Completions> completions = StateOf(info)->completions;
+  return Destroy(info, "ibv_destroy_qp", Kind::Qp, [completions](void* o) {
     ibv_qp* qp = static_cast<ibv_qp*>(o);
+    const uint32_t qpNum = qp->qp_num;
     ibv_qp_attr attr;
     ibv_qp_init_attr init;
     memset(&attr, 0, sizeof attr);
@@ -1155,8 +1249,13 @@ Napi::Value DestroyQp(const Napi::CallbackInfo& info) {
     memset(&attr, 0, sizeof attr);
     attr.qp_state = IBV_QPS_ERR;
     // A QP in RESET holds no work; one that cannot go to ERR has nothing to flush.
-    if (needsFlush && ibv_modify_qp(qp, &attr, IBV_QP_STATE) == 0) usleep(FLUSH_GRACE_MS * 1000);
-    return ibv_destroy_qp(qp);
+    if (needsFlush && ibv_modify_qp(qp, &attr, IBV_QP_STATE) == 0) AwaitFlush(*completions, qpNum, qp->send_cq, qp->recv_cq);
+    int rc = ibv_destroy_qp(qp);
+    if (rc == 0) {
+      std::lock_guard<std::mutex> lock(completions->mu);
+      completions->byQpNum.erase(qpNum);
+    }
+    return rc;
   });
 }
 
@@ -1195,16 +1294,13 @@ Napi::Value RegMr(const Napi::CallbackInfo& info) {
   ibv_pd* pd = static_cast<ibv_pd*>(pdE->obj);
   auto mr = std::make_shared<ibv_mr*>(nullptr);
   auto memory = std::make_shared<Napi::Reference<Napi::ArrayBuffer>>(Napi::Persistent(ab));
-  Job* job = new Job(env, verb);
-  Hold({pdE});
-  job->run = [pd, addr, length, access, iova, withIova, mr](std::string&) -> int {
+  auto run = [pd, addr, length, access, iova, withIova, mr](std::string&) -> int {
     errno = 0;
     *mr = withIova ? ibv_reg_mr_iova2(pd, addr, length, iova, static_cast<unsigned>(access))
                    : ibv_reg_mr(pd, addr, length, static_cast<int>(access));
-    return *mr == nullptr ? ErrnoOr(ENOMEM) : 0;
+    return CreatedOr(*mr, ENOMEM);
   };
-  job->finish = [pdE](bool) { Release({pdE}); };
-  job->done = [st, pdE, mr, memory, withIova, iova, addr](Napi::Env env) -> Napi::Value {
+  return RunJob(env, verb, {pdE}, run, [st, pdE, mr, memory, withIova, iova, addr](Napi::Env env) -> Napi::Value {
     Entry* e = Register(st, Kind::Mr, *mr, {pdE->id});
     e->memory = std::move(*memory);
     Napi::Object o = Napi::Object::New(env);
@@ -1214,8 +1310,7 @@ Napi::Value RegMr(const Napi::CallbackInfo& info) {
     uint64_t a = withIova ? iova : reinterpret_cast<uintptr_t>(addr);
     o.Set("addr", Napi::BigInt::New(env, a));
     return o;
-  };
-  return job->Start();
+  });
 }
 
 Napi::Value DeregMr(const Napi::CallbackInfo& info) {
@@ -1243,18 +1338,14 @@ Napi::Value CreateAh(const Napi::CallbackInfo& info) {
   if (!ReadAhAttr(env, verb, info[1], attr.get())) return env.Undefined();
   ibv_pd* pd = static_cast<ibv_pd*>(pdE->obj);
   auto ah = std::make_shared<ibv_ah*>(nullptr);
-  Job* job = new Job(env, verb);
-  Hold({pdE});
-  job->run = [pd, attr, ah](std::string&) -> int {
+  auto run = [pd, attr, ah](std::string&) -> int {
     errno = 0;
     *ah = ibv_create_ah(pd, attr.get());
-    return *ah == nullptr ? ErrnoOr(EINVAL) : 0;
+    return CreatedOr(*ah, EINVAL);
   };
-  job->finish = [pdE](bool) { Release({pdE}); };
-  job->done = [st, pdE, ah](Napi::Env env) -> Napi::Value {
+  return RunJob(env, verb, {pdE}, run, [st, pdE, ah](Napi::Env env) -> Napi::Value {
     return Napi::Number::New(env, Register(st, Kind::Ah, *ah, {pdE->id})->id);
-  };
-  return job->Start();
+  });
 }
 
 Napi::Value DestroyAh(const Napi::CallbackInfo& info) {
@@ -1274,20 +1365,48 @@ uint64_t LoadU64(const uint8_t* p) {
   return v;
 }
 
-// Parses `count` send WRs from `buf` into st->sendWrs/st->sges, linked. `resolveAh` looks AH handles up (a UD
-// QP); without it, the raw handle is kept in wr.ud.ah's place for the layout self-test. Returns false after
-// throwing.
-bool ParseSendList(Napi::Env env, State* st, const char* verb, const uint8_t* buf, size_t len, uint32_t count,
-                   bool isUd, bool resolveAh) {
+// Checks a list's work request count and empties the SGE scratch space. Returns false after throwing.
+bool StartList(Napi::Env env, State* st, const char* verb, uint32_t count) {
   if (count == 0 || count > MAX_WRS_PER_POST) {
     Throw(env, verb, EINVAL, "work request count " + std::to_string(count) + " is not in 1.." +
                                  std::to_string(MAX_WRS_PER_POST));
     return false;
   }
-  st->sendWrs.resize(count);
   st->sges.clear();
-  std::vector<size_t>& sgeStart = st->sgeStart;
-  sgeStart.resize(count);
+  st->sgeStart.resize(count);
+  return true;
+}
+
+// Appends work request `index`'s `numSge` SGEs at `*off` to st->sges (recording where they start) and moves
+// `*off` past them. Returns false after throwing.
+bool ParseSges(Napi::Env env, State* st, const char* verb, const uint8_t* buf, size_t len, uint32_t index,
+               uint32_t numSge, size_t* off) {
+  if (numSge > MAX_SGE_PER_WR) {
+    Throw(env, verb, EINVAL, "work request " + std::to_string(index) + " has " + std::to_string(numSge) +
+                                 " SGEs, more than " + std::to_string(MAX_SGE_PER_WR));
+    return false;
+  }
+  if ((len - *off) / SGE_BYTES < numSge) {
+    Throw(env, verb, EINVAL, "the SGEs of work request " + std::to_string(index) + " run past the end of the buffer");
+    return false;
+  }
+  st->sgeStart[index] = st->sges.size();
+  for (uint32_t s = 0; s < numSge; s++) {
+    const uint8_t* q = buf + *off;
+    st->sges.push_back(ibv_sge{LoadU64(q), LoadU32(q + 8), LoadU32(q + 12)});
+    *off += SGE_BYTES;
+  }
+  return true;
+}
+
+// Parses `count` send WRs from `buf` into st->sendWrs/st->sges, linked. `resolveAh` looks AH handles up (a UD
+// QP); without it, the raw handle is kept in wr.ud.ah's place for the layout self-test. Returns false after
+// throwing.
+bool ParseSendList(Napi::Env env, State* st, const char* verb, const uint8_t* buf, size_t len, uint32_t count,
+                   bool isUd, bool resolveAh) {
+  if (!StartList(env, st, verb, count)) return false;
+  st->sendWrs.resize(count);
+  const std::vector<size_t>& sgeStart = st->sgeStart;
   size_t off = 0;
   for (uint32_t i = 0; i < count; i++) {
     if (off > len || len - off < SEND_WR_HEADER_BYTES) {
@@ -1302,11 +1421,6 @@ bool ParseSendList(Napi::Env env, State* st, const char* verb, const uint8_t* bu
     wr.send_flags = LoadU32(p + 12);
     uint32_t numSge = LoadU32(p + 16);
     uint32_t imm = LoadU32(p + 20);
-    if (numSge > MAX_SGE_PER_WR) {
-      Throw(env, verb, EINVAL, "work request " + std::to_string(i) + " has " + std::to_string(numSge) +
-                                   " SGEs, more than " + std::to_string(MAX_SGE_PER_WR));
-      return false;
-    }
     if (wr.opcode == IBV_WR_SEND_WITH_INV || wr.opcode == IBV_WR_LOCAL_INV)
       wr.invalidate_rkey = imm;
     else
@@ -1334,16 +1448,7 @@ bool ParseSendList(Napi::Env env, State* st, const char* verb, const uint8_t* bu
       wr.wr.rdma.rkey = rkey;
     }
     off += SEND_WR_HEADER_BYTES;
-    if ((len - off) / SGE_BYTES < numSge) {
-      Throw(env, verb, EINVAL, "the SGEs of work request " + std::to_string(i) + " run past the end of the buffer");
-      return false;
-    }
-    sgeStart[i] = st->sges.size();
-    for (uint32_t s = 0; s < numSge; s++) {
-      const uint8_t* q = buf + off;
-      st->sges.push_back(ibv_sge{LoadU64(q), LoadU32(q + 8), LoadU32(q + 12)});
-      off += SGE_BYTES;
-    }
+    if (!ParseSges(env, st, verb, buf, len, i, numSge, &off)) return false;
     wr.num_sge = static_cast<int>(numSge);
   }
   // sges may have moved while growing: link the lists only now.
@@ -1356,15 +1461,9 @@ bool ParseSendList(Napi::Env env, State* st, const char* verb, const uint8_t* bu
 }
 
 bool ParseRecvList(Napi::Env env, State* st, const char* verb, const uint8_t* buf, size_t len, uint32_t count) {
-  if (count == 0 || count > MAX_WRS_PER_POST) {
-    Throw(env, verb, EINVAL, "work request count " + std::to_string(count) + " is not in 1.." +
-                                 std::to_string(MAX_WRS_PER_POST));
-    return false;
-  }
+  if (!StartList(env, st, verb, count)) return false;
   st->recvWrs.resize(count);
-  st->sges.clear();
-  std::vector<size_t>& sgeStart = st->sgeStart;
-  sgeStart.resize(count);
+  const std::vector<size_t>& sgeStart = st->sgeStart;
   size_t off = 0;
   for (uint32_t i = 0; i < count; i++) {
     if (off > len || len - off < RECV_WR_HEADER_BYTES) {
@@ -1376,22 +1475,8 @@ bool ParseRecvList(Napi::Env env, State* st, const char* verb, const uint8_t* bu
     memset(&wr, 0, sizeof wr);
     wr.wr_id = LoadU64(p);
     uint32_t numSge = LoadU32(p + 8);
-    if (numSge > MAX_SGE_PER_WR) {
-      Throw(env, verb, EINVAL, "work request " + std::to_string(i) + " has " + std::to_string(numSge) +
-                                   " SGEs, more than " + std::to_string(MAX_SGE_PER_WR));
-      return false;
-    }
     off += RECV_WR_HEADER_BYTES;
-    if ((len - off) / SGE_BYTES < numSge) {
-      Throw(env, verb, EINVAL, "the SGEs of work request " + std::to_string(i) + " run past the end of the buffer");
-      return false;
-    }
-    sgeStart[i] = st->sges.size();
-    for (uint32_t s = 0; s < numSge; s++) {
-      const uint8_t* q = buf + off;
-      st->sges.push_back(ibv_sge{LoadU64(q), LoadU32(q + 8), LoadU32(q + 12)});
-      off += SGE_BYTES;
-    }
+    if (!ParseSges(env, st, verb, buf, len, i, numSge, &off)) return false;
     wr.num_sge = static_cast<int>(numSge);
   }
   for (uint32_t i = 0; i < count; i++) {
@@ -1411,54 +1496,79 @@ Napi::Value ThrowPostError(Napi::Env env, const char* verb, int rc, uint32_t bad
   return env.Undefined();
 }
 
-// postSend(qp, wrs: Uint8Array, count)
-Napi::Value PostSend(const Napi::CallbackInfo& info) {
+// The (wrs: Uint8Array, count) arguments of a list verb, at info[first] and info[first + 1].
+bool ReadListArgs(const Napi::CallbackInfo& info, const char* verb, size_t first, uint8_t** buf, size_t* len,
+                  uint32_t* count) {
+  uint64_t n = 0;
+  if (!ReadBytes(info.Env(), verb, "wrs", info[first], buf, len) ||
+      !ReadUint(info.Env(), verb, "count", info[first + 1], MAX_WRS_PER_POST, &n))
+    return false;
+  *count = static_cast<uint32_t>(n);
+  return true;
+}
+
+// Counts the first `posted` WRs of the list just parsed as outstanding on the QP (for the flush at destroy).
+void RecordPosted(State* st, uint32_t qpNum, bool send, uint32_t posted) {
+  Completions& c = *st->completions;
+  std::lock_guard<std::mutex> lock(c.mu);
+  auto it = c.byQpNum.find(qpNum);
+  if (it == c.byQpNum.end()) return;
+  QpWork& work = it->second;
+  if (!send) {
+    work.recvPosted += posted;
+    return;
+  }
+  for (uint32_t i = 0; i < posted; i++)
+    work.sendSignaled.push_back(work.signalAll || (st->sendWrs[i].send_flags & IBV_SEND_SIGNALED) != 0);
+}
+
+// postSend(qp, wrs: Uint8Array, count) and postRecv(qp, wrs: Uint8Array, count): the whole list in one
+// libibverbs call.
+Napi::Value PostList(const Napi::CallbackInfo& info, bool send) {
   Napi::Env env = info.Env();
   State* st = StateOf(info);
-  const char* verb = "ibv_post_send";
+  const char* verb = send ? "ibv_post_send" : "ibv_post_recv";
   Entry* e = Lookup(st, env, verb, info[0], Kind::Qp);
   if (e == nullptr) return env.Undefined();
   uint8_t* buf = nullptr;
   size_t len = 0;
-  uint64_t count = 0;
-  if (!ReadBytes(env, verb, "wrs", info[1], &buf, &len) ||
-      !ReadUint(env, verb, "count", info[2], MAX_WRS_PER_POST, &count))
-    return env.Undefined();
-  if (!ParseSendList(env, st, verb, buf, len, static_cast<uint32_t>(count), e->qpType == IBV_QPT_UD, true))
-    return env.Undefined();
-  ibv_send_wr* bad = nullptr;
-  int rc = ibv_post_send(static_cast<ibv_qp*>(e->obj), st->sendWrs.data(), &bad);
-  if (rc != 0) {
-    uint32_t idx = bad != nullptr ? static_cast<uint32_t>(bad - st->sendWrs.data()) : 0;
-    return ThrowPostError(env, verb, rc, idx);
+  uint32_t count = 0;
+  if (!ReadListArgs(info, verb, 1, &buf, &len, &count)) return env.Undefined();
+  ibv_qp* qp = static_cast<ibv_qp*>(e->obj);
+  int rc = 0;
+  uint32_t posted = count;
+  if (send) {
+    if (!ParseSendList(env, st, verb, buf, len, count, e->qpType == IBV_QPT_UD, true)) return env.Undefined();
+    ibv_send_wr* bad = nullptr;
+    rc = ibv_post_send(qp, st->sendWrs.data(), &bad);
+    if (rc != 0) posted = bad != nullptr ? static_cast<uint32_t>(bad - st->sendWrs.data()) : 0;
+  } else {
+    if (!ParseRecvList(env, st, verb, buf, len, count)) return env.Undefined();
+    ibv_recv_wr* bad = nullptr;
+    rc = ibv_post_recv(qp, st->recvWrs.data(), &bad);
+    if (rc != 0) posted = bad != nullptr ? static_cast<uint32_t>(bad - st->recvWrs.data()) : 0;
   }
+  RecordPosted(st, qp->qp_num, send, posted);
+  if (rc != 0) return ThrowPostError(env, verb, rc, posted);
   return env.Undefined();
 }
 
-// postRecv(qp, wrs: Uint8Array, count)
-Napi::Value PostRecv(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  State* st = StateOf(info);
-  const char* verb = "ibv_post_recv";
-  Entry* e = Lookup(st, env, verb, info[0], Kind::Qp);
-  if (e == nullptr) return env.Undefined();
-  uint8_t* buf = nullptr;
-  size_t len = 0;
-  uint64_t count = 0;
-  if (!ReadBytes(env, verb, "wrs", info[1], &buf, &len) ||
-      !ReadUint(env, verb, "count", info[2], MAX_WRS_PER_POST, &count))
-    return env.Undefined();
-  if (!ParseRecvList(env, st, verb, buf, len, static_cast<uint32_t>(count))) return env.Undefined();
-  ibv_recv_wr* bad = nullptr;
-  int rc = ibv_post_recv(static_cast<ibv_qp*>(e->obj), st->recvWrs.data(), &bad);
-  if (rc != 0) {
-    uint32_t idx = bad != nullptr ? static_cast<uint32_t>(bad - st->recvWrs.data()) : 0;
-    return ThrowPostError(env, verb, rc, idx);
-  }
-  return env.Undefined();
-}
+Napi::Value PostSend(const Napi::CallbackInfo& info) { return PostList(info, true); }
+Napi::Value PostRecv(const Napi::CallbackInfo& info) { return PostList(info, false); }
 
 // ---------------------------------------------------------------------------------------------- layout self-test
+
+Napi::Array SgesToJs(Napi::Env env, const ibv_sge* sgList, int numSge) {
+  Napi::Array sges = Napi::Array::New(env, static_cast<size_t>(numSge));
+  for (int s = 0; s < numSge; s++) {
+    Napi::Object g = Napi::Object::New(env);
+    g.Set("addr", Napi::BigInt::New(env, static_cast<uint64_t>(sgList[s].addr)));
+    g.Set("length", sgList[s].length);
+    g.Set("lkey", sgList[s].lkey);
+    sges.Set(static_cast<uint32_t>(s), g);
+  }
+  return sges;
+}
 
 // parseSendWrsForTest(wrs, count, isUd) -> the ibv_send_wr list this file would post, as JS objects.
 Napi::Value ParseSendWrsForTest(const Napi::CallbackInfo& info) {
@@ -1467,12 +1577,10 @@ Napi::Value ParseSendWrsForTest(const Napi::CallbackInfo& info) {
   const char* verb = "parseSendWrs";
   uint8_t* buf = nullptr;
   size_t len = 0;
-  uint64_t count = 0;
-  if (!ReadBytes(env, verb, "wrs", info[0], &buf, &len) ||
-      !ReadUint(env, verb, "count", info[1], MAX_WRS_PER_POST, &count))
-    return env.Undefined();
+  uint32_t count = 0;
+  if (!ReadListArgs(info, verb, 0, &buf, &len, &count)) return env.Undefined();
   bool isUd = info[2].IsBoolean() && info[2].As<Napi::Boolean>().Value();
-  if (!ParseSendList(env, st, verb, buf, len, static_cast<uint32_t>(count), isUd, false)) return env.Undefined();
+  if (!ParseSendList(env, st, verb, buf, len, count, isUd, false)) return env.Undefined();
   Napi::Array arr = Napi::Array::New(env, count);
   uint32_t i = 0;
   for (ibv_send_wr* wr = st->sendWrs.data(); wr != nullptr; wr = wr->next, i++) {
@@ -1494,15 +1602,7 @@ Napi::Value ParseSendWrsForTest(const Napi::CallbackInfo& info) {
       o.Set("remoteAddr", Napi::BigInt::New(env, static_cast<uint64_t>(wr->wr.rdma.remote_addr)));
       o.Set("rkey", wr->wr.rdma.rkey);
     }
-    Napi::Array sges = Napi::Array::New(env, static_cast<size_t>(wr->num_sge));
-    for (int s = 0; s < wr->num_sge; s++) {
-      Napi::Object g = Napi::Object::New(env);
-      g.Set("addr", Napi::BigInt::New(env, static_cast<uint64_t>(wr->sg_list[s].addr)));
-      g.Set("length", wr->sg_list[s].length);
-      g.Set("lkey", wr->sg_list[s].lkey);
-      sges.Set(static_cast<uint32_t>(s), g);
-    }
-    o.Set("sgList", sges);
+    o.Set("sgList", SgesToJs(env, wr->sg_list, wr->num_sge));
     arr.Set(i, o);
   }
   return arr;
@@ -1515,25 +1615,15 @@ Napi::Value ParseRecvWrsForTest(const Napi::CallbackInfo& info) {
   const char* verb = "parseRecvWrs";
   uint8_t* buf = nullptr;
   size_t len = 0;
-  uint64_t count = 0;
-  if (!ReadBytes(env, verb, "wrs", info[0], &buf, &len) ||
-      !ReadUint(env, verb, "count", info[1], MAX_WRS_PER_POST, &count))
-    return env.Undefined();
-  if (!ParseRecvList(env, st, verb, buf, len, static_cast<uint32_t>(count))) return env.Undefined();
+  uint32_t count = 0;
+  if (!ReadListArgs(info, verb, 0, &buf, &len, &count)) return env.Undefined();
+  if (!ParseRecvList(env, st, verb, buf, len, count)) return env.Undefined();
   Napi::Array arr = Napi::Array::New(env, count);
   uint32_t i = 0;
   for (ibv_recv_wr* wr = st->recvWrs.data(); wr != nullptr; wr = wr->next, i++) {
     Napi::Object o = Napi::Object::New(env);
     o.Set("wrId", Napi::BigInt::New(env, static_cast<uint64_t>(wr->wr_id)));
-    Napi::Array sges = Napi::Array::New(env, static_cast<size_t>(wr->num_sge));
-    for (int s = 0; s < wr->num_sge; s++) {
-      Napi::Object g = Napi::Object::New(env);
-      g.Set("addr", Napi::BigInt::New(env, static_cast<uint64_t>(wr->sg_list[s].addr)));
-      g.Set("length", wr->sg_list[s].length);
-      g.Set("lkey", wr->sg_list[s].lkey);
-      sges.Set(static_cast<uint32_t>(s), g);
-    }
-    o.Set("sgList", sges);
+    o.Set("sgList", SgesToJs(env, wr->sg_list, wr->num_sge));
     arr.Set(i, o);
   }
   return arr;
