@@ -22,7 +22,11 @@ case ${1:-} in
   *) echo "usage: scripts/multihost/test.sh [--raw-tap]" >&2; exit 2 ;;
 esac
 
-bash scripts/setup.sh >&2 || { echo "scripts/setup.sh failed" >&2; exit 1; }
+# A fresh clone gets its set-up here; otherwise `npm test` (which CI runs first) has done it. Never re-synced from
+# here: setup.sh re-installs node_modules when package.json changed, under the feet of whoever uses the checkout.
+if [ ! -d node_modules/tap ]; then
+  bash scripts/setup.sh >&2 || { echo "scripts/setup.sh failed" >&2; exit 1; }
+fi
 
 agent='exec node --import tsx/esm test/multihost/agent.ts'
 if [ "$raw" -eq 1 ]; then
