@@ -220,8 +220,14 @@ if (!inMultiHostRun) {
     else await remote!.killEtcd({ name: watched.name });
     t.pass(`killed ${watched.name} (${clientUrl(watched)}, on ${watched.host}), the member host 1's backend watched`);
 
-    // An update: rule 10 back. Both backends must apply it through the two live members.
-    const revision = await publishPolicy(writer, ETCD_PREFIX, multiHostPolicy(true));
+    // An update: rule 10 back. Both backends must apply it through the two live members. The put itself may meet
+    // the election that follows the kill (no leader yet): the writer tries again until the cluster answers.
+    const { value: revision, ms: putMs } = await until(
+      () => publishPolicy(writer, ETCD_PREFIX, multiHostPolicy(true)).catch(() => undefined),
+      PROPAGATION_MS,
+      'the two live members to take a put',
+    );
+    t.comment(`the put went through ${putMs.toFixed(0)} ms after the kill`);
     for (const [name, api] of [['host 1', local], ['host 2', remote!]] as const) {
       const { value, ms } = await until(async () => {
         const s = await api.status();
