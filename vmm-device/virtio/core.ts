@@ -184,7 +184,20 @@ export class VirtioDeviceCore {
       this.log.log('warn', 'FEATURES_OK refused: VERSION_1 not accepted (legacy drivers are not supported)');
       return false;
     }
-    return true;
+    if (this.model.acceptFeatures === undefined) return true;
+    let accepted: boolean;
+    try {
+      accepted = this.model.acceptFeatures(this.acked);
+    } catch (e) {
+      // A model that throws here is a bug in the model: refuse (the driver sees it), keep the process.
+      this.log.log('error', 'the device model failed to judge the features; FEATURES_OK refused', { error: (e as Error).message });
+      accepted = false;
+    }
+    if (!accepted) {
+      this.counters.featuresRejected++;
+      this.log.log('warn', 'FEATURES_OK refused by the device model', { features: '0x' + this.acked.toString(16) });
+    }
+    return accepted;
   }
 
   private activate(): void {

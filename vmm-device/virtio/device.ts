@@ -35,6 +35,13 @@ export interface VirtioDeviceModel {
   readConfig(offset: number, dest: Uint8Array): void;
   /** Applies a driver write (bounds checked). Returns false if the range is read-only (the write is dropped). */
   writeConfig(offset: number, src: Uint8Array): boolean;
+  /**
+   * Optional: the driver set FEATURES_OK with `features` (already checked by the core: offered bits only, VERSION_1
+   * present). Returning false refuses the set: FEATURES_OK stays clear and the driver sees the refusal when it
+   * re-reads the status (virtio 1.2 section 3.1.1 step 6). A model whose activate() would refuse a feature set
+   * says so here, before DRIVER_OK.
+   */
+  acceptFeatures?(features: bigint): boolean;
   /** DRIVER_OK: start serving. */
   activate(ctx: ActivationContext): void;
   /** The driver notified (kicked) queue `index`. Only called while active. */
