@@ -1,0 +1,314 @@
+// bench:vpc, inside the soft-RoCE test host (bench/vpc/run.sh starts it); writes bench-results/vpc.json.
+//
+// 1. Connection setup through the device (CREATE_QP, then MODIFY_QP to INIT, RTR and RTS as control commands of a
+//    guest; the device asks its AddressResolver at RTR) on rxe0, with the VPC policy (VpcBackend over a policy file:
+//    1,000 rules in the VPC, the connection's allowing rule the LAST one, 999 non-matching before it) against the
+//    static table (StaticAddressResolver, no policy), in the same run, rounds alternating which goes first. p50
+//    over every connection of each side.
+// 2. Teardown: the time from a rule change reaching the backend (the file's change event; etcd's watch response)
+//    to both QPs of a live RC connection in ERR with QP_POLICY_TEARDOWN queued, and from the write / put itself
+//    to both guests seeing the event. The baseline is the floor: moving two host QPs to ERR directly through the
+//    host verbs, same run.
+// TCG makes absolute figures slow; the ratios, taken in one VM run, are what the targets are about.
+
+import { mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { fileURLToPath } from 'node:url';
+import { Command, EventType, QpAttrMask as S, QpState, Status } from '../../guest-driver-spec/layout/index.ts';
+import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
+import { StaticAddressResolver } from '../../vmm-device/rdma/address-resolver.ts';
+import { StderrLogger } from '../../vmm-device/util/log.ts';
+import { VpcBackend } from '../../vmm-device/vpc/backend.ts';
+import { EtcdClient } from '../../vmm-device/vpc/etcd-client.ts';
+import { publishPolicy } from '../../vmm-device/vpc/etcd-source.ts';
+import { TestGuest } from '../../test/rdma/guest.ts';
+import { EtcdCluster } from '../../test/vpc/etcd-harness.ts';
+import { RXE_DEVICE, RXE_HOST_IP, rxePolicy } from '../../test/vpc/vm-rig.ts';
+import { median, record, writeResults, type BenchRecord } from '../common/results.ts';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const envInt = (name: string, dflt: number): number => {
+  const v = process.env[name];
+  const n = v === undefined ? dflt : Number(v);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`${name} must be a positive integer`);
+  return n;
+};
+/** Rounds of connection setup; each round does CONNECTIONS_PER_ROUND connections with each resolver. */
+const ROUNDS = envInt('VRDMA_BENCH_ROUNDS', 10);
+const CONNECTIONS_PER_ROUND = envInt('VRDMA_BENCH_CONNECTIONS', 10);
+/** Rule changes measured per control plane. */
+const TEARDOWNS = envInt('VRDMA_BENCH_TEARDOWNS', 5);
+const RULES = 1000;
+const WAIT_MS = 30_000;
+const INIT = S.STATE | S.PKEY_INDEX | S.PORT | S.ACCESS_FLAGS;
+const RTR = S.STATE | S.AV | S.PATH_MTU | S.DEST_QPN | S.RQ_PSN | S.MAX_DEST_RD_ATOMIC | S.MIN_RNR_TIMER;
+const RTS = S.STATE | S.SQ_PSN | S.TIMEOUT | S.RETRY_CNT | S.RNR_RETRY | S.MAX_QP_RD_ATOMIC;
+/** The bench's own quotas: many QPs (the test policy's are tiny on purpose). */
+const BENCH_QUOTAS = { pds: 16, cqs: 16, qps: 1024, mrs: 16, ahs: 16, mrBytes: 1 << 20, controlRequests: 4 };
+
+/** 999 rules that never match acme's addresses, then the allowing one: every check scans all 1,000. */
+function benchPolicy(withAllow: boolean) {
+  const p = rxePolicy(RXE_HOST_IP);
+  p.defaultQuotas = BENCH_QUOTAS;
+  const filler = Array.from({ length: RULES - 1 }, (_, i) => ({
+    id: 1000 + i,
+    action: 'deny',
+    src: `10.${(i >> 8) & 255}.${i & 255}.0/24`,
+    dst: '10.255.0.0/16',
+    qpTypes: ['RC', 'UD'],
+  }));
+  const allow = { id: 10, action: 'allow', src: '172.16.0.0/24', dst: '172.16.0.0/24', qpTypes: ['RC', 'UD'] };
+  p.vpcs[0]!.rules = withAllow ? [...filler, allow] : filler;
+  return p;
+}
+
+function must(a: { status: number; detail: number }, what: string): void {
+  if (a.status !== Status.OK) throw new Error(`${what}: status ${a.status} detail ${a.detail}`);
+}
+
+interface Side {
+  g: TestGuest;
+  pd: number;
+  cq: Awaited<ReturnType<TestGuest['createCq']>>;
+}
+
+async function side(verbs: NativeVerbs, vmId: string, resolver: unknown, quotas: object | undefined, seed: number): Promise<Side> {
+  const g = await TestGuest.open({
+    verbs,
+    hostDevice: RXE_DEVICE,
+    vmId,
+    resolver: resolver as StaticAddressResolver,
+    seed,
+    memfdRam: true,
+    ...(quotas === undefined ? {} : { quotas }),
+  });
+  const pd = await g.createPd();
+  const cq = await g.createCq(64);
+  return { g, pd, cq };
+}
+
+/** One connection's setup on side `a` towards `peerIp`: CREATE_QP, INIT, RTR (policy asked), RTS. Returns ms. */
+async function setup(a: Side, peerGid: Uint8Array, peerQpn: number): Promise<{ ms: number; handle: number; qpn: number }> {
+  const t0 = performance.now();
+  const qp = await a.g.createQp(a.pd, a.cq, a.cq);
+  must(await a.g.modifyQp(qp.handle, INIT, { qp_state: 1, port_num: 1, qp_access_flags: 7 }), 'INIT');
+  must(await a.g.modifyQp(qp.handle, RTR, { qp_state: 2, path_mtu: 3, dest_qp_num: peerQpn, rq_psn: 0, max_dest_rd_atomic: 1, min_rnr_timer: 12, hop_limit: 64, dgid: peerGid }), 'RTR');
+  must(await a.g.modifyQp(qp.handle, RTS, { qp_state: 3, sq_psn: 0, timeout: 14, retry_cnt: 7, rnr_retry: 7, max_rd_atomic: 1 }), 'RTS');
+  return { ms: performance.now() - t0, handle: qp.handle, qpn: qp.qpn };
+}
+
+async function destroy(a: Side, handle: number): Promise<void> {
+  must(await a.g.destroy(Command.DESTROY_QP, handle), 'DESTROY_QP');
+}
+
+async function main(): Promise<void> {
+  if (process.env['VRDMA_IN_TEST_HOST'] !== '1') throw new Error('bench/vpc runs inside the soft-RoCE test host: npm run bench:vpc');
+  const verbs = new NativeVerbs();
+  const dir = mkdtempSync(path.join(tmpdir(), 'vrdma-bench-vpc-'));
+  const records: BenchRecord[] = [];
+  const log = new StderrLogger('bench-vpc', 'warn');
+  try {
+    // ------------------------------------------------------------------------------------ connection setup
+    const policyPath = path.join(dir, 'policy.json');
+    writeFileSync(policyPath, JSON.stringify(benchPolicy(true)));
+    const backend = await VpcBackend.start({ controlPlane: { kind: 'file', path: policyPath }, hostId: 'host-1', log, debounceMs: 20 });
+    const on = {
+      a: await side(verbs, 'a1', backend.resolver, backend.deviceQuotasOf('a1'), 1),
+      b: await side(verbs, 'a2', backend.resolver, backend.deviceQuotasOf('a2'), 2),
+    };
+    const detachA = backend.attach(on.a.g.device);
+    const detachB = backend.attach(on.b.g.device);
+    const table = new StaticAddressResolver([
+      { vmId: 'a1', vpc: 'acme-prod', virtualIp: '172.16.0.1', hostIp: RXE_HOST_IP, trafficClass: 104 },
+      { vmId: 'a2', vpc: 'acme-prod', virtualIp: '172.16.0.2', hostIp: RXE_HOST_IP, trafficClass: 104 },
+    ]);
+    const off = { a: await side(verbs, 'a1', table, undefined, 3), b: await side(verbs, 'a2', table, undefined, 4) };
+    const peerGid = on.b.g.device.config.gid;
+    const samples = { on: [] as number[], off: [] as number[] };
+    // One peer QP per side: RTR needs only its number.
+    const peerOn = await on.b.g.createQp(on.b.pd, on.b.cq, on.b.cq);
+    const peerOff = await off.b.g.createQp(off.b.pd, off.b.cq, off.b.cq);
+    const warm = async (s: typeof on, peerQpn: number) => {
+      for (let i = 0; i < 3; i++) await destroy(s.a, (await setup(s.a, peerGid, peerQpn)).handle);
+    };
+    await warm(on, peerOn.qpn);
+    await warm(off, peerOff.qpn);
+    for (let r = 0; r < ROUNDS; r++) {
+      const order: ('on' | 'off')[] = r % 2 === 0 ? ['on', 'off'] : ['off', 'on'];
+      for (const mode of order) {
+        const s = mode === 'on' ? on : off;
+        const peerQpn = mode === 'on' ? peerOn.qpn : peerOff.qpn;
+        for (let i = 0; i < CONNECTIONS_PER_ROUND; i++) {
+          const c = await setup(s.a, peerGid, peerQpn);
+          samples[mode].push(c.ms);
+          await destroy(s.a, c.handle);
+        }
+      }
+      process.stderr.write(`setup round ${r + 1}/${ROUNDS}: on p50 ${median(samples.on).toFixed(2)} ms, off p50 ${median(samples.off).toFixed(2)} ms\n`);
+    }
+    const onP50 = median(samples.on);
+    const offP50 = median(samples.off);
+    records.push(
+      record(
+        'connection_setup_p50_policy_1000_rules',
+        onP50,
+        offP50,
+        `same device without policy (StaticAddressResolver), same run; CREATE_QP+INIT+RTR+RTS through the device on rxe0, ${samples.on.length} connections each, alternating rounds`,
+        'ms',
+        'lower',
+      ),
+    );
+    // The policy check alone (what RTR adds), on the engine: 1,000 rules scanned.
+    const dst = on.b.g.device.config.gid;
+    const n = 20000;
+    let t0 = performance.now();
+    for (let i = 0; i < n; i++) backend.resolver.resolve('a1', dst, 2);
+    const policyUs = ((performance.now() - t0) / n) * 1000;
+    t0 = performance.now();
+    for (let i = 0; i < n; i++) table.resolve('a1', dst, 2);
+    const tableUs = ((performance.now() - t0) / n) * 1000;
+    records.push(record('resolve_rtr_1000_rules_us', policyUs, tableUs, 'StaticAddressResolver.resolve (no rules), same run', 'us', 'lower'));
+    await destroy(on.b, peerOn.handle);
+    await destroy(off.b, peerOff.handle);
+    for (const s of [off.a, off.b]) await s.g.device.close();
+
+    // ------------------------------------------------------------------------------------------- teardown
+    const pair = async () => {
+      const qb = await on.b.g.createQp(on.b.pd, on.b.cq, on.b.cq);
+      const ca = await setup(on.a, peerGid, qb.qpn);
+      must(await on.b.g.modifyQp(qb.handle, INIT, { qp_state: 1, port_num: 1, qp_access_flags: 7 }), 'INIT');
+      must(await on.b.g.modifyQp(qb.handle, RTR, { qp_state: 2, path_mtu: 3, dest_qp_num: ca.qpn, rq_psn: 0, max_dest_rd_atomic: 1, min_rnr_timer: 12, hop_limit: 64, dgid: on.a.g.device.config.gid }), 'RTR');
+      return { ha: ca.handle, hb: qb.handle };
+    };
+    const unpair = async (p: { ha: number; hb: number }) => {
+      await destroy(on.a, p.ha);
+      await destroy(on.b, p.hb);
+    };
+    /** Resolves when both guests have QP_POLICY_TEARDOWN for their QP of the pair: performance.now() then. */
+    const bothEvents = async (p: { ha: number; hb: number }) => {
+      const seen = { a: false, b: false };
+      const deadline = performance.now() + WAIT_MS;
+      while (!(seen.a && seen.b)) {
+        for (const e of on.a.g.readEvents()) if (e.type === EventType.QP_POLICY_TEARDOWN && e.handle === p.ha) seen.a = true;
+        for (const e of on.b.g.readEvents()) if (e.type === EventType.QP_POLICY_TEARDOWN && e.handle === p.hb) seen.b = true;
+        if (performance.now() > deadline) throw new Error('no QP_POLICY_TEARDOWN on both guests');
+        await new Promise((r) => setImmediate(r));
+      }
+      return performance.now();
+    };
+    const bothInErr = async (p: { ha: number; hb: number }) => {
+      for (const [s, h] of [[on.a, p.ha], [on.b, p.hb]] as const) {
+        const st = (await verbs.queryQp(s.g.device.qps.get(h)!.host)).qpState;
+        if (st !== QpState.ERR) throw new Error(`QP ${h} is in state ${st}, not ERR`);
+      }
+    };
+    /**
+     * A live pair, then `deny()` (the rule gone) on backend `b`: the backend's own figure (change seen -> both QPs
+     * in ERR with the event queued) and the end-to-end one (deny() called -> both guests see the event); then
+     * `allow()` puts the rule back. The floor: a fresh pair moved to ERR straight through the host verbs.
+     */
+    const measure = async (b: VpcBackend, deny: () => Promise<void>, allow: () => Promise<void>) => {
+      const p = await pair();
+      on.a.g.postEventBuffers(4);
+      on.b.g.postEventBuffers(4);
+      const before = b.engine.metrics.teardownLatenciesMs.length;
+      const denied = b.engine.metrics.policyVersion + 1;
+      // Called right after the engine put the validated document in force (the device links were called first).
+      const applied = new Promise<{ observedAt: number; inForceAt: number }>((resolve) => {
+        const off = b.engine.onApplied(({ observedAt }) => {
+          off();
+          resolve({ observedAt, inForceAt: performance.now() });
+        });
+      });
+      const at = performance.now();
+      await deny();
+      const seenAt = await bothEvents(p);
+      await waitVersion(b, denied);
+      await b.settled();
+      await bothInErr(p);
+      const backendMs = Math.max(...b.engine.metrics.teardownLatenciesMs.slice(before));
+      const { observedAt, inForceAt } = await applied;
+      // What of backendMs is reading and validating the new document (zod over 1,000 rules), and what is the
+      // teardown itself once the document is in force.
+      const validateMs = inForceAt - observedAt;
+      const inForceToErrMs = observedAt + backendMs - inForceAt;
+      await unpair(p);
+      await allow();
+      await waitVersion(b, denied + 1);
+      const f = await pair();
+      const f0 = performance.now();
+      await Promise.all([
+        verbs.modifyQp(on.a.g.device.qps.get(f.ha)!.host, { qpState: QpState.ERR }),
+        verbs.modifyQp(on.b.g.device.qps.get(f.hb)!.host, { qpState: QpState.ERR }),
+      ]);
+      const floorMs = performance.now() - f0;
+      await unpair(f);
+      return { backendMs, validateMs, inForceToErrMs, endToEndMs: seenAt - at, floorMs };
+    };
+    const teardowns = async (name: string, b: VpcBackend, deny: () => Promise<void>, allow: () => Promise<void>, endToEndWhat: string) => {
+      const runs: Awaited<ReturnType<typeof measure>>[] = [];
+      for (let i = 0; i < TEARDOWNS; i++) {
+        runs.push(await measure(b, deny, allow));
+        process.stderr.write(`${name} teardown ${i + 1}/${TEARDOWNS}: ${JSON.stringify(runs.at(-1))}\n`);
+      }
+      const floor = median(runs.map((r) => r.floorMs));
+      const floorName = 'floor: both host QPs moved to ERR directly with ibv_modify_qp, same run';
+      records.push(record(`teardown_${name}_change_seen_to_both_qps_err_p50`, median(runs.map((r) => r.backendMs)), floor, `${floorName} (issue 6 target: ours <= 100 ms)`, 'ms', 'lower'));
+      records.push(record(`teardown_${name}_policy_in_force_to_both_qps_err_p50`, median(runs.map((r) => r.inForceToErrMs)), floor, `${floorName}; ours excludes reading and validating the document (${name === 'file' ? 'debounce, read, ' : ''}zod over 1,000 rules: p50 ${median(runs.map((r) => r.validateMs)).toFixed(1)} ms)`, 'ms', 'lower'));
+      records.push(record(`teardown_${name}_${endToEndWhat}_to_both_guests_see_event_p50`, median(runs.map((r) => r.endToEndMs)), floor, floorName, 'ms', 'lower'));
+    };
+    const writePolicy = async (doc: object) => {
+      writeFileSync(policyPath + '.tmp', JSON.stringify(doc));
+      renameSync(policyPath + '.tmp', policyPath);
+    };
+    // The file as `vrdma-backend --vpc-policy` watches it (this run's debounce: 20 ms; the command's: 100 ms).
+    await teardowns('file', backend, () => writePolicy(benchPolicy(false)), () => writePolicy(benchPolicy(true)), 'written');
+    detachA();
+    detachB();
+    await backend.stop();
+
+    // etcd: a real member inside the test host. The devices keep asking the file backend's resolver (the same
+    // documents, so the same answers); the teardown goes through the etcd backend's link, which is what is measured.
+    const cluster = await EtcdCluster.start(1);
+    try {
+      const prefix = '/vrdma/vpc/';
+      const writer = new EtcdClient({ endpoints: cluster.endpoints, log });
+      await publishPolicy(writer, prefix, benchPolicy(true));
+      const eb = await VpcBackend.start({ controlPlane: { kind: 'etcd', endpoints: cluster.endpoints, prefix }, hostId: 'host-1', log });
+      const da = eb.attach(on.a.g.device);
+      const db = eb.attach(on.b.g.device);
+      const put = async (doc: object) => {
+        await publishPolicy(writer, prefix, doc as Parameters<typeof publishPolicy>[2]);
+      };
+      await teardowns('etcd', eb, () => put(benchPolicy(false)), () => put(benchPolicy(true)), 'put');
+      da();
+      db();
+      await eb.stop();
+    } finally {
+      await cluster.stop();
+    }
+    for (const s of [on.a, on.b]) await s.g.device.close();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  writeResults(path.join(root, 'bench-results', 'vpc.json'), records);
+  for (const r of records) process.stdout.write(`${r.metric}: ${r.ours} ${r.unit} vs ${r.baseline} (ratio ${r.ratio})\n`);
+}
+
+async function waitVersion(b: VpcBackend, version: number): Promise<void> {
+  const deadline = performance.now() + WAIT_MS;
+  while (b.engine.metrics.policyVersion < version) {
+    if (performance.now() > deadline) throw new Error(`policy version ${version} not applied`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+main().then(
+  () => process.exit(0),
+  (e: Error) => {
+    process.stderr.write(`bench:vpc failed: ${e.stack ?? e.message}\n`);
+    process.exit(1);
+  },
+);
