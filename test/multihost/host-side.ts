@@ -291,12 +291,13 @@ export class HostSide {
     return queryStatus(this.statusPath);
   }
 
-  /** The backend process's QPs as the host kernel lists them. */
+  /**
+   * Every QP of this host as its kernel lists them. Not filtered by the backend's pid: the kernel does not always
+   * attribute a QP to its process (see the device-exchange notes); QP numbers are unique on the host.
+   */
   async kernelQps(): Promise<KernelQp[]> {
-    const pid = this.need(this.backend, 'kernelQps').pid;
     const out = execFileSync('rdma', ['-j', 'resource', 'show', 'qp'], { encoding: 'utf8' }).trim();
-    const all = JSON.parse(out === '' ? '[]' : out) as KernelQp[];
-    return all.filter((q) => q.pid === pid);
+    return JSON.parse(out === '' ? '[]' : out) as KernelQp[];
   }
 
   /** The host's own address on the link, as the host kernel configured it. */
