@@ -9,5 +9,6 @@ if (hostId !== 'host-2') {
   process.stderr.write(`test/multihost/agent.ts runs on host 2 of a multi-host run (scripts/multihost/test.sh), not on '${hostId ?? 'this machine'}'\n`);
   process.exitCode = 2;
 } else {
-  process.exitCode = await serveHost(hostId);
+  // Exit as soon as the host is stopped: a handle left open somewhere must not keep host 2 (and the run) waiting.
+  process.exit(await serveHost(hostId));
 }
