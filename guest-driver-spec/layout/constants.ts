@@ -351,6 +351,8 @@ export const Limits = {
   HANDLE_MAX: 0xff_ffff,
   /** Wire QP numbers are 24 bits. */
   QPN_MAX: 0xff_ffff,
+  /** Service levels (QpAttr `sl`, CreateAhRequest `sl`) are 4 bits: 0 to 15. */
+  SL_MAX: 15,
   /** Smallest page shift of page lists and rings (4 KiB). */
   MIN_PAGE_SHIFT: 12,
   /** Largest page shift a v1 device may advertise in page_size_mask (1 GiB). */

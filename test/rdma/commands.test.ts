@@ -228,6 +228,7 @@ t.test('MODIFY_QP: RC transitions, every mask and value error, translation, QUER
     ['min_rnr_timer', { min_rnr_timer: 32 }, 'min_rnr_timer'],
     ['sgid_index other than 0', { sgid_index: 1 }, 'sgid_index'],
     ['flow_label above 20 bits', { flow_label: 1 << 20 }, 'flow_label'],
+    ['sl above 15', { sl: 16 }, 'sl'],
   ];
   for (const [what, v, field] of bad) expectStatus(t, await g.modifyQp(qp.handle, rtr, { ...good, ...v }), 'INVALID_ARGUMENT', at(field), what);
   expectStatus(t, await g.modifyQp(qp.handle, rtr, { ...good, dgid: RED_GID }), 'DESTINATION_UNREACHABLE', at('dgid'), 'other VPC');
@@ -367,6 +368,7 @@ t.test('CREATE_AH and DESTROY_AH', async (t) => {
     ['flow label', req({ flow_label: 0x100000 }), 'INVALID_ARGUMENT', 4],
     ['port', req({ port_num: 2 }), 'INVALID_ARGUMENT', 8],
     ['sgid_index', req({ sgid_index: 1 }), 'INVALID_ARGUMENT', 9],
+    ['sl above 15', req({ sl: 16 }), 'INVALID_ARGUMENT', 12],
     ['other VPC', req({ dgid: RED_GID }), 'DESTINATION_UNREACHABLE', 16],
     ['unknown address', req({ dgid: NOWHERE_GID }), 'DESTINATION_UNREACHABLE', 16],
   ];

@@ -903,7 +903,7 @@ export class RdmaDevice implements VirtioDeviceModel {
     if (has(QpAttrMask.AV)) {
       if (a.sgid_index !== 0) fail('INVALID_ARGUMENT', at('sgid_index'));
       if (a.flow_label > 0xfffff) fail('INVALID_ARGUMENT', at('flow_label'));
-      if (a.sl > 15) fail('INVALID_ARGUMENT', at('sl'));
+      if (a.sl > Limits.SL_MAX) fail('INVALID_ARGUMENT', at('sl'));
       const res = this.resolver.resolve(this.vmId, a.dgid, qp.qpType);
       if (res.kind === 'unreachable') fail('DESTINATION_UNREACHABLE', at('dgid'));
       if (res.kind === 'refused') fail('REFUSED_BY_POLICY', res.rule);
@@ -1125,13 +1125,14 @@ export class RdmaDevice implements VirtioDeviceModel {
     if (r.flow_label > 0xfffff) fail('INVALID_ARGUMENT', o('flow_label'));
     if (r.port_num !== Limits.PORT_NUM) fail('INVALID_ARGUMENT', o('port_num'));
     if (r.sgid_index !== 0) fail('INVALID_ARGUMENT', o('sgid_index'));
+    if (r.sl > Limits.SL_MAX) fail('INVALID_ARGUMENT', o('sl'));
     const res = this.resolver.resolve(this.vmId, r.dgid, QpType.UD);
     if (res.kind === 'unreachable') fail('DESTINATION_UNREACHABLE', o('dgid'));
     if (res.kind === 'refused') fail('REFUSED_BY_POLICY', res.rule);
     if (this.ahs.full) fail('NO_RESOURCES', ResourceKind.AH);
     const attr: AhAttr = {
       portNum: HOST_PORT,
-      sl: r.sl & 0xf,
+      sl: r.sl,
       grh: {
         dgid: res.hostGid,
         sgidIndex: this.hostGidIndex,
