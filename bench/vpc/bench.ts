@@ -175,126 +175,140 @@ async function main(): Promise<void> {
     for (const s of [off.a, off.b]) await s.g.device.close();
 
     // ------------------------------------------------------------------------------------------- teardown
-    const pair = async () => {
-      const qb = await on.b.g.createQp(on.b.pd, on.b.cq, on.b.cq);
-      const ca = await setup(on.a, peerGid, qb.qpn);
-      must(await on.b.g.modifyQp(qb.handle, INIT, { qp_state: 1, port_num: 1, qp_access_flags: 7 }), 'INIT');
-      must(await on.b.g.modifyQp(qb.handle, RTR, { qp_state: 2, path_mtu: 3, dest_qp_num: ca.qpn, rq_psn: 0, max_dest_rd_atomic: 1, min_rnr_timer: 12, hop_limit: 64, dgid: on.a.g.device.config.gid }), 'RTR');
-      return { ha: ca.handle, hb: qb.handle };
-    };
-    const unpair = async (p: { ha: number; hb: number }) => {
-      await destroy(on.a, p.ha);
-      await destroy(on.b, p.hb);
-    };
-    /** Resolves when both guests have QP_POLICY_TEARDOWN for their QP of the pair: performance.now() then. */
-    const bothEvents = async (p: { ha: number; hb: number }) => {
-      const seen = { a: false, b: false };
-      const deadline = performance.now() + WAIT_MS;
-      while (!(seen.a && seen.b)) {
-        for (const e of on.a.g.readEvents()) if (e.type === EventType.QP_POLICY_TEARDOWN && e.handle === p.ha) seen.a = true;
-        for (const e of on.b.g.readEvents()) if (e.type === EventType.QP_POLICY_TEARDOWN && e.handle === p.hb) seen.b = true;
-        if (performance.now() > deadline) throw new Error('no QP_POLICY_TEARDOWN on both guests');
-        await new Promise((r) => setImmediate(r));
-      }
-      return performance.now();
-    };
-    const bothInErr = async (p: { ha: number; hb: number }) => {
-      for (const [s, h] of [[on.a, p.ha], [on.b, p.hb]] as const) {
-        const st = (await verbs.queryQp(s.g.device.qps.get(h)!.host)).qpState;
-        if (st !== QpState.ERR) throw new Error(`QP ${h} is in state ${st}, not ERR`);
-      }
-    };
-    /**
-     * A live pair, then `deny()` (the rule gone) on backend `b`: the backend's own figure (change seen -> both QPs
-     * in ERR with the event queued) and the end-to-end one (deny() called -> both guests see the event); then
-     * `allow()` puts the rule back. The floor: a fresh pair moved to ERR straight through the host verbs.
-     */
-    const measure = async (b: VpcBackend, deny: () => Promise<void>, allow: () => Promise<void>) => {
-      const p = await pair();
-      on.a.g.postEventBuffers(4);
-      on.b.g.postEventBuffers(4);
-      const before = b.engine.metrics.teardownLatenciesMs.length;
-      const denied = b.engine.metrics.policyVersion + 1;
-      // Called right after the engine put the validated document in force (the device links were called first).
-      const applied = new Promise<{ observedAt: number; inForceAt: number }>((resolve) => {
-        const off = b.engine.onApplied(({ observedAt }) => {
-          off();
-          resolve({ observedAt, inForceAt: performance.now() });
-        });
-      });
-      const at = performance.now();
-      await deny();
-      const seenAt = await bothEvents(p);
-      await waitVersion(b, denied);
-      await b.settled();
-      await bothInErr(p);
-      const backendMs = Math.max(...b.engine.metrics.teardownLatenciesMs.slice(before));
-      const { observedAt, inForceAt } = await applied;
-      // What of backendMs is reading and validating the new document (zod over 1,000 rules), and what is the
-      // teardown itself once the document is in force.
-      const validateMs = inForceAt - observedAt;
-      const inForceToErrMs = observedAt + backendMs - inForceAt;
-      await unpair(p);
-      await allow();
-      await waitVersion(b, denied + 1);
-      const f = await pair();
-      const f0 = performance.now();
-      await Promise.all([
-        verbs.modifyQp(on.a.g.device.qps.get(f.ha)!.host, { qpState: QpState.ERR }),
-        verbs.modifyQp(on.b.g.device.qps.get(f.hb)!.host, { qpState: QpState.ERR }),
-      ]);
-      const floorMs = performance.now() - f0;
-      await unpair(f);
-      return { backendMs, validateMs, inForceToErrMs, endToEndMs: seenAt - at, floorMs };
-    };
-    const teardowns = async (name: string, b: VpcBackend, deny: () => Promise<void>, allow: () => Promise<void>, endToEndWhat: string) => {
-      const runs: Awaited<ReturnType<typeof measure>>[] = [];
-      for (let i = 0; i < TEARDOWNS; i++) {
-        runs.push(await measure(b, deny, allow));
-        process.stderr.write(`${name} teardown ${i + 1}/${TEARDOWNS}: ${JSON.stringify(runs.at(-1))}\n`);
-      }
-      const floor = median(runs.map((r) => r.floorMs));
-      const floorName = 'floor: both host QPs moved to ERR directly with ibv_modify_qp, same run';
-      records.push(record(`teardown_${name}_change_seen_to_both_qps_err_p50`, median(runs.map((r) => r.backendMs)), floor, `${floorName} (issue 6 target: ours <= 100 ms)`, 'ms', 'lower'));
-      records.push(record(`teardown_${name}_policy_in_force_to_both_qps_err_p50`, median(runs.map((r) => r.inForceToErrMs)), floor, `${floorName}; ours excludes reading and validating the document (${name === 'file' ? 'debounce, read, ' : ''}zod over 1,000 rules: p50 ${median(runs.map((r) => r.validateMs)).toFixed(1)} ms)`, 'ms', 'lower'));
-      records.push(record(`teardown_${name}_${endToEndWhat}_to_both_guests_see_event_p50`, median(runs.map((r) => r.endToEndMs)), floor, floorName, 'ms', 'lower'));
-    };
     const writePolicy = async (doc: object) => {
       writeFileSync(policyPath + '.tmp', JSON.stringify(doc));
       renameSync(policyPath + '.tmp', policyPath);
     };
     // The file as `vrdma-backend --vpc-policy` watches it (this run's debounce: 20 ms; the command's: 100 ms).
-    await teardowns('file', backend, () => writePolicy(benchPolicy(false)), () => writePolicy(benchPolicy(true)), 'written');
+    records.push(...(await teardowns(verbs, 'file', backend, on, () => writePolicy(benchPolicy(false)), () => writePolicy(benchPolicy(true)), 'written')));
     detachA();
     detachB();
+    for (const s of [on.a, on.b]) await s.g.device.close();
     await backend.stop();
 
-    // etcd: a real member inside the test host. The devices keep asking the file backend's resolver (the same
-    // documents, so the same answers); the teardown goes through the etcd backend's link, which is what is measured.
+    // etcd: a real member inside the test host, two fresh devices under the etcd backend.
     const cluster = await EtcdCluster.start(1);
     try {
       const prefix = '/vrdma/vpc/';
       const writer = new EtcdClient({ endpoints: cluster.endpoints, log });
       await publishPolicy(writer, prefix, benchPolicy(true));
       const eb = await VpcBackend.start({ controlPlane: { kind: 'etcd', endpoints: cluster.endpoints, prefix }, hostId: 'host-1', log });
-      const da = eb.attach(on.a.g.device);
-      const db = eb.attach(on.b.g.device);
-      const put = async (doc: object) => {
-        await publishPolicy(writer, prefix, doc as Parameters<typeof publishPolicy>[2]);
+      const sides = { a: await side(verbs, 'a1', eb.resolver, eb.deviceQuotasOf('a1'), 5), b: await side(verbs, 'a2', eb.resolver, eb.deviceQuotasOf('a2'), 6) };
+      const da = eb.attach(sides.a.g.device);
+      const db = eb.attach(sides.b.g.device);
+      const put = async (doc: ReturnType<typeof benchPolicy>) => {
+        await publishPolicy(writer, prefix, doc);
       };
-      await teardowns('etcd', eb, () => put(benchPolicy(false)), () => put(benchPolicy(true)), 'put');
+      records.push(...(await teardowns(verbs, 'etcd', eb, sides, () => put(benchPolicy(false)), () => put(benchPolicy(true)), 'put')));
       da();
       db();
+      for (const s of [sides.a, sides.b]) await s.g.device.close();
       await eb.stop();
     } finally {
       await cluster.stop();
     }
-    for (const s of [on.a, on.b]) await s.g.device.close();
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
   writeResults(path.join(root, 'bench-results', 'vpc.json'), records);
   for (const r of records) process.stdout.write(`${r.metric}: ${r.ours} ${r.unit} vs ${r.baseline} (ratio ${r.ratio})\n`);
+}
+
+interface Pair {
+  ha: number;
+  hb: number;
+}
+
+/** A live RC connection a <-> b through the devices (both sides INIT, RTR; a also RTS). */
+async function pair(sides: { a: Side; b: Side }): Promise<Pair> {
+  const { a, b } = sides;
+  const qb = await b.g.createQp(b.pd, b.cq, b.cq);
+  const ca = await setup(a, b.g.device.config.gid, qb.qpn);
+  must(await b.g.modifyQp(qb.handle, INIT, { qp_state: 1, port_num: 1, qp_access_flags: 7 }), 'INIT');
+  must(await b.g.modifyQp(qb.handle, RTR, { qp_state: 2, path_mtu: 3, dest_qp_num: ca.qpn, rq_psn: 0, max_dest_rd_atomic: 1, min_rnr_timer: 12, hop_limit: 64, dgid: a.g.device.config.gid }), 'RTR');
+  return { ha: ca.handle, hb: qb.handle };
+}
+
+async function unpair(sides: { a: Side; b: Side }, p: Pair): Promise<void> {
+  await destroy(sides.a, p.ha);
+  await destroy(sides.b, p.hb);
+}
+
+/** Resolves when both guests have QP_POLICY_TEARDOWN for their QP of the pair, with performance.now() then. */
+async function bothEvents(sides: { a: Side; b: Side }, p: Pair): Promise<number> {
+  const seen = { a: false, b: false };
+  const deadline = performance.now() + WAIT_MS;
+  while (!(seen.a && seen.b)) {
+    for (const e of sides.a.g.readEvents()) if (e.type === EventType.QP_POLICY_TEARDOWN && e.handle === p.ha) seen.a = true;
+    for (const e of sides.b.g.readEvents()) if (e.type === EventType.QP_POLICY_TEARDOWN && e.handle === p.hb) seen.b = true;
+    if (performance.now() > deadline) throw new Error('no QP_POLICY_TEARDOWN on both guests');
+    await new Promise((r) => setImmediate(r));
+  }
+  return performance.now();
+}
+
+async function bothInErr(verbs: NativeVerbs, sides: { a: Side; b: Side }, p: Pair): Promise<void> {
+  for (const [s, h] of [[sides.a, p.ha], [sides.b, p.hb]] as const) {
+    const st = (await verbs.queryQp(s.g.device.qps.get(h)!.host)).qpState;
+    if (st !== QpState.ERR) throw new Error(`QP ${h} is in state ${st}, not ERR`);
+  }
+}
+
+/**
+ * TEARDOWNS times: a live pair, then `deny()` (the allowing rule gone) reaches backend `b`. Figures: from the change
+ * reaching the backend (file event / watch response) to both guests holding QP_POLICY_TEARDOWN (both host QPs are
+ * then in ERR: checked), split into reading+validating the document and the rest; and from deny() itself. Then
+ * `allow()` puts the rule back. The floor: a fresh pair moved to ERR straight through the host verbs.
+ */
+async function teardowns(
+  verbs: NativeVerbs,
+  name: string,
+  b: VpcBackend,
+  sides: { a: Side; b: Side },
+  deny: () => Promise<void>,
+  allow: () => Promise<void>,
+  endToEndWhat: string,
+): Promise<BenchRecord[]> {
+  const runs: { changeSeenToEventsMs: number; validateMs: number; inForceToEventsMs: number; endToEndMs: number; floorMs: number }[] = [];
+  for (let i = 0; i < TEARDOWNS; i++) {
+    const p = await pair(sides);
+    sides.a.g.postEventBuffers(4);
+    sides.b.g.postEventBuffers(4);
+    const denied = b.engine.metrics.policyVersion + 1;
+    // Called right after the engine put the validated document in force (and called the devices' sinks).
+    const applied = new Promise<{ observedAt: number; inForceAt: number }>((resolve) => {
+      const off = b.engine.onApplied(({ observedAt }) => {
+        off();
+        resolve({ observedAt, inForceAt: performance.now() });
+      });
+    });
+    const at = performance.now();
+    await deny();
+    const seenAt = await bothEvents(sides, p);
+    await bothInErr(verbs, sides, p);
+    const { observedAt, inForceAt } = await applied;
+    await unpair(sides, p);
+    await allow();
+    await waitVersion(b, denied + 1);
+    const f = await pair(sides);
+    const f0 = performance.now();
+    await Promise.all([
+      verbs.modifyQp(sides.a.g.device.qps.get(f.ha)!.host, { qpState: QpState.ERR }),
+      verbs.modifyQp(sides.b.g.device.qps.get(f.hb)!.host, { qpState: QpState.ERR }),
+    ]);
+    const floorMs = performance.now() - f0;
+    await unpair(sides, f);
+    runs.push({ changeSeenToEventsMs: seenAt - observedAt, validateMs: inForceAt - observedAt, inForceToEventsMs: seenAt - inForceAt, endToEndMs: seenAt - at, floorMs });
+    process.stderr.write(`${name} teardown ${i + 1}/${TEARDOWNS}: ${JSON.stringify(runs.at(-1))}\n`);
+  }
+  const floor = median(runs.map((r) => r.floorMs));
+  const floorName = 'floor: both host QPs moved to ERR directly with ibv_modify_qp, same run';
+  const validate = median(runs.map((r) => r.validateMs)).toFixed(1);
+  return [
+    record(`teardown_${name}_change_seen_to_both_qps_err_p50`, median(runs.map((r) => r.changeSeenToEventsMs)), floor, `${floorName}; ours: change reaching the backend -> both QPs in ERR and both guests holding QP_POLICY_TEARDOWN (issue 6 target: <= 100 ms)`, 'ms', 'lower'),
+    record(`teardown_${name}_policy_in_force_to_both_qps_err_p50`, median(runs.map((r) => r.inForceToEventsMs)), floor, `${floorName}; ours without reading and validating the document (${name === 'file' ? 'debounce, read, ' : ''}zod over 1,000 rules: p50 ${validate} ms)`, 'ms', 'lower'),
+    record(`teardown_${name}_${endToEndWhat}_to_both_guests_see_event_p50`, median(runs.map((r) => r.endToEndMs)), floor, floorName, 'ms', 'lower'),
+  ];
 }
 
 async function waitVersion(b: VpcBackend, version: number): Promise<void> {
