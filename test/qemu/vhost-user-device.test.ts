@@ -1,6 +1,9 @@
 // Real QEMU (the project's patched build, under qtest) drives this project's vhost-user back-end: QEMU's
 // vhost-user-device-pci with virtio ID 42 in front, the invert test device behind, and the qtest guest driver
 // doing what a guest kernel's virtio-pci driver does.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import t, { type Test } from 'tap';
 import {
   startBackend,
@@ -10,7 +13,10 @@ import {
   vhostUserDeviceArgs,
   QUEUES,
   QUEUE_SIZE,
+  RECONNECT_MS,
 } from '../../guest-driver-spec/qtest/rig/vhost-user-rig.ts';
+import { BackendProcess } from '../../guest-driver-spec/frontend/conformance/backend-process-control.ts';
+import { ECHO_F_TEST, HOLD_PREFIX } from '../../guest-driver-spec/frontend/conformance/echo-device.ts';
 import { INVERT_CONFIG_MAGIC, INVERT_F_TEST } from '../../guest-driver-spec/qtest/rig/invert-device.ts';
 import {
   ISR_QUEUE,
@@ -171,14 +177,29 @@ t.test('QEMU restart: the back-end serves the next QEMU after the first one went
   t.equal(backend.server.connectionsServed, 2);
 });
 
-// QEMU 10.0's generic vhost-user device cannot take a restarted back-end over: with a reconnecting chardev
-// (reconnect-ms) its realize fails ("vhost_backend_init failed": it does not wait for the connection), and on a
-// disconnect vub_disconnect() runs vhost_dev_cleanup() while vub_connect() never runs vhost_dev_init() again
-// (hw/virtio/vhost-user-base.c). What this project controls is the back-end side: a restarted back-end takes the
-// same socket path over (the dead one's stale socket file is removed), holds nothing of the old connection, and
-// serves the next QEMU from scratch.
-t.test('back-end restart: the new back-end takes the socket path over and serves the next QEMU', async (t) => {
+t.test('a guest reset reaches the back-end as SET_STATUS 0; the next DRIVER_OK starts the device again', async (t) => {
   const rig = await startRig();
+  t.teardown(() => rig.finish());
+  const { dev, backend } = rig;
+  const queues = await bringUp(dev, rig.ram);
+  const session = await backend.session();
+  await until(() => backend.device.activations === 1, 'the device to start on SET_STATUS DRIVER_OK');
+  t.equal(backend.device.served, 0, 'started before any kick: DRIVER_OK arrived as SET_STATUS');
+  await roundTrip(t, dev, queues[0]!, bytes('before the reset'));
+
+  await dev.reset();
+  await until(() => backend.device.resets === 1, 'the device reset');
+  t.equal(session.describe().status, 0, 'the back-end status is 0 (SET_STATUS 0)');
+  t.notOk(session.core.isActive, 'the device is reset, not merely its rings stopped');
+  t.same(session.describe().rings.map((r) => r.started), [false, false], 'the rings were stopped first (GET_VRING_BASE)');
+
+  const again = await bringUp(dev, rig.ram);
+  await until(() => backend.device.activations === 2, 'the second start');
+  await roundTrip(t, dev, again[1]!, bytes('after the reset'));
+});
+
+t.test('back-end restart under a reconnecting chardev: QEMU reconnects by itself and the same guest rings go on', async (t) => {
+  const rig = await startRig({ reconnect: true });
   t.teardown(() => rig.finish());
   const queues = await bringUp(rig.dev, rig.ram);
   await roundTrip(t, rig.dev, queues[0]!, bytes('before the restart'));
@@ -188,15 +209,63 @@ t.test('back-end restart: the new back-end takes the socket path over and serves
   t.equal(settled.watchers, 0, 'the closed back-end holds no watcher');
   t.equal(settled.mappings, 0, 'and no guest memory mapping');
   rig.backend = startBackend(rig.socketPath, 0x99n);
+  await until(() => rig.backend.device.activations === 1, 'QEMU to reconnect and start the device again', 10_000);
   t.ok(rig.qemu.running, 'QEMU survived losing its back-end');
-  await rig.qemu.stop();
-
-  rig.qemu = await QemuQtest.start({ workDir: rig.dir, args: vhostUserDeviceArgs(rig.socketPath) });
-  rig.dev = await VirtioPciDevice.probe(rig.qemu.qtest, { virtioId: 42 });
-  const again = await bringUp(rig.dev, rig.qemu.ram);
-  await roundTrip(t, rig.dev, again[0]!, bytes('after the restart'));
-  await roundTrip(t, rig.dev, again[1]!, bytes('the other queue too'));
+  t.equal(await rig.dev.status() & STATUS_DRIVER_OK, STATUS_DRIVER_OK, 'the guest saw nothing: still DRIVER_OK');
+  await roundTrip(t, rig.dev, queues[0]!, bytes('after the restart'));
+  await roundTrip(t, rig.dev, queues[1]!, bytes('the other queue too'));
   const config = await rig.dev.configRead(8, 8);
   t.equal(new DataView(config.buffer).getBigUint64(0, true), 0x99n, 'config now comes from the new back-end');
   t.equal(rig.backend.server.connectionsServed, 1);
+});
+
+/** QEMU's device in front of backend-process.ts (the echo device: 2 queues, 8 bytes of config). */
+function echoDeviceArgs(socketPath: string): string[] {
+  return [
+    '-chardev', `socket,id=vu,path=${socketPath},reconnect-ms=${RECONNECT_MS}`,
+    '-device', `vhost-user-device-pci,chardev=vu,virtio-id=42,num_vqs=${QUEUES},vq_size=${QUEUE_SIZE},config_size=8,page-per-vq=on`,
+  ];
+}
+
+t.test('a back-end process killed with SIGKILL mid-request: QEMU reconnects, the inflight area resubmits, each request completes once', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-qemu-restart-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const socketPath = path.join(dir, 'vu.sock');
+  const first = await BackendProcess.start(socketPath, QUEUES, 'hold');
+  t.teardown(() => first.kill('SIGKILL'));
+  const qemu = await QemuQtest.start({ workDir: dir, args: echoDeviceArgs(socketPath) });
+  t.teardown(() => qemu.stop());
+  const dev = await VirtioPciDevice.probe(qemu.qtest, { virtioId: 42 });
+  await dev.negotiate(ECHO_F_TEST);
+  const queue = await dev.setupQueue(0, qemu.ram, QUEUE_SIZE);
+  await dev.driverOk();
+
+  const requests = ['a', `${HOLD_PREFIX}b`, 'c', `${HOLD_PREFIX}d`];
+  const heads = new Map<number, string>();
+  for (const r of requests) heads.set(await queue.add([bytes(r)], [16]), r);
+  await dev.notify(queue);
+  await first.until((e) => e.filter((x) => x.event === 'served' || x.event === 'held').length === requests.length, 'every request to reach the device');
+  const before = await queue.waitUsed(2);
+  t.same(before.map((u) => heads.get(u.id)), ['a', 'c'], 'two completed before the crash');
+  t.same(first.texts('held'), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`], 'two in flight in the back-end');
+
+  t.same(await first.kill('SIGKILL'), { code: null, signal: 'SIGKILL' }, 'the back-end died by SIGKILL');
+  const second = await BackendProcess.start(socketPath, QUEUES, 'echo');
+  t.teardown(() => second.kill('SIGTERM'));
+  await second.until((e) => e.filter((x) => x.event === 'served').length === 2, 'QEMU to reconnect and the requests in flight to be resubmitted');
+  t.same(second.texts('served'), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`], 'resubmitted oldest first, nothing completed before served again');
+  const resubmitted = await queue.waitUsed(2);
+  t.same(resubmitted.map((u) => heads.get(u.id)), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`], 'the guest got both answers');
+  t.same(resubmitted.map((u) => new TextDecoder().decode(u.written)), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`]);
+
+  const e = await queue.add([bytes('e')], [16]);
+  heads.set(e, 'e');
+  await dev.notify(queue);
+  const after = await queue.waitUsed(1);
+  t.same(after.map((u) => heads.get(u.id)), ['e'], 'the ring goes on');
+  t.same(second.texts('served'), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`, 'e']);
+  const ids = [...before, ...resubmitted, ...after].map((u) => u.id);
+  t.equal(new Set(ids).size, ids.length, 'no request completed twice');
+  t.equal(ids.length, requests.length + 1, 'no request lost');
+  t.ok(qemu.running, 'QEMU ran through it');
 });

@@ -3,66 +3,19 @@
 // reconnects as the project's patched QEMU does (the same inflight area handed back with SET_INFLIGHT_FD, each
 // ring's base set to the used index, QEMU's restore after a lost back-end). Every request must complete exactly
 // once: what was in flight is resubmitted (oldest first), what was completed is not served again.
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import readline from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import t from 'tap';
 import { GuestAllocator, SplitRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { VhostUserFrontend, type KeptInflightArea } from '../../guest-driver-spec/frontend/frontend.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
+import { BackendProcess } from '../../guest-driver-spec/frontend/conformance/backend-process-control.ts';
 import { HOLD_PREFIX } from '../../guest-driver-spec/frontend/conformance/echo-device.ts';
 import { host } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 import { F_VERSION_1, bit } from '../../vmm-device/virtio/constants.ts';
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-const BACKEND_SCRIPT = path.join(here, '../../guest-driver-spec/frontend/conformance/backend-process.ts');
 const QUEUE_SIZE = 16;
-const WAIT_MS = 20_000;
-
-interface BackendEvent {
-  event: string;
-  queue?: number;
-  head?: number;
-  text?: string;
-}
-
-class BackendProcess {
-  readonly events: BackendEvent[] = [];
-  private readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-
-  private constructor(readonly child: ChildProcess) {
-    readline.createInterface({ input: child.stdout! }).on('line', (line) => this.events.push(JSON.parse(line) as BackendEvent));
-    child.stderr!.on('data', (d: Buffer) => process.stderr.write(d));
-    this.exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })));
-  }
-
-  static async start(socketPath: string, mode: 'echo' | 'hold'): Promise<BackendProcess> {
-    const child = spawn(process.execPath, ['--import', 'tsx', BACKEND_SCRIPT, socketPath, '1', mode], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const b = new BackendProcess(child);
-    await b.until((e) => e.some((x) => x.event === 'listening'), 'the back-end process to listen');
-    return b;
-  }
-
-  async until(done: (events: BackendEvent[]) => boolean, what: string): Promise<void> {
-    const deadline = Date.now() + WAIT_MS;
-    while (!done(this.events)) {
-      if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}; events: ${JSON.stringify(this.events)}`);
-      await new Promise((r) => setTimeout(r, 10));
-    }
-  }
-
-  texts(event: 'served' | 'held'): string[] {
-    return this.events.filter((e) => e.event === event).map((e) => e.text!);
-  }
-
-  kill(signal: NodeJS.Signals): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
-    this.child.kill(signal);
-    return this.exited;
-  }
-}
 
 const words = (list: string[]): Uint8Array[] => list.map((w) => new TextEncoder().encode(w));
 
@@ -78,7 +31,7 @@ t.test('a back-end killed with SIGKILL mid-request: the next one resubmits what 
   const queue = { index: 0, size: QUEUE_SIZE, ...ring.addrs };
 
   // First back-end: completes plain requests, holds the "hold:" ones.
-  const first = await BackendProcess.start(socketPath, 'hold');
+  const first = await BackendProcess.start(socketPath, 1, 'hold');
   const fe1 = await VhostUserFrontend.connect(host, socketPath);
   await fe1.init({ queues: 1 });
   const kept: KeptInflightArea | undefined = await fe1.start({ ram, features, queues: [queue], inflight: { numQueues: 1, queueSize: QUEUE_SIZE } });
@@ -99,7 +52,7 @@ t.test('a back-end killed with SIGKILL mid-request: the next one resubmits what 
   fe1.close();
 
   // QEMU's view after losing the back-end: last_avail_idx restored to used->idx (3), the same inflight area.
-  const second = await BackendProcess.start(socketPath, 'echo');
+  const second = await BackendProcess.start(socketPath, 1, 'echo');
   t.teardown(() => second.kill('SIGTERM'));
   const fe2 = await VhostUserFrontend.connect(host, socketPath);
   t.teardown(() => fe2.close());
