@@ -116,10 +116,25 @@ struct Entry {
 // and including the first signaled one (the unsignaled ones before it completed silently, in order); an error
 // completion (a failure or a flush: rxe reports every one, signaled or not) retires exactly one. Every receive WR
 // completes once. Completions are told apart by opcode (IBV_WC_RECV bit), which rxe sets on error completions too.
+// What a destroy can wait for exactly is every receive and every signaled send: unsignaled sends after the last
+// signaled one may have completed silently, and nothing tells whether they did.
 struct QpWork {
   std::deque<bool> sendSignaled;
+  uint64_t signaledOutstanding = 0;
   uint64_t recvPosted = 0;
   bool signalAll = false;
+
+  void PushSend(bool signaled) {
+    sendSignaled.push_back(signaled);
+    if (signaled) signaledOutstanding++;
+  }
+  bool PopSend() {
+    bool signaled = sendSignaled.front();
+    sendSignaled.pop_front();
+    if (signaled) signaledOutstanding--;
+    return signaled;
+  }
+  bool Drained() const { return signaledOutstanding == 0 && recvPosted == 0; }
 };
 struct Completions {
   std::mutex mu;
@@ -954,14 +969,11 @@ void Account(Completions& c, const ibv_wc& wc) {
     return;
   }
   if (wc.status != IBV_WC_SUCCESS) {
-    if (!work.sendSignaled.empty()) work.sendSignaled.pop_front();
+    if (!work.sendSignaled.empty()) work.PopSend();
     return;
   }
-  while (!work.sendSignaled.empty()) {
-    bool signaled = work.sendSignaled.front();
-    work.sendSignaled.pop_front();
-    if (signaled) break;
-  }
+  while (!work.sendSignaled.empty())
+    if (work.PopSend()) break;
 }
 
 // Polls `cq` empty into Completions::taken (for JS's next pollCq), accounting each (caller holds mu).
@@ -1213,8 +1225,8 @@ Napi::Value QueryQp(const Napi::CallbackInfo& info) {
 // (where they stay pollable after the QP is gone). ibv_destroy_qp alone drops them silently on rxe: rxe flushes
 // from a tasklet that the modify only schedules and that destroy cancels. No verb reports when a flush is done,
 // so the destroy (on the thread pool) polls the QP's CQs, keeping what it takes for JS's next pollCq, until every
-// work request the QP had outstanding has completed, at most FLUSH_LIMIT_MS (a CQ that overflowed loses
-// completions; the QP is destroyed then anyway).
+// receive and every signaled send the QP had outstanding has completed (see QpWork), at most FLUSH_LIMIT (a CQ
+// that overflowed loses completions; the QP is destroyed then anyway).
 constexpr auto FLUSH_LIMIT = std::chrono::milliseconds(5000);
 constexpr useconds_t FLUSH_POLL_INTERVAL_US = 200;
 
@@ -1226,7 +1238,7 @@ bool AwaitFlush(Completions& c, uint32_t qpNum, ibv_cq* sendCq, ibv_cq* recvCq) 
       std::lock_guard<std::mutex> lock(c.mu);
       auto drained = [&] {
         auto it = c.byQpNum.find(qpNum);
-        return it == c.byQpNum.end() || (it->second.sendSignaled.empty() && it->second.recvPosted == 0);
+        return it == c.byQpNum.end() || it->second.Drained();
       };
       if (drained()) return true;
       if (TakeCompletions(c, sendCq) != 0 || (recvCq != sendCq && TakeCompletions(c, recvCq) != 0)) return false;
@@ -1519,7 +1531,7 @@ void RecordPosted(State* st, uint32_t qpNum, bool send, uint32_t posted) {
     return;
   }
   for (uint32_t i = 0; i < posted; i++)
-    work.sendSignaled.push_back(work.signalAll || (st->sendWrs[i].send_flags & IBV_SEND_SIGNALED) != 0);
+    work.PushSend(work.signalAll || (st->sendWrs[i].send_flags & IBV_SEND_SIGNALED) != 0);
 }
 
 // postSend(qp, wrs: Uint8Array, count) and postRecv(qp, wrs: Uint8Array, count): the whole list in one

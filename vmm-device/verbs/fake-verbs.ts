@@ -9,27 +9,8 @@
 // Failures are injected per verb name (the libibverbs function: 'ibv_create_qp', 'ibv_reg_mr', ...).
 
 import { QpState, QpType, SendFlags, WcOpcode, WcStatus, WrOpcode } from './constants.ts';
-import type {
-  AhAttr,
-  AhHandle,
-  AsyncEvent,
-  CqHandle,
-  CreateCqOptions,
-  DeviceAttr,
-  DeviceHandle,
-  DeviceInfo,
-  GidEntry,
-  HostVerbs,
-  MrHandle,
-  OpenDeviceOptions,
-  PdHandle,
-  PortAttr,
-  QpAttr,
-  QpHandle,
-  QpInitAttr,
-  QpQueryResult,
-  RegMrOptions,
-} from './host-verbs.ts';
+// The interface's types, as hv.* (they are many and NativeVerbs imports the same list).
+import type * as hv from './host-verbs.ts';
 import { VerbsError } from './host-verbs.ts';
 import { decodeRecvWrs, decodeSendWrs } from './layout.ts';
 import type { RecvWrList, SendWrList, WcBuffer, WorkCompletion } from './layout.ts';
@@ -68,15 +49,15 @@ interface FakeObject {
   children: number;
 }
 interface FakeCq extends FakeObject {
-  handle: CqHandle;
+  handle: hv.CqHandle;
   queue: WorkCompletion[];
   armed: 'none' | 'any' | 'solicited';
   onEvent: (() => void) | undefined;
 }
 interface FakeQp extends FakeObject {
-  handle: QpHandle;
+  handle: hv.QpHandle;
   state: number;
-  attr: QpAttr;
+  attr: hv.QpAttr;
   sendCq: number;
   recvCq: number;
   sqSigAll: boolean;
@@ -84,11 +65,11 @@ interface FakeQp extends FakeObject {
   sendOutstanding: number;
 }
 interface FakeDevice extends FakeObject {
-  options: OpenDeviceOptions;
+  options: hv.OpenDeviceOptions;
 }
 
 export interface FakeVerbsConfig {
-  devices?: DeviceInfo[];
+  devices?: hv.DeviceInfo[];
   /** Limits reported by queryDevice and enforced on create (ENOMEM beyond them). */
   maxQp?: number;
   maxCq?: number;
@@ -119,7 +100,7 @@ const SEND_OPCODE_TO_WC: Record<number, number> = {
   [WrOpcode.ATOMIC_FETCH_AND_ADD]: WcOpcode.FETCH_ADD,
 };
 
-export class FakeVerbs implements HostVerbs {
+export class FakeVerbs implements hv.HostVerbs {
   private readonly config: Required<FakeVerbsConfig>;
   private readonly objects = new Map<number, FakeObject>();
   private readonly destroying = new Set<number>();
@@ -158,7 +139,7 @@ export class FakeVerbs implements HostVerbs {
   }
 
   /** Delivers an asynchronous event to the device's listener, as the hardware would. */
-  raiseAsyncEvent(device: DeviceHandle, event: AsyncEvent): void {
+  raiseAsyncEvent(device: hv.DeviceHandle, event: hv.AsyncEvent): void {
     const d = this.objects.get(device.id) as FakeDevice | undefined;
     d?.options.onAsyncEvent?.(event);
   }
@@ -261,12 +242,12 @@ export class FakeVerbs implements HostVerbs {
 
   // ------------------------------------------------------------------------------------------- HostVerbs
 
-  listDevices(): DeviceInfo[] {
+  listDevices(): hv.DeviceInfo[] {
     this.enter('ibv_get_device_list');
     return this.config.devices.map((d) => ({ ...d }));
   }
 
-  async openDevice(name: string, options: OpenDeviceOptions = {}): Promise<DeviceHandle> {
+  async openDevice(name: string, options: hv.OpenDeviceOptions = {}): Promise<hv.DeviceHandle> {
     this.enter('ibv_open_device');
     if (!this.config.devices.some((d) => d.name === name))
       throw new VerbsError(
@@ -278,11 +259,11 @@ export class FakeVerbs implements HostVerbs {
     return Object.freeze({ kind: 'device', id: d.id, name });
   }
 
-  closeDevice(device: DeviceHandle): Promise<void> {
+  closeDevice(device: hv.DeviceHandle): Promise<void> {
     return this.destroy('ibv_close_device', 'device', device.id);
   }
 
-  async queryDevice(device: DeviceHandle): Promise<DeviceAttr> {
+  async queryDevice(device: hv.DeviceHandle): Promise<hv.DeviceAttr> {
     this.lookup('ibv_query_device', 'device', device.id);
     this.enter('ibv_query_device');
     const c = this.config;
@@ -313,7 +294,7 @@ export class FakeVerbs implements HostVerbs {
     };
   }
 
-  async queryPort(device: DeviceHandle, port: number): Promise<PortAttr> {
+  async queryPort(device: hv.DeviceHandle, port: number): Promise<hv.PortAttr> {
     this.lookup('ibv_query_port', 'device', device.id);
     this.enter('ibv_query_port');
     if (port !== 1) throw new VerbsError('ibv_query_port', 'EINVAL', `port ${port} does not exist`);
@@ -335,7 +316,7 @@ export class FakeVerbs implements HostVerbs {
     };
   }
 
-  async queryGidTable(device: DeviceHandle): Promise<GidEntry[]> {
+  async queryGidTable(device: hv.DeviceHandle): Promise<hv.GidEntry[]> {
     this.lookup('ibv_query_gid_table', 'device', device.id);
     this.enter('ibv_query_gid_table');
     const v4 = new Uint8Array(16);
@@ -343,7 +324,7 @@ export class FakeVerbs implements HostVerbs {
     return [{ gid: v4, index: 1, port: 1, type: 2, ndevIfindex: 2 }];
   }
 
-  async allocPd(device: DeviceHandle): Promise<PdHandle> {
+  async allocPd(device: hv.DeviceHandle): Promise<hv.PdHandle> {
     this.lookup('ibv_alloc_pd', 'device', device.id);
     this.enter('ibv_alloc_pd');
     if (this.count('pd') >= this.config.maxPd) throw new VerbsError('ibv_alloc_pd', 'ENOMEM', 'Cannot allocate memory');
@@ -351,11 +332,11 @@ export class FakeVerbs implements HostVerbs {
     return Object.freeze({ kind: 'pd', id: pd.id });
   }
 
-  deallocPd(pd: PdHandle): Promise<void> {
+  deallocPd(pd: hv.PdHandle): Promise<void> {
     return this.destroy('ibv_dealloc_pd', 'pd', pd.id);
   }
 
-  async createCq(device: DeviceHandle, cqe: number, options: CreateCqOptions = {}): Promise<CqHandle> {
+  async createCq(device: hv.DeviceHandle, cqe: number, options: hv.CreateCqOptions = {}): Promise<hv.CqHandle> {
     this.lookup('ibv_create_cq', 'device', device.id);
     this.enter('ibv_create_cq');
     if (!Number.isInteger(cqe) || cqe < 1 || cqe > this.config.maxCqe)
@@ -364,7 +345,7 @@ export class FakeVerbs implements HostVerbs {
     const cq = this.add<FakeCq>({
       kind: 'cq',
       parents: [device.id],
-      handle: undefined as unknown as CqHandle,
+      handle: undefined as unknown as hv.CqHandle,
       queue: [],
       armed: 'none',
       onEvent: options.onCompletionEvent,
@@ -373,17 +354,17 @@ export class FakeVerbs implements HostVerbs {
     return cq.handle;
   }
 
-  destroyCq(cq: CqHandle): Promise<void> {
+  destroyCq(cq: hv.CqHandle): Promise<void> {
     return this.destroy('ibv_destroy_cq', 'cq', cq.id);
   }
 
-  reqNotifyCq(cq: CqHandle, solicitedOnly: boolean): void {
+  reqNotifyCq(cq: hv.CqHandle, solicitedOnly: boolean): void {
     const c = this.lookup<FakeCq>('ibv_req_notify_cq', 'cq', cq.id);
     this.enter('ibv_req_notify_cq');
     c.armed = solicitedOnly ? 'solicited' : 'any';
   }
 
-  pollCq(cq: CqHandle, out: WcBuffer, max: number = out.capacity): number {
+  pollCq(cq: hv.CqHandle, out: WcBuffer, max: number = out.capacity): number {
     const c = this.lookup<FakeCq>('ibv_poll_cq', 'cq', cq.id);
     this.enter('ibv_poll_cq');
     const n = Math.min(max, out.capacity, c.queue.length);
@@ -393,7 +374,7 @@ export class FakeVerbs implements HostVerbs {
     return n;
   }
 
-  async createQp(pd: PdHandle, init: QpInitAttr): Promise<QpHandle> {
+  async createQp(pd: hv.PdHandle, init: hv.QpInitAttr): Promise<hv.QpHandle> {
     const verb = 'ibv_create_qp';
     this.lookup(verb, 'pd', pd.id);
     this.lookup(verb, 'cq', init.sendCq.id);
@@ -408,7 +389,7 @@ export class FakeVerbs implements HostVerbs {
     const qp = this.add<FakeQp>({
       kind: 'qp',
       parents,
-      handle: undefined as unknown as QpHandle,
+      handle: undefined as unknown as hv.QpHandle,
       state: QpState.RESET,
       attr: {},
       sendCq: init.sendCq.id,
@@ -428,7 +409,7 @@ export class FakeVerbs implements HostVerbs {
     return qp.handle;
   }
 
-  async modifyQp(qp: QpHandle, attr: QpAttr): Promise<void> {
+  async modifyQp(qp: hv.QpHandle, attr: hv.QpAttr): Promise<void> {
     const verb = 'ibv_modify_qp';
     const q = this.lookup<FakeQp>(verb, 'qp', qp.id);
     this.enter(verb);
@@ -445,7 +426,7 @@ export class FakeVerbs implements HostVerbs {
     await new Promise((r) => setImmediate(r));
   }
 
-  async queryQp(qp: QpHandle): Promise<QpQueryResult> {
+  async queryQp(qp: hv.QpHandle): Promise<hv.QpQueryResult> {
     const q = this.lookup<FakeQp>('ibv_query_qp', 'qp', qp.id);
     this.enter('ibv_query_qp');
     const a = q.attr;
@@ -474,11 +455,11 @@ export class FakeVerbs implements HostVerbs {
     };
   }
 
-  destroyQp(qp: QpHandle): Promise<void> {
+  destroyQp(qp: hv.QpHandle): Promise<void> {
     return this.destroy('ibv_destroy_qp', 'qp', qp.id, (o) => this.flushReceives(o as FakeQp));
   }
 
-  async regMr(pd: PdHandle, memory: ArrayBuffer, options: RegMrOptions): Promise<MrHandle> {
+  async regMr(pd: hv.PdHandle, memory: ArrayBuffer, options: hv.RegMrOptions): Promise<hv.MrHandle> {
     const verb = options.iova !== undefined ? 'ibv_reg_mr_iova' : 'ibv_reg_mr';
     this.lookup(verb, 'pd', pd.id);
     this.enter(verb);
@@ -499,11 +480,11 @@ export class FakeVerbs implements HostVerbs {
     });
   }
 
-  deregMr(mr: MrHandle): Promise<void> {
+  deregMr(mr: hv.MrHandle): Promise<void> {
     return this.destroy('ibv_dereg_mr', 'mr', mr.id);
   }
 
-  async createAh(pd: PdHandle, attr: AhAttr): Promise<AhHandle> {
+  async createAh(pd: hv.PdHandle, attr: hv.AhAttr): Promise<hv.AhHandle> {
     this.lookup('ibv_create_ah', 'pd', pd.id);
     this.enter('ibv_create_ah');
     if (attr.grh !== undefined && attr.grh.dgid.length !== 16)
@@ -512,11 +493,11 @@ export class FakeVerbs implements HostVerbs {
     return Object.freeze({ kind: 'ah', id: ah.id });
   }
 
-  destroyAh(ah: AhHandle): Promise<void> {
+  destroyAh(ah: hv.AhHandle): Promise<void> {
     return this.destroy('ibv_destroy_ah', 'ah', ah.id);
   }
 
-  postSend(qp: QpHandle, wrs: SendWrList): void {
+  postSend(qp: hv.QpHandle, wrs: SendWrList): void {
     const verb = 'ibv_post_send';
     const q = this.lookup<FakeQp>(verb, 'qp', qp.id);
     this.enter(verb);
@@ -545,7 +526,7 @@ export class FakeVerbs implements HostVerbs {
     }
   }
 
-  postRecv(qp: QpHandle, wrs: RecvWrList): void {
+  postRecv(qp: hv.QpHandle, wrs: RecvWrList): void {
     const verb = 'ibv_post_recv';
     const q = this.lookup<FakeQp>(verb, 'qp', qp.id);
     this.enter(verb);
