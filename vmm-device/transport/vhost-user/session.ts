@@ -6,10 +6,13 @@
 // The virtio device itself is the device core (vmm-device/virtio/core.ts) over a device model. vhost-user does not
 // carry the guest's status writes one by one, so the session drives the core through a proper virtio init sequence
 // itself when the device is to start: on SET_STATUS with DRIVER_OK, or on the first kick of an enabled ring,
-// whichever comes first (rings started later are then not seen by the model until the next reset). The kick is
-// needed even with the STATUS protocol feature: QEMU 10's generic vhost-user device negotiates STATUS but never
-// sends SET_STATUS DRIVER_OK (its vhost_dev.vq_index_end stays 0, so vhost_user_dev_start() returns early), and a
-// driver only notifies after DRIVER_OK.
+// whichever comes first (rings started later are then not seen by the model until the next reset). SET_STATUS 0
+// (and RESET_DEVICE) reset the device, which releases what the driver created. The kick fallback is for a
+// front-end that negotiates STATUS but never sends SET_STATUS: stock QEMU 10's generic vhost-user device (its
+// vhost_dev.vq_index_end stays 0); the project's QEMU recipe fixes that (scripts/qemu/README.md).
+//
+// With an inflight area (INFLIGHT_SHMFD), split rings are tracked in it (inflight.ts): a ring that starts with
+// chains still marked in flight, after a back-end restart, gets them resubmitted before anything new.
 
 import { GuestMemory, GuestMemoryError, type MemoryRegionSpec } from '../../memory/guest-memory.ts';
 import type { Logger } from '../../util/log.ts';
