@@ -1,7 +1,8 @@
 # Shared by scripts/qemu/build.sh and scripts/qemu/source.sh (sourced, not run).
 # Fetches Debian trixie's qemu source package through an apt configuration that lives entirely in the cache
 # folder (never /etc/apt: trixie lines there would make apt replace bookworm's glibc), unpacks it and applies
-# the project's two source edits. Progress goes to stderr; stdout is kept for the one path the caller prints.
+# the project's source edits (scripts/qemu/README.md). Progress goes to stderr; stdout is kept for the one path
+# the caller prints.
 
 QEMU_CACHE=${VRDMA_CACHE:-/var/cache/vrdma}/qemu
 QEMU_APT_DIR=$QEMU_CACHE/apt
