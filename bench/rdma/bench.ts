@@ -636,14 +636,24 @@ async function writeBandwidth(t: Testbed): Promise<number> {
 
 const perftestName = (tool: string, args: string): string => `perftest ${tool} -d ${RXE_DEVICE} -x ${GID_INDEX} ${args} on the same rxe0, same test-host run`;
 
+const shown = new Set<string>();
+/** Prints a tool's whole client output the first time (what the baseline figures were read from). */
+function showOnce(tool: string, output: string): void {
+  if (shown.has(tool)) return;
+  shown.add(tool);
+  console.log(`[bench:rdma] ${tool} client output (first run):\n${output.trimEnd()}`);
+}
+
 async function perftestLatency(tool: 'ib_write_lat' | 'ib_send_lat'): Promise<{ typical: number; avg: number }> {
   const out = await runPerftest({ tool, device: RXE_DEVICE, gidIndex: GID_INDEX, args: ['-s', String(LAT_SIZE), '-n', String(LAT_ITERS)], timeoutMs: PERFTEST_TIMEOUT_MS });
+  showOnce(tool, out.client);
   const r = parseLatency(out.client, LAT_SIZE, LAT_ITERS);
   return { typical: r.typicalUs, avg: r.avgUs };
 }
 
 async function perftestBandwidth(): Promise<number> {
   const out = await runPerftest({ tool: 'ib_write_bw', device: RXE_DEVICE, gidIndex: GID_INDEX, args: ['-s', String(BW_SIZE), '-n', String(BW_ITERS)], timeoutMs: PERFTEST_TIMEOUT_MS });
+  showOnce('ib_write_bw', out.client);
   return parseBandwidth(out.client, BW_SIZE, BW_ITERS).averageMiBs;
 }
 
