@@ -13,6 +13,15 @@ import { F_RING_PACKED, F_VERSION_1, bit } from '../../vmm-device/virtio/constan
 const PACKED_FEATURES = bit(F_VERSION_1) | bit(F_RING_PACKED) | ECHO_F_TEST;
 const RING_SIZE = 8;
 
+/** A rig with one queue, QEMU's init sequence done, guest RAM and a packed ring driver in it. */
+async function packedRig(start?: { index: number; wrap: boolean }): Promise<{ r: Rig; ram: GuestRam; alloc: GuestAllocator; d: PackedRingDriver }> {
+  const r = await rig({ queues: 1 });
+  await r.fe.init({ queues: 1 });
+  const ram = r.ram();
+  const alloc = new GuestAllocator(ram);
+  return { r, ram, alloc, d: new PackedRingDriver(ram, alloc, RING_SIZE, start) };
+}
+
 async function startPacked(r: Rig, ram: GuestRam, d: PackedRingDriver): Promise<void> {
   await r.fe.start({ ram, features: PACKED_FEATURES, queues: [{ index: 0, size: d.size, ...d.addrs, base: d.base }] });
   await r.fe.sync();
@@ -33,11 +42,7 @@ async function exchange(t: Pick<typeof import('tap').default, 'ok'>, r: Rig, ram
 }
 
 t.test('a packed ring: round trips, GET_VRING_BASE with the wrap counter, resumed across the wrap', async (t) => {
-  const r = await rig({ queues: 1 });
-  await r.fe.init({ queues: 1 });
-  const ram = r.ram();
-  const alloc = new GuestAllocator(ram);
-  const d = new PackedRingDriver(ram, alloc, RING_SIZE);
+  const { r, ram, alloc, d } = await packedRig();
   await startPacked(r, ram, d);
   t.ok(r.session().describe().ackedFeatures & bit(F_RING_PACKED), 'RING_PACKED acked by SET_FEATURES');
   t.ok(r.session().core.isActive, 'device started (SET_STATUS DRIVER_OK)');
@@ -62,12 +67,8 @@ t.test('a packed ring: round trips, GET_VRING_BASE with the wrap counter, resume
 });
 
 t.test('SET_VRING_BASE with the wrap counter clear: the device resumes in the second lap', async (t) => {
-  const r = await rig({ queues: 1 });
-  await r.fe.init({ queues: 1 });
-  const ram = r.ram();
-  const alloc = new GuestAllocator(ram);
   // A ring that has been round once: descriptors marked used in lap 1, the driver at position 4 of lap 2.
-  const d = new PackedRingDriver(ram, alloc, RING_SIZE, { index: 4, wrap: false });
+  const { r, ram, alloc, d } = await packedRig({ index: 4, wrap: false });
   t.equal(d.base, 4);
   await startPacked(r, ram, d);
   const x = await exchange(t, r, ram, alloc, d, ['six', 'seven', 'eight']);
@@ -78,11 +79,7 @@ t.test('SET_VRING_BASE with the wrap counter clear: the device resumes in the se
 });
 
 t.test('a packed base with the wrap bit wrong for the ring: nothing is served, nothing is corrupted', async (t) => {
-  const r = await rig({ queues: 1 });
-  await r.fe.init({ queues: 1 });
-  const ram = r.ram();
-  const alloc = new GuestAllocator(ram);
-  const d = new PackedRingDriver(ram, alloc, RING_SIZE);
+  const { r, ram, alloc, d } = await packedRig();
   // The driver is in lap 1 (wrap 1); the front-end claims lap 2 (wrap 0): the descriptors do not look available.
   await r.fe.start({ ram, features: PACKED_FEATURES, queues: [{ index: 0, size: RING_SIZE, ...d.addrs, base: 0 }] });
   await r.fe.sync();
