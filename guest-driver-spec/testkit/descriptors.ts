@@ -10,6 +10,7 @@ import {
   VIRTQ_DESC_F_USED,
   VIRTQ_DESC_F_WRITE,
 } from '../../vmm-device/virtqueue/constants.ts';
+import type { TestGuestMemory } from './test-memory.ts';
 
 export type Layout = 'split' | 'packed';
 
@@ -115,6 +116,42 @@ export interface BuiltChain {
   descriptors: number[];
   /** Guest physical address of the indirect table, if any. */
   indirectTable?: number;
+}
+
+/** A chain's buffers in guest memory: where each one is, what the device must report, what was written. */
+export interface PlacedBuffers {
+  /** Address of each buffer, in spec order. */
+  addrs: (bigint | number)[];
+  segments: ExpectedSegment[];
+  /** Payload written into each device-readable buffer (in segment order). */
+  payload: Uint8Array[];
+}
+
+/**
+ * Places a chain's buffers (both layouts do it alike): a buffer with an explicit address is used as given; any
+ * other is allocated (across a region boundary when asked) and, when device-readable, filled with random payload.
+ */
+export function placeBuffers(mem: TestGuestMemory, buffers: readonly BufferSpec[]): PlacedBuffers {
+  const out: PlacedBuffers = { addrs: [], segments: [], payload: [] };
+  for (const b of buffers) {
+    let addr: bigint | number;
+    if (b.addr !== undefined) {
+      addr = b.addr;
+    } else {
+      addr = b.cross ? mem.allocCrossing(b.len) : mem.alloc(b.len, { align: 1 });
+      if (!b.write) out.payload.push(mem.fillRandom(addr, b.len));
+    }
+    out.addrs.push(addr);
+    out.segments.push({ addr: Number(addr), len: b.len, write: b.write ?? false });
+  }
+  return out;
+}
+
+/** Allocates an indirect table in `mem` and writes `entries` into it in `layout`'s descriptor format. */
+export function writeIndirectTable(mem: TestGuestMemory, layout: Layout, entries: readonly RawDescriptor[], region?: number): number {
+  const addr = mem.alloc(DESC_SIZE * Math.max(1, entries.length), { align: 16, ...(region !== undefined ? { region } : {}) });
+  entries.forEach((d, i) => mem.write(addr + DESC_SIZE * i, encodeDescriptor(layout, d)));
+  return addr;
 }
 
 /** Writable segments of a built chain total this many bytes. */

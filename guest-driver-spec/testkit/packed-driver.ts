@@ -25,12 +25,12 @@ import {
 import {
   decodeDescriptor,
   encodeDescriptor,
-  type BufferSpec,
   type BuiltChain,
   type ChainSpec,
   type DecodedDescriptor,
-  type ExpectedSegment,
   type RawDescriptor,
+  placeBuffers,
+  writeIndirectTable,
 } from './descriptors.ts';
 import type { RingPlacement, UsedElement } from './split-driver.ts';
 import type { TestGuestMemory } from './test-memory.ts';
@@ -202,18 +202,9 @@ export class PackedDriver {
 
   // ---- chains ----
 
-  private placeBuffer(b: BufferSpec): { addr: bigint | number; payload: Uint8Array | undefined } {
-    if (b.addr !== undefined) return { addr: b.addr, payload: undefined };
-    const addr = b.cross ? this.mem.allocCrossing(b.len) : this.mem.alloc(b.len, { align: 1 });
-    const payload = b.write ? undefined : this.mem.fillRandom(addr, b.len);
-    return { addr, payload };
-  }
-
   /** Allocates and writes an indirect table (entries as packed descriptors). */
   writeIndirectTable(entries: readonly RawDescriptor[], region?: number): number {
-    const addr = this.mem.alloc(DESC_SIZE * Math.max(1, entries.length), { align: 16, ...(region !== undefined ? { region } : {}) });
-    entries.forEach((d, i) => this.mem.write(addr + DESC_SIZE * i, encodeDescriptor('packed', d)));
-    return addr;
+    return writeIndirectTable(this.mem, 'packed', entries, region);
   }
 
   /** Builds a chain and makes it available. */
@@ -223,14 +214,8 @@ export class PackedDriver {
     const ringSlots = spec.indirect ? 1 : n;
     if (ringSlots > this.freeSlots) throw new RangeError(`packed driver: ${ringSlots} slots needed, ${this.freeSlots} free`);
     const id = spec.id ?? this.takeId();
-    const segments: ExpectedSegment[] = [];
-    const payload: Uint8Array[] = [];
-    const raws: RawDescriptor[] = spec.buffers.map((b) => {
-      const { addr, payload: p } = this.placeBuffer(b);
-      segments.push({ addr: Number(addr), len: b.len, write: b.write ?? false });
-      if (p !== undefined) payload.push(p);
-      return { addr, len: b.len, id, flags: b.write ? VIRTQ_DESC_F_WRITE : 0 };
-    });
+    const { addrs, segments, payload } = placeBuffers(this.mem, spec.buffers);
+    const raws: RawDescriptor[] = spec.buffers.map((b, i) => ({ addr: addrs[i]!, len: b.len, id, flags: b.write ? VIRTQ_DESC_F_WRITE : 0 }));
     let first: RingPosition;
     let table: number | undefined;
     if (spec.indirect) {

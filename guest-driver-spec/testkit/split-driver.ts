@@ -22,12 +22,12 @@ import {
 import {
   encodeDescriptor,
   decodeDescriptor,
-  type BufferSpec,
   type BuiltChain,
   type ChainSpec,
   type DecodedDescriptor,
-  type ExpectedSegment,
   type RawDescriptor,
+  placeBuffers,
+  writeIndirectTable,
 } from './descriptors.ts';
 import type { TestGuestMemory } from './test-memory.ts';
 
@@ -156,33 +156,19 @@ export class SplitDriver {
 
   // ---- chains ----
 
-  /** Allocates a buffer for a spec and fills a device-readable one with payload. */
-  private placeBuffer(b: BufferSpec): { addr: bigint | number; payload: Uint8Array | undefined } {
-    if (b.addr !== undefined) return { addr: b.addr, payload: undefined };
-    const addr = b.cross ? this.mem.allocCrossing(b.len) : this.mem.alloc(b.len, { align: 1 });
-    const payload = b.write ? undefined : this.mem.fillRandom(addr, b.len);
-    return { addr, payload };
-  }
-
   /** Allocates and writes an indirect table of `entries` (which the caller wrote as split descriptors). */
   writeIndirectTable(entries: readonly RawDescriptor[], region?: number): number {
-    const addr = this.mem.alloc(DESC_SIZE * Math.max(1, entries.length), { align: 16, ...(region !== undefined ? { region } : {}) });
-    entries.forEach((d, i) => this.mem.write(addr + DESC_SIZE * i, encodeDescriptor('split', d)));
-    return addr;
+    return writeIndirectTable(this.mem, 'split', entries, region);
   }
 
   /** Writes a chain's descriptors (not yet available) and returns what the device must see. */
   writeChain(spec: ChainSpec): BuiltChain {
     const n = spec.buffers.length;
     if (n === 0) throw new RangeError('a chain needs at least one buffer');
-    const segments: ExpectedSegment[] = [];
-    const payload: Uint8Array[] = [];
+    const { addrs, segments, payload } = placeBuffers(this.mem, spec.buffers);
     const raws: RawDescriptor[] = spec.buffers.map((b, i) => {
-      const { addr, payload: p } = this.placeBuffer(b);
-      segments.push({ addr: Number(addr), len: b.len, write: b.write ?? false });
-      if (p !== undefined) payload.push(p);
       const last = i === n - 1;
-      return { addr, len: b.len, flags: (b.write ? VIRTQ_DESC_F_WRITE : 0) | (last ? 0 : VIRTQ_DESC_F_NEXT), next: last ? 0 : i + 1 };
+      return { addr: addrs[i]!, len: b.len, flags: (b.write ? VIRTQ_DESC_F_WRITE : 0) | (last ? 0 : VIRTQ_DESC_F_NEXT), next: last ? 0 : i + 1 };
     });
     if (spec.indirect) {
       const table = this.writeIndirectTable(raws);
