@@ -78,13 +78,18 @@ function equalBytes(a: Uint8Array, b: Uint8Array): boolean {
   return a.length === b.length && Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.length), Buffer.from(b.buffer, b.byteOffset, b.length)) === 0;
 }
 
-/** QPs, CQs, MRs and PDs this process holds on the host, as `rdma resource show` lists them. */
+/**
+ * QPs, CQs, MRs and PDs this process holds on the host, as `rdma resource show` lists them. The kernel names an
+ * object's owner by the thread that created it (the addon's verbs run on libuv's worker threads), so an entry
+ * belongs to this process when its pid is this process or one of its threads.
+ */
 function rdmaResourcesOfThisProcess(): Record<string, number> {
+  const threads = new Set<number>([process.pid, ...fs.readdirSync(`/proc/${process.pid}/task`).map(Number)]);
   const out: Record<string, number> = {};
   for (const kind of ['qp', 'cq', 'mr', 'pd']) {
     const json = execFileSync('rdma', ['-j', 'resource', 'show', kind], { encoding: 'utf8' });
     const entries = JSON.parse(json.trim() === '' ? '[]' : json) as { pid?: number }[];
-    out[kind] = entries.filter((e) => e.pid === process.pid).length;
+    out[kind] = entries.filter((e) => e.pid !== undefined && threads.has(e.pid)).length;
   }
   return out;
 }
@@ -237,6 +242,9 @@ async function main(): Promise<number> {
     const b = await openVm(kind, verbs, resolver, dir, 'vm-b');
     console.log('[demo] connecting an RC queue pair between them...');
     const [qa, qb] = await rcPair(a, b);
+    // The release check at the end means something only if the host attributes the live objects to this process.
+    const live = rdmaResourcesOfThisProcess();
+    check(live['qp'] === 2 && live['pd'] === 2, `the host lists the VMs' live objects for this process: ${JSON.stringify(live)}`);
     console.log(`[demo] ping-pong, ${PING_PONG_ROUND_TRIPS} round trips...`);
     await pingPong(a, b, qa, qb);
     console.log('[demo] RDMA WRITE then READ back...');
