@@ -72,8 +72,8 @@ function positiveInt(name: string, fallback: number, max: number): number {
 const MAX_ITERS = 1_000_000;
 const ROUNDS = positiveInt('VRDMA_BENCH_ROUNDS', 3, 100);
 const SETUP_ITERS = positiveInt('VRDMA_BENCH_SETUP_ITERS', 20, 10_000);
-const LAT_ITERS = positiveInt('VRDMA_BENCH_LAT_ITERS', 1000, MAX_ITERS);
-const BW_ITERS = positiveInt('VRDMA_BENCH_BW_ITERS', 2000, MAX_ITERS);
+const LAT_ITERS = positiveInt('VRDMA_BENCH_LAT_ITERS', 500, MAX_ITERS);
+const BW_ITERS = positiveInt('VRDMA_BENCH_BW_ITERS', 1000, MAX_ITERS);
 /** Which device transports to measure: "qemu", "frontend", or both (comma-separated). */
 const TRANSPORTS = (process.env['VRDMA_BENCH_TRANSPORTS'] ?? 'qemu,frontend').split(',').map((s) => s.trim());
 for (const t of TRANSPORTS) if (t !== 'qemu' && t !== 'frontend') throw new Error(`VRDMA_BENCH_TRANSPORTS: unknown transport '${t}'`);
