@@ -55,6 +55,18 @@ async function connectRc(qp: Qp, peerGid: Uint8Array, peerQpn: number): Promise<
   await qp.modify({ state: 'RTS', sqPsn: 0, timeout: 14, retryCnt: 7, rnrRetry: 7, maxRdAtomic: 4 });
 }
 
+/** A new RC QP of `vm`, at INIT. */
+async function rcAtInit(vm: VpcVm): Promise<Qp> {
+  const q = await vm.ctx.createQp(vm.pd, { type: 'RC', sendCq: vm.cq, recvCq: vm.cq });
+  await q.modify({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, accessFlags: ALL_ACCESS });
+  return q;
+}
+
+/** RTR towards `peerGid`: the device's answer (the policy is asked here). */
+function rtrTo(q: Qp, peerGid: Uint8Array, destQpn: number): Promise<[string, number]> {
+  return refusal(q.modify({ state: 'RTR', av: { dgid: peerGid, hopLimit: 64 }, pathMtu: 3, destQpn, rqPsn: 0, maxDestRdAtomic: 4, minRnrTimer: 12 }));
+}
+
 async function rcPair(t: Test, a: VpcVm, b: VpcVm): Promise<[Qp, Qp]> {
   const qa = await a.ctx.createQp(a.pd, { type: 'RC', sendCq: a.cq, recvCq: a.cq, maxSendWr: 16, maxRecvWr: 16 });
   const qb = await b.ctx.createQp(b.pd, { type: 'RC', sendCq: b.cq, recvCq: b.cq, maxSendWr: 16, maxRecvWr: 16 });
@@ -147,23 +159,14 @@ t.test('file control plane: four VMs of two tenants on rxe0', { timeout: SUBTEST
     await a1.ctx.destroyAh(ah);
 
     // Another VPC's address and a guessed one: the same answer, counted apart.
-    const qx = await a1.ctx.createQp(a1.pd, { type: 'RC', sendCq: a1.cq, recvCq: a1.cq });
-    await qx.modify({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, accessFlags: ALL_ACCESS });
-    const rtr = (ip: string, destQpn: number) =>
-      qx.modify({ state: 'RTR', av: { dgid: gidFromIpv4(ip), hopLimit: 64 }, pathMtu: 3, destQpn, rqPsn: 0, maxDestRdAtomic: 4, minRnrTimer: 12 });
-    const otherVpc = await refusal(rtr('172.16.0.3', qg2.qpNum));
-    const guessed = await refusal(rtr('172.16.0.99', 0x77));
+    const qx = await rcAtInit(a1);
+    const otherVpc = await rtrTo(qx, gidFromIpv4('172.16.0.3'), qg2.qpNum);
+    const guessed = await rtrTo(qx, gidFromIpv4('172.16.0.99'), 0x77);
     t.equal(otherVpc[0], 'DESTINATION_UNREACHABLE', "a1 -> g2's address (globex): refused");
     t.same(guessed, otherVpc, 'a guessed address gets the very same answer');
     t.equal((await refusal(a1.ctx.createAh(a1.pd, { dgid: gidFromIpv4('172.16.0.3') })))[0], 'DESTINATION_UNREACHABLE', 'UD AH to another VPC: the same status');
     t.match(backend.engine.countersOfVm('a1'), { unreachable: 3, otherVpc: 2, unknownDestination: 1 }, 'counted apart for the operator');
-    const refusedGlobex = await refusal(
-      (async () => {
-        const q = await g1.ctx.createQp(g1.pd, { type: 'RC', sendCq: g1.cq, recvCq: g1.cq });
-        await q.modify({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, accessFlags: ALL_ACCESS });
-        await q.modify({ state: 'RTR', av: { dgid: gidFromIpv4('172.16.0.2'), hopLimit: 64 }, pathMtu: 3, destQpn: qa2.qpNum, rqPsn: 0, maxDestRdAtomic: 4, minRnrTimer: 12 });
-      })(),
-    );
+    const refusedGlobex = await rtrTo(await rcAtInit(g1), gidFromIpv4('172.16.0.2'), qa2.qpNum);
     t.equal(refusedGlobex[0], 'DESTINATION_UNREACHABLE', "g1 -> a2's address (acme): refused");
 
     // A rule change tears the live a1 <-> a2 connection down; g1 <-> g2 stays.
@@ -183,13 +186,7 @@ t.test('file control plane: four VMs of two tenants on rxe0', { timeout: SUBTEST
     t.equal((await hostQp(g1, qg1.handle)).qpState, QpState.RTS, "g1's host QP (other tenant) is untouched");
     t.comment(`file change seen by the backend -> both guests saw QP_POLICY_TEARDOWN: ${latency.toFixed(1)} ms (file written -> both guests saw it: ${(seenAt - writtenAt).toFixed(1)} ms)`);
     t.ok(latency <= TEARDOWN_TARGET_MS, `both QPs in ERR and both events seen within ${TEARDOWN_TARGET_MS} ms of the change reaching the backend (${latency.toFixed(1)} ms)`);
-    const qn = await a1.ctx.createQp(a1.pd, { type: 'RC', sendCq: a1.cq, recvCq: a1.cq });
-    await qn.modify({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, accessFlags: ALL_ACCESS });
-    t.same(
-      await refusal(qn.modify({ state: 'RTR', av: { dgid: a2.ctx.gid, hopLimit: 64 }, pathMtu: 3, destQpn: qa2.qpNum, rqPsn: 0, maxDestRdAtomic: 4, minRnrTimer: 12 })),
-      ['REFUSED_BY_POLICY', 55],
-      'a new attempt is refused, naming rule 55',
-    );
+    t.same(await rtrTo(await rcAtInit(a1), a2.ctx.gid, qa2.qpNum), ['REFUSED_BY_POLICY', 55], 'a new attempt is refused, naming rule 55');
     await exchange(t, g1, qg1, g2, qg2, 7);
 
     // Every quota, on g1 (it holds 1 PD, 1 CQ, 1 MR of 64 KiB, 2 QPs: the RC one and the refused one).
@@ -270,13 +267,7 @@ t.test('etcd control plane (a real etcd inside the test host): a put tears a liv
     // etcd gone: the last known policy stays enforced, and the view says so; it catches up on return.
     await cluster.members[0]!.kill();
     await until(() => backend!.etcd!.metrics.connected === false, WAIT_MS, 'etcd seen unreachable');
-    const qn = await a2.ctx.createQp(a2.pd, { type: 'RC', sendCq: a2.cq, recvCq: a2.cq });
-    await qn.modify({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, accessFlags: ALL_ACCESS });
-    t.same(
-      await refusal(qn.modify({ state: 'RTR', av: { dgid: a1.ctx.gid, hopLimit: 64 }, pathMtu: 3, destQpn: qa1.qpNum, rqPsn: 0, maxDestRdAtomic: 4, minRnrTimer: 12 })),
-      ['REFUSED_BY_POLICY', 77],
-      'etcd unreachable: the last known policy still refuses',
-    );
+    t.same(await rtrTo(await rcAtInit(a2), a1.ctx.gid, qa1.qpNum), ['REFUSED_BY_POLICY', 77], 'etcd unreachable: the last known policy still refuses');
     t.match(backend.status().controlPlane.metrics, { connected: false, disconnects: 1 });
     cluster.members[0]!.start();
     await cluster.members[0]!.waitHealthy();
