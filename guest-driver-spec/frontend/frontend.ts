@@ -123,6 +123,8 @@ export class VhostUserFrontend {
   record: WireRecord[] | undefined;
   /** The front-end end of the back-end channel, when SET_BACKEND_REQ_FD was sent. */
   backendChannelFd: number | undefined;
+  /** RAM regions start() gave the back-end with ADD_MEM_REG on this connection. */
+  private readonly regionsAdded = new Set<RamRegion>();
 
   private constructor(
     readonly host: SysHost,
@@ -406,7 +408,12 @@ export class VhostUserFrontend {
     const status = hasBit(this.protocolFeatures, ProtocolFeature.STATUS);
     if (status) await this.addStatus(0x8 /* FEATURES_OK */);
     if (hasBit(this.protocolFeatures, ProtocolFeature.CONFIGURE_MEM_SLOTS)) {
-      for (const r of o.ram.regions) await this.addMemReg(r);
+      // QEMU sends only the difference from what the back-end has (vhost_user_add_remove_regions).
+      for (const r of o.ram.regions) {
+        if (this.regionsAdded.has(r)) continue;
+        await this.addMemReg(r);
+        this.regionsAdded.add(r);
+      }
     } else {
       await this.setMemTable(o.ram.regions);
     }
