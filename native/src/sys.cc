@@ -695,6 +695,104 @@ Napi::Value Mmap(const Napi::CallbackInfo& info) {
   return buffer;
 }
 
+// Most pieces one mapAlias() call takes (a bound on the work and on the VMAs one call can create).
+constexpr uint32_t kMaxAliasPieces = 1u << 20;
+
+// mapAlias([[buffer, offset, length], ...]) -> one ArrayBuffer whose bytes are the given pieces of existing
+// MAP_SHARED mappings (made by mmap() above), back to back, with no copy: the same pages seen at a second,
+// contiguous range of addresses. It reserves the whole range PROT_NONE, then moves a second view of each piece
+// onto its place with mremap(old_size 0, MREMAP_FIXED), which for a shared mapping creates a new mapping of the
+// same pages. Offsets and lengths are page multiples. Released like any mapping: munmap() or garbage collection.
+Napi::Value MapAlias(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsArray()) {
+    ThrowType(env, "mapAlias: argument must be an array of [ArrayBuffer, offset, length]");
+    return Napi::Value();
+  }
+  Napi::Array list = info[0].As<Napi::Array>();
+  const uint32_t count = list.Length();
+  if (count == 0 || count > kMaxAliasPieces) {
+    ThrowSys(env, "mapAlias", EINVAL, "between 1 and " + std::to_string(kMaxAliasPieces) + " pieces, got " + std::to_string(count));
+    return Napi::Value();
+  }
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  struct Piece {
+    char* source;
+    size_t length;
+  };
+  std::vector<Piece> pieces;
+  pieces.reserve(count);
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < count; i++) {
+    Napi::Value item = list.Get(i);
+    const std::string at = "piece " + std::to_string(i);
+    if (!item.IsArray() || item.As<Napi::Array>().Length() != 3) {
+      ThrowType(env, "mapAlias: " + at + " must be [ArrayBuffer, offset, length]");
+      return Napi::Value();
+    }
+    Napi::Array triple = item.As<Napi::Array>();
+    Napi::Value b = triple.Get(0u), o = triple.Get(1u), l = triple.Get(2u);
+    if (!b.IsArrayBuffer() || !o.IsNumber() || !l.IsNumber()) {
+      ThrowType(env, "mapAlias: " + at + " must be [ArrayBuffer, offset, length]");
+      return Napi::Value();
+    }
+    Napi::ArrayBuffer buffer = b.As<Napi::ArrayBuffer>();
+    auto found = g_mappings.find(buffer.Data());
+    if (buffer.IsDetached() || found == g_mappings.end() || found->second->length != buffer.ByteLength()) {
+      ThrowType(env, "mapAlias: " + at + ": the ArrayBuffer was not returned by mmap() (only shared mappings alias)");
+      return Napi::Value();
+    }
+    const double od = o.As<Napi::Number>().DoubleValue(), ld = l.As<Napi::Number>().DoubleValue();
+    if (!(od >= 0 && od <= kMaxSafeInteger && od == static_cast<double>(static_cast<uint64_t>(od))) ||
+        !(ld >= 1 && ld <= kMaxSafeInteger && ld == static_cast<double>(static_cast<uint64_t>(ld)))) {
+      ThrowSys(env, "mapAlias", EINVAL, at + ": offset and length must be integers, length at least 1");
+      return Napi::Value();
+    }
+    const uint64_t offset = static_cast<uint64_t>(od), length = static_cast<uint64_t>(ld);
+    if (offset % page != 0 || length % page != 0) {
+      ThrowSys(env, "mapAlias", EINVAL, at + ": offset " + std::to_string(offset) + " and length " + std::to_string(length) +
+                                            " must be multiples of the page size " + std::to_string(page));
+      return Napi::Value();
+    }
+    if (offset > buffer.ByteLength() || length > buffer.ByteLength() - offset) {
+      ThrowSys(env, "mapAlias", EINVAL, at + ": [" + std::to_string(offset) + ", +" + std::to_string(length) +
+                                            ") is outside the mapping of " + std::to_string(buffer.ByteLength()) + " bytes");
+      return Napi::Value();
+    }
+    if (length > static_cast<uint64_t>(kMaxSafeInteger) - total) {
+      ThrowSys(env, "mapAlias", EINVAL, "the pieces add up to more than 2^53 bytes");
+      return Napi::Value();
+    }
+    total += length;
+    pieces.push_back(Piece{static_cast<char*>(buffer.Data()) + offset, static_cast<size_t>(length)});
+  }
+  void* base = ::mmap(nullptr, static_cast<size_t>(total), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (base == MAP_FAILED) {
+    ThrowSys(env, "mapAlias", errno, "reserving " + std::to_string(total) + " bytes");
+    return Napi::Value();
+  }
+  char* place = static_cast<char*>(base);
+  for (size_t i = 0; i < pieces.size(); i++) {
+    void* got = ::mremap(pieces[i].source, 0, pieces[i].length, MREMAP_MAYMOVE | MREMAP_FIXED, place);
+    if (got == MAP_FAILED) {
+      int err = errno;
+      ::munmap(base, static_cast<size_t>(total));  // the views already placed go with the reservation
+      ThrowSys(env, "mapAlias", err, "piece " + std::to_string(i) + " (mremap)");
+      return Napi::Value();
+    }
+    place += pieces[i].length;
+  }
+  Mapping* mapping = new Mapping{base, static_cast<size_t>(total)};
+  Napi::ArrayBuffer out = Napi::ArrayBuffer::New(env, base, mapping->length, FinalizeMapping, mapping);
+  if (env.IsExceptionPending()) {
+    ::munmap(base, mapping->length);
+    delete mapping;
+    return Napi::Value();
+  }
+  g_mappings[base] = mapping;
+  return out;
+}
+
 // munmap(arrayBuffer): detaches the buffer (every view of it becomes length 0) THEN unmaps. A second call on the
 // same buffer is a no-op.
 Napi::Value Munmap(const Napi::CallbackInfo& info) {
@@ -846,6 +944,7 @@ Napi::Object InitSys(Napi::Env env) {
   sys.Set("dup", Napi::Function::New(env, Dup, "dup"));
   sys.Set("mmap", Napi::Function::New(env, Mmap, "mmap"));
   sys.Set("munmap", Napi::Function::New(env, Munmap, "munmap"));
+  sys.Set("mapAlias", Napi::Function::New(env, MapAlias, "mapAlias"));
   sys.Set("eventfdCreate", Napi::Function::New(env, EventfdCreate, "eventfdCreate"));
   sys.Set("eventfdRead", Napi::Function::New(env, EventfdRead, "eventfdRead"));
   sys.Set("eventfdWrite", Napi::Function::New(env, EventfdWrite, "eventfdWrite"));

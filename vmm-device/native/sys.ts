@@ -80,6 +80,7 @@ interface RawSys {
   dup(fd: number): number;
   mmap(fd: number, offset: number, length: number, writable: boolean): ArrayBuffer;
   munmap(buffer: ArrayBuffer): void;
+  mapAlias(pieces: [ArrayBuffer, number, number][]): ArrayBuffer;
   eventfdCreate(initial: number, nonblock: boolean, semaphore: boolean): number;
   eventfdRead(fd: number): bigint | null;
   eventfdWrite(fd: number, value: bigint): boolean;
@@ -219,6 +220,30 @@ export function mmap(fd: number, offset: number, length: number, writable: boole
  */
 export function munmap(buffer: ArrayBuffer): void {
   raw().munmap(buffer);
+}
+
+/** A piece of an existing shared mapping: `length` bytes from `offset` of a buffer mmap() returned. */
+export interface AliasPiece {
+  buffer: ArrayBuffer;
+  offset: number;
+  length: number;
+}
+
+/** Most pieces one mapAlias() takes (the addon's own bound). */
+export const MAX_ALIAS_PIECES = 1 << 20;
+
+/**
+ * One new contiguous mapping whose bytes are the given pieces of existing SHARED mappings (from mmap()), back to
+ * back: the same pages at a second range of addresses, no copy (a registration with the host RNIC then sees one
+ * range). Offsets and lengths must be page multiples. Release it with munmap(); the sources stay mapped.
+ */
+export function mapAlias(pieces: readonly AliasPiece[]): ArrayBuffer {
+  if (pieces.length === 0 || pieces.length > MAX_ALIAS_PIECES) throw new RangeError(`mapAlias: 1 to ${MAX_ALIAS_PIECES} pieces, got ${pieces.length}`);
+  for (const [i, p] of pieces.entries()) {
+    checkSize(`mapAlias: piece ${i} offset`, p.offset);
+    checkSize(`mapAlias: piece ${i} length`, p.length);
+  }
+  return raw().mapAlias(pieces.map((p) => [p.buffer, p.offset, p.length]));
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -152,6 +152,11 @@ export interface Mr {
   pages: number[];
   /** Where the region's first byte is in the backend's mapping (set from the first page). */
   backing?: { buffer: ArrayBuffer; offset: number };
+  /**
+   * When the pages are not contiguous in the backend's mapping of guest RAM: one contiguous view of them made for
+   * the host registration (sys.mapAlias), unmapped once the host MR is deregistered.
+   */
+  alias?: ArrayBuffer;
   host?: MrHandle;
 }
 

@@ -74,6 +74,7 @@ import type { DeviceQueue } from '../virtqueue/queue.ts';
 import { VirtqueueError } from '../virtqueue/errors.ts';
 import type { AhAttr, AsyncEvent, DeviceHandle, GidEntry, HostVerbs, PortAttr, QpAttr as HostQpAttr } from '../verbs/host-verbs.ts';
 import { VerbsError } from '../verbs/host-verbs.ts';
+import { mapAlias, munmap, type AliasPiece } from '../native/sys.ts';
 import { GidType as HostGidType } from '../verbs/constants.ts';
 import type { AddressResolver, ConnectionAnswer, ConnectionTeardown, VirtualAddress } from './address-resolver.ts';
 import { DataPath } from './data-path.ts';
@@ -348,7 +349,7 @@ export class RdmaDevice implements VirtioDeviceModel {
           await v.destroyQp(q.host);
         }));
         await Promise.allSettled(ahs.map((a) => v.destroyAh(a.host)));
-        await Promise.allSettled(mrs.filter((m) => m.host !== undefined).map((m) => v.deregMr(m.host!)));
+        await Promise.allSettled(mrs.filter((m) => m.host !== undefined).map((m) => this.releaseMr(m.host!, m.alias)));
         await Promise.allSettled(cqs.map((c) => v.destroyCq(c.host)));
         const results = await Promise.allSettled(pds.map((p) => v.deallocPd(p.host)));
         const failed = results.filter((r) => r.status === 'rejected').length;
@@ -1040,14 +1041,12 @@ export class RdmaDevice implements VirtioDeviceModel {
     if (r.num_pages === 0 || r.start_index + r.num_pages > mr.totalPages) fail('INVALID_ARGUMENT', o('num_pages'));
     const pages = this.readPages(body, RegMrContinueRequest.size, 0, r.num_pages, mr.pageShift, RegMrContinueRequest.size);
     const before = mr.pages.length;
-    const backing = mr.backing;
     this.appendMrPages(mr, pages, RegMrContinueRequest.size);
     if (mr.pages.length === mr.totalPages) {
       try {
         await this.registerMr(mr);
       } catch (e) {
         mr.pages.length = before; // a failed REG_MR_CONTINUE adds no page (spec 8.14)
-        if (backing === undefined) delete mr.backing;
         throw e;
       }
     }
@@ -1055,41 +1054,75 @@ export class RdmaDevice implements VirtioDeviceModel {
   }
 
   /**
-   * Adds checked pages to an MR. The host registers one contiguous range of the backend's mapping of guest RAM
-   * with the guest's iova, so every page must follow the previous one in that mapping; pages that do not are
-   * NOT_SUPPORTED (this backend has no way to map scattered guest pages contiguously; see the report).
+   * Adds checked pages to an MR. Each page must lie inside one region of guest RAM (a page across two regions is
+   * NOT_SUPPORTED at its entry); where the pages sit relative to each other does not matter (registerMr).
    */
   private appendMrPages(mr: Mr, pages: number[], detailBase: number): void {
     const pageSize = 2 ** mr.pageShift;
-    const first = mr.pages.length;
-    let backing = mr.backing;
     pages.forEach((gpa, i) => {
-      const at = detailBase + i * Limits.PAGE_ADDR_SIZE;
       const slice = this.memory.translate(gpa, pageSize);
-      if (slice === undefined || slice.length < pageSize) fail('NOT_SUPPORTED', at);
-      const pos = slice.region.bufferOffset + slice.offset;
-      if (first + i === 0) {
-        backing = { buffer: slice.region.buffer, offset: pos + Number(mr.iova % BigInt(pageSize)) };
-      } else {
-        const prevGpa = i === 0 ? mr.pages[first - 1]! : pages[i - 1]!;
-        const prev = this.memory.translate(prevGpa, pageSize)!;
-        if (prev.region.buffer !== slice.region.buffer || prev.region.bufferOffset + prev.offset + pageSize !== pos) fail('NOT_SUPPORTED', at);
-      }
+      if (slice === undefined || slice.length < pageSize) fail('NOT_SUPPORTED', detailBase + i * Limits.PAGE_ADDR_SIZE);
     });
     mr.pages.push(...pages);
-    if (backing !== undefined) mr.backing = backing;
+  }
+
+  /**
+   * The host registers one contiguous range of this process's memory with the guest's iova. The MR's pages are
+   * runs of contiguous bytes in the backend's mapping of guest RAM: one run is registered where it is; several
+   * (a guest's scattered pages) are first mapped back to back into one new range (mapAlias: the same pages, no
+   * copy), which the MR keeps until its host registration is gone. Guest RAM that is not a shared mapping
+   * cannot be aliased: the registration is then refused as the host's (NO_RESOURCES HOST, spec 8.14).
+   */
+  private backingOf(mr: Mr): { buffer: ArrayBuffer; offset: number; alias?: ArrayBuffer } {
+    const pageSize = 2 ** mr.pageShift;
+    const runs: AliasPiece[] = [];
+    for (const gpa of mr.pages) {
+      const slice = this.memory.translate(gpa, pageSize)!; // checked when the page arrived
+      const pos = slice.region.bufferOffset + slice.offset;
+      const last = runs[runs.length - 1];
+      if (last !== undefined && last.buffer === slice.region.buffer && last.offset + last.length === pos) last.length += pageSize;
+      else runs.push({ buffer: slice.region.buffer, offset: pos, length: pageSize });
+    }
+    const within = Number(mr.iova % BigInt(pageSize));
+    if (runs.length === 1) return { buffer: runs[0]!.buffer, offset: runs[0]!.offset + within };
+    try {
+      const alias = mapAlias(runs);
+      return { buffer: alias, offset: within, alias };
+    } catch (e) {
+      this.counters.hostErrors++;
+      this.log.log('warn', 'scattered MR pages could not be mapped contiguously', { runs: runs.length, error: (e as Error).message });
+      fail('NO_RESOURCES', ResourceKind.HOST);
+    }
   }
 
   private async registerMr(mr: Mr): Promise<void> {
     const gen = this.generation;
-    const b = mr.backing!;
-    const host = await this.hostCall(
-      () => this.verbs.regMr(mr.pd.host, b.buffer, { offset: b.offset, length: Number(mr.length), access: mr.access, iova: mr.iova }),
-      ResourceKind.MR,
-    );
-    this.checkGeneration(gen, () => this.verbs.deregMr(host));
+    const b = this.backingOf(mr);
+    let host;
+    try {
+      host = await this.hostCall(
+        () => this.verbs.regMr(mr.pd.host, b.buffer, { offset: b.offset, length: Number(mr.length), access: mr.access, iova: mr.iova }),
+        ResourceKind.MR,
+      );
+    } catch (e) {
+      if (b.alias !== undefined) munmap(b.alias);
+      throw e;
+    }
+    const registered = host;
+    this.checkGeneration(gen, () => this.releaseMr(registered, b.alias));
     mr.host = host;
+    mr.backing = { buffer: b.buffer, offset: b.offset };
+    if (b.alias !== undefined) mr.alias = b.alias;
     this.data.addMr(mr);
+  }
+
+  /** Deregisters a host MR, then unmaps the contiguous view its registration used, if any. */
+  private async releaseMr(host: NonNullable<Mr['host']>, alias: ArrayBuffer | undefined): Promise<void> {
+    try {
+      await this.verbs.deregMr(host);
+    } finally {
+      if (alias !== undefined) munmap(alias);
+    }
   }
 
   private mrResponse(mr: Mr): Uint8Array {
@@ -1111,7 +1144,7 @@ export class RdmaDevice implements VirtioDeviceModel {
     if (mr.host !== undefined) {
       this.data.removeMr(mr);
       const host = mr.host;
-      await this.destroyHost(() => this.verbs.deregMr(host));
+      await this.destroyHost(() => this.releaseMr(host, mr.alias));
     }
     return new Uint8Array(0);
   }
