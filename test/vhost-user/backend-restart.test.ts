@@ -72,6 +72,8 @@ t.test('a back-end killed with SIGKILL mid-request: the next one resubmits what 
   t.ok((await fe2.waitCall(0)) > 0n);
   const after = ring.readUsed();
   t.same(after.map((u) => heads.get(u.id)), ['f'], 'a new request after the restart');
+  // The process reports after it answered: wait for the line rather than race the guest's used ring.
+  await second.until((e) => e.filter((x) => x.event === 'served').length >= 3, 'the report of f');
   t.same(second.texts('served'), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`, 'f'], 'nothing completed before the restart was served again');
 
   const all = [...completedBefore, ...resubmitted, ...after].map((u) => u.id);
