@@ -26,6 +26,26 @@
 //   completion (SEND/RECV) host poll that found the RECV -> the guest sees the CQE (CQE write + guest poll)
 // The run prints the medians of each part. Under TCG the numbers themselves mean little: only the ratios of
 // this run do, and the parts say which layer a missed target should be blamed on.
+//
+// What the runs so far say (test host under TCG, host machine at load ~12 on 2 cores; figures in the commit
+// messages of bench-results/rdma.json). Every target is missed, by far, and the parts show why:
+//   - The doorbell is most of each leg (e.g. 36 ms of a 57 ms one-way WRITE through QEMU, 16 ms of 25 ms through
+//     the front-end); ibv_post_send itself is ~2 ms, rxe's wire time 2-13 ms, the CQE write + guest poll ~3-10 ms.
+//     The same doorbell path measured outside TCG (host CPU, FakeVerbs instead of rxe, this machine loaded) takes
+//     41 us through the front-end (guest postSend call 28 us) and 108 us through qtest QEMU (call 168 us: the
+//     kick is a qtest MMIO write, a socket round trip to QEMU). Under TCG that JavaScript path runs some 400 times
+//     slower, while perftest's C loop (ib_write_lat 54 us typical here) runs a few times slower: the ratio mostly
+//     measures V8 under TCG. On KVM or bare metal the doorbell path is tens of us against a native post of ~1 us.
+//   - Structurally, v1 sends every WQE through the back-end (guest ring -> doorbell virtqueue -> kick -> event
+//     loop -> WQE check -> ibv_post_send, and every CQE back the same way). Latency within 1.10x of native needs
+//     the bypass data path the spec reserves (MasQ/HyV map the host queue and doorbell pages into the guest; only
+//     their control path goes through the back-end, which is what their ~1.1x set-up figure measures).
+//   - Set-up: four control commands, each a driver->device round trip (kick, device work, used buffer, interrupt;
+//     through qtest QEMU ~0.5 ms each outside TCG, 0.74 ms per connection through the front-end) on top of the
+//     same four host verbs. Under TCG ~9-10x native; it needs fewer round trips (e.g. create + connect in one
+//     command) and a faster command path to approach 1.1x.
+//   - Bandwidth: one doorbell per WQE (as ib_write_bw posts them), each costing more under TCG than rxe's own work
+//     on 64 KiB; the guest sleeps on the completion interrupt when the window is full.
 
 import fs from 'node:fs';
 import os from 'node:os';
