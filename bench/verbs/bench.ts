@@ -54,6 +54,9 @@ const MAX_INLINE = 64;
 /** The receive buffer sits this far into each side's memory (the send buffer is at 0). */
 const LAT_RECV_OFFSET = 4096;
 const PERFTEST_PORT_BASE = 18515;
+/** Calls of pollCq that found nothing, per test: where a side spins (printed with each round). */
+const emptyPolls = { latency: 0, bandwidth: 0 };
+
 /** A spinning wait gives up after this long (a lost message would otherwise hang the run). */
 const SPIN_LIMIT_MS = 20_000;
 /**
@@ -199,6 +202,7 @@ function pingPong(s: Side, remote: Endpoint, iters: number, isServer: boolean): 
       let spins = 0;
       let since = 0;
       while ((n = verbs.pollCq(s.cq, wcs)) === 0) {
+        emptyPolls.latency++;
         if (++spins % CLOCK_CHECK_EVERY === 0) {
           if (since === 0) since = Date.now();
           else if (Date.now() - since > SPIN_LIMIT_MS) throw new Error(`WRITE ${scnt} never completed`);
@@ -240,7 +244,7 @@ function stream(s: Side, remote: Endpoint, iters: number): number {
       ccnt += n * CQ_MOD;
       idle = 0;
       since = 0;
-    } else if (++idle % CLOCK_CHECK_EVERY === 0) {
+    } else if ((emptyPolls.bandwidth++, ++idle % CLOCK_CHECK_EVERY === 0)) {
       if (since === 0) since = Date.now();
       else if (Date.now() - since > SPIN_LIMIT_MS) throw new Error(`bandwidth run stalled at ${ccnt}/${iters} WRITEs`);
     }
@@ -442,8 +446,12 @@ async function main(): Promise<void> {
       `round ${r + 1}/${ROUNDS} (${oursFirst ? 'ours' : 'perftest'} first): ` +
         `latency typical ours ${lat.ours[r]!.typical.toFixed(2)} us, ib_write_lat ${lat.base[r]!.typical.toFixed(2)} us; ` +
         `avg ours ${lat.ours[r]!.avg.toFixed(2)} us, ib_write_lat ${lat.base[r]!.avg.toFixed(2)} us; ` +
-        `bandwidth ours ${bw.ours[r]!.toFixed(2)} MiB/s, ib_write_bw ${bw.base[r]!.toFixed(2)} MiB/s`,
+        `bandwidth ours ${bw.ours[r]!.toFixed(2)} MiB/s, ib_write_bw ${bw.base[r]!.toFixed(2)} MiB/s; ` +
+        `empty polls per WRITE (client): latency ${(emptyPolls.latency / (LAT_WARMUP + LAT_ITERS)).toFixed(1)}, ` +
+        `bandwidth ${(emptyPolls.bandwidth / BW_ITERS).toFixed(1)}`,
     );
+    emptyPolls.latency = 0;
+    emptyPolls.bandwidth = 0;
   }
   const latOursTyp = median(lat.ours.map((x) => x.typical));
   const latBaseTyp = median(lat.base.map((x) => x.typical));

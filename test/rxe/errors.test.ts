@@ -110,6 +110,32 @@ t.test('destroying a QP with work outstanding flushes it (WR_FLUSH_ERR)', async 
   });
 });
 
+t.test('destroying a QP with sends in flight flushes them: every signaled send completes, in order', async (t) => {
+  await withRxe(t, async (f) => {
+    const sendCq = await f.cq();
+    const recvCq = await f.cq();
+    const lonely = await f.qp(QpType.RC, sendCq, recvCq);
+    const peer = await f.qp(QpType.RC, recvCq, recvCq);
+    // Connected to a QP number nobody has: rxe drops the packets, so the sends wait for ACKs that never come
+    // (the retry budget, 7 retries of ~67 ms, outlasts the test's destroy).
+    await f.connectRc(lonely, { ...peer, qpNum: 0xfffff0 });
+    const mem = new ArrayBuffer(4096);
+    const mr = await f.mr(mem);
+    const sends = new SendWrList();
+    for (let i = 0; i < 6; i++)
+      sends.push({ wrId: 500 + i, opcode: WrOpcode.SEND, sendFlags: i % 2 === 1 ? SendFlags.SIGNALED : 0, sgList: [{ addr: mr.addr, length: 32, lkey: mr.lkey }] });
+    f.verbs.postSend(lonely, sends);
+    await f.release(lonely);
+    // The flush (or, for the one on the wire, the retry limit) completes every WR still queued, unsignaled
+    // ones included (an error completion is always reported).
+    const done = await sendCq.waitFor(6);
+    t.same(done.map((w) => Number(w.wrId)), [500, 501, 502, 503, 504, 505], 'all six, in posting order');
+    t.match(wcStatusName(done[0]!.status), /^(WR_FLUSH_ERR|RETRY_EXC_ERR)$/, `the first: ${wcStatusName(done[0]!.status)}`);
+    t.same(done.slice(1).map((w) => wcStatusName(w.status)), Array(5).fill('WR_FLUSH_ERR'), 'the rest flushed');
+    t.same(sendCq.pollNow(), [], 'nothing more');
+  });
+});
+
 t.test('handle rules: wrong kind, children before parents, busy objects', async (t) => {
   await withRxe(t, async (f) => {
     const cq = await f.cq();
