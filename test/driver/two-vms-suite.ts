@@ -44,6 +44,8 @@ export const BUFFER_BYTES = 64 * 1024;
 const RELEASE_WAIT_MS = 20_000;
 /** QEMU's guest RAM for these tests (rings, buffers and the MRs of a test fit with room to spare). */
 const QEMU_RAM_MIB = 64;
+/** QEMU under TCG inside the test host, on a loaded machine, takes long to start. */
+const QEMU_START_TIMEOUT_MS = 120_000;
 
 /** One VM: its device instance (in this process) and its driver context over the transport. */
 export interface VmEnd {
@@ -98,9 +100,12 @@ export async function openPair(kind: TransportKind, options: PairOptions = {}): 
     let transport: DriverTransport;
     let qemu: QemuQtest | undefined;
     if (kind === 'qemu') {
+      const workDir = path.join(dir, vmId); // one folder per QEMU: their qtest sockets never collide
+      fs.mkdirSync(workDir);
       qemu = await QemuQtest.start({
-        workDir: dir,
+        workDir,
         ramMiB: QEMU_RAM_MIB,
+        startTimeoutMs: QEMU_START_TIMEOUT_MS,
         args: [
           '-chardev', `socket,id=vu,path=${socketPath}`,
           '-device', 'vhost-user-device-pci,chardev=vu,virtio-id=42,num_vqs=3,vq_size=256,config_size=128,page-per-vq=on',
