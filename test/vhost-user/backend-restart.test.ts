@@ -16,6 +16,8 @@ import { host } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 import { F_VERSION_1, bit } from '../../vmm-device/virtio/constants.ts';
 
 const QUEUE_SIZE = 16;
+/** Generous: a loaded 2-core machine delays a freshly started process's first answers by seconds. */
+const CALL_WAIT_MS = 15_000;
 
 const words = (list: string[]): Uint8Array[] => list.map((w) => new TextEncoder().encode(w));
 
@@ -60,7 +62,7 @@ t.test('a back-end killed with SIGKILL mid-request: the next one resubmits what 
   await fe2.start({ ram, features, queues: [{ ...queue, base: completedBefore.length }], inflight: { numQueues: 1, queueSize: QUEUE_SIZE, kept } });
   await second.until((e) => e.filter((x) => x.event === 'served').length === 2, 'the resubmitted requests');
   t.same(second.texts('served'), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`], 'the held requests were resubmitted oldest first, without a kick');
-  t.ok((await fe2.waitCall(0)) > 0n, 'and the guest was interrupted');
+  t.ok((await fe2.waitCall(0, CALL_WAIT_MS)) > 0n, 'and the guest was interrupted');
   const resubmitted = ring.readUsed();
   t.same(resubmitted.map((u) => heads.get(u.id)), [`${HOLD_PREFIX}b`, `${HOLD_PREFIX}d`]);
   t.same(resubmitted.map((u) => u.len), [6, 6], 'answered in full');
@@ -69,7 +71,7 @@ t.test('a back-end killed with SIGKILL mid-request: the next one resubmits what 
   const f = ring.post(alloc, new TextEncoder().encode('f'), 16);
   heads.set(f.head, 'f');
   fe2.kick(0);
-  t.ok((await fe2.waitCall(0)) > 0n);
+  t.ok((await fe2.waitCall(0, CALL_WAIT_MS)) > 0n);
   const after = ring.readUsed();
   t.same(after.map((u) => heads.get(u.id)), ['f'], 'a new request after the restart');
   // The process reports after it answered: wait for the line rather than race the guest's used ring.

@@ -8,7 +8,7 @@ import { fileURLToPath } from 'node:url';
 const here = path.dirname(fileURLToPath(import.meta.url));
 const BACKEND_SCRIPT = path.join(here, 'backend-process.ts');
 /** How long a test waits for an event of the back-end process. */
-const WAIT_MS = 20_000;
+const WAIT_MS = 60_000;
 
 export interface BackendEvent {
   event: string;
