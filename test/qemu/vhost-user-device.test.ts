@@ -219,6 +219,20 @@ t.test('back-end restart under a reconnecting chardev: QEMU reconnects by itself
   t.equal(rig.backend.server.connectionsServed, 1);
 });
 
+t.test('back-end restart before the guest started the device: QEMU reconnects, the driver then starts it as usual', async (t) => {
+  const rig = await startRig({ reconnect: true });
+  t.teardown(() => rig.finish());
+  await rig.backend.session();
+  rig.backend.close();
+  rig.backend = startBackend(rig.socketPath, 0x77n);
+  await rig.backend.session(); // QEMU came back (vhost_dev_init again) with no device to restore
+  t.equal(rig.backend.device.activations, 0, 'nothing started on the reconnection');
+  const queues = await bringUp(rig.dev, rig.ram);
+  await until(() => rig.backend.device.activations === 1, 'the device to start on DRIVER_OK');
+  await roundTrip(t, rig.dev, queues[1]!, bytes('first request, second back-end'));
+  t.equal(rig.backend.server.connectionsServed, 1);
+});
+
 /** QEMU's device in front of backend-process.ts (the echo device: 2 queues, 8 bytes of config). */
 function echoDeviceArgs(socketPath: string): string[] {
   return [
