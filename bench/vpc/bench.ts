@@ -113,7 +113,7 @@ async function main(): Promise<void> {
     // ------------------------------------------------------------------------------------ connection setup
     const policyPath = path.join(dir, 'policy.json');
     writeFileSync(policyPath, JSON.stringify(benchPolicy(true)));
-    const backend = await VpcBackend.start({ controlPlane: { kind: 'file', path: policyPath }, hostId: 'host-1', log, debounceMs: 20 });
+    const backend = await VpcBackend.start({ controlPlane: { kind: 'file', path: policyPath }, hostId: 'host-1', log });
     const on = {
       a: await side(verbs, 'a1', backend.resolver, backend.deviceQuotasOf('a1'), 1),
       b: await side(verbs, 'a2', backend.resolver, backend.deviceQuotasOf('a2'), 2),
@@ -179,7 +179,7 @@ async function main(): Promise<void> {
       writeFileSync(policyPath + '.tmp', JSON.stringify(doc));
       renameSync(policyPath + '.tmp', policyPath);
     };
-    // The file as `vrdma-backend --vpc-policy` watches it (this run's debounce: 20 ms; the command's: 100 ms).
+    // The file as `vrdma-backend --vpc-policy` watches it (the default debounce, 20 ms).
     records.push(...(await teardowns(verbs, 'file', backend, on, () => writePolicy(benchPolicy(false)), () => writePolicy(benchPolicy(true)), 'written')));
     detachA();
     detachB();
