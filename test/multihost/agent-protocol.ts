@@ -17,7 +17,7 @@ export const MAX_REQUEST_BYTES = 8 << 20;
 /** The methods the agent serves (HostSide's), by name. */
 const METHODS = [
   'startBackend', 'createQp', 'connect', 'write', 'read', 'postRecv', 'postSend', 'waitCompletions', 'waitTeardown',
-  'status', 'kernelQps', 'linkAddress', 'captureReport', 'killEtcd',
+  'status', 'kernelQps', 'linkAddress', 'captureReport', 'killEtcd', 'diagnostics',
 ] as const;
 type MethodName = (typeof METHODS)[number];
 
@@ -162,4 +162,5 @@ export class RemoteHost implements Api {
   linkAddress: Api['linkAddress'] = () => this.call('linkAddress');
   captureReport: Api['captureReport'] = () => this.call('captureReport');
   killEtcd: Api['killEtcd'] = (a) => this.call('killEtcd', a);
+  diagnostics: Api['diagnostics'] = (a) => this.call('diagnostics', a);
 }

@@ -2,11 +2,13 @@
 # Watches one NIC of a multi-host test host and tallies every RoCE v2 packet (IPv4, UDP destination port 4791) that
 # crosses it, both directions: which IPv4 addresses they carry and their TOS byte. Node has no AF_PACKET sockets,
 # hence this small helper (test/multihost/host-side.ts runs it). Each line "report" on stdin gets one JSON line on
-# stdout: {"packets": N, "addresses": {ip: n}, "tos": {value: n}}. It ends when stdin closes.
+# stdout: {"packets": N, "addresses": {ip: n}, "tos": {value: n}, "dropped": n}, where "dropped" counts frames the
+# kernel could not queue to this socket (under TCG the tally is then a sample). It ends when stdin closes.
 #   capture-roce.py <interface>
 import json
 import select
 import socket
+import struct
 import sys
 
 ETH_P_ALL = 0x0003
@@ -14,11 +16,17 @@ ETHERTYPE_IPV4 = 0x0800
 ROCE_V2_PORT = 4791
 IPPROTO_UDP = 17
 SNAPLEN = 256
+# A large receive buffer: the emulated CPU is slow to read, and each dropped frame is one packet not looked at.
+RCVBUF_BYTES = 16 << 20
+SOL_PACKET = 263
+PACKET_STATISTICS = 6
 
 iface = sys.argv[1]
 sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF_BYTES)
 sock.bind((iface, 0))
 packets = 0
+dropped = 0
 addresses = {}
 tos_values = {}
 print(json.dumps({"ready": iface}), flush=True)
@@ -50,4 +58,6 @@ while True:
         if line == "":
             break
         if line.strip() == "report":
-            print(json.dumps({"packets": packets, "addresses": addresses, "tos": tos_values}), flush=True)
+            # struct tpacket_stats {tp_packets, tp_drops}; reading it resets the kernel's counts.
+            dropped += struct.unpack("II", sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))[1]
+            print(json.dumps({"packets": packets, "addresses": addresses, "tos": tos_values, "dropped": dropped}), flush=True)

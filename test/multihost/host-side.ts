@@ -54,6 +54,8 @@ export interface Capture {
   packets: number;
   addresses: Record<string, number>;
   tos: Record<string, number>;
+  /** Frames the kernel could not queue to the tally's socket: the tally is a sample when this is not 0. */
+  dropped: number;
 }
 
 /** A QP as the host's kernel lists it (`rdma -j resource show qp`). */
@@ -96,6 +98,9 @@ export class HostSide {
   private buf: GuestBuffer | undefined;
   private mr: Mr | undefined;
   private readonly qps = new Map<number, Qp>();
+  /** Every event the guest's driver read, in order (for the report when an expected one does not come). */
+  private readonly events: { at: number; type: string; handle: number; detail: number; sequence: string }[] = [];
+  private backendLogFile: string | undefined;
 
   constructor(readonly hostId: HostId) {}
 
@@ -180,6 +185,7 @@ export class HostSide {
   async startBackend(): Promise<BackendInfo> {
     const { vmId } = VM_OF_HOST[this.hostId];
     const logFile = path.join(this.workDir, 'backend.log');
+    this.backendLogFile = logFile;
     const log = openSync(logFile, 'a');
     const env = { ...process.env };
     // The backend is no tap test process: tsx-for-tap.mjs must leave it alone (bin/ registers tsx itself).
@@ -208,6 +214,7 @@ export class HostSide {
     this.ram = new GuestRam(this.host, [{ gpa: 0, size: GUEST_RAM_BYTES }]);
     this.transport = await VhostUserTransport.open({ host: this.host, socketPath: this.socketPath, ram: this.ram, queues: 3 });
     this.ctx = await RdmaContext.open(this.transport);
+    this.ctx.driver.onEvent((e) => this.events.push({ at: Date.now(), type: e.typeName, handle: e.handle, detail: e.detail, sequence: String(e.sequence) }));
     this.pd = await this.ctx.allocPd();
     this.cq = await this.ctx.createCq(CQ_DEPTH);
     this.buf = this.ctx.allocBuffer(BUFFER_BYTES);
@@ -284,6 +291,20 @@ export class HostSide {
     const start = performance.now();
     const e = await this.need(this.ctx, 'waitTeardown').driver.waitEvent((ev) => ev.type === EventType.QP_POLICY_TEARDOWN && ev.handle === a.qp, a.timeoutMs);
     return e === undefined ? null : { reason: e.detail, waitedMs: performance.now() - start };
+  }
+
+  /**
+   * What to show when an expected event did not come: the guest's events since `since` (ms since the epoch), the
+   * driver's counters, and the backend's log lines since it started (the last LOG_TAIL_LINES).
+   */
+  async diagnostics(a: { since: number }): Promise<{ events: unknown[]; driver: unknown; backendLog: string }> {
+    const ctx = this.need(this.ctx, 'diagnostics');
+    ctx.driver.pumpEvents();
+    return {
+      events: this.events.filter((e) => e.at >= a.since && e.type !== 'COMPLETION'),
+      driver: { ...ctx.driver.counters },
+      backendLog: this.backendLogFile === undefined ? '' : tail(this.backendLogFile),
+    };
   }
 
   /** The backend's operator view (`vrdma-backend status`), as JSON. */

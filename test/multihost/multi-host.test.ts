@@ -101,7 +101,7 @@ async function kernelStates(a: Peer, qpnA: number, b: Peer, qpnB: number) {
 
 function checkWire(t: Test, name: string, c: Capture, before: Capture): void {
   const packets = c.packets - before.packets;
-  t.ok(packets > 0, `${name}: ${packets} RoCE v2 packets crossed the link`);
+  t.ok(packets > 0, `${name}: ${packets} RoCE v2 packets crossed the link (tallied; ${c.dropped - before.dropped} frames dropped before the tally)`);
   t.same(Object.keys(c.addresses).sort(), [HOST_ADDRESS['host-1'], HOST_ADDRESS['host-2']], `${name}: only the two host addresses on the wire`);
   t.same(Object.keys(c.tos), [String(ACME_DSCP << 2)], `${name}: every packet carries acme's DSCP ${ACME_DSCP} (TOS ${ACME_DSCP << 2})`);
 }
@@ -187,6 +187,7 @@ if (!inMultiHostRun) {
   /** Puts a policy, waits for both guests' teardown events on the pair and both host QPs in ERR; new attempts refused. */
   async function ruleChangeTearsDown(t: Test, qa: { handle: number; qpn: number }, qb: { handle: number; qpn: number }, what: string) {
     const put = performance.now();
+    const putWallClock = Date.now();
     await publishPolicy(writer, ETCD_PREFIX, multiHostPolicy(false));
     const [e1, e2] = await Promise.all([
       local.waitTeardown({ qp: qa.handle, timeoutMs: TEARDOWN_WAIT_MS }),
@@ -196,6 +197,14 @@ if (!inMultiHostRun) {
     t.match(e1, { reason: PolicyReason.RULE_CHANGED }, `${what}: a1 (host 1) got QP_POLICY_TEARDOWN, RULE_CHANGED`);
     t.match(e2, { reason: PolicyReason.RULE_CHANGED }, `${what}: a2 (host 2) got QP_POLICY_TEARDOWN, RULE_CHANGED`);
     t.comment(`${what}: etcd put -> both guests' events ${elapsed.toFixed(0)} ms`);
+    if (e1 === null || e2 === null) {
+      // What the guests did get, and what the backends logged: the report of the failure above.
+      for (const [name, api] of [['host 1', local], ['host 2', remote!]] as const) {
+        const d = await api.diagnostics({ since: putWallClock });
+        t.comment(`${name}: guest events since the put: ${JSON.stringify(d.events)}; driver ${JSON.stringify(d.driver)}`);
+        t.comment(`${name}: backend log:\n${d.backendLog}`);
+      }
+    }
     const k = await kernelStates(h1, qa.qpn, h2, qb.qpn);
     t.match(k.a, { state: 'ERR' }, `${what}: host 1's QP ${qa.qpn} is in ERR (host kernel)`);
     t.match(k.b, { state: 'ERR' }, `${what}: host 2's QP ${qb.qpn} is in ERR (host kernel)`);
