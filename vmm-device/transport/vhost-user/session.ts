@@ -747,14 +747,18 @@ export class VhostUserSession {
   private onKick(index: number): void {
     const r = this.rings[index];
     if (r === undefined || r.kickFd === undefined) return;
-    let value: bigint | undefined;
-    try {
-      value = this.host.eventfdRead(r.kickFd);
-    } catch (e) {
-      this.log.log('error', 'kick eventfd read failed', { queue: index, error: (e as Error).message });
-      this.stopKickWatch(r);
+    if (r.queue !== undefined && this.core.isActive && !this.core.isQueueStopped(index) && (r.enabled || !this.protocolFeaturesAcked)) {
+      // A running ring is served before its kick eventfd is read, so that the read syscall is not on the request's
+      // path. The read may consume a kick for a buffer the driver published after the drain ended (the driver
+      // publishes before it kicks, so that buffer is visible now): hence the second look.
+      this.notifyCore(index);
+      const value = this.readKick(index, r);
+      if (value === undefined) return;
+      this.counters.kicks++;
+      if (r.queue?.hasAvailable() === true && !this.core.isQueueStopped(index)) this.notifyCore(index);
       return;
     }
+    const value = this.readKick(index, r);
     if (value === undefined) return;
     this.counters.kicks++;
     const enabled = r.enabled || !this.protocolFeaturesAcked;
@@ -767,6 +771,17 @@ export class VhostUserSession {
       this.serveResubmissions();
     }
     this.notifyCore(index);
+  }
+
+  /** Reads (resets) a ring's kick eventfd: its count, undefined when nothing was pending or the read failed. */
+  private readKick(index: number, r: Ring): bigint | undefined {
+    try {
+      return this.host.eventfdRead(r.kickFd!);
+    } catch (e) {
+      this.log.log('error', 'kick eventfd read failed', { queue: index, error: (e as Error).message });
+      this.stopKickWatch(r);
+      return undefined;
+    }
   }
 
   /** With VHOST_USER_F_PROTOCOL_FEATURES acked, rings start disabled until SET_VRING_ENABLE (vhost-user.rst). */
