@@ -148,6 +148,8 @@ function summarize(r: RoundResult): Summary {
 }
 
 const nativeBin = buildNativeBackend();
+// The machine's 1-minute load when the run started: on a shared machine the figures move with it (reported).
+const loadAtStart = os.loadavg()[0]!;
 const dir = mkdtempSync(path.join(os.tmpdir(), 'bench-vhost-user-'));
 const ours: Summary[] = [];
 const native: Summary[] = [];
@@ -188,8 +190,8 @@ const results = [
   better: m.better,
   note:
     m.better === 'lower'
-      ? 'ratio = ours / baseline; lower is better (1.5 = 50% slower than the native peer). Front-end: the TypeScript reference front-end in this process, the back-end in its own process.'
-      : 'ratio = ours / baseline; higher is better. One request in flight at a time.',
+      ? `ratio = ours / baseline; lower is better (1.5 = 50% slower than the native peer). Front-end: the TypeScript reference front-end in this process, the back-end in its own process. Load average at the start: ${loadAtStart.toFixed(1)} (${os.cpus().length} CPUs).`
+      : `ratio = ours / baseline; higher is better. One request in flight at a time. Load average at the start: ${loadAtStart.toFixed(1)} (${os.cpus().length} CPUs).`,
 }));
 mkdirSync(path.join(root, 'bench-results'), { recursive: true });
 writeFileSync(path.join(root, 'bench-results/vhost-user.json'), JSON.stringify(results, null, 2) + '\n');
