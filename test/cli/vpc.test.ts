@@ -19,7 +19,7 @@ import type { BackendStatus, VpcBackend } from '../../vmm-device/vpc/backend.ts'
 import { EtcdClient } from '../../vmm-device/vpc/etcd-client.ts';
 import { publishPolicy } from '../../vmm-device/vpc/etcd-source.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
-import { EtcdCluster, until } from '../vpc/etcd-harness.ts';
+import { EtcdCluster, freePort, until } from '../vpc/etcd-harness.ts';
 import { fixtureJson } from '../vpc/policy.ts';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -222,4 +222,23 @@ t.test('etcd control plane: policy from etcd, unreachable said in the log and th
   cap.restore();
   t.equal(await b.stop(), 0);
   t.same(b.verbs.liveObjects(), { device: 0, pd: 0, cq: 0, qp: 0, mr: 0, ah: 0 });
+});
+
+t.test('etcd unreachable at start: the log says so, the backend waits, SIGTERM ends it cleanly', async (t) => {
+  const cap = captureStderr();
+  t.teardown(cap.restore);
+  const port = await freePort(); // nothing listens there
+  const errors: string[] = [];
+  const waitingSock = path.join(dir, 'waiting.sock');
+  const done = run(['--socket', waitingSock, '--device', 'fake0', '--vpc-etcd', `http://127.0.0.1:${port}`, '--vm-id', 'a1', '--host-id', 'host-1'], {
+    out: () => undefined,
+    err: (s) => errors.push(s),
+    verbs: async () => new FakeVerbs(),
+  });
+  await until(() => /etcd unreachable: no policy yet/.test(cap.lines.join('')), WAIT_MS, 'the unreachable log line');
+  t.notOk(existsSync(waitingSock), 'nothing served without a policy');
+  process.emit('SIGTERM');
+  t.equal(await done, 0, 'a requested shutdown while waiting exits 0');
+  t.same(errors, [], 'no error printed for it');
+  cap.restore();
 });

@@ -378,12 +378,14 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     await vpc?.stop();
     return 0;
   } catch (e) {
-    io.err(`vrdma-backend: ${(e as Error).message}\n`);
+    // A shutdown asked for while the backend still waited for its first policy is a clean exit.
+    const asked = stopping.signal.aborted && device === undefined;
+    if (!asked) io.err(`vrdma-backend: ${(e as Error).message}\n`);
     await status?.close().catch(() => undefined);
     detach?.();
     if (device !== undefined) await device.close().catch(() => undefined);
     await vpc?.stop().catch(() => undefined);
-    return EXIT_FAILURE;
+    return asked ? 0 : EXIT_FAILURE;
   } finally {
     process.removeListener('SIGINT', onSignal);
     process.removeListener('SIGTERM', onSignal);
