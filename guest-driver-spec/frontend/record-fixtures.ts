@@ -9,6 +9,7 @@ import { F_RING_PACKED, F_VERSION_1 } from '../../vmm-device/virtio/constants.ts
 import { ECHO_F_TEST } from './conformance/echo-device.ts';
 import { NEED_REPLY, negotiate, rig, type Rig } from './conformance/harness.ts';
 import { EXCHANGE_FORMAT, stepsFromRecord, writeFixture, type ExchangeFixture } from './exchange-fixture.ts';
+import type { StartOptions } from './frontend.ts';
 import { GuestAllocator, PackedRingDriver, SplitRingDriver } from './guest-driver.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -29,6 +30,16 @@ export interface Scenario {
   run(r: Rig): Promise<void>;
 }
 
+/** QEMU's init on a 2-queue device and the start options of its two split rings (64 and 16 entries) in fresh RAM. */
+async function initTwoRings(r: Rig): Promise<StartOptions> {
+  await r.fe.init({ queues: 2 });
+  const ram = r.ram([{ gpa: 0, size: 0x40000 }]);
+  const alloc = new GuestAllocator(ram);
+  const q0 = new SplitRingDriver(ram, alloc, 64);
+  const q1 = new SplitRingDriver(ram, alloc, 16);
+  return { ram, features: (1n << F_VERSION_1) | ECHO_F_TEST, queues: [{ index: 0, size: 64, ...q0.addrs }, { index: 1, size: 16, ...q1.addrs }] };
+}
+
 export const SCENARIOS: Scenario[] = [
   {
     name: 'qemu-lifecycle',
@@ -37,12 +48,7 @@ export const SCENARIOS: Scenario[] = [
       'channel, owner, call/err fds), start after DRIVER_OK (features, FEATURES_OK, ADD_MEM_REG, per ring NUM/BASE/ADDR/' +
       'KICK/CALL, ENABLE, DRIVER_OK), a config read, stop (disable, GET_VRING_BASE, status 0).',
     async run(r) {
-      await r.fe.init({ queues: 2 });
-      const ram = r.ram([{ gpa: 0, size: 0x40000 }]);
-      const alloc = new GuestAllocator(ram);
-      const q0 = new SplitRingDriver(ram, alloc, 64);
-      const q1 = new SplitRingDriver(ram, alloc, 16);
-      await r.fe.start({ ram, features: (1n << F_VERSION_1) | ECHO_F_TEST, queues: [{ index: 0, size: 64, ...q0.addrs }, { index: 1, size: 16, ...q1.addrs }] });
+      await r.fe.start(await initTwoRings(r));
       await r.fe.getConfig(0, 8);
       await r.fe.stop([0, 1]);
       await r.fe.sync();
@@ -56,12 +62,7 @@ export const SCENARIOS: Scenario[] = [
       'SET_STATUS DRIVER_OK; a guest reset (disable, GET_VRING_BASE, SET_STATUS 0); a second start handing the same ' +
       'area back (no GET_INFLIGHT_FD), as after a back-end restart.',
     async run(r) {
-      await r.fe.init({ queues: 2 });
-      const ram = r.ram([{ gpa: 0, size: 0x40000 }]);
-      const alloc = new GuestAllocator(ram);
-      const q0 = new SplitRingDriver(ram, alloc, 64);
-      const q1 = new SplitRingDriver(ram, alloc, 16);
-      const o = { ram, features: (1n << F_VERSION_1) | ECHO_F_TEST, queues: [{ index: 0, size: 64, ...q0.addrs }, { index: 1, size: 16, ...q1.addrs }] };
+      const o = await initTwoRings(r);
       const kept = await r.fe.start({ ...o, inflight: { numQueues: 2, queueSize: 64 } });
       try {
         await r.fe.stop([0, 1]);

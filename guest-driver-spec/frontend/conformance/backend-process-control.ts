@@ -42,6 +42,11 @@ export class BackendProcess {
     }
   }
 
+  /** Waits until the process has reported `count` completed requests (it reports after answering). */
+  untilServed(count: number): Promise<void> {
+    return this.until((e) => e.filter((x) => x.event === 'served').length >= count, `${count} requests served`);
+  }
+
   texts(event: 'served' | 'held'): string[] {
     return this.events.filter((e) => e.event === event).map((e) => e.text!);
   }
@@ -50,4 +55,9 @@ export class BackendProcess {
     this.child.kill(signal);
     return this.exited;
   }
+}
+
+/** For the exactly-once check of the restart tests: are the completed buffer ids distinct, and how many are there. */
+export function completions(ids: readonly number[]): { distinct: boolean; count: number } {
+  return { distinct: new Set(ids).size === ids.length, count: ids.length };
 }
