@@ -139,8 +139,8 @@ if (!inMultiHostRun) {
     t.equal(i1.gid, gidHex(VM_OF_HOST['host-1'].ip), "a1's GID is its virtual address from etcd");
     t.equal(i2.gid, gidHex(VM_OF_HOST['host-2'].ip), "a2's GID is its virtual address from etcd");
     const [s1, s2] = await Promise.all([local.status(), remote.status()]);
-    t.match(s1, { host: 'host-1', controlPlane: { kind: 'etcd', metrics: { connected: true } }, policy: { inForce: true } });
-    t.match(s2, { host: 'host-2', controlPlane: { kind: 'etcd', metrics: { connected: true } }, policy: { inForce: true } });
+    t.match(s1, { host: 'host-1', controlPlane: { kind: 'etcd', metrics: { connected: true } }, policy: { inForce: true } }, "host 1's backend: policy from etcd in force (operator view)");
+    t.match(s2, { host: 'host-2', controlPlane: { kind: 'etcd', metrics: { connected: true } }, policy: { inForce: true } }, "host 2's backend: policy from etcd in force (operator view)");
   });
 
   t.test('a1 (host 1) and a2 (host 2) over RC by virtual addresses; only host addresses on the wire', async (t) => {
@@ -155,8 +155,8 @@ if (!inMultiHostRun) {
     t.match(k.b, { rqpn: qa.qpn, state: 'RTS' }, `host 2's QP ${qb.qpn} -> host 1's QP ${qa.qpn}, RTS`);
     // The operator's view: the guest named its peer by the virtual address.
     const [s1, s2] = await Promise.all([local.status(), remote!.status()]);
-    t.match(s1.vms[0].device.qps.find((q: { hostQpn: number }) => q.hostQpn === qa.qpn), { peer: VM_OF_HOST['host-2'].ip, state: 'RTS' });
-    t.match(s2.vms[0].device.qps.find((q: { hostQpn: number }) => q.hostQpn === qb.qpn), { peer: VM_OF_HOST['host-1'].ip, state: 'RTS' });
+    t.match(s1.vms[0].device.qps.find((q: { hostQpn: number }) => q.hostQpn === qa.qpn), { peer: VM_OF_HOST['host-2'].ip, state: 'RTS' }, "host 1's operator view: a1's QP connected to a2's virtual address");
+    t.match(s2.vms[0].device.qps.find((q: { hostQpn: number }) => q.hostQpn === qb.qpn), { peer: VM_OF_HOST['host-1'].ip, state: 'RTS' }, "host 2's operator view: a2's QP connected to a1's virtual address");
 
     await sendAndCheck(t, h1, qa.handle, h2, qb.handle, 1);
     await sendAndCheck(t, h2, qb.handle, h1, qa.handle, 2);
