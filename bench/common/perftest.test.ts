@@ -1,5 +1,5 @@
-// The perftest result parsers on output as perftest 4.5 (Debian 12's package) prints it on rxe0, and the
-// statistics helpers the bench records are built from.
+// The perftest result parsers on output in the format Debian 12's perftest (4.5, report version 6.06) prints: result
+// rows with figures of this bench's runs on rxe0, headers abridged; and the statistics helpers of the records.
 
 import t from 'tap';
 import { PerftestError, parseBandwidth, parseLatency } from './perftest.ts';

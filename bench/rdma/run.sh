@@ -8,7 +8,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 # Boot (about a minute under TCG), two QEMU VMs, 3 rounds of every test for both transports and perftest: about
-# a quarter of an hour on 2 cores; this bounds a hung run.
+# 20 minutes on a loaded 2-core machine; this bounds a hung run.
 BENCH_TIMEOUT_SECONDS=2400
 if [ "${VRDMA_IN_TEST_HOST:-}" = 1 ]; then
   # tsx as an import hook of node itself: one process inside the VM (npx tsx would start a second node).
