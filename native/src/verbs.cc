@@ -112,29 +112,57 @@ struct Entry {
 // What each QP has outstanding, and completions taken off a CQ on JS's behalf: shared by the JS thread (post,
 // poll) and the thread pool (a QP's destroy waits for its flush), so every access holds `mu`.
 //
-// A QP's send queue is a FIFO of posted WRs (signaled or not): a successful completion retires every WR up to
-// and including the first signaled one (the unsignaled ones before it completed silently, in order); an error
-// completion (a failure or a flush: rxe reports every one, signaled or not) retires exactly one. Every receive WR
-// completes once. Completions are told apart by opcode (IBV_WC_RECV bit), which rxe sets on error completions too.
+// A QP's send and receive queues as FIFOs of the work requests posted (wr_id, and for sends whether signaled).
+// Completions come in order per queue: a successful send completion retires every WR up to and including the one
+// it names (the unsignaled ones before it completed silently); an error completion (a failure or a flush, which
+// rxe reports for every WR, signaled or not) retires the WR it names and the ones before it (those completed
+// silently). Which queue a completion belongs to: its opcode when it succeeded (IBV_WC_RECV bit); for an error
+// completion (whose opcode libibverbs leaves undefined: rxe gives a flushed receive opcode 0) the CQ it came from,
+// and when both queues share that CQ the queue whose oldest WR has its wr_id.
 // What a destroy can wait for exactly is every receive and every signaled send: unsignaled sends after the last
 // signaled one may have completed silently, and nothing tells whether they did.
+struct PostedSend {
+  uint64_t wrId;
+  bool signaled;
+};
 struct QpWork {
-  std::deque<bool> sendSignaled;
+  std::deque<PostedSend> sends;
+  std::deque<uint64_t> recvs;
   uint64_t signaledOutstanding = 0;
-  uint64_t recvPosted = 0;
   bool signalAll = false;
+  ibv_cq* sendCq = nullptr;
+  ibv_cq* recvCq = nullptr;
 
-  void PushSend(bool signaled) {
-    sendSignaled.push_back(signaled);
+  void PushSend(uint64_t wrId, bool signaled) {
+    sends.push_back({wrId, signaled});
     if (signaled) signaledOutstanding++;
   }
-  bool PopSend() {
-    bool signaled = sendSignaled.front();
-    sendSignaled.pop_front();
-    if (signaled) signaledOutstanding--;
-    return signaled;
+  // Retires sends up to and including the first one named `wrId` (or, for a success not found by id, the
+  // first signaled one).
+  void RetireSends(uint64_t wrId, bool success) {
+    bool found = false;
+    for (const PostedSend& p : sends)
+      if (p.wrId == wrId) {
+        found = true;
+        break;
+      }
+    if (!found && !success) return;  // not one of ours to attribute
+    while (!sends.empty()) {
+      PostedSend p = sends.front();
+      sends.pop_front();
+      if (p.signaled) signaledOutstanding--;
+      if (found ? p.wrId == wrId : p.signaled) break;
+    }
   }
-  bool Drained() const { return signaledOutstanding == 0 && recvPosted == 0; }
+  void RetireRecv(uint64_t wrId) {
+    auto it = std::find(recvs.begin(), recvs.end(), wrId);
+    if (it == recvs.end()) {
+      if (!recvs.empty()) recvs.pop_front();
+      return;
+    }
+    recvs.erase(recvs.begin(), it + 1);
+  }
+  bool Drained() const { return signaledOutstanding == 0 && recvs.empty(); }
 };
 struct Completions {
   std::mutex mu;
@@ -959,21 +987,24 @@ Napi::Value ReqNotifyCq(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// Retires the work `wc` completes from its QP's outstanding count (caller holds Completions::mu).
-void Account(Completions& c, const ibv_wc& wc) {
+// Retires the work `wc` (polled from `cq`) completes from its QP's outstanding work (caller holds
+// Completions::mu).
+void Account(Completions& c, ibv_cq* cq, const ibv_wc& wc) {
   auto it = c.byQpNum.find(wc.qp_num);
   if (it == c.byQpNum.end()) return;  // a QP already destroyed
   QpWork& work = it->second;
-  if (wc.opcode & IBV_WC_RECV) {
-    if (work.recvPosted > 0) work.recvPosted--;
-    return;
-  }
-  if (wc.status != IBV_WC_SUCCESS) {
-    if (!work.sendSignaled.empty()) work.PopSend();
-    return;
-  }
-  while (!work.sendSignaled.empty())
-    if (work.PopSend()) break;
+  bool isRecv;
+  if (wc.status == IBV_WC_SUCCESS)
+    isRecv = (wc.opcode & IBV_WC_RECV) != 0;
+  else if (work.sendCq != work.recvCq)
+    isRecv = cq == work.recvCq;
+  else
+    isRecv = !work.recvs.empty() && work.recvs.front() == wc.wr_id &&
+             !(!work.sends.empty() && work.sends.front().wrId == wc.wr_id && (wc.opcode & IBV_WC_RECV) == 0);
+  if (isRecv)
+    work.RetireRecv(wc.wr_id);
+  else
+    work.RetireSends(wc.wr_id, wc.status == IBV_WC_SUCCESS);
 }
 
 // Polls `cq` empty into Completions::taken (for JS's next pollCq), accounting each (caller holds mu).
@@ -985,7 +1016,7 @@ int TakeCompletions(Completions& c, ibv_cq* cq) {
     if (n == 0) return 0;
     std::deque<ibv_wc>& taken = c.taken[cq];
     for (int i = 0; i < n; i++) {
-      Account(c, wcs[i]);
+      Account(c, cq, wcs[i]);
       taken.push_back(wcs[i]);
     }
   }
@@ -1047,7 +1078,7 @@ Napi::Value PollCq(const Napi::CallbackInfo& info) {
     int n = ibv_poll_cq(cq, want, wcs);
     if (n < 0) return Throw(env, verb, n == -1 ? EIO : -n, "the CQ is in error");
     for (int i = 0; i < n; i++) {
-      Account(c, wcs[i]);
+      Account(c, cq, wcs[i]);
       WriteWc(out + static_cast<size_t>(total + i) * WC_BYTES, wcs[i]);
     }
     total += static_cast<uint32_t>(n);
@@ -1102,6 +1133,8 @@ Napi::Value CreateQp(const Napi::CallbackInfo& info) {
       QpWork& work = completions->byQpNum[(*qp)->qp_num];
       work = QpWork{};
       work.signalAll = attr->sq_sig_all != 0;
+      work.sendCq = attr->send_cq;
+      work.recvCq = attr->recv_cq;
     }
     // Providers may round the queues up without writing the result back (rxe does): ask for the real ones.
     ibv_qp_attr actual;
@@ -1527,11 +1560,11 @@ void RecordPosted(State* st, uint32_t qpNum, bool send, uint32_t posted) {
   if (it == c.byQpNum.end()) return;
   QpWork& work = it->second;
   if (!send) {
-    work.recvPosted += posted;
+    for (uint32_t i = 0; i < posted; i++) work.recvs.push_back(st->recvWrs[i].wr_id);
     return;
   }
   for (uint32_t i = 0; i < posted; i++)
-    work.PushSend(work.signalAll || (st->sendWrs[i].send_flags & IBV_SEND_SIGNALED) != 0);
+    work.PushSend(st->sendWrs[i].wr_id, work.signalAll || (st->sendWrs[i].send_flags & IBV_SEND_SIGNALED) != 0);
 }
 
 // postSend(qp, wrs: Uint8Array, count) and postRecv(qp, wrs: Uint8Array, count): the whole list in one
