@@ -59,15 +59,39 @@ ensure_apt() {
 }
 
 ensure_npm() {
-  # Reinstall when package.json or the lock file changed since the last install.
+  # Reinstall when the lock file or the dependency lists changed since the last install. Other fields of
+  # package.json (scripts, description) do not count: an `npm pkg set scripts.x=...` must not rebuild
+  # node_modules under every process that is using it.
   local stamp=node_modules/.vrdma-install-stamp
   local want
-  want=$(cat package.json package-lock.json 2>/dev/null | sha256sum | cut -d' ' -f1)
+  want=$( { cat package-lock.json 2>/dev/null
+            node -e 'const p = require("./package.json");
+                     console.log(JSON.stringify([p.dependencies, p.devDependencies, p.scripts && p.scripts.install]))'
+          } | sha256sum | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
   log "installing npm packages (npm ci)"
   npm ci --no-audit --no-fund --loglevel=error
   echo "$want" > "$stamp"
+  native_stamp_write
+}
+
+# The addon is built by npm ci; in a working tree whose native/ sources changed since, rebuild it here so that no
+# test runs against a stale binary.
+native_sources_hash() {
+  cat native/binding.gyp native/src/* 2>/dev/null | sha256sum | cut -d' ' -f1
+}
+native_stamp_write() {
+  [ -d native/build ] && native_sources_hash > native/build/.vrdma-source-stamp
+  return 0
+}
+ensure_native() {
+  local stamp=native/build/.vrdma-source-stamp
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$(native_sources_hash)" ]; then return 0; fi
+  log "building the native addon (its sources changed)"
+  bash scripts/build-native.sh
+  native_stamp_write
 }
 
 ensure_apt
 ensure_npm
+ensure_native
