@@ -11,8 +11,8 @@
 // front-end that negotiates STATUS but never sends SET_STATUS: stock QEMU 10's generic vhost-user device (its
 // vhost_dev.vq_index_end stays 0); the project's QEMU recipe fixes that (scripts/qemu/README.md).
 //
-// With an inflight area (INFLIGHT_SHMFD), split rings are tracked in it (inflight.ts): a ring that starts with
-// chains still marked in flight, after a back-end restart, gets them resubmitted before anything new.
+// With an inflight area (INFLIGHT_SHMFD), split and packed rings are tracked in it (inflight.ts): a ring that starts
+// with chains still marked in flight, after a back-end restart, gets them resubmitted before anything new.
 
 import { GuestMemory, GuestMemoryError, type MemoryRegionSpec } from '../../memory/guest-memory.ts';
 import type { Logger } from '../../util/log.ts';
@@ -32,7 +32,7 @@ import { PACKED_EVENT_SIZE, descTableSize, splitAvailSize, splitUsedSize } from 
 import { checkQueueOptions, createQueue } from '../../virtqueue/index.ts';
 import type { DeviceQueue, QueueOptions } from '../../virtqueue/queue.ts';
 import type { HostOps, Watch } from './host.ts';
-import { InflightArea, InflightSplitQueue, inflightAreaSize, walkSplitHead, type SplitResubmission } from './inflight.ts';
+import { InflightArea, InflightPackedQueue, InflightSplitQueue, inflightAreaSize, walkSplitHead, type SplitResubmission } from './inflight.ts';
 import {
   BackendRequest,
   CONFIG_FLAG_MIGRATION,
@@ -135,6 +135,16 @@ function newRing(): Ring {
 }
 
 const PACKED_WRAP_BIT = 1 << 15;
+
+/** The descriptor area as u16 words (the packed inflight tracking reads the raw descriptors it copies). */
+function ringWords(opts: QueueOptions): Uint16Array {
+  const d = opts.rings.desc;
+  return new Uint16Array(d.buffer, d.byteOffset, d.byteLength >> 1);
+}
+
+function hasResubmissions(q: DeviceQueue | undefined): boolean {
+  return (q instanceof InflightSplitQueue || q instanceof InflightPackedQueue) && q.pendingResubmissions > 0;
+}
 
 export interface SessionOptions {
   host: HostOps;
@@ -654,19 +664,46 @@ export class VhostUserSession {
     r.kickFd = fd;
     if (previous instanceof InflightSplitQueue) {
       previous.rebind(createQueue('split', opts!), this.headWalker(opts!));
+    } else if (previous instanceof InflightPackedQueue) {
+      previous.rebind(createQueue('packed', opts!), ringWords(opts!), opts!.memory);
     } else if (previous === undefined && !this.packed && this.inflight !== undefined) {
       r.queue = this.trackedSplitQueue(index, opts!);
+    } else if (previous === undefined && this.packed && this.inflight !== undefined) {
+      r.queue = this.trackedPackedQueue(index, opts!);
     } else {
-      if (previous === undefined && this.packed && this.inflight !== undefined) {
-        // The packed layout keeps copies of every descriptor in the area; not implemented: a restart loses what
-        // a packed ring had in flight.
-        this.log.log('warn', 'inflight tracking covers split rings only; packed ring not tracked', { queue: index });
-      }
       r.queue = createQueue(this.packed ? 'packed' : 'split', opts!);
     }
     this.core.setQueue(index, r.queue);
     r.kickWatch = this.host.watchReadable(fd, () => this.onKick(index));
-    if (this.core.isActive && r.queue instanceof InflightSplitQueue && r.queue.pendingResubmissions > 0) this.notifyCore(index);
+    if (this.core.isActive && hasResubmissions(r.queue)) this.notifyCore(index);
+  }
+
+  /**
+   * A packed ring starting with an inflight area. The area, not SET_VRING_BASE, says where the ring is once it
+   * has tracked it: a packed ring has no used index in guest memory, and QEMU does not restore its base after
+   * losing the back-end. The chains in flight are resubmitted first; the driver's next available slot is past them.
+   */
+  private trackedPackedQueue(index: number, opts: QueueOptions): DeviceQueue {
+    const region = this.inflight!.packedRegion(index, opts.size);
+    if (typeof region === 'string') {
+      this.log.log('warn', 'ring not tracked in the inflight area', { queue: index, reason: region });
+      return createQueue('packed', opts);
+    }
+    const ring = ringWords(opts);
+    const recovered = region.recover(ring, opts.size, { index: opts.state!.nextAvail, wrap: opts.state!.availWrap ?? true });
+    if (recovered.invalid > 0) {
+      this.counters.badInflightEntries += recovered.invalid;
+      this.log.log('warn', 'malformed inflight entries ignored', { queue: index, entries: recovered.invalid });
+    }
+    if (!recovered.fresh) {
+      const s = recovered.state;
+      if (s.nextAvail !== opts.state!.nextAvail || s.availWrap !== opts.state!.availWrap) {
+        this.log.log('info', 'packed ring resumes where the inflight area says', { queue: index, base: opts.state!.nextAvail | (opts.state!.availWrap === true ? PACKED_WRAP_BIT : 0), avail: s.nextAvail | (s.availWrap ? PACKED_WRAP_BIT : 0) });
+      }
+      opts.state = s;
+    }
+    if (recovered.chains.length > 0) this.log.log('info', 'resubmitting requests in flight', { queue: index, count: recovered.chains.length });
+    return new InflightPackedQueue(createQueue('packed', opts), ring, region, recovered, opts.memory, opts.indirect);
   }
 
   private headWalker(opts: QueueOptions): (head: number) => ReturnType<typeof walkSplitHead> {
@@ -699,7 +736,7 @@ export class VhostUserSession {
   /** Rings restarted with chains in flight get them served without waiting for a kick that may never come. */
   private serveResubmissions(): void {
     this.rings.forEach((r, i) => {
-      if (r.queue instanceof InflightSplitQueue && r.queue.pendingResubmissions > 0) this.notifyCore(i);
+      if (hasResubmissions(r.queue)) this.notifyCore(i);
     });
   }
 
@@ -713,6 +750,8 @@ export class VhostUserSession {
       opts.state = this.packed ? st : { nextAvail: st.nextAvail, nextUsed: st.nextUsed };
       if (old instanceof InflightSplitQueue) {
         old.rebind(createQueue('split', opts), this.headWalker(opts));
+      } else if (old instanceof InflightPackedQueue) {
+        old.rebind(createQueue('packed', opts), ringWords(opts), opts.memory);
       } else {
         r.queue = createQueue(this.packed ? 'packed' : 'split', opts);
       }
@@ -806,7 +845,7 @@ export class VhostUserSession {
     if (value === 0) {
       // A device reset: the device model releases what the driver created, and nothing is in flight any more.
       this.core.reset();
-      this.inflight?.clearAll();
+      this.inflight?.clearAll(this.packed ? 'packed' : 'split');
       this.status = 0;
       return;
     }
@@ -840,7 +879,7 @@ export class VhostUserSession {
 
   private resetDevice(): void {
     this.core.reset();
-    this.inflight?.clearAll();
+    this.inflight?.clearAll(this.packed ? 'packed' : 'split');
     this.status = 0;
     this.ackedFeatures = 0n;
     this.featuresSet = false;
