@@ -365,6 +365,16 @@ void Unregister(State* st, Entry* e) {
   st->entries.erase(e->id);
 }
 
+// The opening of a verb on one live object named by info[0]: `env`, `st`, `verb` and the object's entry
+// (`entryVar`); returns undefined (with a precise EBADF thrown) when info[0] is not a live object of `kind`.
+#define VERB_ON(verbName, kind, entryVar)                      \
+  Napi::Env env = info.Env();                                   \
+  State* st = StateOf(info);                                    \
+  (void)st;                                                     \
+  const char* verb = verbName;                                  \
+  Entry* entryVar = Lookup(st, env, verb, info[0], kind);       \
+  if (entryVar == nullptr) return env.Undefined()
+
 // ---------------------------------------------------------------------------------------------- async jobs
 
 // A verb run on the thread pool. `run` executes there and returns 0 or an errno (and may set `detail`);
@@ -821,11 +831,7 @@ Napi::Value QueryDevice(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value QueryPort(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  State* st = StateOf(info);
-  const char* verb = "ibv_query_port";
-  Entry* e = Lookup(st, env, verb, info[0], Kind::Context);
-  if (e == nullptr) return env.Undefined();
+  VERB_ON("ibv_query_port", Kind::Context, e);
   uint64_t port = 0;
   if (!ReadUint(env, verb, "port", info[1], 255, &port)) return env.Undefined();
   auto attr = std::make_shared<ibv_port_attr>();
@@ -853,11 +859,7 @@ Napi::Value QueryPort(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value QueryGidTable(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  State* st = StateOf(info);
-  const char* verb = "ibv_query_gid_table";
-  Entry* e = Lookup(st, env, verb, info[0], Kind::Context);
-  if (e == nullptr) return env.Undefined();
+  VERB_ON("ibv_query_gid_table", Kind::Context, e);
   auto entries = std::make_shared<std::vector<ibv_gid_entry>>(MAX_GID_ENTRIES);
   auto count = std::make_shared<ssize_t>(0);
   ibv_context* ctx = static_cast<ibv_context*>(e->obj);
@@ -884,11 +886,7 @@ Napi::Value QueryGidTable(const Napi::CallbackInfo& info) {
 // ---------------------------------------------------------------------------------------------- PD
 
 Napi::Value AllocPd(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  State* st = StateOf(info);
-  const char* verb = "ibv_alloc_pd";
-  Entry* ctxE = Lookup(st, env, verb, info[0], Kind::Context);
-  if (ctxE == nullptr) return env.Undefined();
+  VERB_ON("ibv_alloc_pd", Kind::Context, ctxE);
   auto pd = std::make_shared<ibv_pd*>(nullptr);
   ibv_context* ctx = static_cast<ibv_context*>(ctxE->obj);
   auto run = [ctx, pd](std::string&) -> int {
@@ -934,11 +932,7 @@ Napi::Value DeallocPd(const Napi::CallbackInfo& info) {
 // ---------------------------------------------------------------------------------------------- CQ
 
 Napi::Value CreateCq(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  State* st = StateOf(info);
-  const char* verb = "ibv_create_cq";
-  Entry* ctxE = Lookup(st, env, verb, info[0], Kind::Context);
-  if (ctxE == nullptr) return env.Undefined();
+  VERB_ON("ibv_create_cq", Kind::Context, ctxE);
   uint64_t cqe = 0, vector = 0;
   if (!ReadUint(env, verb, "cqe", info[1], 0x7fffffff, &cqe)) return env.Undefined();
   if (!info[2].IsUndefined() && !ReadUint(env, verb, "compVector", info[2], 0x7fffffff, &vector))
@@ -1090,11 +1084,7 @@ Napi::Value PollCq(const Napi::CallbackInfo& info) {
 // ---------------------------------------------------------------------------------------------- QP
 
 Napi::Value CreateQp(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  State* st = StateOf(info);
-  const char* verb = "ibv_create_qp";
-  Entry* pdE = Lookup(st, env, verb, info[0], Kind::Pd);
-  if (pdE == nullptr) return env.Undefined();
+  VERB_ON("ibv_create_qp", Kind::Pd, pdE);
   if (!info[1].IsObject()) return Throw(env, verb, EINVAL, "init attributes must be an object");
   Napi::Object o = info[1].As<Napi::Object>();
   auto attr = std::make_shared<ibv_qp_init_attr>();
@@ -1157,11 +1147,7 @@ Napi::Value CreateQp(const Napi::CallbackInfo& info) {
 
 // modifyQp(qp, attrs): the attribute mask is the set of attributes present in `attrs`.
 Napi::Value ModifyQp(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  State* st = StateOf(info);
-  const char* verb = "ibv_modify_qp";
-  Entry* e = Lookup(st, env, verb, info[0], Kind::Qp);
-  if (e == nullptr) return env.Undefined();
+  VERB_ON("ibv_modify_qp", Kind::Qp, e);
   if (!info[1].IsObject()) return Throw(env, verb, EINVAL, "attributes must be an object");
   Napi::Object o = info[1].As<Napi::Object>();
   auto attr = std::make_shared<ibv_qp_attr>();
@@ -1207,11 +1193,7 @@ Napi::Value ModifyQp(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value QueryQp(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  State* st = StateOf(info);
-  const char* verb = "ibv_query_qp";
-  Entry* e = Lookup(st, env, verb, info[0], Kind::Qp);
-  if (e == nullptr) return env.Undefined();
+  VERB_ON("ibv_query_qp", Kind::Qp, e);
   ibv_qp* qp = static_cast<ibv_qp*>(e->obj);
   struct Out {
     ibv_qp_attr attr;
@@ -1374,11 +1356,7 @@ Napi::Value BufferAddress(const Napi::CallbackInfo& info) {
 // ---------------------------------------------------------------------------------------------- AH
 
 Napi::Value CreateAh(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  State* st = StateOf(info);
-  const char* verb = "ibv_create_ah";
-  Entry* pdE = Lookup(st, env, verb, info[0], Kind::Pd);
-  if (pdE == nullptr) return env.Undefined();
+  VERB_ON("ibv_create_ah", Kind::Pd, pdE);
   auto attr = std::make_shared<ibv_ah_attr>();
   if (!ReadAhAttr(env, verb, info[1], attr.get())) return env.Undefined();
   ibv_pd* pd = static_cast<ibv_pd*>(pdE->obj);
@@ -1444,6 +1422,27 @@ bool ParseSges(Napi::Env env, State* st, const char* verb, const uint8_t* buf, s
   return true;
 }
 
+// The header of work request `index` at `off`, or nullptr after throwing when the buffer ends before it does.
+const uint8_t* WrHeader(Napi::Env env, const char* verb, const uint8_t* buf, size_t len, size_t off, uint32_t index,
+                        size_t headerBytes) {
+  if (off > len || len - off < headerBytes) {
+    Throw(env, verb, EINVAL, "work request " + std::to_string(index) + " runs past the end of the buffer");
+    return nullptr;
+  }
+  return buf + off;
+}
+
+// Points each parsed WR at its SGEs and at the next WR. Only once all are parsed: st->sges may have moved while
+// growing.
+template <typename Wr>
+void LinkList(State* st, std::vector<Wr>& wrs, uint32_t count) {
+  for (uint32_t i = 0; i < count; i++) {
+    Wr& wr = wrs[i];
+    wr.sg_list = wr.num_sge > 0 ? &st->sges[st->sgeStart[i]] : nullptr;
+    wr.next = i + 1 < count ? &wrs[i + 1] : nullptr;
+  }
+}
+
 // Parses `count` send WRs from `buf` into st->sendWrs/st->sges, linked. `resolveAh` looks AH handles up (a UD
 // QP); without it, the raw handle is kept in wr.ud.ah's place for the layout self-test. Returns false after
 // throwing.
@@ -1451,14 +1450,10 @@ bool ParseSendList(Napi::Env env, State* st, const char* verb, const uint8_t* bu
                    bool isUd, bool resolveAh) {
   if (!StartList(env, st, verb, count)) return false;
   st->sendWrs.resize(count);
-  const std::vector<size_t>& sgeStart = st->sgeStart;
   size_t off = 0;
   for (uint32_t i = 0; i < count; i++) {
-    if (off > len || len - off < SEND_WR_HEADER_BYTES) {
-      Throw(env, verb, EINVAL, "work request " + std::to_string(i) + " runs past the end of the buffer");
-      return false;
-    }
-    const uint8_t* p = buf + off;
+    const uint8_t* p = WrHeader(env, verb, buf, len, off, i, SEND_WR_HEADER_BYTES);
+    if (p == nullptr) return false;
     ibv_send_wr& wr = st->sendWrs[i];
     memset(&wr, 0, sizeof wr);
     wr.wr_id = LoadU64(p);
@@ -1496,26 +1491,17 @@ bool ParseSendList(Napi::Env env, State* st, const char* verb, const uint8_t* bu
     if (!ParseSges(env, st, verb, buf, len, i, numSge, &off)) return false;
     wr.num_sge = static_cast<int>(numSge);
   }
-  // sges may have moved while growing: link the lists only now.
-  for (uint32_t i = 0; i < count; i++) {
-    ibv_send_wr& wr = st->sendWrs[i];
-    wr.sg_list = wr.num_sge > 0 ? &st->sges[sgeStart[i]] : nullptr;
-    wr.next = i + 1 < count ? &st->sendWrs[i + 1] : nullptr;
-  }
+  LinkList(st, st->sendWrs, count);
   return true;
 }
 
 bool ParseRecvList(Napi::Env env, State* st, const char* verb, const uint8_t* buf, size_t len, uint32_t count) {
   if (!StartList(env, st, verb, count)) return false;
   st->recvWrs.resize(count);
-  const std::vector<size_t>& sgeStart = st->sgeStart;
   size_t off = 0;
   for (uint32_t i = 0; i < count; i++) {
-    if (off > len || len - off < RECV_WR_HEADER_BYTES) {
-      Throw(env, verb, EINVAL, "work request " + std::to_string(i) + " runs past the end of the buffer");
-      return false;
-    }
-    const uint8_t* p = buf + off;
+    const uint8_t* p = WrHeader(env, verb, buf, len, off, i, RECV_WR_HEADER_BYTES);
+    if (p == nullptr) return false;
     ibv_recv_wr& wr = st->recvWrs[i];
     memset(&wr, 0, sizeof wr);
     wr.wr_id = LoadU64(p);
@@ -1524,11 +1510,7 @@ bool ParseRecvList(Napi::Env env, State* st, const char* verb, const uint8_t* bu
     if (!ParseSges(env, st, verb, buf, len, i, numSge, &off)) return false;
     wr.num_sge = static_cast<int>(numSge);
   }
-  for (uint32_t i = 0; i < count; i++) {
-    ibv_recv_wr& wr = st->recvWrs[i];
-    wr.sg_list = wr.num_sge > 0 ? &st->sges[sgeStart[i]] : nullptr;
-    wr.next = i + 1 < count ? &st->recvWrs[i + 1] : nullptr;
-  }
+  LinkList(st, st->recvWrs, count);
   return true;
 }
 
