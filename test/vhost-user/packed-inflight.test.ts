@@ -81,3 +81,108 @@ t.test('packed ring: a back-end killed with SIGKILL mid-request, the next one re
   // Six chains of two descriptors: slot 12 of lap 1.
   t.same(await fe2.stop([0]), [12 | PACKED_BASE_WRAP], 'GET_VRING_BASE: the ring resumes after all six');
 });
+
+/** A packed ring in guest RAM tracked in a real memfd inflight area, as a back-end process would hold it. */
+function trackedRing(t: { teardown: (fn: () => void) => void }) {
+  const ram = new GuestRam(host, [{ gpa: 0, size: 0x40000 }]);
+  t.teardown(() => ram.release());
+  const alloc = new GuestAllocator(ram);
+  const driver = new PackedRingDriver(ram, alloc, QUEUE_SIZE);
+  const size = inflightAreaSize(1, QUEUE_SIZE);
+  const area = InflightArea.create(host, host.memfd('packed-inflight-test', size), size, 1, QUEUE_SIZE);
+  t.teardown(() => area.release());
+  const desc = ram.memory.contiguous(driver.addrs.desc, QUEUE_SIZE * 16)!;
+  const rings = { desc, driver: ram.memory.contiguous(driver.addrs.avail, 4)!, device: ram.memory.contiguous(driver.addrs.used, 4)! };
+  const words16 = new Uint16Array(desc.buffer, desc.byteOffset, desc.byteLength >> 1);
+  /** A back-end (re)starting the ring: recovers the region, builds the queue where the area says. */
+  const start = () => {
+    const region = area.packedRegion(0, QUEUE_SIZE);
+    if (typeof region === 'string') throw new Error(region);
+    const recovered = region.recover(words16, QUEUE_SIZE, { index: 0, wrap: true });
+    const inner = new PackedQueue({ size: QUEUE_SIZE, rings, memory: ram.memory, eventIdx: false, indirect: false, state: recovered.state });
+    return { region, recovered, inner, queue: new InflightPackedQueue(inner, words16, region, recovered, ram.memory, false) };
+  };
+  return { ram, alloc, driver, area, start };
+}
+
+t.test('packed ring: a push cut short before its used descriptor reached the ring is rolled back (the chain is resubmitted)', async (t) => {
+  const { alloc, driver, start } = trackedRing(t);
+  const a = driver.post(alloc, new TextEncoder().encode('a'), 16);
+  const b = driver.post(alloc, new TextEncoder().encode('b'), 16);
+  const s1 = start();
+  t.equal(s1.recovered.fresh, true, 'a new area: nothing tracked yet');
+  const ca = s1.queue.pop() as DescriptorChain;
+  const cb = s1.queue.pop() as DescriptorChain;
+  t.same([ca.id, cb.id], [a.id, b.id]);
+  // Killed after the area's first push step (free list, used_idx), before the used descriptor was written.
+  s1.region.beforePush(0, ca.ringSlots, QUEUE_SIZE);
+  const s2 = start();
+  t.same(s2.recovered.chains.map((c) => c.entry), [0, 2], 'both chains still in flight, oldest first');
+  t.same(s2.recovered.state, { nextAvail: 4, availWrap: true, nextUsed: 0, usedWrap: true }, 'used side back at slot 0, driver at slot 4');
+  t.equal(s2.recovered.invalid, 0);
+  const ra = s2.queue.pop() as DescriptorChain;
+  const rb = s2.queue.pop() as DescriptorChain;
+  t.same([ra.id, rb.id, ra.readableBytes, rb.readableBytes], [a.id, b.id, 1, 1], 'resubmitted from the copies in the area');
+  t.equal(s2.queue.pop(), null, 'nothing else');
+  s2.queue.pushUsed(ra, 1);
+  s2.queue.pushUsed(rb, 1);
+  t.same(driver.readUsed().map((u) => u.id), [a.id, b.id], 'each completed once');
+  const s3 = start();
+  t.same(s3.recovered.chains, [], 'nothing in flight after both pushes');
+  t.same(s3.recovered.state, { nextAvail: 4, availWrap: true, nextUsed: 4, usedWrap: true });
+});
+
+t.test('packed ring: a push cut short after its used descriptor reached the ring is committed (not served again)', async (t) => {
+  const { alloc, driver, start } = trackedRing(t);
+  const a = driver.post(alloc, new TextEncoder().encode('a'), 16);
+  const b = driver.post(alloc, new TextEncoder().encode('b'), 16);
+  const s1 = start();
+  const ca = s1.queue.pop() as DescriptorChain;
+  s1.queue.pop();
+  // Killed after the used descriptor's flags were stored, before the head was cleared and the update committed.
+  s1.region.beforePush(0, ca.ringSlots, QUEUE_SIZE);
+  s1.inner.pushUsed(ca, 1);
+  t.same(driver.readUsed().map((u) => u.id), [a.id], 'the guest saw a completed');
+  const s2 = start();
+  t.same(s2.recovered.chains.map((c) => c.entry), [2], 'only b is in flight');
+  t.same(s2.recovered.state, { nextAvail: 4, availWrap: true, nextUsed: 2, usedWrap: true }, 'used side after a');
+  const rb = s2.queue.pop() as DescriptorChain;
+  t.equal(rb.id, b.id);
+  t.equal(s2.queue.pop(), null, 'a is not served again');
+  s2.queue.pushUsed(rb, 1);
+  t.same(driver.readUsed().map((u) => u.id), [b.id]);
+  // The ring goes on across the wrap with the area kept in step.
+  const more = Array.from({ length: 7 }, (_, i) => driver.post(alloc, new TextEncoder().encode(`m${i}`), 16));
+  for (;;) {
+    const c = s2.queue.pop();
+    if (c === null) break;
+    s2.queue.pushUsed(c as DescriptorChain, 2);
+  }
+  t.same(driver.readUsed().map((u) => u.id), more.map((m) => m.id), 'seven more, across the end of the ring');
+  const s3 = start();
+  t.same(s3.recovered.chains, [], 'nothing in flight');
+  t.same(s3.recovered.state, { nextAvail: 2, availWrap: false, nextUsed: 2, usedWrap: false }, 'slot 2 of lap 2');
+});
+
+t.test('packed ring: malformed inflight entries are ignored and counted, a device reset clears the area', async (t) => {
+  const { alloc, driver, area, start } = trackedRing(t);
+  driver.post(alloc, new TextEncoder().encode('a'), 16);
+  const s1 = start();
+  s1.queue.pop();
+  // A head claiming a chain longer than the ring.
+  const view = area.regionView(0);
+  view.setUint16(32 + 6, QUEUE_SIZE + 1, true); // desc[0].num
+  const s2 = start();
+  t.same(s2.recovered.chains, [], 'the malformed chain is not resubmitted');
+  t.equal(s2.recovered.invalid, 1, 'and counted');
+  t.same(s2.recovered.state, { nextAvail: 0, availWrap: true, nextUsed: 0, usedWrap: true });
+  // Every entry is back on the free list: a full ring of chains can be tracked again.
+  const s3 = start();
+  t.same([s3.recovered.chains.length, s3.recovered.invalid], [0, 0], 'the region was repaired');
+
+  s3.queue.pop();
+  t.equal(start().recovered.chains.length, 1, 'tracked again');
+  area.clearAll('packed');
+  const s4 = start();
+  t.same([s4.recovered.chains.length, s4.recovered.fresh], [0, false], 'a device reset forgot it');
+});
