@@ -8,13 +8,14 @@ import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
 import { GuestAllocator, PACKED_BASE_WRAP, PackedRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
-import { VhostUserFrontend, type KeptInflightArea } from '../../guest-driver-spec/frontend/frontend.ts';
+import { KeptInflightArea, VhostUserFrontend } from '../../guest-driver-spec/frontend/frontend.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { BackendProcess, completions } from '../../guest-driver-spec/frontend/conformance/backend-process-control.ts';
 import { HOLD_PREFIX } from '../../guest-driver-spec/frontend/conformance/echo-device.ts';
-import { host } from '../../guest-driver-spec/frontend/conformance/harness.ts';
+import { encodeU64, host, rig } from '../../guest-driver-spec/frontend/conformance/harness.ts';
 import { InflightArea, InflightPackedQueue, inflightAreaSize } from '../../vmm-device/transport/vhost-user/inflight.ts';
 import { PackedQueue, DescriptorChain } from '../../vmm-device/virtqueue/index.ts';
+import { FrontendRequest as R } from '../../vmm-device/transport/vhost-user/messages.ts';
 import { F_RING_PACKED, F_VERSION_1, bit } from '../../vmm-device/virtio/constants.ts';
 
 const QUEUE_SIZE = 16;
@@ -185,4 +186,58 @@ t.test('packed ring: malformed inflight entries are ignored and counted, a devic
   area.clearAll('packed');
   const s4 = start();
   t.same([s4.recovered.chains.length, s4.recovered.fresh], [0, false], 'a device reset forgot it');
+});
+
+// QueueRegionPacked / DescStatePacked offsets as vhost-user.rst lays them out (written here by hand, independently
+// of inflight.ts, to play a back-end that died with the area in a given state).
+const PK = { freeHead: 12, oldFreeHead: 14, usedIdx: 16, oldUsedIdx: 18, usedWrap: 20, oldUsedWrap: 21 };
+const pdesc = (i: number): number => 32 + 32 * i;
+
+t.test('through the session: a packed area with one chain in flight and one malformed head, SET_STATUS 0 clears it', async (t) => {
+  const r = await rig();
+  await r.fe.init({ queues: 2 });
+  const got = await r.fe.getInflightFd(2, QUEUE_SIZE);
+  const kept = new KeptInflightArea(host, got.fd!, got.desc);
+  const ram = r.ram();
+  const alloc = new GuestAllocator(ram);
+  const ring = new PackedRingDriver(ram, alloc, QUEUE_SIZE);
+  const a = ring.post(alloc, new TextEncoder().encode('A'), 8);
+  const b = ring.post(alloc, new TextEncoder().encode('B'), 8);
+
+  // A back-end took A (two descriptors, entries 0 and 1) and entries 2-3 for a chain whose head now claims three
+  // entries, one of them (4) still on the free list: malformed. Then it died.
+  const mapping = host.mmapShared(kept.fd, Number(got.desc.mmapSize), 0);
+  const area = new DataView(mapping);
+  const ringBytes = ram.memory.contiguous(ring.addrs.desc, QUEUE_SIZE * 16)!;
+  for (let i = 0; i < QUEUE_SIZE; i++) area.setUint16(pdesc(i) + 2, i + 1, true); // next: the free list in order
+  for (const k of [0, 1]) new Uint8Array(mapping, pdesc(k) + 16, 16).set([...ringBytes.subarray(k * 16 + 12, k * 16 + 16), ...ringBytes.subarray(k * 16 + 8, k * 16 + 12), ...ringBytes.subarray(k * 16, k * 16 + 8)]);
+  area.setUint8(pdesc(0), 1);
+  area.setUint16(pdesc(0) + 4, 1, true); // last
+  area.setUint16(pdesc(0) + 6, 2, true); // num
+  area.setUint8(pdesc(2), 1);
+  area.setUint16(pdesc(2) + 4, 4, true);
+  area.setUint16(pdesc(2) + 6, 3, true);
+  area.setBigUint64(pdesc(2) + 8, 1n, true);
+  area.setUint16(PK.freeHead, 4, true);
+  area.setUint16(PK.oldFreeHead, 4, true);
+  area.setUint8(PK.usedWrap, 1);
+  area.setUint8(PK.oldUsedWrap, 1);
+
+  await r.fe.start({ ram, features: FEATURES, queues: [{ index: 0, size: QUEUE_SIZE, ...ring.addrs, base: 0 | PACKED_BASE_WRAP }], inflight: { numQueues: 2, queueSize: QUEUE_SIZE, kept } });
+  await r.fe.sync();
+  t.ok((await r.fe.waitCall(0)) > 0n, 'the resubmission interrupted the guest, without a kick');
+  t.same(ring.readUsed().map((u) => u.id), [a.id, b.id], 'A resubmitted from the area, then B found in the ring where the driver put it');
+  t.equal(r.device.served, 2, 'each served once');
+  t.equal(r.server.counters.badInflightEntries, 1, 'the malformed head was ignored and counted');
+  t.equal(area.getUint8(pdesc(0)), 0, 'A cleared once completed');
+  t.equal(area.getUint16(PK.oldUsedIdx, true), 4, 'used position after A and B (two slots each)');
+
+  await r.fe.request(R.SET_STATUS, encodeU64(0n));
+  let inFlight = 0;
+  for (let i = 0; i < QUEUE_SIZE; i++) inFlight += area.getUint8(pdesc(i));
+  t.equal(inFlight, 0, 'SET_STATUS 0: nothing in flight');
+  t.same([area.getUint16(PK.oldFreeHead, true), area.getUint16(PK.oldUsedIdx, true), area.getUint8(PK.oldUsedWrap)], [0, 0, 1], 'the region is back to slot 0, lap 1');
+  host.munmap(mapping);
+  kept.release();
+  t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });
