@@ -241,3 +241,23 @@ t.test('through the session: a packed area with one chain in flight and one malf
   kept.release();
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });
+
+t.test('packed ring: a driver making more descriptors available than the ring holds breaks the queue, the area untouched', async (t) => {
+  const { alloc, driver, area, ram, start } = trackedRing(t);
+  for (let i = 0; i < QUEUE_SIZE / 2; i++) driver.post(alloc, new TextEncoder().encode(`r${i}`), 16);
+  const s1 = start();
+  let popped = 0;
+  while (s1.queue.pop() instanceof DescriptorChain) popped++;
+  t.equal(popped, QUEUE_SIZE / 2, 'a full ring in flight (two slots each)');
+  const snapshot = (): Uint8Array => new Uint8Array(area.regionView(0).buffer, area.base, inflightAreaSize(1, QUEUE_SIZE)).slice();
+  const before = snapshot();
+  // Slot 0 again, made available for lap 2 (AVAIL 0, USED 1) while the device still holds it: a driver bug.
+  const flags = ram.memory.contiguous(driver.addrs.desc + 14, 2)!;
+  new DataView(flags.buffer, flags.byteOffset, 2).setUint16(0, 1 << 15, true);
+  const err = s1.queue.pop();
+  t.ok(!(err instanceof DescriptorChain) && err !== null && err.kind === 'AvailIndexJump', 'the queue reports the driver error');
+  t.equal(s1.queue.broken, err, 'and stays broken until a reset');
+  const after = snapshot();
+  t.same(after, before, 'nothing written into the area');
+  t.equal(start().recovered.chains.length, QUEUE_SIZE / 2, 'the eight chains are still tracked');
+});

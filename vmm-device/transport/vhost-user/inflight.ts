@@ -430,9 +430,15 @@ export class PackedInflightRegion {
    * descriptor ring), each copied into a free entry. Returns the head entry. The pop is committed only by the
    * last store (old_free_head), so a back-end killed before it leaves the entries on the free list.
    */
-  markPopped(ring: Uint16Array, ringSize: number, pos: number, slots: number, counter: number): number {
+  markPopped(ring: Uint16Array, ringSize: number, pos: number, slots: number, counter: number): number | undefined {
     const v = this.view;
     const head = this.u16(PK_OLD_FREE_HEAD);
+    // Enough free entries? Only a driver that made more descriptors available than the ring holds (or a front-end
+    // writing into the area) can exhaust them; nothing is written then.
+    for (let e = this.u16(PK_FREE_HEAD), k = 0; k < slots; k++, e = this.u16(this.at(e) + PD_NEXT)) {
+      if (e >= this.descNum) return undefined;
+    }
+    if (head >= this.descNum) return undefined;
     const h = this.at(head);
     this.set16(h + PD_NUM, 0);
     v.setUint32(h + PD_COUNTER, counter % TWO_POW_32, true);
@@ -458,8 +464,10 @@ export class PackedInflightRegion {
   }
 
   /** First half of a push (before the used descriptor is written): the chain's entries go back to the free list. */
-  beforePush(entry: number, slots: number, ringSize: number): void {
+  beforePush(entry: number, slots: number, ringSize: number): boolean {
     const last = this.u16(this.at(entry) + PD_LAST);
+    // `last` was written by markPopped; out of range only if the front-end rewrote the area under us.
+    if (last >= this.descNum) return false;
     this.set16(this.at(last) + PD_NEXT, this.u16(PK_FREE_HEAD));
     this.set16(PK_FREE_HEAD, entry);
     let used = this.u16(PK_USED_IDX) + slots;
@@ -470,6 +478,7 @@ export class PackedInflightRegion {
     }
     this.set16(PK_USED_IDX, used);
     this.view.setUint8(PK_USED_WRAP, wrap ? 1 : 0);
+    return true;
   }
 
   /** Second half (after the used descriptor's flags are written): clear the head, commit. */
@@ -689,7 +698,12 @@ export class InflightPackedQueue implements DeviceQueue {
     const pos = this.inner.getState().nextAvail;
     const chain = this.inner.pop();
     if (chain instanceof DescriptorChain) {
-      this.entries.set(chain, this.region.markPopped(this.ring, this.size, pos, chain.ringSlots, this.counter++));
+      const entry = this.region.markPopped(this.ring, this.size, pos, chain.ringSlots, this.counter++);
+      if (entry === undefined) {
+        this.brokenBy = new VirtqueueError('AvailIndexJump', `chain at ring position ${pos}: more descriptors in flight than the ring holds (the inflight area has no free entry)`);
+        return this.brokenBy;
+      }
+      this.entries.set(chain, entry);
     }
     return chain;
   }
@@ -701,9 +715,9 @@ export class InflightPackedQueue implements DeviceQueue {
       this.inner.pushUsed(chain, len);
       return;
     }
-    this.region.beforePush(entry, chain.ringSlots, this.size);
+    const tracked = this.region.beforePush(entry, chain.ringSlots, this.size);
     this.inner.pushUsed(chain, len);
-    this.region.afterPush(entry);
+    if (tracked) this.region.afterPush(entry);
     this.entries.delete(chain);
   }
 
