@@ -489,14 +489,18 @@ export class PackedInflightRegion {
     this.view.setUint8(PK_OLD_USED_WRAP, this.view.getUint8(PK_USED_WRAP));
   }
 
-  /** The descriptor copies of a recorded chain, as a ring of `ringSize` with the chain at slot 0, lap 1. */
-  chainRing(entry: number, ringSize: number): Uint8Array {
+  /**
+   * The descriptor copies of a recorded chain of `num` entries, as a ring of `ringSize` with the chain at slot 0,
+   * lap 1; undefined if the links no longer stay inside the area (rewritten since recover() checked them).
+   */
+  chainRing(entry: number, num: number, ringSize: number): Uint8Array | undefined {
+    if (num > ringSize) return undefined;
     const out = new Uint8Array(descTableSize(ringSize));
     const dv = new DataView(out.buffer);
     const v = this.view;
-    const num = this.u16(this.at(entry) + PD_NUM);
     let e = entry;
     for (let k = 0; k < num; k++) {
+      if (e >= this.descNum) return undefined;
       const a = this.at(e);
       const d = k * 16;
       dv.setUint32(d, v.getUint32(a + PD_ADDR, true), true);
@@ -619,16 +623,18 @@ export class PackedInflightRegion {
 }
 
 /** Walks a chain recorded in the area (a resubmission) with the queue layer's own packed walker and checks. */
-export function walkPackedEntry(region: PackedInflightRegion, entry: number, size: number, memory: GuestMemory, indirect: boolean): DescriptorChain | VirtqueueError {
+export function walkPackedEntry(region: PackedInflightRegion, chain: PackedInflightChain, size: number, memory: GuestMemory, indirect: boolean): DescriptorChain | VirtqueueError {
+  const desc = region.chainRing(chain.entry, chain.num, size);
+  if (desc === undefined) return new VirtqueueError('DescriptorIndexOutOfRange', `inflight entry ${chain.entry}: its ${chain.num} linked entries leave the area`);
   const probe = new PackedQueue({
     size,
-    rings: { desc: region.chainRing(entry, size), driver: new Uint8Array(PACKED_EVENT_SIZE), device: new Uint8Array(PACKED_EVENT_SIZE) },
+    rings: { desc, driver: new Uint8Array(PACKED_EVENT_SIZE), device: new Uint8Array(PACKED_EVENT_SIZE) },
     memory,
     eventIdx: false,
     indirect,
     state: { nextAvail: 0, availWrap: true, nextUsed: 0, usedWrap: true },
   });
-  return probe.pop() ?? new VirtqueueError('DescriptorIndexOutOfRange', `resubmitted inflight entry ${entry} gave no chain`);
+  return probe.pop() ?? new VirtqueueError('DescriptorIndexOutOfRange', `resubmitted inflight entry ${chain.entry} gave no chain`);
 }
 
 /**
@@ -685,7 +691,7 @@ export class InflightPackedQueue implements DeviceQueue {
     if (this.brokenBy !== undefined) return this.brokenBy;
     const next = this.resubmit.shift();
     if (next !== undefined) {
-      const chain = walkPackedEntry(this.region, next.entry, this.size, this.memory, this.indirect);
+      const chain = walkPackedEntry(this.region, next, this.size, this.memory, this.indirect);
       if (chain instanceof VirtqueueError) {
         this.brokenBy = chain;
         return chain;
