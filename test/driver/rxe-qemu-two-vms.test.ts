@@ -11,7 +11,7 @@
 // reaches the back-end only as GET_VRING_BASE, so reset-time release is tested over the front-end and the device
 // directly: test/rxe/device-exchange.test.ts.)
 //
-// MUST run inside the soft-RoCE test host:
+// MUST run inside the soft-RoCE test host (about 6 minutes there, 1 of them starting the two QEMUs):
 //   bash scripts/rxe/run.sh --timeout 2400 -- npx tap --jobs=1 test/driver/rxe-qemu-two-vms.test.ts
 import t from 'tap';
 import { requireTestHost } from './rxe-helpers.ts';
