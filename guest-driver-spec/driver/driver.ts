@@ -282,17 +282,24 @@ export class VirtioRdmaDriver {
   /** Reads the events the device wrote since the last call and posts their buffers again. */
   pumpEvents(): DeviceEvent[] {
     const used = this.eventq.takeUsed();
-    const out: DeviceEvent[] = [];
-    let kick = false;
-    for (const u of used) {
+    // Every buffer of the batch is read before any is posted again: takeUsed() freed all their descriptors, so
+    // add() may hand out an id that a later entry of this batch still names, and that entry would then be looked up
+    // to the buffer just zeroed and re-posted (two events in one batch lost the second).
+    const returned = used.map((u) => {
       const gpa = this.eventBuffers.get(u.id);
       if (gpa === undefined) this.protocol(`event queue: the device returned chain ${u.id}, which is not posted`);
       this.eventBuffers.delete(u.id);
-      const bytes = this.memory.read(gpa, Limits.EVENT_SIZE);
+      return { u, gpa, bytes: this.memory.read(gpa, Limits.EVENT_SIZE) };
+    });
+    const out: DeviceEvent[] = [];
+    let kick = false;
+    for (const { gpa } of returned) {
       this.memory.fill(gpa, Limits.EVENT_SIZE, 0);
       const r = this.eventq.add([{ gpa, len: Limits.EVENT_SIZE, write: true }]);
       this.eventBuffers.set(r.id, gpa);
       kick ||= r.kick;
+    }
+    for (const { u, bytes } of returned) {
       if (u.len !== Limits.EVENT_SIZE) {
         this.counters.protocolErrors++;
         continue; // section 9.5: used length 32; a shorter write is not an event the driver can trust
