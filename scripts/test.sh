@@ -5,6 +5,7 @@
 # Suites:
 #   host   every test on this machine (real sockets, memfds, QEMU in qtest mode)
 #   rxe    tests that need real verbs, inside the soft-RoCE test host (a VM with rdma_rxe; scripts/rxe/run.sh)
+#   multihost  issue 6's multi-host test: two test hosts joined only to each other (scripts/multihost/test.sh)
 # Arguments, if any, are test files or folders to run instead of everything.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -64,6 +65,15 @@ run_host_suite() {
   rm -f "$log"
 }
 
+run_multihost_suite() {
+  local log
+  log=$(mktemp)
+  echo "=== multi-host suite (two soft-RoCE test hosts joined only to each other): test/multihost/multi-host.test.ts"
+  bash scripts/multihost/test.sh 2>&1 | tee "$log"
+  count_suite multihost "$log"
+  rm -f "$log"
+}
+
 run_rxe_suite() {
   local log
   log=$(mktemp)
@@ -83,12 +93,16 @@ else
 fi
 
 # Test files are `*.test.ts` (other .ts files under test/ are helpers). Those under test/rxe/, and those named
-# rxe-*.test.ts anywhere, need real verbs and run in the test host; every other one runs here.
+# rxe-*.test.ts anywhere, need real verbs and run in the test host; test/multihost/multi-host.test.ts runs in its own
+# step (two test hosts); every other one runs here.
 host_targets=()
 rxe_targets=()
+multihost=0
 if [ "$#" -gt 0 ]; then roots=("$@"); else roots=(test); fi
 while IFS= read -r file; do
-  if [[ $file == test/rxe/* || $(basename "$file") == rxe-*.test.ts ]]; then
+  if [[ $file == test/multihost/multi-host.test.ts ]]; then
+    multihost=1
+  elif [[ $file == test/rxe/* || $(basename "$file") == rxe-*.test.ts ]]; then
     rxe_targets+=("$file")
   else
     host_targets+=("$file")
@@ -97,6 +111,7 @@ done < <(find "${roots[@]}" -name '*.test.ts' -type f 2>/dev/null | sed 's|^\./|
 
 [ "${#host_targets[@]}" -gt 0 ] && run_host_suite "${host_targets[@]}"
 [ "${#rxe_targets[@]}" -gt 0 ] && run_rxe_suite "${rxe_targets[@]}"
+[ "$multihost" -eq 1 ] && run_multihost_suite
 
 if [ "$skipped" -gt 0 ]; then
   echo "$passed passed, $failed failed, $skipped skipped"
