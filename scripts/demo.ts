@@ -10,7 +10,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { AccessFlag, WcOpcode, WcStatus } from '../guest-driver-spec/layout/index.ts';
+import { AccessFlag, WcOpcode, WcStatus } from '../vmm-device/abi/rdma/index.ts';
 import { RdmaContext, VhostUserTransport, type Cq, type DriverTransport, type GuestBuffer, type Mr, type Pd, type Qp, type WorkCompletion } from '../guest-driver-spec/driver/index.ts';
 import { QtestTransport } from '../guest-driver-spec/driver/qtest-transport.ts';
 import { GuestRam } from '../guest-driver-spec/frontend/guest-ram.ts';

@@ -19,7 +19,7 @@ import {
   VIRTQ_DESC_F_INDIRECT,
   VIRTQ_DESC_F_USED,
   VIRTQ_USED_F_NO_NOTIFY,
-} from '../vmm-device/virtqueue/constants.ts';
+} from '../vmm-device/abi/virtqueue.ts';
 import { decodeDescriptor, describeFlags, type Layout } from '../guest-driver-spec/testkit/descriptors.ts';
 import { fromHex, loadFixtureMemory, parseFixture, type Fixture, type FixtureStep } from '../guest-driver-spec/testkit/fixture-format.ts';
 import { ringAreaSizes } from '../guest-driver-spec/testkit/fixture-recorder.ts';

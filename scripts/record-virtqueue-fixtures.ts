@@ -1,5 +1,5 @@
 // Records fixtures/virtqueue/*.json (`npm run fixtures:record`). Deterministic: every case has a fixed seed, so
-// re-running writes byte-identical files (test/virtqueue-fixtures/recording.test.ts checks it). The expectations
+// re-running writes byte-identical files (test/virtqueue/fixtures/recording.test.ts checks it). The expectations
 // come from what the driver-side test kit built (guest-driver-spec/testkit), never from our device engine.
 
 import { mkdirSync, readdirSync, unlinkSync, writeFileSync } from 'node:fs';
@@ -13,7 +13,7 @@ import {
   descTableSize,
   splitAvailSize,
   splitUsedSize,
-} from '../vmm-device/virtqueue/constants.ts';
+} from '../vmm-device/abi/virtqueue.ts';
 import {
   MALFORMED_CASES,
   PackedDriver,

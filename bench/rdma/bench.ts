@@ -52,7 +52,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { AccessFlag, FeatureBit, WcOpcode, WcStatus } from '../../guest-driver-spec/layout/index.ts';
+import { AccessFlag, FeatureBit, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 import { RdmaContext, VhostUserTransport, type Cq, type DriverTransport, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr, type WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
 import { QtestTransport } from '../../guest-driver-spec/driver/qtest-transport.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';

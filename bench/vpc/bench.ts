@@ -16,7 +16,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
-import { Command, EventType, QpAttrMask as S, QpState, Status } from '../../guest-driver-spec/layout/index.ts';
+import { Command, EventType, QpAttrMask as S, QpState, Status } from '../../vmm-device/abi/rdma/index.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { StaticAddressResolver } from '../../vmm-device/rdma/address-resolver.ts';
 import { StderrLogger } from '../../vmm-device/util/log.ts';

@@ -5,7 +5,7 @@
 //
 // Rings (CQ, SQ, RQ) are GuestBuffers too: the page list of CREATE_CQ and CREATE_QP is the ring's pages.
 
-import { Limits } from '../layout/index.ts';
+import { Limits } from '../../vmm-device/abi/rdma/index.ts';
 import type { DriverMemory } from './memory.ts';
 
 /** Where the driver's made-up guest virtual addresses start (a user-space address, like an mmap of a process). */

@@ -18,7 +18,7 @@ import {
   Status,
   encodeRequest,
   type Layout,
-} from '../layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import {
   F_VERSION_1,
   STATUS_ACKNOWLEDGE,
@@ -27,7 +27,7 @@ import {
   STATUS_DRIVER_OK,
   STATUS_FAILED,
   STATUS_FEATURES_OK,
-} from '../../vmm-device/virtio/constants.ts';
+} from '../../vmm-device/abi/virtio.ts';
 import { CommandError, DeviceError, ProtocolError, UsageError, commandName, eventTypeName } from './errors.ts';
 import type { DriverTransport } from './transport.ts';
 import type { DriverVirtqueue } from './virtqueue.ts';

@@ -1,7 +1,7 @@
 // Errors the reference driver raises. A device's answer that breaks the spec is a ProtocolError (the driver never
 // guesses what the device meant); a well-formed error status is a CommandError with the status and detail named.
 
-import { Command, EventType, ResourceKind, Status, WcStatus } from '../layout/index.ts';
+import { Command, EventType, ResourceKind, Status, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 
 function nameOf(table: Readonly<Record<string, number>>, value: number): string {
   for (const [k, v] of Object.entries(table)) if (v === value) return k;

@@ -55,7 +55,7 @@ import {
   ringOccupancy,
   ringPages,
   type SgeValue,
-} from '../layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import { GuestBuffer, VirtualAddressSpace, type GuestBufferOptions } from './buffer.ts';
 import { VirtioRdmaDriver, type DeviceEvent, type DriverOptions } from './driver.ts';
 import { ProtocolError, UsageError, wcStatusName } from './errors.ts';

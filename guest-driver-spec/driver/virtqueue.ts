@@ -8,7 +8,7 @@
 // arena of real guest RAM (allocated from the driver's allocator for this queue) and swaps its GuestMemory for the
 // shared one, so the kit's allocations stay inside the arena and its writes land in guest RAM.
 
-import { descTableSize, splitAvailSize, splitUsedSize, SPLIT_ALIGN } from '../../vmm-device/virtqueue/constants.ts';
+import { descTableSize, splitAvailSize, splitUsedSize, SPLIT_ALIGN } from '../../vmm-device/abi/virtqueue.ts';
 import type { GuestMemory } from '../../vmm-device/memory/guest-memory.ts';
 import { SplitDriver, TestGuestMemory } from '../testkit/index.ts';
 import type { DriverMemory } from './memory.ts';

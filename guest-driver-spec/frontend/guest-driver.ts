@@ -11,7 +11,7 @@ import {
   descTableSize,
   splitAvailSize,
   splitUsedSize,
-} from '../../vmm-device/virtqueue/constants.ts';
+} from '../../vmm-device/abi/virtqueue.ts';
 import type { GuestRam } from './guest-ram.ts';
 
 /** A bump allocator over guest RAM (guest physical addresses). */

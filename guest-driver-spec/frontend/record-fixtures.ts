@@ -5,7 +5,7 @@
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { FrontendRequest as R, SUPPORTED_PROTOCOL_FEATURES, bit, encodeConfig, encodeU64, encodeVringState, encodeMessage } from '../../vmm-device/transport/vhost-user/messages.ts';
-import { F_RING_PACKED, F_VERSION_1 } from '../../vmm-device/virtio/constants.ts';
+import { F_RING_PACKED, F_VERSION_1 } from '../../vmm-device/abi/virtio.ts';
 import { ECHO_F_TEST } from './conformance/echo-device.ts';
 import { NEED_REPLY, negotiate, rig, type Rig } from './conformance/harness.ts';
 import { EXCHANGE_FORMAT, stepsFromRecord, writeFixture, type ExchangeFixture } from './exchange-fixture.ts';

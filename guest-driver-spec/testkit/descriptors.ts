@@ -9,7 +9,7 @@ import {
   VIRTQ_DESC_F_NEXT,
   VIRTQ_DESC_F_USED,
   VIRTQ_DESC_F_WRITE,
-} from '../../vmm-device/virtqueue/constants.ts';
+} from '../../vmm-device/abi/virtqueue.ts';
 import type { TestGuestMemory } from './test-memory.ts';
 
 export type Layout = 'split' | 'packed';

@@ -10,7 +10,7 @@ import {
   descTableSize,
   splitAvailSize,
   splitUsedSize,
-} from '../../vmm-device/virtqueue/constants.ts';
+} from '../../vmm-device/abi/virtqueue.ts';
 import type { VirtqueueErrorKind } from '../../vmm-device/virtqueue/errors.ts';
 import type { BuiltChain } from './descriptors.ts';
 import { chunksOf, FIXTURE_FORMAT, toHex, type Fixture, type FixturePosition, type FixtureStep } from './fixture-format.ts';

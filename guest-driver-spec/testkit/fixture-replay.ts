@@ -16,7 +16,7 @@ import {
   splitAvailSize,
   splitUsedSize,
   vringNeedEvent,
-} from '../../vmm-device/virtqueue/constants.ts';
+} from '../../vmm-device/abi/virtqueue.ts';
 import { decodeDescriptor } from './descriptors.ts';
 import { eventTriggered, readEvent } from './packed-driver.ts';
 import { fromHex, loadFixtureMemory, type Fixture, type FixturePosition } from './fixture-format.ts';

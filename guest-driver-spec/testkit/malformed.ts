@@ -3,7 +3,7 @@
 // the expectation never depends on which of two defects a device happens to check first.
 
 import type { VirtqueueErrorKind } from '../../vmm-device/virtqueue/errors.ts';
-import { DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../vmm-device/virtqueue/constants.ts';
+import { DESC_SIZE, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE } from '../../vmm-device/abi/virtqueue.ts';
 import type { Layout, RawDescriptor } from './descriptors.ts';
 import { PackedDriver } from './packed-driver.ts';
 import { SplitDriver } from './split-driver.ts';

@@ -21,7 +21,7 @@ import {
   VIRTQ_DESC_F_WRITE,
   descTableSize,
   vringNeedEvent,
-} from '../../vmm-device/virtqueue/constants.ts';
+} from '../../vmm-device/abi/virtqueue.ts';
 import {
   decodeDescriptor,
   encodeDescriptor,

@@ -18,7 +18,7 @@ import {
   splitAvailSize,
   splitUsedSize,
   vringNeedEvent,
-} from '../../vmm-device/virtqueue/constants.ts';
+} from '../../vmm-device/abi/virtqueue.ts';
 import {
   encodeDescriptor,
   decodeDescriptor,

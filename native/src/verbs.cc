@@ -17,7 +17,7 @@
 // they are read, so destroying a CQ or QP never waits for an acknowledgement from JS.
 //
 // Work requests and completions cross the boundary in fixed little-endian layouts, mirrored by
-// vmm-device/verbs/layout.ts (keep the two in step; test/verbs-host/layout.test.ts checks them against each other):
+// vmm-device/verbs/layout.ts (keep the two in step; test/verbs/layout.test.ts checks them against each other):
 //
 //   send WR (SEND_WR_HEADER_BYTES = 64) followed by num_sge SGEs:
 //     0 wr_id u64 | 8 opcode u32 | 12 send_flags u32 | 16 num_sge u32 | 20 imm_data u32 (host order; invalidate

@@ -15,7 +15,7 @@ import {
   Status,
   WcOpcode,
   WcStatus,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import { CommandError, RdmaContext } from '../../guest-driver-spec/driver/index.ts';
 import { RdmaDevice, StaticAddressResolver, gidFromIpv4, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';

@@ -33,9 +33,9 @@ import {
   Cqe,
   WcOpcode,
   WcStatus,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import { CommandError, ProtocolError, RdmaContext, encodeModifyQp, encodeSendWqe, type Qp } from '../../guest-driver-spec/driver/index.ts';
-import { F_VERSION_1 } from '../../vmm-device/virtio/constants.ts';
+import { F_VERSION_1 } from '../../vmm-device/abi/virtio.ts';
 import { readSpec } from '../spec/markdown-tables.ts';
 import { driverRig } from './harness.ts';
 import { SCRIPTED_FEATURES, ScriptedDevice } from './scripted-device.ts';

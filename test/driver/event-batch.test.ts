@@ -7,7 +7,7 @@ import t from 'tap';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { EventType } from '../../guest-driver-spec/layout/index.ts';
+import { EventType } from '../../vmm-device/abi/rdma/index.ts';
 import { AccessFlag, RdmaContext, VhostUserTransport } from '../../guest-driver-spec/driver/index.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { RdmaDevice } from '../../vmm-device/rdma/index.ts';

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import t from 'tap';
-import { AccessFlag, EventType, WcOpcode, WcStatus } from '../../guest-driver-spec/layout/index.ts';
+import { AccessFlag, EventType, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 import { RdmaContext } from '../../guest-driver-spec/driver/index.ts';
 import { QtestTransport } from '../../guest-driver-spec/driver/qtest-transport.ts';
 import { QemuQtest } from '../../guest-driver-spec/qtest/index.ts';

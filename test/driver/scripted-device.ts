@@ -8,7 +8,7 @@
 import type { ActivationContext, VirtioDeviceModel } from '../../vmm-device/virtio/device.ts';
 import { drainQueue } from '../../vmm-device/virtio/core.ts';
 import type { DescriptorChain } from '../../vmm-device/virtqueue/chain.ts';
-import { DeviceConfig, FeatureBit, Limits, AtomicCap, LinkLayer, Mtu, PortState } from '../../guest-driver-spec/layout/index.ts';
+import { DeviceConfig, FeatureBit, Limits, AtomicCap, LinkLayer, Mtu, PortState } from '../../vmm-device/abi/rdma/index.ts';
 
 export const SCRIPTED_FEATURES =
   (1n << BigInt(FeatureBit.RC)) |

@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import type { Test } from 'tap';
-import { AccessFlag, Command, HandleRequest, HandleResponse, Limits, RegMrRequest, RegMrResponse, ResourceKind, WcFlag, WcOpcode, WcStatus } from '../../guest-driver-spec/layout/index.ts';
+import { AccessFlag, Command, HandleRequest, HandleResponse, Limits, RegMrRequest, RegMrResponse, ResourceKind, WcFlag, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 import { CommandError, RdmaContext, VhostUserTransport, type Ah, type Cq, type DriverTransport, type GuestBuffer, type Mr, type Pd, type Qp } from '../../guest-driver-spec/driver/index.ts';
 import { QtestTransport } from '../../guest-driver-spec/driver/qtest-transport.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';

@@ -22,7 +22,7 @@ import {
   VIRTQ_DESC_F_USED,
   VIRTQ_DESC_F_WRITE,
   splitUsedSize,
-} from '../../vmm-device/virtqueue/constants.ts';
+} from '../../vmm-device/abi/virtqueue.ts';
 import { PackedDriver, SeededRandom, SplitDriver, TestGuestMemory, randomLayout, type VirtqDriver } from '../../guest-driver-spec/testkit/index.ts';
 import { fixtureQueueOptions, type QueueFactory } from '../../guest-driver-spec/testkit/fixture-replay.ts';
 import { DescriptorChain as Chain } from '../../vmm-device/virtqueue/chain.ts';

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface, type Interface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { AccessFlag, EventType } from '../../guest-driver-spec/layout/index.ts';
+import { AccessFlag, EventType } from '../../vmm-device/abi/rdma/index.ts';
 import { CommandError, RdmaContext, VhostUserTransport, type Cq, type GuestBuffer, type Mr, type Pd, type Qp } from '../../guest-driver-spec/driver/index.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';

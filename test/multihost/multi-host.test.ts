@@ -12,7 +12,7 @@
 import t, { type Test } from 'tap';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
-import { PolicyReason } from '../../guest-driver-spec/layout/index.ts';
+import { PolicyReason } from '../../vmm-device/abi/rdma/index.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { EtcdClient } from '../../vmm-device/vpc/etcd-client.ts';
 import { publishPolicy } from '../../vmm-device/vpc/etcd-source.ts';

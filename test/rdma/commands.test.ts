@@ -29,7 +29,7 @@ import {
   Limits,
   ringPages,
   encodeRequest,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
 import { PAGE, TestGuest, pageList, type Answer } from './guest.ts';

@@ -24,7 +24,7 @@ import {
   WcOpcode,
   WcStatus,
   CqErrorReason,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
 import { PAGE, TestGuest, waitFor, type GuestCq, type GuestMr, type GuestQp } from './guest.ts';

@@ -3,7 +3,7 @@
 // nor UD sees FEATURES_OK refused at once (spec 4.2), instead of a device that fails only at DRIVER_OK.
 
 import t, { type Test } from 'tap';
-import { FeatureBit } from '../../guest-driver-spec/layout/index.ts';
+import { FeatureBit } from '../../vmm-device/abi/rdma/index.ts';
 import { VirtioDeviceCore } from '../../vmm-device/virtio/core.ts';
 import type { VirtioDeviceModel } from '../../vmm-device/virtio/device.ts';
 import {
@@ -11,7 +11,7 @@ import {
   STATUS_ACKNOWLEDGE as ACK,
   STATUS_DRIVER as DRV,
   STATUS_FEATURES_OK as FOK,
-} from '../../vmm-device/virtio/constants.ts';
+} from '../../vmm-device/abi/virtio.ts';
 import { RdmaDevice, StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';

@@ -12,7 +12,7 @@ import {
   QueryDeviceResponse,
   Status,
   encodeRequest,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { TestGuest } from './guest.ts';
 

@@ -1,6 +1,6 @@
 // A test guest for the virtio-rdma device: the lead's driver-side kit lays out the control, event and doorbell
 // queues in (seeded, gapped) test guest memory, and this file speaks the spec's control framing, rings and
-// doorbells over them, byte for byte, using only guest-driver-spec/layout for formats. It plays the guest in the
+// doorbells over them, byte for byte, using only vmm-device/abi/rdma for formats. It plays the guest in the
 // host-side tests (over FakeVerbs) and in the rxe tests (over NativeVerbs).
 
 import {
@@ -29,13 +29,13 @@ import {
   ringPages,
   Status,
   type SgeValue,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import { SplitDriver, TestGuestMemory } from '../../guest-driver-spec/testkit/index.ts';
 import { SplitQueue } from '../../vmm-device/virtqueue/index.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import type { HostVerbs } from '../../vmm-device/verbs/host-verbs.ts';
 import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
-import { F_VERSION_1 } from '../../vmm-device/virtio/constants.ts';
+import { F_VERSION_1 } from '../../vmm-device/abi/virtio.ts';
 import { GuestMemory } from '../../vmm-device/memory/guest-memory.ts';
 import * as sys from '../../vmm-device/native/sys.ts';
 

@@ -20,7 +20,7 @@ import {
   SendOpcode,
   Status,
   WcStatus,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { gidFromIpv4, type StaticAddressResolver } from '../../vmm-device/rdma/index.ts';

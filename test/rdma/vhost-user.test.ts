@@ -14,14 +14,14 @@ import {
   HandleResponse,
   Status,
   encodeRequest,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import { VhostUserFrontend } from '../../guest-driver-spec/frontend/frontend.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { GuestAllocator, SplitRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
 import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
-import { F_VERSION_1, bit } from '../../vmm-device/virtio/constants.ts';
+import { F_VERSION_1, bit } from '../../vmm-device/abi/virtio.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { RdmaDevice, StaticAddressResolver, gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
 import { TABLE, waitFor } from './guest.ts';

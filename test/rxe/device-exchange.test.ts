@@ -23,7 +23,7 @@ import {
   WcFlag,
   WcOpcode,
   WcStatus,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../../vmm-device/abi/rdma/index.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { StaticAddressResolver, gidFromIpv4, ipv4FromGid, pickHostGidIndex } from '../../vmm-device/rdma/index.ts';
 import { TestGuest, PAGE, type GuestCq, type GuestMr, type GuestQp } from '../rdma/guest.ts';

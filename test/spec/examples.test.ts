@@ -2,7 +2,7 @@
 // implementer who copies the appendix copies what the module produces.
 
 import t from 'tap';
-import * as L from '../../guest-driver-spec/layout/index.ts';
+import * as L from '../../vmm-device/abi/rdma/index.ts';
 import { readSpec } from './markdown-tables.ts';
 
 const spec = readSpec();

@@ -3,8 +3,8 @@
 // follow spec section 7.2 case by case.
 
 import t from 'tap';
-import * as L from '../../guest-driver-spec/layout/index.ts';
-import type { FieldDef, Layout } from '../../guest-driver-spec/layout/index.ts';
+import * as L from '../../vmm-device/abi/rdma/index.ts';
+import type { FieldDef, Layout } from '../../vmm-device/abi/rdma/index.ts';
 
 /** A small deterministic generator so that failures reproduce. */
 function rng(seed: number): () => number {

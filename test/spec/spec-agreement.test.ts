@@ -1,9 +1,9 @@
-// The spec (guest-driver-spec/virtio-rdma.md) and the layout module (guest-driver-spec/layout/) must say the same
+// The spec (guest-driver-spec/virtio-rdma.md) and the layout module (vmm-device/abi/rdma/) must say the same
 // thing: every marked table of the spec is compared with the module, row by row, in both directions.
 
 import t from 'tap';
-import * as L from '../../guest-driver-spec/layout/index.ts';
-import type { FieldDef, Layout } from '../../guest-driver-spec/layout/index.ts';
+import * as L from '../../vmm-device/abi/rdma/index.ts';
+import type { FieldDef, Layout } from '../../vmm-device/abi/rdma/index.ts';
 import { markedTables, parseNumber, readSpec, type MarkedTable } from './markdown-tables.ts';
 
 const spec = readSpec();

@@ -4,7 +4,7 @@
 // for another VPC's address and a guessed one, and REFUSED_BY_POLICY carrying the rule id.
 
 import t, { type Test } from 'tap';
-import { Command, CreateAhRequest, EventType, PolicyReason, QpState, QpAttr, QpAttrMask as S, Status } from '../../guest-driver-spec/layout/index.ts';
+import { Command, CreateAhRequest, EventType, PolicyReason, QpState, QpAttr, QpAttrMask as S, Status } from '../../vmm-device/abi/rdma/index.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import type { StaticAddressResolver } from '../../vmm-device/rdma/index.ts';

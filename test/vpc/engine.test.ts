@@ -8,7 +8,7 @@ import { VpcEngine, type TeardownNotice } from '../../vmm-device/vpc/engine.ts';
 import { VpcAddressResolver } from '../../vmm-device/vpc/resolver.ts';
 import { QUOTA_KINDS, validatePolicy } from '../../vmm-device/vpc/schema.ts';
 import { vpcQkey } from '../../vmm-device/rdma/address-resolver.ts';
-import { PolicyReason, QpType } from '../../guest-driver-spec/layout/index.ts';
+import { PolicyReason, QpType } from '../../vmm-device/abi/rdma/index.ts';
 import { fixtureJson, gid, valid } from './policy.ts';
 
 function engineWith(json = fixtureJson()): { engine: VpcEngine; log: RecordingLogger } {

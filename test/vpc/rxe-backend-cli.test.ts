@@ -13,7 +13,7 @@ import { existsSync, mkdtempSync, renameSync, rmSync, writeFileSync } from 'node
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { EventType, PolicyReason, WcOpcode, WcStatus } from '../../guest-driver-spec/layout/index.ts';
+import { EventType, PolicyReason, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 import { RdmaContext, VhostUserTransport } from '../../guest-driver-spec/driver/index.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';

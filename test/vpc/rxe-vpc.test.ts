@@ -14,7 +14,7 @@ import { mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { EventType, Limits, PolicyReason, QpState, ResourceKind, WcOpcode, WcStatus } from '../../guest-driver-spec/layout/index.ts';
+import { EventType, Limits, PolicyReason, QpState, ResourceKind, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 import { CommandError, type DeviceEvent, type Qp } from '../../guest-driver-spec/driver/index.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { gidFromIpv4, vpcQkey } from '../../vmm-device/rdma/address-resolver.ts';

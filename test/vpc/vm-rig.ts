@@ -3,7 +3,7 @@
 // address, quotas and QoS from the policy, quota refusals counted, the device linked for teardown), driven by the
 // reference guest driver over the reference vhost-user front-end and a real vhost-user server.
 
-import { AccessFlag, QpState } from '../../guest-driver-spec/layout/index.ts';
+import { AccessFlag, QpState } from '../../vmm-device/abi/rdma/index.ts';
 import { RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd } from '../../guest-driver-spec/driver/index.ts';
 import { RdmaDevice } from '../../vmm-device/rdma/rdma-device.ts';
 import type { HostVerbs } from '../../vmm-device/verbs/host-verbs.ts';

@@ -5,7 +5,7 @@
 
 import { z } from 'zod';
 import { readFileSync } from 'node:fs';
-import { Limits } from '../../guest-driver-spec/layout/index.ts';
+import { Limits } from '../abi/rdma/index.ts';
 
 /** A 16-byte GID as lowercase hex (32 characters): the key of every table here. */
 export type GidKey = string;

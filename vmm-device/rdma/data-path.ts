@@ -23,7 +23,7 @@ import {
   decodeSges,
   ringOccupancy,
   type SgeValue,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../abi/rdma/index.ts';
 import { SendFlags as HostSendFlags, WcFlags as HostWcFlags, WrOpcode } from '../verbs/constants.ts';
 import { VerbsError } from '../verbs/host-verbs.ts';
 import { RecvWrList, SendWrList, WcBuffer, type SendWr, type Sge as HostSge } from '../verbs/layout.ts';

@@ -2,7 +2,7 @@
 // handles in [1, HANDLE_MAX], never a host handle. A handle is a key into a Map owned by one device instance, so
 // a handle of another VM, of another type or of a destroyed object simply finds nothing.
 
-import { Limits } from '../../guest-driver-spec/layout/index.ts';
+import { Limits } from '../abi/rdma/index.ts';
 
 export class HandleTable<T> {
   private readonly objects = new Map<number, T>();

@@ -9,7 +9,7 @@ import {
   Limits,
   LinkLayer,
   minPagesPerCommand,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../abi/rdma/index.ts';
 import type { DeviceAttr, PortAttr } from '../verbs/host-verbs.ts';
 import type { VirtualAddress } from './address-resolver.ts';
 

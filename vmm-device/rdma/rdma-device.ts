@@ -63,12 +63,12 @@ import {
   CqErrorReason,
   type CommandSpec,
   type StatusName,
-} from '../../guest-driver-spec/layout/index.ts';
+} from '../abi/rdma/index.ts';
 import type { GuestMemory } from '../memory/guest-memory.ts';
 import { MAX_GUEST_ADDRESS } from '../memory/guest-memory.ts';
 import type { Logger } from '../util/log.ts';
 import type { ActivationContext, VirtioDeviceModel } from '../virtio/device.ts';
-import { VIRTIO_ID_RDMA } from '../virtio/constants.ts';
+import { VIRTIO_ID_RDMA } from '../abi/virtio.ts';
 import type { DescriptorChain } from '../virtqueue/chain.ts';
 import type { DeviceQueue } from '../virtqueue/queue.ts';
 import { VirtqueueError } from '../virtqueue/errors.ts';

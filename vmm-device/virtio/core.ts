@@ -20,7 +20,7 @@ import {
   STATUS_FEATURES_OK,
   bit,
   statusNames,
-} from './constants.ts';
+} from '../abi/virtio.ts';
 import type { VirtioDeviceModel } from './device.ts';
 
 /** What the core needs from the transport. */

@@ -8,7 +8,7 @@ import { SplitQueue, checkSplitOptions } from './split.ts';
 // Ring words are read through typed arrays in host byte order; virtio 1.x rings are little-endian.
 if (endianness() !== 'LE') throw new Error('vrdma-backend needs a little-endian host (virtio 1.x rings are little-endian)');
 
-export * from './constants.ts';
+export * from '../abi/virtqueue.ts';
 export * from './errors.ts';
 export { DescriptorChain, ChainReader, ChainWriter } from './chain.ts';
 export type { DeviceQueue, QueueOptions, QueueState, RingAreas } from './queue.ts';

@@ -20,7 +20,7 @@ import {
   splitAvailSize,
   splitUsedSize,
   vringNeedEvent,
-} from './constants.ts';
+} from '../abi/virtqueue.ts';
 import { VirtqueueError } from './errors.ts';
 import type { DeviceQueue, QueueOptions, QueueState } from './queue.ts';
 import { ChainBuilder, MAX_INDIRECT_TABLE_ENTRIES, descTableOf, openIndirectTable, type DescTable } from './walker.ts';

@@ -3,7 +3,7 @@
 // they differ in where flags and the next index live, which the callers handle.
 
 import { u64Address, type GuestMemory } from '../memory/guest-memory.ts';
-import { DESC_SIZE, MAX_SPLIT_QUEUE_SIZE } from './constants.ts';
+import { DESC_SIZE, MAX_SPLIT_QUEUE_SIZE } from '../abi/virtqueue.ts';
 import { VirtqueueError } from './errors.ts';
 
 /** The largest indirect table we accept, whatever the queue size (a chain never exceeds the queue size anyway). */

@@ -3,7 +3,7 @@
 // enforced counted for the operator, and the operator's view of it all (`status()`). The `vrdma-backend` command
 // (vmm-device/cli/main.ts), the in-VM tests and bench:vpc all go through this, so what they test is what runs.
 
-import { ResourceKind } from '../../guest-driver-spec/layout/index.ts';
+import { ResourceKind } from '../abi/rdma/index.ts';
 import type { Logger, LogLevel } from '../util/log.ts';
 import type { RdmaDevice } from '../rdma/rdma-device.ts';
 import type { DeviceQuotas } from '../rdma/limits.ts';

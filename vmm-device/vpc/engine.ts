@@ -7,7 +7,7 @@
 // The engine is synchronous: a control plane (file, etcd) hands it whole validated documents through apply().
 
 import { performance } from 'node:perf_hooks';
-import { PolicyReason } from '../../guest-driver-spec/layout/index.ts';
+import { PolicyReason } from '../abi/rdma/index.ts';
 import type { Logger } from '../util/log.ts';
 import {
   effectiveQkey,

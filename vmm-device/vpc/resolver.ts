@@ -3,7 +3,7 @@
 // RTR, after a host AH exists, and a sink to move a QP to ERR with QP_POLICY_TEARDOWN); `PolicyHooks` below names
 // them, and this class implements them too, so a device that makes those calls gets tracking with no other change.
 
-import { PolicyReason, QpType } from '../../guest-driver-spec/layout/index.ts';
+import { PolicyReason, QpType } from '../abi/rdma/index.ts';
 import type { AddressResolver, Resolution, VirtualAddress } from '../rdma/address-resolver.ts';
 import type { DeviceQuotas } from '../rdma/limits.ts';
 import type { Logger } from '../util/log.ts';

@@ -26,9 +26,9 @@ import {
   STATUS_DRIVER,
   STATUS_DRIVER_OK,
   STATUS_FEATURES_OK,
-} from '../../virtio/constants.ts';
+} from '../../abi/virtio.ts';
 import type { VirtioDeviceModel } from '../../virtio/device.ts';
-import { PACKED_EVENT_SIZE, descTableSize, splitAvailSize, splitUsedSize } from '../../virtqueue/constants.ts';
+import { PACKED_EVENT_SIZE, descTableSize, splitAvailSize, splitUsedSize } from '../../abi/virtqueue.ts';
 import { checkQueueOptions, createQueue } from '../../virtqueue/index.ts';
 import type { DeviceQueue, QueueOptions } from '../../virtqueue/queue.ts';
 import type { HostOps, Watch } from './host.ts';
