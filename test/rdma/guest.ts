@@ -90,6 +90,8 @@ export class TestGuest {
   readonly queues: SplitQueue[];
   readonly interrupts = [0, 0, 0];
   readonly broken: { queue: number; error: Error }[] = [];
+  /** What the device reported through deviceFailed (a failure no driver action caused). */
+  readonly failures: Error[] = [];
   readonly log = new RecordingLogger('device');
   private tag = 1n;
 
@@ -143,6 +145,7 @@ export class TestGuest {
       queues: this.queues,
       interrupt: (i) => this.interrupts[i]!++,
       queueBroken: (queue, error) => this.broken.push({ queue, error }),
+      deviceFailed: (error) => this.failures.push(error),
       log: this.log,
     });
   }

@@ -109,3 +109,10 @@ export const MAX_WRS_PER_POST = 1024;
 export const MAX_SGE_PER_WR = 32;
 /** Completions in one poll call. */
 export const MAX_WC_PER_POLL = 4096;
+
+/**
+ * How long destroying a QP with work outstanding waits for the host's flush completions (every receive and
+ * signaled send) before it gives up on the rest and completes them as flushed itself. One deadline for the whole
+ * backend: the device model's relay and the addon's destroy both use this value (the addon receives it per call).
+ */
+export const FLUSH_LIMIT_MS = 5000;

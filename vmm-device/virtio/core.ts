@@ -21,7 +21,7 @@ import {
   bit,
   statusNames,
 } from '../abi/virtio.ts';
-import type { VirtioDeviceModel } from './device.ts';
+import type { HostPageMapper, QueueOffload, VirtioDeviceModel } from './device.ts';
 
 /** What the core needs from the transport. */
 export interface TransportHooks {
@@ -29,6 +29,10 @@ export interface TransportHooks {
   interrupt(index: number): void;
   /** Send a configuration change notification (config generation moved, or NEEDS_RESET was set). */
   configInterrupt(): void;
+  /** The transport's host-page mapping service, if it has one (passed to the model at activation). */
+  hostPages?: HostPageMapper;
+  /** The transport's queue offload, if it has one (passed to the model at activation). */
+  queueOffload?: QueueOffload;
 }
 
 /** The transport-independent feature bits the core implements (the queue engine supports them all). */
@@ -49,6 +53,10 @@ export interface CoreCounters {
   queueErrors: number;
   /** Kicks for queues that are not running. */
   ignoredKicks: number;
+  /** Failures inside the device model (deviceFailed, or a model call that threw): NEEDS_RESET raised. */
+  deviceFailures: number;
+  /** Memory map changes delivered to the active model. */
+  memoryChanges: number;
 }
 
 export class VirtioDeviceCore {
@@ -68,6 +76,8 @@ export class VirtioDeviceCore {
     configAccessErrors: 0,
     queueErrors: 0,
     ignoredKicks: 0,
+    deviceFailures: 0,
+    memoryChanges: 0,
   };
 
   constructor(
@@ -121,9 +131,19 @@ export class VirtioDeviceCore {
     return (this.acked & bit(n)) !== 0n;
   }
 
-  /** The transport hands over guest memory (before DRIVER_OK, or again when the memory map changes). */
+  /**
+   * The transport hands over guest memory (before DRIVER_OK, or again when the memory map changes). While active the
+   * model is told at once, before the transport unmaps any dropped region, so that it never touches one again.
+   */
   setMemory(memory: GuestMemory): void {
     this.memory = memory;
+    if (!this.active || this.model.memoryChanged === undefined) return;
+    this.counters.memoryChanges++;
+    try {
+      this.model.memoryChanged(memory);
+    } catch (e) {
+      this.deviceFailed(e as Error, 'memory map change');
+    }
   }
 
   /** The transport hands over a configured queue (or removes it). Only before DRIVER_OK. */
@@ -213,6 +233,9 @@ export class VirtioDeviceCore {
         queues: this.queues,
         interrupt: (i) => this.hooks.interrupt(i),
         queueBroken: (i, e) => this.queueBroken(i, e),
+        deviceFailed: (e) => this.deviceFailed(e, 'device model'),
+        hostPages: this.hooks.hostPages,
+        queueOffload: this.hooks.queueOffload,
         log: this.log,
       });
       this.active = true;
@@ -227,7 +250,18 @@ export class VirtioDeviceCore {
       this.counters.ignoredKicks++;
       return;
     }
-    this.model.queueNotify(index);
+    try {
+      this.model.queueNotify(index);
+    } catch (e) {
+      this.deviceFailed(e as Error, `kick of queue ${index}`);
+    }
+  }
+
+  /** A failure inside the model that no driver action caused: NEEDS_RESET, logged with where it came from. */
+  deviceFailed(error: Error, where: string): void {
+    this.counters.deviceFailures++;
+    this.log.log('error', 'device model failed; device needs reset', { where, error: error?.message ?? String(error), stack: error?.stack });
+    this.raiseNeedsReset(`${where}: ${error?.message ?? String(error)}`);
   }
 
   /** A driver bug found in queue `index`: stop it, set NEEDS_RESET, tell the driver. */

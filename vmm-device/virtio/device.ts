@@ -19,6 +19,65 @@ export interface ActivationContext {
    */
   queueBroken(index: number, error: Error): void;
   log: Logger;
+  /**
+   * Reports a failure inside the device model that no driver action caused (a bug, or a host error the model
+   * could not map to a status): the core sets NEEDS_RESET, logs and counts it. Every entry into the model from the
+   * event loop (host completion and async events, timers, policy callbacks) catches what it throws and reports it
+   * here rather than letting it escape and end the process.
+   */
+  deviceFailed(error: Error): void;
+  /** Maps host pages into the guest; undefined when the transport can map nothing. */
+  hostPages?: HostPageMapper;
+  /** Hands a queue's kick and call eventfds to a native thread; undefined when the transport has no such fds. */
+  queueOffload?: QueueOffload;
+}
+
+/**
+ * A transport's service for mapping host pages (an fd range) into the guest's address space: the RNIC's doorbell
+ * and queue pages of the mapped data path. Each transport implements what it can and says plainly what it cannot:
+ * vhost-user maps a queue's notify area (host notifier) and, with SHMEM_MAP, ranges of a shared memory region;
+ * vfio-user maps sparse-mmap areas of a BAR, fixed before the guest starts.
+ */
+export interface HostPageMapper {
+  /** What this transport can map now (after negotiation); `missing` says why a capability is absent. */
+  capabilities(): HostPageCapabilities;
+  /** Maps `size` bytes of `fd` at `offset` as queue `index`'s notify area (guest stores to it reach the page). */
+  mapQueueNotifier(index: number, fd: number, offset: bigint, size: number): Promise<void>;
+  /** Removes queue `index`'s notify-area mapping (the guest's stores go back to the kick path). */
+  unmapQueueNotifier(index: number): Promise<void>;
+  /** Maps `length` bytes of `fd` at `fdOffset` into shared memory region `shmid` at `shmOffset`. */
+  mapShared(map: SharedMapping): Promise<void>;
+  /** Unmaps `length` bytes of shared memory region `shmid` at `shmOffset`. */
+  unmapShared(shmid: number, shmOffset: bigint, length: bigint): Promise<void>;
+}
+
+export interface HostPageCapabilities {
+  queueNotifier: boolean;
+  /** Shared memory regions the transport can map into, by id, with their sizes in bytes. */
+  sharedMemory: ReadonlyMap<number, bigint>;
+  /** One line per missing capability: what is missing and why (e.g. "SHMEM_MAP: protocol feature not negotiated"). */
+  missing: readonly string[];
+}
+
+export interface SharedMapping {
+  shmid: number;
+  shmOffset: bigint;
+  fd: number;
+  fdOffset: bigint;
+  length: bigint;
+  writable: boolean;
+}
+
+/**
+ * Lends a queue's kick and call eventfds to a native thread (the mapped data path's doorbell thread): while a
+ * queue is taken, the transport stops watching its kick fd and the model is not called for its kicks. The fds
+ * handed out are duplicates the taker owns and closes; the transport keeps its own.
+ */
+export interface QueueOffload {
+  /** Takes queue `index`; undefined (with the reason logged) when the transport cannot lend it now. */
+  take(index: number): { kickFd: number; callFd: number | undefined } | undefined;
+  /** Gives queue `index` back: the transport watches its kick again and serves a kick that came meanwhile. */
+  giveBack(index: number): void;
 }
 
 export interface VirtioDeviceModel {
@@ -44,6 +103,13 @@ export interface VirtioDeviceModel {
   acceptFeatures?(features: bigint): boolean;
   /** DRIVER_OK: start serving. */
   activate(ctx: ActivationContext): void;
+  /**
+   * Optional: the guest memory map changed while active (regions added or removed, the table replaced). Called
+   * before the transport unmaps any dropped region: the model re-checks every ring and buffer it holds against
+   * `memory`, stops using whatever is gone (and tells the driver as its spec says), and keeps no view into the old
+   * map. A model without it holds no guest memory across calls.
+   */
+  memoryChanged?(memory: GuestMemory): void;
   /** The driver notified (kicked) queue `index`. Only called while active. */
   queueNotify(index: number): void;
   /** Stop serving and release everything the activation created (host resources included). */
