@@ -92,6 +92,15 @@ else
   echo "not ok - typecheck"
 fi
 
+echo "=== layers (.dependency-cruiser.cjs, file sizes)"
+if bash scripts/check-layers.sh; then
+  passed=$((passed + 1))
+  echo "ok - layers"
+else
+  failed=$((failed + 1))
+  echo "not ok - layers"
+fi
+
 # Test files are `*.test.ts` (other .ts files under test/ are helpers). Those under test/rxe/, and those named
 # rxe-*.test.ts anywhere, need real verbs and run in the test host; test/multihost/multi-host.test.ts runs in its own
 # step (two test hosts); every other one runs here.
