@@ -11,13 +11,10 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { AccessFlag, WcOpcode, WcStatus } from '../vmm-device/abi/rdma/index.ts';
-import { RdmaContext, VhostUserTransport, type Cq, type DriverTransport, type GuestBuffer, type Mr, type Pd, type Qp, type WorkCompletion } from '../guest-driver-spec/driver/index.ts';
-import { QtestTransport } from '../guest-driver-spec/driver/qtest-transport.ts';
-import { GuestRam } from '../guest-driver-spec/frontend/guest-ram.ts';
-import { QemuQtest } from '../guest-driver-spec/qtest/index.ts';
+import { RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type WorkCompletion } from '../guest-driver-spec/driver/index.ts';
+import { attachDevice, Cleanups, type TransportKind } from '../guest-driver-spec/driver/attach.ts';
 import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../vmm-device/verbs/native-verbs.ts';
-import { VhostUserServer } from '../vmm-device/transport/vhost-user/server.ts';
 import { SysHost } from '../vmm-device/transport/vhost-user/sys-host.ts';
 import { RecordingLogger } from '../vmm-device/util/log.ts';
 
@@ -37,8 +34,6 @@ const WAIT_MS = 30_000;
 const ALL_ACCESS = AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE | AccessFlag.REMOTE_READ;
 /** Guest RAM of the front-end variant: one region of 8 MiB. */
 const FRONTEND_RAM_BYTES = 8 << 20;
-
-type TransportKind = 'qemu' | 'frontend';
 
 interface Vm {
   name: string;
@@ -61,7 +56,7 @@ const host = new SysHost();
 const failures: string[] = [];
 const rows: Row[] = [];
 /** Run in reverse at the end, also when a step fails. */
-const cleanups: { what: string; run: () => Promise<unknown> }[] = [];
+const cleanups = new Cleanups();
 
 function check(ok: boolean, what: string): boolean {
   if (!ok) failures.push(what);
@@ -94,39 +89,12 @@ function rdmaResourcesOfThisProcess(): Record<string, number> {
   return out;
 }
 
-async function openTransport(kind: TransportKind, device: RdmaDevice, dir: string, name: string): Promise<DriverTransport> {
-  const socketPath = path.join(dir, `${name}.sock`);
-  const server = new VhostUserServer({ path: socketPath, host, model: device, log: new RecordingLogger(`${name}-vhost-user`) });
-  server.listen();
-  cleanups.push({ what: `${name} vhost-user server`, run: async () => server.close() });
-  if (kind === 'qemu') {
-    const qemu = await QemuQtest.start({
-      workDir: dir,
-      args: [
-        '-chardev', `socket,id=vu,path=${socketPath}`,
-        '-device', 'vhost-user-device-pci,chardev=vu,virtio-id=42,num_vqs=3,vq_size=256,config_size=128,page-per-vq=on',
-      ],
-    });
-    // QEMU's exit closes the vhost-user connection, which releases the VM's host objects (a device reset through
-    // QEMU 10 reaches the back-end only as GET_VRING_BASE).
-    cleanups.push({ what: `${name} QEMU`, run: () => qemu.stop() });
-    const transport = await QtestTransport.open({ qemu, host });
-    cleanups.push({ what: `${name} qtest transport`, run: () => transport.close() });
-    return transport;
-  }
-  const ram = new GuestRam(host, [{ gpa: 0, size: FRONTEND_RAM_BYTES }]);
-  cleanups.push({ what: `${name} guest RAM`, run: async () => ram.release() });
-  const transport = await VhostUserTransport.open({ host, socketPath, ram, queues: device.queueCount });
-  cleanups.push({ what: `${name} front-end transport`, run: () => transport.close() });
-  return transport;
-}
-
 async function openVm(kind: TransportKind, verbs: NativeVerbs, resolver: StaticAddressResolver, dir: string, name: string): Promise<Vm> {
   const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name) });
-  cleanups.push({ what: `${name} device`, run: () => device.close() });
-  const transport = await openTransport(kind, device, dir, name);
+  cleanups.add(`${name} device`, () => device.close());
+  const transport = await attachDevice({ kind, model: device, host, dir, name, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES });
   const ctx = await RdmaContext.open(transport);
-  cleanups.push({ what: `${name} driver (device reset)`, run: () => ctx.close() });
+  cleanups.add(`${name} driver (device reset)`, () => ctx.close());
   const pd = await ctx.allocPd();
   const cq = await ctx.createCq(64);
   const buf = ctx.allocBuffer(BUFFER_BYTES);
@@ -252,13 +220,7 @@ async function main(): Promise<number> {
   } catch (e) {
     failures.push(`step failed: ${e instanceof Error ? e.stack ?? e.message : String(e)}`);
   } finally {
-    for (const c of cleanups.reverse()) {
-      try {
-        await c.run();
-      } catch (e) {
-        failures.push(`release of ${c.what}: ${e instanceof Error ? e.message : String(e)}`);
-      }
-    }
+    failures.push(...(await cleanups.runAll()));
     fs.rmSync(dir, { recursive: true, force: true });
   }
   // The host objects go when the connections close; give the last close a moment to reach the device.

@@ -53,16 +53,13 @@ import path from 'node:path';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { AccessFlag, FeatureBit, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
-import { RdmaContext, VhostUserTransport, type Cq, type DriverTransport, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr, type WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
-import { QtestTransport } from '../../guest-driver-spec/driver/qtest-transport.ts';
-import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
-import { QemuQtest } from '../../guest-driver-spec/qtest/index.ts';
+import { RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr, type WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
+import { attachDevice, Cleanups, type TransportKind } from '../../guest-driver-spec/driver/attach.ts';
 import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { Access, GidType, Mtu, QpState, QpType, WcOpcode as HostWcOpcode } from '../../vmm-device/verbs/constants.ts';
 import type { CqHandle, DeviceHandle, GidEntry, HostVerbs, PdHandle, QpHandle } from '../../vmm-device/verbs/host-verbs.ts';
 import type { SendWrList, WcBuffer } from '../../vmm-device/verbs/layout.ts';
-import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
 import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts';
@@ -187,7 +184,6 @@ function probedVerbs(verbs: NativeVerbs, probe: Probe): HostVerbs {
 
 // ------------------------------------------------------------------------------------------------ the two VMs
 
-type TransportKind = 'qemu' | 'frontend';
 
 interface Vm {
   name: string;
@@ -208,52 +204,20 @@ const host = new SysHost();
 
 async function openTestbed(kind: TransportKind, verbs: HostVerbs): Promise<Testbed> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-bench-rdma-'));
-  const cleanups: { what: string; run: () => Promise<unknown> }[] = [];
+  const cleanups = new Cleanups();
   const close = async (): Promise<string[]> => {
-    const errors: string[] = [];
-    for (const c of cleanups.reverse()) {
-      try {
-        await c.run();
-      } catch (e) {
-        errors.push(`release of ${c.what}: ${(e as Error).message}`);
-      }
-    }
+    const errors = await cleanups.runAll();
     fs.rmSync(dir, { recursive: true, force: true });
     return errors;
   };
   const resolver = new StaticAddressResolver(ADDRESS_TABLE);
 
-  const openTransport = async (device: RdmaDevice, name: string): Promise<DriverTransport> => {
-    const socketPath = path.join(dir, `${name}.sock`);
-    const server = new VhostUserServer({ path: socketPath, host, model: device, log: new RecordingLogger(`${name}-vhost-user`) });
-    server.listen();
-    cleanups.push({ what: `${name} vhost-user server`, run: async () => server.close() });
-    if (kind === 'qemu') {
-      const qemu = await QemuQtest.start({
-        workDir: dir,
-        args: [
-          '-chardev', `socket,id=vu,path=${socketPath}`,
-          '-device', 'vhost-user-device-pci,chardev=vu,virtio-id=42,num_vqs=3,vq_size=256,config_size=128,page-per-vq=on',
-        ],
-      });
-      cleanups.push({ what: `${name} QEMU`, run: () => qemu.stop() });
-      const transport = await QtestTransport.open({ qemu, host });
-      cleanups.push({ what: `${name} qtest transport`, run: () => transport.close() });
-      return transport;
-    }
-    const ram = new GuestRam(host, [{ gpa: 0, size: FRONTEND_RAM_BYTES }]);
-    cleanups.push({ what: `${name} guest RAM`, run: async () => ram.release() });
-    const transport = await VhostUserTransport.open({ host, socketPath, ram, queues: device.queueCount });
-    cleanups.push({ what: `${name} front-end transport`, run: () => transport.close() });
-    return transport;
-  };
-
   const openVm = async (name: string): Promise<Vm> => {
     const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name) });
-    cleanups.push({ what: `${name} device`, run: () => device.close() });
-    const transport = await openTransport(device, name);
+    cleanups.add(`${name} device`, () => device.close());
+    const transport = await attachDevice({ kind, model: device, host, dir, name, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES });
     const ctx = await RdmaContext.open(transport);
-    cleanups.push({ what: `${name} driver (device reset)`, run: () => ctx.close() });
+    cleanups.add(`${name} driver (device reset)`, () => ctx.close());
     const pd = await ctx.allocPd();
     const buf = ctx.allocBuffer(BUFFER_BYTES);
     const mr = await ctx.regMr(pd, buf, ALL_ACCESS);
