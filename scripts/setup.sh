@@ -12,12 +12,15 @@ cd "$root"
 #   soft-RoCE test host (VM):     qemu-system-x86 busybox-static kmod (the kernel .deb is fetched by scripts/rxe)
 #   patched QEMU build:           dpkg-dev libglib2.0-dev libpixman-1-dev zlib1g-dev ninja-build + meson (backports)
 #   VPC control-plane tests:      etcd-server (real etcd on loopback)
+#   vfio-user:                    libjson-c-dev libcmocka-dev (libvfio-user's build), debootstrap (the chroot of
+#                                 the unmodified QEMU: scripts/vfio-user/)
 APT_PACKAGES=(
   g++ make python3 pkgconf libibverbs-dev
   rdma-core ibverbs-providers ibverbs-utils perftest iproute2
   qemu-system-x86 qemu-system-data seabios busybox-static kmod cpio
   dpkg-dev libglib2.0-dev libpixman-1-dev zlib1g-dev ninja-build
   etcd-server
+  libjson-c-dev libcmocka-dev debootstrap
 )
 # Packages that only bookworm-backports has in a new enough version (QEMU 10 needs meson >= 1.5).
 BACKPORTS_PACKAGES=(meson)

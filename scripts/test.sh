@@ -30,11 +30,13 @@ failed=0
 skipped=0
 
 # The real peers the tests drive, built (or found in the cache) before any test starts, so that no test's own time
-# limit has to cover a first build: the patched QEMU, and the soft-RoCE test host's kernel and initramfs.
+# limit has to cover a first build: the patched QEMU, the soft-RoCE test host's kernel and initramfs, libvfio-user and
+# the unmodified QEMU of the vfio-user tests (installed in a trixie chroot, never built).
 echo "=== test peers"
-if bash scripts/qemu/build.sh >/dev/null && bash scripts/rxe/build.sh >/dev/null; then
+if bash scripts/qemu/build.sh >/dev/null && bash scripts/rxe/build.sh >/dev/null \
+  && bash scripts/vfio-user/libvfio-user.sh >/dev/null && bash scripts/vfio-user/stock-qemu.sh >/dev/null; then
   passed=$((passed + 1))
-  echo "ok - test peers built (QEMU, soft-RoCE test host)"
+  echo "ok - test peers built (QEMU, soft-RoCE test host, libvfio-user, the unmodified QEMU)"
 else
   failed=$((failed + 1))
   echo "not ok - test peers could not be built (see the lines above); the tests that need them will fail"
