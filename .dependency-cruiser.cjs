@@ -10,7 +10,7 @@
 //   vmm-device/verbs              the host verbs interface (the addon behind it)
 //   vmm-device/rdma               the virtio-rdma device model: knows no transport, no socket, no addon
 //   vmm-device/vpc                policy at the queue pair, beside the model
-//   vmm-device/observe            metrics, structured logs, the flight recorder
+//   vmm-device/observe            metrics, the flight recorder, replay: observes the model from above (wraps it)
 //   vmm-device/cli                the vrdma-backend command: wires everything
 //   guest-driver-spec/**          the spec's tooling (drivers, frontend, qtest, testkit): above all of vmm-device
 // No import cycle anywhere.
@@ -55,7 +55,6 @@ module.exports = {
     onlyDown('virtio-core-layer', 'vmm-device/virtio/', ['vmm-device/abi', 'vmm-device/memory', 'vmm-device/virtqueue', 'vmm-device/util']),
     onlyDown('host-layer', 'vmm-device/host/', ['vmm-device/abi', 'vmm-device/memory', 'vmm-device/native', 'vmm-device/util']),
     onlyDown('verbs-layer', 'vmm-device/verbs/', ['vmm-device/abi', 'vmm-device/native', 'vmm-device/util']),
-    onlyDown('observe-layer', 'vmm-device/observe/', ['vmm-device/abi', 'vmm-device/util']),
     {
       name: 'transports-are-siblings',
       severity: 'error',
@@ -65,14 +64,18 @@ module.exports = {
     },
     onlyDown('transport-layer', 'vmm-device/transport/', [
       'vmm-device/abi', 'vmm-device/memory', 'vmm-device/virtqueue', 'vmm-device/virtio', 'vmm-device/host',
-      'vmm-device/native', 'vmm-device/observe', 'vmm-device/util',
+      'vmm-device/native', 'vmm-device/util',
     ]),
     onlyDown('rdma-model-layer', 'vmm-device/rdma/', [
       'vmm-device/abi', 'vmm-device/memory', 'vmm-device/virtqueue', 'vmm-device/virtio', 'vmm-device/verbs',
-      'vmm-device/observe', 'vmm-device/util',
+      'vmm-device/util',
     ]),
     onlyDown('vpc-beside-the-model', 'vmm-device/vpc/', [
-      'vmm-device/abi', 'vmm-device/rdma', 'vmm-device/verbs', 'vmm-device/observe', 'vmm-device/util',
+      'vmm-device/abi', 'vmm-device/rdma', 'vmm-device/verbs', 'vmm-device/util',
+    ]),
+    onlyDown('observe-above-the-model', 'vmm-device/observe/', [
+      'vmm-device/abi', 'vmm-device/memory', 'vmm-device/virtqueue', 'vmm-device/virtio', 'vmm-device/verbs',
+      'vmm-device/rdma', 'vmm-device/vpc', 'vmm-device/util',
     ]),
   ],
   options: {
