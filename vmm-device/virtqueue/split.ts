@@ -5,7 +5,9 @@
 // the other side uses for synchronisation is an Atomics operation (sequentially consistent), and the comments at
 // each one say which ordering the virtio spec asks for there. Ring entries and descriptors are read with plain
 // loads after the acquire load of avail.idx that published them; used elements are written with plain stores
-// before the release store of used.idx that publishes them.
+// before the release store of used.idx that publishes them. One exception: the avail_event that every pop() writes
+// (EVENT_IDX) is a plain store, and the full barrier it needs is paid once, when the ring looks empty
+// (recheckAfterAvailEvent), instead of once per chain.
 
 import type { GuestMemory } from '../memory/guest-memory.ts';
 import { ChainPool, trimSegments, type ChainFill, type DescriptorChain } from './chain.ts';
@@ -78,6 +80,8 @@ export class SplitQueue implements DeviceQueue {
   /** Used elements pushed since the last needsNotification(). */
   private pushedSinceSignal = 0;
   private notificationsEnabled = true;
+  /** pop() wrote avail_event with a plain store and no full barrier has followed yet. */
+  private availEventUnfenced = false;
   private inFlightCount = 0;
   private brokenBy: VirtqueueError | undefined;
   private readonly builder = new ChainBuilder();
@@ -149,6 +153,22 @@ export class SplitQueue implements DeviceQueue {
     if (this.brokenBy !== undefined) return true;
     if (this.availIdxSeen !== this.nextAvail) return true;
     if (this.refreshAvailIdx() !== undefined) return true;
+    if (this.availIdxSeen !== this.nextAvail) return true;
+    return this.recheckAfterAvailEvent();
+  }
+
+  /**
+   * The ring looked empty. If pop() wrote avail_event since the last full barrier, that plain store may still sit
+   * behind our load of avail.idx (x86 lets a load pass an earlier store): the driver could have added a buffer,
+   * read the old avail_event and not kicked, while we read the old avail.idx. Before the device concludes the
+   * ring is empty (and waits for a kick) the store is repeated as a seq-cst store, a full barrier, and avail.idx
+   * read again. True when buffers (or an error) turned up. Costs one barrier per drain, not one per chain.
+   */
+  private recheckAfterAvailEvent(): boolean {
+    if (!this.availEventUnfenced) return false;
+    this.availEventUnfenced = false;
+    Atomics.store(this.usedU16, this.availEventWord, this.nextAvail);
+    if (this.refreshAvailIdx() !== undefined) return true;
     return this.availIdxSeen !== this.nextAvail;
   }
 
@@ -157,7 +177,8 @@ export class SplitQueue implements DeviceQueue {
     if (this.availIdxSeen === this.nextAvail) {
       const err = this.refreshAvailIdx();
       if (err !== undefined) return err;
-      if (this.availIdxSeen === this.nextAvail) return null;
+      if (this.availIdxSeen === this.nextAvail && !this.recheckAfterAvailEvent()) return null;
+      if (this.brokenBy !== undefined) return this.brokenBy;
     }
     // Plain load: ordered after the acquire load of avail.idx above (or an earlier one that covered this entry).
     const head = this.avail[AVAIL_RING + (this.nextAvail & this.mask)]!;
@@ -167,8 +188,10 @@ export class SplitQueue implements DeviceQueue {
     const chain = this.pool.take();
     this.nextAvail = (this.nextAvail + 1) & 0xffff;
     if (this.eventIdx && this.notificationsEnabled) {
-      // Ask to be kicked again only once the driver makes the entry after this one available.
-      Atomics.store(this.usedU16, this.availEventWord, this.nextAvail);
+      // Ask to be kicked again only once the driver makes the entry after this one available. A plain store: the
+      // full barrier it needs before we may conclude the ring is empty comes in recheckAfterAvailEvent().
+      this.usedU16[this.availEventWord] = this.nextAvail;
+      this.availEventUnfenced = true;
     }
     this.inFlightCount++;
     return chain;
@@ -315,6 +338,8 @@ export class SplitQueue implements DeviceQueue {
 
   disableNotifications(): void {
     this.notificationsEnabled = false;
+    // No kick is awaited until enableNotifications(), which stores avail_event seq-cst and re-reads avail.idx.
+    this.availEventUnfenced = false;
     // With EVENT_IDX there is nothing to write: the driver kicks at most once more, when it passes avail_event.
     if (!this.eventIdx) {
       Atomics.store(this.usedU16, USED_FLAGS, Atomics.load(this.usedU16, USED_FLAGS) | VIRTQ_USED_F_NO_NOTIFY);
@@ -325,6 +350,7 @@ export class SplitQueue implements DeviceQueue {
     this.notificationsEnabled = true;
     if (this.eventIdx) {
       Atomics.store(this.usedU16, this.availEventWord, this.nextAvail);
+      this.availEventUnfenced = false;
     } else {
       Atomics.store(this.usedU16, USED_FLAGS, Atomics.load(this.usedU16, USED_FLAGS) & ~VIRTQ_USED_F_NO_NOTIFY);
     }
