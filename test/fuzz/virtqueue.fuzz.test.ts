@@ -257,13 +257,21 @@ function checkChain(c: DescriptorChain, t: Target, size: number): string | undef
   return undefined;
 }
 
+/** The writable segments of a chain as [start, end) ranges (taken before the chain is pushed: see chain.ts). */
+function writableRanges(c: DescriptorChain): [number, number][] {
+  const out: [number, number][] = [];
+  for (let i = c.readableCount; i < c.segmentCount; i++) out.push([c.segments[2 * i]!, c.segments[2 * i]! + c.segments[2 * i + 1]!]);
+  return out;
+}
+
+function chainSnapshot(c: DescriptorChain): string {
+  return JSON.stringify({ id: c.id, slots: c.ringSlots, r: c.readableBytes, w: c.writableBytes, segments: c.describe() });
+}
+
 /** Ranges [start, end) the device may write: its ring areas and the writable segments of chains it popped. */
-function allowedWrites(t: Target, popped: DescriptorChain[]): [number, number][] {
-  const out: [number, number][] = [[t.device[0], t.device[0] + t.device[1]]];
+function allowedWrites(t: Target, chainRanges: [number, number][]): [number, number][] {
+  const out: [number, number][] = [[t.device[0], t.device[0] + t.device[1]], ...chainRanges];
   if (t.layout === 'packed') out.push([t.desc[0], t.desc[0] + t.desc[1]]); // used descriptors
-  for (const c of popped) {
-    for (let i = c.readableCount; i < c.segmentCount; i++) out.push([c.segments[2 * i]!, c.segments[2 * i]! + c.segments[2 * i + 1]!]);
-  }
   return out.sort((a, b) => a[0] - b[0]);
 }
 
@@ -303,7 +311,10 @@ function drive(rng: SeededRandom, t: Target, stats: Stats, before: Uint8Array[],
   } catch (e) {
     return `constructor threw ${String(e)}`;
   }
-  const popped: DescriptorChain[] = [];
+  // A pushed chain object is the queue's again (a later pop refills it): its writable ranges are noted before.
+  const popped: [number, number][] = [];
+  // Chains the device keeps (never pushes) must stay as popped whatever the queue pops later (pooled objects).
+  const held: { chain: DescriptorChain; was: string }[] = [];
   let scribbled = false;
   const limit = Math.min(2 * t.options.size + 4, 256);
   try {
@@ -334,8 +345,9 @@ function drive(rng: SeededRandom, t: Target, stats: Stats, before: Uint8Array[],
         reader.skip(c.readableBytes - head);
         const len = Math.min(c.writableBytes, rng.int(0, 512));
         if (len > 0) c.writer().write(rng.fill(new Uint8Array(len)));
+        popped.push(...writableRanges(c));
         if (rng.bool(0.9)) queue.pushUsed(c, len);
-        popped.push(c);
+        else held.push({ chain: c, was: chainSnapshot(c) });
       }
       queue.needsNotification();
       queue.enableNotifications();
@@ -347,6 +359,9 @@ function drive(rng: SeededRandom, t: Target, stats: Stats, before: Uint8Array[],
     }
   } catch (e) {
     return `exception escaped: ${e instanceof Error ? (e.stack ?? e.message).split('\n').slice(0, 3).join(' | ') : String(e)}`;
+  }
+  for (const h of held) {
+    if (chainSnapshot(h.chain) !== h.was) return `a held chain changed under the device: was ${h.was}, now ${chainSnapshot(h.chain)}`;
   }
   if (t.audited.outside.length > 0) return `guest memory accessed outside: ${t.audited.outside.slice(0, 3).join(', ')}`;
   const guards = t.mem.checkGuards();

@@ -3,6 +3,11 @@
 // chain and copied the descriptor values, so a driver rewriting the descriptor table afterwards changes nothing.
 // ChainReader and ChainWriter are cursors over the two parts: a device reads a request and writes a response
 // without knowing how the driver cut them into descriptors.
+//
+// Lifetime. A queue reuses its chain objects so that pop and pushUsed allocate nothing: pushUsed(chain) hands the
+// object back to the queue that popped it, and a later pop() of that queue refills it. A device may hold a chain
+// as long as it likes (across awaits, until it answers), but must not touch it (or its `segments`) once it has
+// pushed it. A chain that is never pushed (a reset while it was held) is simply dropped to the garbage collector.
 
 import type { GuestMemory } from '../memory/guest-memory.ts';
 import { ChainBoundsError } from './errors.ts';
@@ -21,6 +26,12 @@ export class DescriptorChain {
   readonly readableBytes: number;
   readonly writableBytes: number;
   readonly memory: GuestMemory;
+  /** The pool this object returns to when pushed (undefined: a chain made outside a queue, never reused). */
+  pool: ChainPool | undefined = undefined;
+  /** Popped and not yet pushed: pushUsed returns the object to its pool only once, whatever the caller does. */
+  live = false;
+  /** The next free chain while the object sits in its pool. */
+  nextFree: DescriptorChain | undefined = undefined;
 
   constructor(
     memory: GuestMemory,
@@ -60,6 +71,69 @@ export class DescriptorChain {
   writer(): ChainWriter {
     return new ChainWriter(this);
   }
+}
+
+/** The fields a queue fills in when it walks a chain into a pooled object (the public type keeps them readonly). */
+export interface ChainFill {
+  id: number;
+  ringSlots: number;
+  segments: number[];
+  readableCount: number;
+  readableBytes: number;
+  writableBytes: number;
+}
+
+/**
+ * A queue's free chain objects, a singly linked list. The queue walks each new chain into `spare()` (the head of
+ * the list, made when the list is empty) and unlinks it with `take()` only once the chain proved valid, so a
+ * failed walk costs nothing either. At most `limit` objects are kept: a queue never has more chains in flight than
+ * its size, and chains of another queue (an inflight resubmission walked by a probe queue) are never kept.
+ */
+export class ChainPool {
+  private free: DescriptorChain | undefined = undefined;
+  private count = 0;
+
+  constructor(
+    private readonly memory: GuestMemory,
+    private readonly limit: number,
+  ) {}
+
+  /** The object the next chain is walked into; stays in the pool until take(). */
+  spare(): ChainFill {
+    let c = this.free;
+    if (c === undefined) {
+      c = new DescriptorChain(this.memory, 0, 1, [], 0, 0, 0);
+      c.pool = this;
+      this.free = c;
+      this.count = 1;
+    }
+    return c as unknown as ChainFill;
+  }
+
+  /** Unlinks the spare object, now holding a valid chain, and marks it held by the device. */
+  take(): DescriptorChain {
+    const c = this.free!;
+    this.free = c.nextFree;
+    c.nextFree = undefined;
+    c.live = true;
+    this.count--;
+    return c;
+  }
+
+  /** Returns a pushed chain. Not ours, pushed twice, or the pool full: left alone. */
+  give(c: DescriptorChain): void {
+    if (c.pool !== this || !c.live) return;
+    c.live = false;
+    if (this.count >= this.limit) return;
+    c.nextFree = this.free;
+    this.free = c;
+    this.count++;
+  }
+}
+
+/** Sets the length of a reused segment array (only when it changes: most chains of a queue have one shape). */
+export function trimSegments(segments: number[], n: number): void {
+  if (segments.length !== n) segments.length = n;
 }
 
 /** A cursor over the segments of a chain from `first` on, `total` bytes long. */

@@ -7,7 +7,7 @@
 // the id and len of a used descriptor (Atomics operations; see split.ts for why that is enough on x86).
 
 import type { GuestMemory } from '../memory/guest-memory.ts';
-import { DescriptorChain } from './chain.ts';
+import { ChainPool, trimSegments, type ChainFill, type DescriptorChain } from './chain.ts';
 import {
   MAX_PACKED_QUEUE_SIZE,
   PACKED_EVENT_SIZE,
@@ -24,7 +24,7 @@ import {
 } from '../abi/virtqueue.ts';
 import { VirtqueueError } from './errors.ts';
 import type { DeviceQueue, QueueOptions, QueueState } from './queue.ts';
-import { ChainBuilder, MAX_INDIRECT_TABLE_ENTRIES, descTableOf, openIndirectTable, type DescTable } from './walker.ts';
+import { ChainBuilder, IndirectTables, MAX_INDIRECT_TABLE_ENTRIES, descTableOf, type DescTable } from './walker.ts';
 
 // u16 word offsets inside a descriptor (8 words each) and inside an event suppression area.
 const DESC_ID = 6;
@@ -53,6 +53,8 @@ export class PackedQueue implements DeviceQueue {
   private readonly eventIdx: boolean;
   private readonly indirect: boolean;
   private readonly ring: DescTable;
+  private readonly ringU32: Uint32Array;
+  private readonly ringU16: Uint16Array;
   /** Driver event suppression: the driver's wishes about used-buffer notifications (interrupts). */
   private readonly driverEvent: Uint16Array;
   /** Device event suppression: our wishes about available-buffer notifications (kicks). */
@@ -67,6 +69,11 @@ export class PackedQueue implements DeviceQueue {
   private inFlightCount = 0;
   private brokenBy: VirtqueueError | undefined;
   private readonly builder = new ChainBuilder();
+  private readonly pool: ChainPool;
+  private readonly indirectTables: IndirectTables;
+  /** Guest-physical bounds of the region the last fast-path buffer was in: most buffers of a queue share one. */
+  private hitBase = 0;
+  private hitEnd = 0;
 
   constructor(opts: QueueOptions) {
     const why = checkPackedOptions(opts);
@@ -76,6 +83,10 @@ export class PackedQueue implements DeviceQueue {
     this.eventIdx = opts.eventIdx;
     this.indirect = opts.indirect;
     this.ring = descTableOf(opts.rings.desc, opts.size);
+    this.ringU32 = this.ring.u32;
+    this.ringU16 = this.ring.u16;
+    this.pool = new ChainPool(opts.memory, opts.size);
+    this.indirectTables = new IndirectTables(opts.memory);
     this.driverEvent = new Uint16Array(opts.rings.driver.buffer, opts.rings.driver.byteOffset, 2);
     this.deviceEvent = new Uint16Array(opts.rings.device.buffer, opts.rings.device.byteOffset, 2);
     const s = opts.state;
@@ -100,7 +111,7 @@ export class PackedQueue implements DeviceQueue {
   /** Whether the descriptor at the device's next available position has been made available. */
   private headAvailable(): boolean {
     // Acquire: the rest of the descriptor (and of its chain) is read only after its flags showed it available.
-    const flags = Atomics.load(this.ring.u16, this.nextAvail * 8 + DESC_FLAGS);
+    const flags = Atomics.load(this.ringU16, this.nextAvail * 8 + DESC_FLAGS);
     const avail = (flags & VIRTQ_DESC_F_AVAIL) !== 0;
     const used = (flags & VIRTQ_DESC_F_USED) !== 0;
     return avail === this.availWrap && used !== this.availWrap;
@@ -113,11 +124,13 @@ export class PackedQueue implements DeviceQueue {
   pop(): DescriptorChain | VirtqueueError | null {
     if (this.brokenBy !== undefined) return this.brokenBy;
     if (!this.headAvailable()) return null;
-    const chain = this.walk();
-    if (chain instanceof VirtqueueError) {
-      this.brokenBy = chain;
-      return chain;
+    const target = this.pool.spare();
+    const err = this.walk(target);
+    if (err !== undefined) {
+      this.brokenBy = err;
+      return err;
     }
+    const chain = this.pool.take();
     this.nextAvail += chain.ringSlots;
     if (this.nextAvail >= this.size) {
       this.nextAvail -= this.size;
@@ -127,9 +140,65 @@ export class PackedQueue implements DeviceQueue {
     return chain;
   }
 
-  private walk(): DescriptorChain | VirtqueueError {
+  /**
+   * Walks the chain at the next available position into `c`. The common case (no indirection, each buffer inside
+   * the region the previous one was in, addresses below 2^32, no zero length) in straight-line code; anything else
+   * (including every error) is left to walkGeneral, which starts over and reports precisely.
+   */
+  private walk(c: ChainFill): VirtqueueError | undefined {
+    const size = this.size;
+    const u32 = this.ringU32;
+    const u16 = this.ringU16;
+    const segs = c.segments;
+    let base = this.hitBase;
+    let end = this.hitEnd;
+    let pos = this.nextAvail;
+    let slots = 1;
+    let n = 0;
+    let readableCount = 0;
+    let readableBytes = 0;
+    let writableBytes = 0;
+    for (;; slots++) {
+      const w = pos << 2;
+      const flags = u16[(w << 1) + DESC_FLAGS]!;
+      const addr = u32[w]!;
+      const len = u32[w + 2]!;
+      if (slots > size || (flags & VIRTQ_DESC_F_INDIRECT) !== 0 || u32[w + 1] !== 0 || len === 0) return this.walkGeneral(c);
+      if (addr < base || addr + len > end) {
+        const region = this.memory.findRegion(addr);
+        if (region === undefined || addr + len > region.end) return this.walkGeneral(c);
+        base = this.hitBase = region.guestPhysAddr;
+        end = this.hitEnd = region.end;
+      }
+      segs[n] = addr;
+      segs[n + 1] = len;
+      n += 2;
+      if ((flags & VIRTQ_DESC_F_WRITE) !== 0) {
+        writableBytes += len;
+      } else {
+        if (writableBytes > 0) return this.walkGeneral(c);
+        readableCount++;
+        readableBytes += len;
+      }
+      if ((flags & VIRTQ_DESC_F_NEXT) === 0) break;
+      pos = pos + 1 === size ? 0 : pos + 1;
+    }
+    // The buffer id is carried by the last descriptor of the chain in the ring.
+    const id = u16[(pos << 3) + DESC_ID]!;
+    if (id >= size || readableBytes > 0xffff_ffff || writableBytes > 0xffff_ffff) return this.walkGeneral(c);
+    trimSegments(segs, n);
+    c.id = id;
+    c.ringSlots = slots;
+    c.readableCount = readableCount;
+    c.readableBytes = readableBytes;
+    c.writableBytes = writableBytes;
+    return undefined;
+  }
+
+  /** Walks any chain into `c`, indirect tables included, and names the first thing wrong with it. */
+  private walkGeneral(c: ChainFill): VirtqueueError | undefined {
     const b = this.builder;
-    b.begin();
+    b.begin(c);
     const ring = this.ring;
     let pos = this.nextAvail;
     let slots = 0;
@@ -146,11 +215,12 @@ export class PackedQueue implements DeviceQueue {
           // driver not to chain it); a NEXT from the previous descriptor that leads here is that same error.
           return new VirtqueueError('IndirectWithNext', `descriptor ${pos} is indirect but is reached through NEXT`);
         }
-        const table = openIndirectTable(this.memory, ring, pos, Math.min(this.size, MAX_INDIRECT_TABLE_ENTRIES));
+        const table = this.indirectTables.open(ring, pos, Math.min(this.size, MAX_INDIRECT_TABLE_ENTRIES));
         if (table instanceof VirtqueueError) return table;
         // In a packed indirect table descriptors are used in order; NEXT is not used, INDIRECT is forbidden.
+        const u16Base = 2 * table.base;
         for (let j = 0; j < table.entries; j++) {
-          const f = table.u16[j * 8 + DESC_FLAGS]!;
+          const f = table.u16[u16Base + j * 8 + DESC_FLAGS]!;
           if ((f & VIRTQ_DESC_F_INDIRECT) !== 0) return new VirtqueueError('NestedIndirect', `entry ${j} of an indirect table is itself indirect`);
           const err = b.add(this.memory, table, j, (f & VIRTQ_DESC_F_WRITE) !== 0);
           if (err !== undefined) return err;
@@ -167,7 +237,8 @@ export class PackedQueue implements DeviceQueue {
     if (id >= this.size) {
       return new VirtqueueError('DescriptorIndexOutOfRange', `buffer id ${id} >= queue size ${this.size}`);
     }
-    return new DescriptorChain(this.memory, id, slots, b.segments, b.readableCount, b.readableBytes, b.writableBytes);
+    b.finish(id, slots);
+    return undefined;
   }
 
   pushUsed(chain: DescriptorChain, len: number): void {
@@ -175,19 +246,21 @@ export class PackedQueue implements DeviceQueue {
       throw new RangeError(`used length ${len} is not within the chain's ${chain.writableBytes} writable bytes`);
     }
     const pos = this.nextUsed;
-    const ring = this.ring;
-    ring.u32[pos * 4 + 2] = len;
-    ring.u16[pos * 8 + DESC_ID] = chain.id;
+    const slots = chain.ringSlots;
+    this.ringU32[pos * 4 + 2] = len;
+    this.ringU16[pos * 8 + DESC_ID] = chain.id;
     const flags = (this.usedWrap ? VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED : 0) | (len > 0 ? VIRTQ_DESC_F_WRITE : 0);
     // Release: id and len are visible before the flags that hand the descriptor back.
-    Atomics.store(ring.u16, pos * 8 + DESC_FLAGS, flags);
-    this.nextUsed += chain.ringSlots;
+    Atomics.store(this.ringU16, pos * 8 + DESC_FLAGS, flags);
+    this.nextUsed += slots;
     if (this.nextUsed >= this.size) {
       this.nextUsed -= this.size;
       this.usedWrap = !this.usedWrap;
     }
-    this.usedSlotsSinceSignal += chain.ringSlots;
+    this.usedSlotsSinceSignal += slots;
     this.inFlightCount--;
+    // The chain is the queue's again (chain.ts: a device does not touch a chain it pushed).
+    this.pool.give(chain);
   }
 
   needsNotification(): boolean {

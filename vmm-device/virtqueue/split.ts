@@ -5,10 +5,12 @@
 // the other side uses for synchronisation is an Atomics operation (sequentially consistent), and the comments at
 // each one say which ordering the virtio spec asks for there. Ring entries and descriptors are read with plain
 // loads after the acquire load of avail.idx that published them; used elements are written with plain stores
-// before the release store of used.idx that publishes them.
+// before the release store of used.idx that publishes them. One exception: the avail_event that every pop() writes
+// (EVENT_IDX) is a plain store, and the full barrier it needs is paid once, when the ring looks empty
+// (recheckAfterAvailEvent), instead of once per chain.
 
 import type { GuestMemory } from '../memory/guest-memory.ts';
-import { DescriptorChain } from './chain.ts';
+import { ChainPool, trimSegments, type ChainFill, type DescriptorChain } from './chain.ts';
 import {
   MAX_SPLIT_QUEUE_SIZE,
   VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -23,7 +25,7 @@ import {
 } from '../abi/virtqueue.ts';
 import { VirtqueueError } from './errors.ts';
 import type { DeviceQueue, QueueOptions, QueueState } from './queue.ts';
-import { ChainBuilder, MAX_INDIRECT_TABLE_ENTRIES, descTableOf, openIndirectTable, type DescTable } from './walker.ts';
+import { ChainBuilder, IndirectTables, MAX_INDIRECT_TABLE_ENTRIES, descTableOf, type DescTable } from './walker.ts';
 
 // Word offsets inside the rings (u16 words unless noted).
 const AVAIL_FLAGS = 0;
@@ -58,6 +60,8 @@ export class SplitQueue implements DeviceQueue {
   private readonly eventIdx: boolean;
   private readonly indirect: boolean;
   private readonly desc: DescTable;
+  private readonly descU32: Uint32Array;
+  private readonly descU16: Uint16Array;
   private readonly avail: Uint16Array;
   private readonly usedU16: Uint16Array;
   private readonly usedU32: Uint32Array;
@@ -76,9 +80,16 @@ export class SplitQueue implements DeviceQueue {
   /** Used elements pushed since the last needsNotification(). */
   private pushedSinceSignal = 0;
   private notificationsEnabled = true;
+  /** pop() wrote avail_event with a plain store and no full barrier has followed yet. */
+  private availEventUnfenced = false;
   private inFlightCount = 0;
   private brokenBy: VirtqueueError | undefined;
   private readonly builder = new ChainBuilder();
+  private readonly pool: ChainPool;
+  private readonly indirectTables: IndirectTables;
+  /** Guest-physical bounds of the region the last fast-path buffer was in: most buffers of a queue share one. */
+  private hitBase = 0;
+  private hitEnd = 0;
 
   /** Throws RangeError for a configuration checkSplitOptions rejects (a transport checks first). */
   constructor(opts: QueueOptions) {
@@ -91,6 +102,10 @@ export class SplitQueue implements DeviceQueue {
     this.eventIdx = opts.eventIdx;
     this.indirect = opts.indirect;
     this.desc = descTableOf(rings.desc, size);
+    this.descU32 = this.desc.u32;
+    this.descU16 = this.desc.u16;
+    this.pool = new ChainPool(opts.memory, size);
+    this.indirectTables = new IndirectTables(opts.memory);
     this.avail = new Uint16Array(rings.driver.buffer, rings.driver.byteOffset, (splitAvailSize(size)) / 2);
     this.usedU16 = new Uint16Array(rings.device.buffer, rings.device.byteOffset, splitUsedSize(size) / 2);
     this.usedU32 = new Uint32Array(rings.device.buffer, rings.device.byteOffset, (4 + 8 * size) / 4);
@@ -138,6 +153,22 @@ export class SplitQueue implements DeviceQueue {
     if (this.brokenBy !== undefined) return true;
     if (this.availIdxSeen !== this.nextAvail) return true;
     if (this.refreshAvailIdx() !== undefined) return true;
+    if (this.availIdxSeen !== this.nextAvail) return true;
+    return this.recheckAfterAvailEvent();
+  }
+
+  /**
+   * The ring looked empty. If pop() wrote avail_event since the last full barrier, that plain store may still sit
+   * behind our load of avail.idx (x86 lets a load pass an earlier store): the driver could have added a buffer,
+   * read the old avail_event and not kicked, while we read the old avail.idx. Before the device concludes the
+   * ring is empty (and waits for a kick) the store is repeated as a seq-cst store, a full barrier, and avail.idx
+   * read again. True when buffers (or an error) turned up. Costs one barrier per drain, not one per chain.
+   */
+  private recheckAfterAvailEvent(): boolean {
+    if (!this.availEventUnfenced) return false;
+    this.availEventUnfenced = false;
+    Atomics.store(this.usedU16, this.availEventWord, this.nextAvail);
+    if (this.refreshAvailIdx() !== undefined) return true;
     return this.availIdxSeen !== this.nextAvail;
   }
 
@@ -146,68 +177,89 @@ export class SplitQueue implements DeviceQueue {
     if (this.availIdxSeen === this.nextAvail) {
       const err = this.refreshAvailIdx();
       if (err !== undefined) return err;
-      if (this.availIdxSeen === this.nextAvail) return null;
+      if (this.availIdxSeen === this.nextAvail && !this.recheckAfterAvailEvent()) return null;
+      if (this.brokenBy !== undefined) return this.brokenBy;
     }
     // Plain load: ordered after the acquire load of avail.idx above (or an earlier one that covered this entry).
     const head = this.avail[AVAIL_RING + (this.nextAvail & this.mask)]!;
-    const chain = this.walk(head);
-    if (chain instanceof VirtqueueError) return this.fail(chain);
+    const target = this.pool.spare();
+    const err = this.walk(head, target);
+    if (err !== undefined) return this.fail(err);
+    const chain = this.pool.take();
     this.nextAvail = (this.nextAvail + 1) & 0xffff;
     if (this.eventIdx && this.notificationsEnabled) {
-      // Ask to be kicked again only once the driver makes the entry after this one available.
-      Atomics.store(this.usedU16, this.availEventWord, this.nextAvail);
+      // Ask to be kicked again only once the driver makes the entry after this one available. A plain store: the
+      // full barrier it needs before we may conclude the ring is empty comes in recheckAfterAvailEvent().
+      this.usedU16[this.availEventWord] = this.nextAvail;
+      this.availEventUnfenced = true;
     }
     this.inFlightCount++;
     return chain;
   }
 
   /**
-   * The common case without indirection, buffers inside one region each and addresses below 2^32, in straight-line
-   * code. Anything else (including every error) is left to walkGeneral, which starts over and reports precisely.
+   * Walks the chain at `head` into `c`. The common case (no indirection, each buffer inside the region the previous
+   * one was in, addresses below 2^32, no zero length) in straight-line code; anything else (including every error)
+   * is left to walkGeneral, which starts over and reports precisely.
    */
-  private walk(head: number): DescriptorChain | VirtqueueError {
+  private walk(head: number, c: ChainFill): VirtqueueError | undefined {
     const size = this.size;
-    if (head >= size) return this.walkGeneral(head);
-    const u32 = this.desc.u32;
-    const u16 = this.desc.u16;
-    const memory = this.memory;
-    const segments: number[] = [];
+    if (head >= size) return this.walkGeneral(head, c);
+    const u32 = this.descU32;
+    const u16 = this.descU16;
+    const segs = c.segments;
+    let base = this.hitBase;
+    let end = this.hitEnd;
+    let n = 0;
     let readableCount = 0;
     let readableBytes = 0;
     let writableBytes = 0;
     let i = head;
     for (let count = 1; ; count++) {
-      const flags = u16[i * 8 + 6]!;
-      const addr = u32[i * 4]!;
-      const len = u32[i * 4 + 2]!;
-      if (count > size || (flags & VIRTQ_DESC_F_INDIRECT) !== 0 || u32[i * 4 + 1] !== 0 || len === 0) {
-        return this.walkGeneral(head);
+      const w = i << 2;
+      const flags = u16[(w << 1) + 6]!;
+      const addr = u32[w]!;
+      const len = u32[w + 2]!;
+      if (count > size || (flags & VIRTQ_DESC_F_INDIRECT) !== 0 || u32[w + 1] !== 0 || len === 0) {
+        return this.walkGeneral(head, c);
       }
-      const region = memory.findRegion(addr);
-      if (region === undefined || addr + len > region.end) return this.walkGeneral(head);
-      segments.push(addr, len);
+      if (addr < base || addr + len > end) {
+        const region = this.memory.findRegion(addr);
+        if (region === undefined || addr + len > region.end) return this.walkGeneral(head, c);
+        base = this.hitBase = region.guestPhysAddr;
+        end = this.hitEnd = region.end;
+      }
+      segs[n] = addr;
+      segs[n + 1] = len;
+      n += 2;
       if ((flags & VIRTQ_DESC_F_WRITE) !== 0) {
         writableBytes += len;
       } else {
-        if (writableBytes > 0) return this.walkGeneral(head);
+        if (writableBytes > 0) return this.walkGeneral(head, c);
         readableCount++;
         readableBytes += len;
       }
       if ((flags & VIRTQ_DESC_F_NEXT) === 0) break;
-      i = u16[i * 8 + 7]!;
-      if (i >= size) return this.walkGeneral(head);
+      i = u16[(w << 1) + 7]!;
+      if (i >= size) return this.walkGeneral(head, c);
     }
-    if (readableBytes > 0xffff_ffff || writableBytes > 0xffff_ffff) return this.walkGeneral(head);
-    return new DescriptorChain(memory, head, 1, segments, readableCount, readableBytes, writableBytes);
+    if (readableBytes > 0xffff_ffff || writableBytes > 0xffff_ffff) return this.walkGeneral(head, c);
+    trimSegments(segs, n);
+    c.id = head;
+    c.ringSlots = 1;
+    c.readableCount = readableCount;
+    c.readableBytes = readableBytes;
+    c.writableBytes = writableBytes;
+    return undefined;
   }
 
-  /** Walks any chain, indirect tables included, and names the first thing wrong with it. */
-  private walkGeneral(head: number): DescriptorChain | VirtqueueError {
+  /** Walks any chain into `c`, indirect tables included, and names the first thing wrong with it. */
+  private walkGeneral(head: number, c: ChainFill): VirtqueueError | undefined {
     if (head >= this.size) {
       return new VirtqueueError('DescriptorIndexOutOfRange', `head descriptor ${head} >= queue size ${this.size}`);
     }
     const b = this.builder;
-    b.begin();
+    b.begin(c);
     let table = this.desc;
     let i = head;
     let count = 0;
@@ -217,12 +269,12 @@ export class SplitQueue implements DeviceQueue {
       if (++count > limit) {
         return new VirtqueueError('ChainTooLong', `chain from head ${head} has more than ${limit} descriptors (a loop?)`);
       }
-      const flags = table.u16[i * 8 + 6]!;
+      const flags = table.u16[2 * table.base + i * 8 + 6]!;
       if ((flags & VIRTQ_DESC_F_INDIRECT) !== 0) {
         if (!this.indirect) return new VirtqueueError('IndirectNotNegotiated', `descriptor ${i} is indirect but VIRTIO_F_INDIRECT_DESC was not negotiated`);
         if (inIndirect) return new VirtqueueError('NestedIndirect', `descriptor ${i} of an indirect table is itself indirect`);
         if ((flags & VIRTQ_DESC_F_NEXT) !== 0) return new VirtqueueError('IndirectWithNext', `descriptor ${i} has both INDIRECT and NEXT`);
-        const opened = openIndirectTable(this.memory, table, i, Math.min(this.size, MAX_INDIRECT_TABLE_ENTRIES));
+        const opened = this.indirectTables.open(table, i, Math.min(this.size, MAX_INDIRECT_TABLE_ENTRIES));
         if (opened instanceof VirtqueueError) return opened;
         table = opened;
         inIndirect = true;
@@ -234,7 +286,7 @@ export class SplitQueue implements DeviceQueue {
       const err = b.add(this.memory, table, i, (flags & VIRTQ_DESC_F_WRITE) !== 0);
       if (err !== undefined) return err;
       if ((flags & VIRTQ_DESC_F_NEXT) === 0) break;
-      const next = table.u16[i * 8 + 7]!;
+      const next = table.u16[2 * table.base + i * 8 + 7]!;
       if (next >= table.entries) {
         return new VirtqueueError(
           'DescriptorIndexOutOfRange',
@@ -243,7 +295,8 @@ export class SplitQueue implements DeviceQueue {
       }
       i = next;
     }
-    return new DescriptorChain(this.memory, head, 1, b.segments, b.readableCount, b.readableBytes, b.writableBytes);
+    b.finish(head, 1);
+    return undefined;
   }
 
   pushUsed(chain: DescriptorChain, len: number): void {
@@ -259,6 +312,8 @@ export class SplitQueue implements DeviceQueue {
     Atomics.store(this.usedU16, USED_IDX, this.nextUsed);
     this.pushedSinceSignal++;
     this.inFlightCount--;
+    // The chain is the queue's again (chain.ts: a device does not touch a chain it pushed).
+    this.pool.give(chain);
   }
 
   needsNotification(): boolean {
@@ -283,6 +338,8 @@ export class SplitQueue implements DeviceQueue {
 
   disableNotifications(): void {
     this.notificationsEnabled = false;
+    // No kick is awaited until enableNotifications(), which stores avail_event seq-cst and re-reads avail.idx.
+    this.availEventUnfenced = false;
     // With EVENT_IDX there is nothing to write: the driver kicks at most once more, when it passes avail_event.
     if (!this.eventIdx) {
       Atomics.store(this.usedU16, USED_FLAGS, Atomics.load(this.usedU16, USED_FLAGS) | VIRTQ_USED_F_NO_NOTIFY);
@@ -293,6 +350,7 @@ export class SplitQueue implements DeviceQueue {
     this.notificationsEnabled = true;
     if (this.eventIdx) {
       Atomics.store(this.usedU16, this.availEventWord, this.nextAvail);
+      this.availEventUnfenced = false;
     } else {
       Atomics.store(this.usedU16, USED_FLAGS, Atomics.load(this.usedU16, USED_FLAGS) & ~VIRTQ_USED_F_NO_NOTIFY);
     }
