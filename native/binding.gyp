@@ -2,7 +2,18 @@
   "targets": [
     {
       "target_name": "vrdma_native",
-      "sources": ["src/addon.cc", "src/sys.cc", "src/verbs.cc"],
+      "sources": [
+        "src/addon.cc",
+        "src/sys.cc",
+        "src/verbs/args.cc",
+        "src/verbs/completions.cc",
+        "src/verbs/device.cc",
+        "src/verbs/events.cc",
+        "src/verbs/init.cc",
+        "src/verbs/objects.cc",
+        "src/verbs/registry.cc",
+        "src/verbs/wr.cc"
+      ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],
       "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-fno-exceptions"],

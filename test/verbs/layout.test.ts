@@ -1,5 +1,5 @@
 // The work-request and completion layouts of vmm-device/verbs/layout.ts against the native parser and writer
-// (native/src/verbs.cc): what TypeScript encodes is what libibverbs would be given, and what poll_cq writes is what
+// (native/src/verbs/wr.cc): what TypeScript encodes is what libibverbs would be given, and what poll_cq writes is what
 // TypeScript reads. Runs without an RDMA device.
 import t from 'tap';
 import { loadRawVerbs } from '../../vmm-device/verbs/native-verbs.ts';

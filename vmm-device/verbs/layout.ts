@@ -1,5 +1,5 @@
 // The fixed binary layouts in which work requests and completions cross into native code: one buffer per list,
-// one native call per list (native/src/verbs.cc reads and writes the same offsets; keep the two in step).
+// one native call per list (native/src/verbs/wr.cc reads and writes the same offsets; keep the two in step).
 //
 //   send WR: 64-byte header, then num_sge SGEs of 16 bytes
 //     0 wr_id u64 | 8 opcode u32 | 12 send_flags u32 | 16 num_sge u32 | 20 imm_data u32 (host order; the rkey to

@@ -1,7 +1,8 @@
-// NativeVerbs: HostVerbs over libibverbs (native/src/verbs.cc). The only file that touches the addon's verbs part.
+// NativeVerbs: HostVerbs over libibverbs (native/src/verbs/). The only file that touches the addon's verbs part.
 
 import { loadAddon } from '../native/addon.ts';
 import {
+  FLUSH_LIMIT_MS,
   MAX_SGE_PER_WR,
   MAX_WC_PER_POLL,
   MAX_WRS_PER_POST,
@@ -56,7 +57,7 @@ interface RawAsyncEvent {
   port?: number;
 }
 
-/** The addon's verbs part as native/src/verbs.cc builds it. */
+/** The addon's verbs part as native/src/verbs/init.cc builds it. */
 interface RawVerbs {
   listDevices(): DeviceInfo[];
   openDevice(
@@ -77,7 +78,7 @@ interface RawVerbs {
   createQp(pd: number, init: Record<string, unknown>): Promise<{ qp: number; qpNum: number; cap: QpHandle['cap'] }>;
   modifyQp(qp: number, attr: QpAttr): Promise<void>;
   queryQp(qp: number): Promise<QpQueryResult>;
-  destroyQp(qp: number): Promise<void>;
+  destroyQp(qp: number, flushLimitMs: number): Promise<void>;
   regMr(
     pd: number,
     memory: ArrayBuffer,
@@ -318,7 +319,8 @@ export class NativeVerbs implements HostVerbs {
   }
 
   async destroyQp(qp: QpHandle): Promise<void> {
-    await call(() => this.raw.destroyQp(qp.id));
+    // The flush wait of the addon's destroy is the backend's one flush deadline.
+    await call(() => this.raw.destroyQp(qp.id, FLUSH_LIMIT_MS));
     this.qps.delete(qp.id);
   }
 
