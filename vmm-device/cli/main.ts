@@ -21,7 +21,7 @@ import { StaticAddressResolver, ipv4FromGid, type AddressResolver } from '../rdm
 import type { DeviceQuotas } from '../rdma/limits.ts';
 import { DEFAULT_ETCD_PREFIX, VpcBackend, type ControlPlaneSpec } from '../vpc/backend.ts';
 import { queryStatus, serveStatus, type StatusServer } from './status.ts';
-import { OBSERVE_OPTIONS, OBSERVE_USAGE, observeFlagShape, refineObserveFlags, startObservability, type Observability } from './observe.ts';
+import { OBSERVE_OPTIONS, OBSERVE_USAGE, addressTableOf, observeFlagShape, refineObserveFlags, startObservability, type Observability } from './observe.ts';
 
 export const USAGE = `usage: vrdma-backend --socket PATH --device NAME [options]
        vrdma-backend status --status-socket PATH [--vm ID]
@@ -368,7 +368,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog });
     if (vpc !== undefined) detach = vpc.attach(device);
     const vpcName = vpc?.engine.describeVm(vmId)?.vpc ?? flags.vpc ?? DEFAULT_STATIC_VPC;
-    observe = await startObservability(flags, device, vpc, vpcName, log.child('observe'));
+    observe = await startObservability(flags, device, vpc, vpcName, log.child('observe'), { addressTable: addressTableOf(flags['gid-table'], resolver, vmId), quotas });
     if (flags['status-socket'] !== undefined) {
       const backend = vpc;
       const dev = device;

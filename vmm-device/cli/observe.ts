@@ -2,11 +2,13 @@
 // exposition, loopback unless --metrics-allow-remote), the flight recorder (--flight-events, --dump-dir; dumps on
 // NEEDS_RESET, SIGUSR1 and `status --dump`) and --record (the whole session, written at shutdown).
 
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
 import type { Logger } from '../util/log.ts';
 import type { RdmaDevice } from '../rdma/rdma-device.ts';
+import { ipv4FromGid, type AddressResolver, type GidTableEntry } from '../rdma/address-resolver.ts';
+import type { DeviceQuotas } from '../rdma/limits.ts';
 import type { VirtioDeviceModel } from '../virtio/device.ts';
 import type { VpcBackend } from '../vpc/backend.ts';
 import { BackendMetrics } from '../observe/metrics.ts';
@@ -95,6 +97,26 @@ export interface ObserveFlags {
   device: string;
 }
 
+/**
+ * The address table a replay needs (recorded with the session): the --gid-table file's entries, or this VM's own
+ * entry as the resolver gives it (with a VPC policy, the peers' entries are the policy's and are not recorded).
+ */
+export function addressTableOf(gidTable: string | undefined, resolver: AddressResolver, vmId: string): GidTableEntry[] {
+  if (gidTable !== undefined) {
+    try {
+      return (JSON.parse(readFileSync(gidTable, 'utf8')) as { vms: GidTableEntry[] }).vms;
+    } catch {
+      // already validated when the resolver was built; a file changed since is recorded without a table
+    }
+  }
+  const own = resolver.ownAddress(vmId);
+  if (own === undefined) return [];
+  const r = resolver.resolve(vmId, own.gid, 2);
+  const virtualIp = ipv4FromGid(own.gid);
+  const hostIp = r.kind === 'ok' ? ipv4FromGid(r.hostGid) : undefined;
+  return virtualIp === undefined || hostIp === undefined ? [] : [{ vmId, vpc: own.vpc, virtualIp, hostIp }];
+}
+
 export interface Observability {
   /** What the vhost-user server serves (the device behind the recorder and the latency hooks). */
   model: VirtioDeviceModel;
@@ -107,14 +129,29 @@ export interface Observability {
 }
 
 /** Builds the recorder, the metrics and their endpoint around `device`. */
-export async function startObservability(flags: ObserveFlags, device: RdmaDevice, vpc: VpcBackend | undefined, vpcName: string, log: Logger): Promise<Observability> {
+export async function startObservability(
+  flags: ObserveFlags,
+  device: RdmaDevice,
+  vpc: VpcBackend | undefined,
+  vpcName: string,
+  log: Logger,
+  replayContext: { addressTable: GidTableEntry[]; quotas: Partial<DeviceQuotas> },
+): Promise<Observability> {
   const capacity = flags['flight-events'] ?? DEFAULT_FLIGHT_EVENTS;
   const recorder =
     capacity > 0 || flags.record !== undefined
       ? new FlightRecorder({
           capacity: Math.max(1, capacity),
           recordAll: flags.record !== undefined,
-          device: { vm: device.vmId, hostDevice: flags.device, deviceFeatures: `0x${device.deviceFeatures.toString(16)}`, queues: device.queueCount },
+          device: {
+            vm: device.vmId,
+            hostDevice: flags.device,
+            deviceFeatures: `0x${device.deviceFeatures.toString(16)}`,
+            queues: device.queueCount,
+            // What a replay builds the same device from (vmm-device/observe/replay.ts).
+            addressTable: replayContext.addressTable,
+            quotas: Object.fromEntries(Object.entries(replayContext.quotas).map(([k, v]) => [k, typeof v === 'bigint' ? v.toString() : v])),
+          },
         })
       : undefined;
   const dumpDir = flags['dump-dir'] ?? path.dirname(path.resolve(flags.socket));
