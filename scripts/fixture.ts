@@ -4,6 +4,9 @@
 //                                        and after the driver's writes), indirect tables, and every step with its
 //                                        expectation, readably
 //   npm run fixture -- replay <file>...   runs the fixture through our device-side queues and prints the differences
+//                                        a recorded session (vrdma-session/1: --record, flight-recorder dumps) is
+//                                        replayed against the device model over the verbs test double; every
+//                                        answer that differs from the recording is printed
 //
 // Exit status: 0 when everything decoded (and replayed as recorded), 1 otherwise, 2 for a usage error.
 
@@ -211,7 +214,31 @@ export function loadFixtureFile(path: string): Fixture {
   return parseFixture(JSON.parse(readFileSync(path, 'utf8')));
 }
 
+/** A recorded backend session (format vrdma-session/1): replayed offline, every differing answer printed. */
+export async function replaySessionFile(path: string, print: (s: string) => void = console.log): Promise<boolean> {
+  const { readSessionFixture } = await import('../vmm-device/observe/recorder.ts');
+  const { replaySession } = await import('../vmm-device/observe/replay.ts');
+  const f = readSessionFixture(path);
+  const r = await replaySession(f);
+  const head = `${f.name}: ${r.chains} chains replayed, ${r.answersCompared} answers compared`;
+  for (const s of r.skipped) print(`  skipped: ${s}`);
+  if (r.differences.length === 0) {
+    print(`${head}, all identical`);
+    return true;
+  }
+  print(`${head}, ${r.differences.length} differ`);
+  for (const d of r.differences) {
+    print(d.queue < 0 ? `  ${d.what}: recorded ${d.expected}, replayed ${d.actual}` : `  queue ${d.queue} answer #${d.answer}: ${d.what}`);
+    if (d.queue >= 0) {
+      print(`    recorded ${d.expected}`);
+      print(`    replayed ${d.actual}`);
+    }
+  }
+  return false;
+}
+
 async function replay(path: string): Promise<boolean> {
+  if ((JSON.parse(readFileSync(path, 'utf8')) as { format?: unknown }).format === 'vrdma-session/1') return replaySessionFile(path);
   const { createQueue } = await import('../vmm-device/virtqueue/index.ts');
   const { replayFixture } = await import('../guest-driver-spec/testkit/fixture-replay.ts');
   const f = loadFixtureFile(path);

@@ -100,7 +100,6 @@ t.test('bad VPC flags exit 2 and name the flag', async (t) => {
     [[...base, '--vpc-etcd', 'http://127.0.0.1:2379', '--vm-id', 'a1', '--host-id', 'h', '--vpc-prefix', 'noslash'], /--vpc-prefix must start and end with \//],
     [[...base, '--vpc-etcd', 'etcd:2379', '--vm-id', 'a1', '--host-id', 'h'], /--vpc-etcd: each endpoint must be http:\/\/host:port/],
     [[...base, '--vpc-etcd', 'http://a:1,ftp://b:2', '--vm-id', 'a1', '--host-id', 'h'], /--vpc-etcd: each endpoint must be http:\/\/host:port/],
-    [[...base, '--virtual-ip', '10.0.0.1', '--status-socket', statusSock], /--status-socket needs --vpc-policy or --vpc-etcd/],
     [[...base, '--virtual-ip', '10.0.0.1', '--host-id', 'host-1'], /--host-id needs --vpc-policy or --vpc-etcd/],
     [[...vpc, '--status-socket', '/nonexistent-dir/s.sock'], /--status-socket: its folder does not exist/],
     [[...vpc, '--host-id', 'bad id'], /--host-id must be/],

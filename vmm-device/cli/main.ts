@@ -13,7 +13,7 @@ import { parseArgs } from 'node:util';
 import { existsSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { z } from 'zod';
-import { StderrLogger, type LogLevel } from '../util/log.ts';
+import { createLogger, type LogLevel } from '../util/log.ts';
 import type { HostVerbs } from '../verbs/host-verbs.ts';
 import { NO_RDMA_DEVICE_HINT } from '../verbs/native-verbs.ts';
 import { RdmaDevice, pickHostGidIndex } from '../rdma/rdma-device.ts';
@@ -21,6 +21,7 @@ import { StaticAddressResolver, ipv4FromGid, type AddressResolver } from '../rdm
 import type { DeviceQuotas } from '../rdma/limits.ts';
 import { DEFAULT_ETCD_PREFIX, VpcBackend, type ControlPlaneSpec } from '../vpc/backend.ts';
 import { queryStatus, serveStatus, type StatusServer } from './status.ts';
+import { OBSERVE_OPTIONS, OBSERVE_USAGE, addressTableOf, observeFlagShape, refineObserveFlags, startObservability, type Observability } from './observe.ts';
 
 export const USAGE = `usage: vrdma-backend --socket PATH --device NAME [options]
        vrdma-backend status --status-socket PATH [--vm ID]
@@ -49,7 +50,10 @@ connections torn down (QP_POLICY_TEARDOWN) when a change makes them illegal. Exc
   --vpc-prefix PREFIX  with --vpc-etcd: the policy's key prefix, ending in / (default: ${DEFAULT_ETCD_PREFIX})
   --host-id ID         required with a VPC policy: this host's id in its "hosts"
   --vm-id ID           required with a VPC policy
-  --status-socket PATH serve the operator's view (JSON) on this Unix socket (mode 0600)
+  --status-socket PATH serve the operator's view (JSON) on this Unix socket (mode 0600; without a VPC policy the
+                       device's counters only)
+
+${OBSERVE_USAGE}
 
 Operator's view: vrdma-backend status --status-socket PATH [--vm ID] prints, as JSON: the policy version and its
 source, the control plane (etcd: connected, revision, disconnects, catch-ups), teardown latency, what QoS is
@@ -126,6 +130,7 @@ export const FlagsSchema = z
     'max-mr': positiveInt('--max-mr', 1 << 24),
     'max-mr-mib': positiveInt('--max-mr-mib', 1 << 30),
     'log-level': z.enum(['debug', 'info', 'warn', 'error'], { error: '--log-level must be debug, info, warn or error' }).default('info'),
+    ...observeFlagShape,
   })
   .strict()
   .superRefine((f, ctx) => {
@@ -143,7 +148,7 @@ export const FlagsSchema = z
       if (f['vpc-prefix'] !== undefined && f['vpc-etcd'] === undefined) issue('--vpc-prefix needs --vpc-etcd', 'vpc-prefix');
       return;
     }
-    for (const flag of ['host-id', 'vpc-prefix', 'status-socket'] as const) {
+    for (const flag of ['host-id', 'vpc-prefix'] as const) {
       if (f[flag] !== undefined) issue(`--${flag} needs --vpc-policy or --vpc-etcd`, flag);
     }
     if (f['gid-table'] === undefined && f['virtual-ip'] === undefined) {
@@ -152,7 +157,8 @@ export const FlagsSchema = z
     if (f['gid-table'] !== undefined && f['virtual-ip'] !== undefined) {
       issue('--virtual-ip and --gid-table exclude each other (the table holds the address)', 'virtual-ip');
     }
-  });
+  })
+  .superRefine((f, ctx) => refineObserveFlags(f, (message, flag) => ctx.addIssue({ code: 'custom', message, path: [flag] })));
 
 export type Flags = z.infer<typeof FlagsSchema>;
 
@@ -195,6 +201,7 @@ export function parseFlags(argv: readonly string[]): Flags | 'help' {
         'host-id': { type: 'string' },
         'status-socket': { type: 'string' },
         help: { type: 'boolean' },
+        ...OBSERVE_OPTIONS,
       },
     });
     values = parsed.values as Record<string, unknown>;
@@ -259,20 +266,22 @@ export interface RunIo {
   onServing?: (served: { device: RdmaDevice; vpc: VpcBackend | undefined }) => void;
 }
 
-export const STATUS_USAGE = `usage: vrdma-backend status --status-socket PATH [--vm ID]
+export const STATUS_USAGE = `usage: vrdma-backend status --status-socket PATH [--vm ID | --dump]
+
+--dump: the backend writes its flight recorder's last events as a session fixture and prints the file's path.
 
 Prints the operator's view a running backend serves on --status-socket (JSON): the policy in force and its control
 plane, teardown latency, QoS enforcement, and per VM and per VPC the counters, resources and connections.`;
 
 /** `vrdma-backend status ...`: asks a backend's status socket and prints the answer. */
 export async function runStatus(argv: readonly string[], io: RunIo): Promise<number> {
-  let values: { 'status-socket'?: string; vm?: string; help?: boolean };
+  let values: { 'status-socket'?: string; vm?: string; dump?: boolean; help?: boolean };
   try {
     values = parseArgs({
       args: [...argv],
       strict: true,
       allowPositionals: false,
-      options: { 'status-socket': { type: 'string' }, vm: { type: 'string' }, help: { type: 'boolean' } },
+      options: { 'status-socket': { type: 'string' }, vm: { type: 'string' }, dump: { type: 'boolean' }, help: { type: 'boolean' } },
     }).values;
   } catch (e) {
     io.err(`vrdma-backend status: ${(e as Error).message}\n(see --help)\n`);
@@ -292,7 +301,11 @@ export async function runStatus(argv: readonly string[], io: RunIo): Promise<num
     return EXIT_USAGE;
   }
   try {
-    const answer = await queryStatus(sock, values.vm);
+    if (values.dump === true && values.vm !== undefined) {
+      io.err('vrdma-backend status: --dump and --vm exclude each other (the dump is the whole device)\n');
+      return EXIT_USAGE;
+    }
+    const answer = await queryStatus(sock, values.vm, undefined, values.dump === true);
     io.out(JSON.stringify(answer, null, 2) + '\n');
     if (answer !== null && typeof answer === 'object' && 'error' in answer) return EXIT_FAILURE;
     if (values.vm !== undefined && (answer as { vms?: unknown[] }).vms?.length === 0) {
@@ -320,7 +333,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     io.out(USAGE + '\n');
     return 0;
   }
-  const log = new StderrLogger('vrdma-backend', flags['log-level'] as LogLevel);
+  const log = createLogger('vrdma-backend', { level: flags['log-level'] as LogLevel, format: flags['log-format'] });
   // Signals are caught from the start: a backend still waiting for etcd must stop cleanly too.
   const stopping = new AbortController();
   const onSignal = (sig: NodeJS.Signals) => {
@@ -334,6 +347,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
   let vpc: VpcBackend | undefined;
   let status: StatusServer | undefined;
   let detach: (() => void) | undefined;
+  let observe: Observability | undefined;
   try {
     const vmId = flags['vm-id'] ?? DEFAULT_VM_ID;
     const verbs = io.verbs !== undefined ? await io.verbs() : new (await import('../verbs/native-verbs.ts')).NativeVerbs();
@@ -353,13 +367,19 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     }
     device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog });
     if (vpc !== undefined) detach = vpc.attach(device);
-    if (vpc !== undefined && flags['status-socket'] !== undefined) {
+    const vpcName = vpc?.engine.describeVm(vmId)?.vpc ?? flags.vpc ?? DEFAULT_STATIC_VPC;
+    observe = await startObservability(flags, device, vpc, vpcName, log.child('observe'), { addressTable: addressTableOf(flags['gid-table'], resolver, vmId), quotas });
+    if (flags['status-socket'] !== undefined) {
       const backend = vpc;
-      status = await serveStatus(flags['status-socket'], (vm) => backend.status(vm), log.child('status'));
+      const dev = device;
+      const obs = observe;
+      const view = (vm: string | undefined) => (backend !== undefined ? backend.status(vm) : { vm: dev.vmId, pid: process.pid, counters: dev.counters });
+      status = await serveStatus(flags['status-socket'], view, log.child('status'), (trigger) => obs.dump(trigger));
     }
     const { VhostUserServer } = await import('../transport/vhost-user/server.ts');
     const { SysHost } = await import('../transport/vhost-user/sys-host.ts');
-    const server = new VhostUserServer({ path: flags.socket, host: new SysHost(), model: device, log: log.child('vhost-user') });
+    const server = new VhostUserServer({ path: flags.socket, host: new SysHost(), model: observe.model, log: log.child('vhost-user') });
+    observe.attachServer(server);
     server.listen();
     log.log('info', 'serving', {
       socket: flags.socket,
@@ -368,11 +388,13 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
       gid: Buffer.from(device.config.gid).toString('hex'),
       policy: controlPlane === undefined ? 'static table' : controlPlane.kind === 'file' ? `file ${controlPlane.path}` : `etcd ${controlPlane.endpoints.join(',')} ${controlPlane.prefix}`,
       ...(flags['status-socket'] === undefined ? {} : { statusSocket: flags['status-socket'] }),
+      ...(observe.metricsServer === undefined ? {} : { metrics: `${observe.metricsServer.host}:${observe.metricsServer.port}` }),
     });
     io.onServing?.({ device, vpc });
     await stopped;
     server.close();
     await status?.close();
+    await observe.close();
     detach?.();
     await device.close();
     await vpc?.stop();
@@ -382,6 +404,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     const asked = stopping.signal.aborted && device === undefined;
     if (!asked) io.err(`vrdma-backend: ${(e as Error).message}\n`);
     await status?.close().catch(() => undefined);
+    await observe?.close().catch(() => undefined);
     detach?.();
     if (device !== undefined) await device.close().catch(() => undefined);
     await vpc?.stop().catch(() => undefined);

@@ -1,6 +1,7 @@
 // The operator's view over a Unix socket: `vrdma-backend --status-socket PATH` serves it, `vrdma-backend status
 // --status-socket PATH [--vm ID]` prints it. Protocol: the client writes one JSON line (`{}` or `{"vm":"a1"}`), the
 // server answers one JSON line and closes. Bad requests get `{"error": ...}` and are counted, never a crash.
+// `{"dump":true}` asks the backend to write its flight recorder's window (answer `{"dumped": FILE}`).
 
 import net from 'node:net';
 import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
@@ -38,7 +39,12 @@ function clearStale(path: string): void {
 }
 
 /** Serves `answer(vm)` on a Unix socket at `path`. */
-export async function serveStatus(path: string, answer: (vm: string | undefined) => unknown, log: Logger): Promise<StatusServer> {
+export async function serveStatus(
+  path: string,
+  answer: (vm: string | undefined) => unknown,
+  log: Logger,
+  dump?: (trigger: string) => string | undefined,
+): Promise<StatusServer> {
   clearStale(path);
   const metrics: StatusServerMetrics = { answered: 0, badRequests: 0 };
   const server = net.createServer((sock) => {
@@ -71,9 +77,15 @@ export async function serveStatus(path: string, answer: (vm: string | undefined)
       if (req === null || typeof req !== 'object' || Array.isArray(req)) return refuse('request must be a JSON object');
       const vm = (req as { vm?: unknown }).vm;
       if (vm !== undefined && typeof vm !== 'string') return refuse('"vm" must be a string');
+      const wantsDump = (req as { dump?: unknown }).dump;
+      if (wantsDump !== undefined && typeof wantsDump !== 'boolean') return refuse('"dump" must be true or false');
       let body: unknown;
       try {
-        body = answer(vm);
+        if (wantsDump === true) {
+          const file = dump?.('status --dump');
+          if (file === undefined) return refuse('no flight recorder to dump (started with --flight-events 0?)');
+          body = { dumped: file };
+        } else body = answer(vm);
       } catch (e) {
         return refuse((e as Error).message);
       }
@@ -101,7 +113,7 @@ export async function serveStatus(path: string, answer: (vm: string | undefined)
 }
 
 /** Asks a backend's status socket; the answer as parsed JSON. */
-export async function queryStatus(path: string, vm?: string, timeoutMs = STATUS_REQUEST_TIMEOUT_MS): Promise<unknown> {
+export async function queryStatus(path: string, vm?: string, timeoutMs = STATUS_REQUEST_TIMEOUT_MS, dump = false): Promise<unknown> {
   return new Promise((resolve, reject) => {
     const sock = net.createConnection(path);
     let buf = '';
@@ -110,7 +122,7 @@ export async function queryStatus(path: string, vm?: string, timeoutMs = STATUS_
       sock.destroy();
       reject(new Error(`--status-socket ${path}: no answer within ${timeoutMs} ms`));
     });
-    sock.on('connect', () => sock.write(JSON.stringify(vm === undefined ? {} : { vm }) + '\n'));
+    sock.on('connect', () => sock.write(JSON.stringify(dump ? { dump: true } : vm === undefined ? {} : { vm }) + '\n'));
     sock.on('data', (chunk: string) => {
       buf += chunk;
       if (buf.length > MAX_STATUS_ANSWER_BYTES) {
