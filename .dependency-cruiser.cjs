@@ -10,7 +10,7 @@
 //   vmm-device/verbs              the host verbs interface (the addon behind it)
 //   vmm-device/rdma               the virtio-rdma device model: knows no transport, no socket, no addon
 //   vmm-device/vpc                policy at the queue pair, beside the model
-//   vmm-device/observe            metrics, the flight recorder, replay: observes the model from above (wraps it)
+//   vmm-device/observe            metrics, the flight recorder, replay: observes sessions and the model from above
 //   vmm-device/cli                the vrdma-backend command: wires everything
 //   guest-driver-spec/**          the spec's tooling (drivers, frontend, qtest, testkit): above all of vmm-device
 // No import cycle anywhere.
@@ -74,8 +74,8 @@ module.exports = {
       'vmm-device/abi', 'vmm-device/rdma', 'vmm-device/verbs', 'vmm-device/util',
     ]),
     onlyDown('observe-above-the-model', 'vmm-device/observe/', [
-      'vmm-device/abi', 'vmm-device/memory', 'vmm-device/virtqueue', 'vmm-device/virtio', 'vmm-device/verbs',
-      'vmm-device/rdma', 'vmm-device/vpc', 'vmm-device/util',
+      'vmm-device/abi', 'vmm-device/memory', 'vmm-device/virtqueue', 'vmm-device/virtio', 'vmm-device/host',
+      'vmm-device/transport', 'vmm-device/verbs', 'vmm-device/rdma', 'vmm-device/vpc', 'vmm-device/util',
     ]),
   ],
   options: {

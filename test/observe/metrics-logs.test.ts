@@ -75,8 +75,8 @@ t.test('/metrics of a real backend process after real work; JSON log lines', asy
   const qp = await ctx.createQp(pd, { type: 'RC', sendCq: cq, recvCq: cq, maxSendWr: 64, maxRecvWr: 16 });
   const buf = ctx.allocBuffer(4096, { placement: 'contiguous' });
   const mr = await ctx.regMr(pd, buf, AccessFlag.LOCAL_WRITE);
-  await t.rejects(ctx.queryGid(1), { statusName: 'INVALID_ARGUMENT' }, 'a refused request');
-  await t.rejects(qp.connect({ gid: gidFromIpv4('192.168.7.3'), qpn: 5 }), { statusName: 'DESTINATION_UNREACHABLE' }, 'a GID of another VPC');
+  await t.rejects(ctx.queryGid(1), { name: 'CommandError', statusName: 'INVALID_ARGUMENT' }, 'a refused request');
+  await t.rejects(qp.connect({ gid: gidFromIpv4('192.168.7.3'), qpn: 5 }), { name: 'CommandError', statusName: 'DESTINATION_UNREACHABLE' }, 'a GID of another VPC');
   await qp.connect({ gid: gidFromIpv4('192.168.7.2'), qpn: 0x1234 });
 
   // A burst of work requests: nothing is logged per work request at info.
