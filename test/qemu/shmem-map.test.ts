@@ -67,7 +67,11 @@ class ShmemBackend {
   private protocol = 0n;
   readonly log = new RecordingLogger('shmem-backend');
 
-  constructor(readonly socketPath: string) {
+  constructor(
+    readonly socketPath: string,
+    /** The GET_SHMEM_CONFIG reply (default: REGIONS), to send malformed ones. */
+    private readonly shmemConfig: Uint8Array = encodeShmemConfig(REGIONS),
+  ) {
     this.listenFd = host.listenUnix(socketPath, 1);
     const w = host.watchReadable(this.listenFd, () => {
       const fd = host.accept(this.listenFd);
@@ -130,7 +134,7 @@ class ShmemBackend {
         break;
       case FrontendRequest.GET_SHMEM_CONFIG:
         checkGetShmemConfig({ request, flags, size: payload.length }, payload, 0);
-        this.reply(fd, request, encodeShmemConfig(REGIONS));
+        this.reply(fd, request, this.shmemConfig);
         return;
       case FrontendRequest.SET_BACKEND_REQ_FD:
         this.channel = new BackendChannel(host, this.takeFd(), (this.protocol & bit(ProtocolFeature.REPLY_ACK)) !== 0n, this.log);
@@ -172,16 +176,20 @@ interface Rig {
   finish(): Promise<void>;
 }
 
+const deviceArgs = (socketPath: string, extra = ''): string[] => [
+  '-chardev',
+  `socket,id=vu,path=${socketPath}`,
+  '-device',
+  `vhost-user-device-pci,chardev=vu,virtio-id=${VIRTIO_ID},num_vqs=3${extra}`,
+];
+
 async function startRig(): Promise<Rig> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-shmem-test-'));
   const socketPath = path.join(dir, 'vu.sock');
   const backend = new ShmemBackend(socketPath);
   let qemu: QemuQtest;
   try {
-    qemu = await QemuQtest.start({
-      workDir: dir,
-      args: ['-chardev', `socket,id=vu,path=${socketPath}`, '-device', `vhost-user-device-pci,chardev=vu,virtio-id=${VIRTIO_ID},num_vqs=3`],
-    });
+    qemu = await QemuQtest.start({ workDir: dir, args: deviceArgs(socketPath) });
   } catch (error) {
     backend.close();
     fs.rmSync(dir, { recursive: true, force: true });
@@ -372,4 +380,36 @@ t.test('the back-end disconnecting drops its mappings; QEMU keeps running', asyn
   t.pass('QEMU unmapped both when the back-end went away');
   t.equal(await rig.qemu.qtest.readl(region.address), 0, 'the range reads as zero');
   t.ok(rig.qemu.running, 'QEMU is running');
+});
+
+/** Starts QEMU against a back-end that answers GET_SHMEM_CONFIG with `config`; returns QEMU's stderr once it exited. */
+async function refusedAtStart(config: Uint8Array, extra = ''): Promise<string> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-shmem-bad-'));
+  const backend = new ShmemBackend(path.join(dir, 'vu.sock'), config);
+  try {
+    const qemu = await QemuQtest.start({ workDir: dir, args: deviceArgs(backend.socketPath, extra) });
+    // qtest may connect before the device is realized: then QEMU exits right after.
+    const exited = await Promise.race([qemu.exited.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 10_000))]);
+    // The exit can be reported before the last of stderr is read.
+    await until(() => !exited || /qemu-system/.test(qemu.stderr), 'the error message of QEMU', 2000).catch(() => undefined);
+    const stderr = qemu.stderr;
+    const info = await qemu.stop();
+    if (!exited) throw new Error(`QEMU accepted the device:\n${stderr}`);
+    return `exit code ${info.code}, signal ${info.signal}: ${stderr}`;
+  } catch (error) {
+    return (error as Error).message;
+  } finally {
+    backend.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+t.test('a GET_SHMEM_CONFIG reply QEMU cannot use, or a BAR it cannot place, stops the device at creation with an error', async (t) => {
+  const mismatch = encodeShmemConfig(REGIONS);
+  new DataView(mismatch.buffer).setUint32(0, 5, true);
+  t.match(await refusedAtStart(mismatch), /^exit code 1, signal null: .*GET_SHMEM_CONFIG: nregions 5, but 2 non-zero sizes/s, 'nregions disagreeing with the sizes (exit code 1, no crash)');
+  t.match(await refusedAtStart(encodeShmemConfig(new Map([[1, 100n]]))), /shared memory region 1: size 0x64 is not a page multiple/, 'a size that is not a page multiple');
+  t.match(await refusedAtStart(encodeShmemConfig(new Map([[1, 1n << 41n]]))), /shared memory region 1: size 0x20000000000 .* at most 0x10000000000/, 'a region above 1 TiB');
+  t.match(await refusedAtStart(encodeShmemConfig(REGIONS).subarray(0, 2048)), /GET_SHMEM_CONFIG: reply of request 44, 2048 bytes/, 'a short reply');
+  t.match(await refusedAtStart(encodeShmemConfig(REGIONS), ',modern-pio-notify=on'), /shared memory regions use BAR 2, which modern-pio-notify takes/, 'modern-pio-notify with regions');
 });
