@@ -15,3 +15,4 @@ export {
 export * from './virtio-pci.ts';
 export { QtestSplitQueue, type UsedBuffer, MAX_QUEUE_SIZE, MAX_BUFFER_BYTES } from './split-queue.ts';
 export { QemuQtest, findQemu, type QemuQtestOptions, type QemuExit, DEFAULT_RAM_MIB } from './qemu.ts';
+export { sharedMemoryRegions, VIRTIO_PCI_CAP_SHARED_MEMORY_CFG, type SharedMemoryRegion } from './shared-memory.ts';

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `npm run qemu:build`: builds qemu-system-x86_64 from Debian trixie's qemu source with the project's source edits
 # (scripts/qemu/README.md: a user-creatable vhost-user-device-pci, a name for virtio ID 42, reconnection, the
-# inflight area and SET_STATUS for the generic vhost-user device), and caches it by source version under
+# inflight area and SET_STATUS for the generic vhost-user device, VIRTIO shared memory regions with SHMEM_MAP as
+# QEMU 11.1 speaks them), and caches it by source version under
 # ${VRDMA_CACHE:-/var/cache/vrdma}/qemu/<version>/. Prints the binary's path as the LAST line of stdout (callers
 # run `bash scripts/qemu/build.sh | tail -n1`); progress goes to stderr. A cached binary makes this take seconds.
 set -euo pipefail

@@ -8,6 +8,7 @@ QEMU_CACHE=${VRDMA_CACHE:-/var/cache/vrdma}/qemu
 QEMU_APT_DIR=$QEMU_CACHE/apt
 QEMU_SOURCE_SUITE=trixie
 QEMU_SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+QEMU_PATCHES_DIR=$QEMU_SCRIPTS_DIR/patches
 
 qemu_log() { printf '[qemu] %s\n' "$*" >&2; }
 qemu_die() { printf '[qemu] error: %s\n' "$*" >&2; exit 1; }
@@ -73,6 +74,23 @@ qemu_edit_once() { # qemu_edit_once <file> <exact old line> <new line(s)>
   grep -qxF -- "$(printf '%s' "$new" | head -n1)" "$file" || qemu_die "edit of $file did not apply"
 }
 
+# Applies one patch of scripts/qemu/patches/ (paths a/... b/..., -p1) to the tree, for an edit too large for
+# qemu_edit_once. Like qemu_edit_once it keeps <file>.vrdma-orig of each file it touches (unless an earlier edit
+# already kept the pristine copy), so a changed edit list restores and re-applies in place; a patch already in the
+# tree is left alone, and one that does not apply (a new upstream version moved the code) stops the build.
+qemu_patch_once() { # qemu_patch_once <source tree> <patch file>
+  local src=$1 patch=$2 file
+  if (cd "$src" && patch -p1 -R --dry-run -s -f <"$patch" >/dev/null 2>&1); then
+    return 0
+  fi
+  while IFS= read -r file; do
+    [ -f "$src/$file" ] || qemu_die "patch $(basename "$patch"): $file is not in the tree"
+    [ -f "$src/$file.vrdma-orig" ] || cp -p "$src/$file" "$src/$file.vrdma-orig"
+  done < <(sed -n 's|^+++ b/\([^[:space:]]*\).*|\1|p' "$patch")
+  (cd "$src" && patch -p1 -s -f --no-backup-if-mismatch <"$patch" >&2) ||
+    qemu_die "patch $(basename "$patch") does not apply to $src"
+}
+
 # The source edits (see /work/shared/research/qemu.md and scripts/qemu/README.md):
 #  1. the generic vhost-user device is not user creatable in QEMU <= 10.1: make it (and its PCI proxy) creatable;
 #  2. virtio_id_to_name() asserts for an ID missing from its name table: give virtio ID 42 a name;
@@ -80,7 +98,10 @@ qemu_edit_once() { # qemu_edit_once <file> <exact old line> <new line(s)>
 #     the first vhost_dev_init (a reconnecting chardev connects asynchronously), re-initialise the vhost state on
 #     a reconnection (disconnect cleans it up), stop only a started device on disconnect, keep an inflight area
 #     across reconnections (GET/SET_INFLIGHT_FD at start), and set vq_index_end so SET_STATUS DRIVER_OK and
-#     SET_STATUS 0 reach the backend.
+#     SET_STATUS 0 reach the backend;
+#  4. patches/vhost-user-shmem.patch: VIRTIO shared memory regions for the generic device, protocol-compatible
+#     with QEMU 11.1 (protocol feature 22, GET_SHMEM_CONFIG 44, back-end requests SHMEM_MAP 9 / SHMEM_UNMAP 10;
+#     a BAR with one shared-memory capability per region).
 qemu_apply_edits() { # qemu_apply_edits <source tree>
   local src=$1
   qemu_edit_once "$src/hw/virtio/vhost-user-device.c" \
@@ -147,12 +168,16 @@ C
   qemu_edit_once "$base" \
     '    vub_stop(vdev);' \
     "$(printf '    if (vdev->vhost_started) { /* vrdma: never started, nothing to stop */\n        vub_stop(vdev);\n    }')"
+  local patch
+  for patch in "$QEMU_PATCHES_DIR"/*.patch; do
+    qemu_patch_once "$src" "$patch"
+  done
 }
 
-# A fingerprint of the source edits (the function bodies as bash normalizes them, so comments do not count): a
-# tree patched by other edits is restored from its .vrdma-orig copies and patched again.
+# A fingerprint of the source edits (the function bodies as bash normalizes them, so comments do not count, and
+# the patches): a tree patched by other edits is restored from its .vrdma-orig copies and patched again.
 qemu_edits_fingerprint() {
-  declare -f qemu_edit_once qemu_apply_edits | sha256sum | cut -d' ' -f1
+  { declare -f qemu_edit_once qemu_patch_once qemu_apply_edits; cat "$QEMU_PATCHES_DIR"/*.patch; } | sha256sum | cut -d' ' -f1
 }
 
 # Prints the path of the unpacked, patched source tree of <version>, fetching and patching it when missing.

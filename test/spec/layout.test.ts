@@ -380,3 +380,30 @@ t.test('a complete MODIFY_QP to RTR request, as a driver builds it', async (t) =
   t.same([...a.dgid], [...dgid], 'the virtual GID arrives intact');
   t.equal(req[16 + 8 + 48 + 15], 2, 'the dgid sits at request body offset 56 (the detail of DESTINATION_UNREACHABLE)');
 });
+
+t.test('feature-gated fields (section 13): omitted means zero, named means written, decoded always', async (t) => {
+  const v1 = L.CreateQpRequest.encode({
+    pd_handle: 1, send_cq_handle: 2, recv_cq_handle: 2, qp_type: L.QpType.RC, sq_sig_all: 0, sq_page_shift: 12,
+    rq_page_shift: 12, max_send_wr: 8, max_recv_wr: 8, max_send_sge: 1, max_recv_sge: 1, max_inline_data: 0,
+    sq_num_pages: 1, rq_num_pages: 1, sq_index_gpa: 0x1000n, rq_index_gpa: 0x1008n,
+  });
+  t.same([...v1.subarray(44, 48)], [0, 0, 0, 0], 'a version 1 encoder that never names map_flags writes the old reserved zeros');
+  t.equal(L.CreateQpRequest.decode(v1).map_flags, 0, 'decode returns the gated field');
+  const mapped = L.CreateQpRequest.encode({ ...L.CreateQpRequest.decode(v1), map_flags: L.MapFlag.MAP });
+  t.equal(new DataView(mapped.buffer, mapped.byteOffset).getUint32(44, true), L.MapFlag.MAP, 'a named gated field is written');
+  t.throws(() => L.CreateCqRequest.encode({ cqe_count: 1, page_shift: 12, num_pages: 0, index_gpa: 0n, map_flags: -1 }), L.LayoutError, 'and checked like any field');
+  const cfg = L.DeviceConfig.decode(new Uint8Array(L.DeviceConfig.size));
+  t.equal(cfg.max_mapped_queues, 0, 'the configuration decodes the section 13 fields');
+});
+
+t.test('section 13 layouts: the mapped responses begin with the version 1 bodies', async (t) => {
+  t.equal(L.CreateCqMappedResponse.field('cq').ref, 'CreateCqResponse');
+  t.equal(L.CreateQpMappedResponse.field('qp').ref, 'CreateQpResponse');
+  t.equal(L.CreateCqMappedResponse.offsetOf('cq'), 0);
+  t.equal(L.CreateQpMappedResponse.offsetOf('qp'), 0);
+  t.equal(L.MAPPED_RESPONSES.get(L.Command.CREATE_CQ), L.CreateCqMappedResponse);
+  t.equal(L.MAPPED_RESPONSES.get(L.Command.CREATE_QP), L.CreateQpMappedResponse);
+  t.equal(L.RxeQueueHeader.size, L.MappingLimits.RXE_QUEUE_HEADER_SIZE, 'the rxe header is 384 bytes');
+  t.equal(L.MappedDoorbell.size, L.MappingLimits.DOORBELL_SLOT_SIZE);
+  t.equal(L.MappingLimits.DOORBELL_PAGE_SIZE / L.MappingLimits.DOORBELL_SLOT_SIZE, 512, '512 slots per doorbell page');
+});

@@ -36,6 +36,9 @@ const CONSTANT_SETS: Record<string, Readonly<Record<string, number>>> = {
   WcStatus: L.WcStatus,
   WcFlag: L.WcFlag,
   Limits: L.Limits,
+  HostQueueFormat: L.HostQueueFormat,
+  DoorbellMode: L.DoorbellMode,
+  MapFlag: L.MapFlag,
 };
 
 /** How the spec's Type column spells a field. */
@@ -253,4 +256,25 @@ t.test('every "offset N" in a command section of chapter 8 is the offset of a fi
     t.ok(section === '8.6' || named.length > 0, `section ${section} names offsets`);
     for (const n of named) t.ok(allowed.has(n), `section ${section}: offset ${n} is a field of ${layouts.map((l) => l.name).join('/')}`);
   }
+});
+
+t.test('section 13.3: every "offset N" of the mapped error lists is a field of CREATE_CQ or CREATE_QP', async (t) => {
+  const start = spec.indexOf('\n### 13.3 ');
+  const end = spec.indexOf('\n### ', start + 1);
+  t.ok(start >= 0 && end > start, 'section 13.3 exists');
+  const text = spec.slice(start, end);
+  const cq = spec.indexOf('Errors of CREATE_CQ with MAP', start);
+  const qp = spec.indexOf('Errors of CREATE_QP with MAP', start);
+  t.ok(cq > start && qp > cq, 'both error lists are there');
+  const offsets = (from: number, to: number): number[] =>
+    [...spec.slice(from, to).matchAll(/offsets? (\d+(?:(?:, | or | and )\d+)*)\b/g)].flatMap((m) => m[1]!.split(/, | or | and /).map(Number));
+  const cqFields = new Set(L.CreateCqRequest.fields.map((f) => f.offset));
+  const qpFields = new Set(L.CreateQpRequest.fields.map((f) => f.offset));
+  for (const n of offsets(cq, qp)) t.ok(cqFields.has(n), `CREATE_CQ: offset ${n} is a field of CreateCqRequest`);
+  for (const n of offsets(qp, end)) t.ok(qpFields.has(n), `CREATE_QP: offset ${n} is a field of CreateQpRequest`);
+  t.match(text, new RegExp(`CreateCqRequest \\(offset ${L.CreateCqRequest.offsetOf('map_flags')}\\)`), 'CreateCqRequest map_flags offset');
+  t.match(text, new RegExp(`CreateQpRequest\\s+\\(offset ${L.CreateQpRequest.offsetOf('map_flags')}\\)`), 'CreateQpRequest map_flags offset');
+  t.match(spec, new RegExp(`\\| ${L.ResourceKind.MAPPING} \\| MAPPING \\|`), 'ResourceKind MAPPING');
+  // Section 13.6: slots per doorbell page, as the prose says.
+  t.match(spec, new RegExp(`a page holds ${L.MappingLimits.DOORBELL_PAGE_SIZE / L.MappingLimits.DOORBELL_SLOT_SIZE} slots`));
 });

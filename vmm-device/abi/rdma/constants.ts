@@ -25,7 +25,10 @@ export const FeatureBit = {
   SRQ: 8,
 } as const;
 
-/** Feature bits a v1 device must not offer and a v1 driver must not accept: named so that later versions can. */
+/**
+ * Feature bits this implementation neither offers nor accepts: MIGRATION and SRQ are reserved by the spec;
+ * HOST_QUEUE_MAPPING is defined (section 13) but stays here until the device and the driver implement it.
+ */
 export const RESERVED_FEATURE_BITS: readonly number[] = [FeatureBit.HOST_QUEUE_MAPPING, FeatureBit.MIGRATION, FeatureBit.SRQ];
 
 /** Control-queue command numbers (spec section 8). */
@@ -80,6 +83,7 @@ export const ResourceKind = {
   AH: 5,
   MR_BYTES: 6,
   HOST: 7,
+  MAPPING: 8,
 } as const;
 
 /** Event types on the event queue (spec section 9). */
@@ -382,4 +386,36 @@ export const Limits = {
   MAX_QUEUE_DEPTH: 1 << 22,
   /** Records the device takes from one doorbell buffer; later ones are ignored and reported (bounded work per buffer). */
   DOORBELL_MAX_RECORDS: 256,
+} as const;
+
+// ---- Section 13: host queue mapping ----
+
+/** The format of mapped host queues (configuration `host_queue_format`, QueueMapping `format`). */
+export const HostQueueFormat = {
+  NONE: 0,
+  RXE: 1,
+} as const;
+
+/** `map_flags` of CreateCqRequest and CreateQpRequest (with HOST_QUEUE_MAPPING). */
+export const MapFlag = {
+  MAP: 0x1,
+} as const;
+export const DEFINED_MAP_FLAGS = 0x1;
+
+/** How the device learns of a mapped doorbell (configuration `doorbell_mode`). */
+export const DoorbellMode = {
+  POLLED: 0,
+  NOTIFY: 1,
+} as const;
+
+/** Sizes of the mapped mode (section 13). */
+export const MappingLimits = {
+  MAPPING_ALIGN: 4096,
+  DOORBELL_SLOT_SIZE: 8,
+  DOORBELL_PAGE_SIZE: 4096,
+  RXE_QUEUE_HEADER_SIZE: 384,
+  RXE_SEND_WQE_BASE: 208,
+  RXE_RECV_WQE_BASE: 40,
+  RXE_CQE_SLOT_SIZE: 128,
+  RXE_MIN_SLOT_SIZE: 64,
 } as const;

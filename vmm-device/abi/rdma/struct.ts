@@ -17,13 +17,20 @@ export interface FieldDef<N extends string = string, T extends FieldType = Field
   readonly size: number;
   /** For a `bytes` field that holds another structure: that structure's name (spec type column `struct X`). */
   readonly ref?: string;
+  /**
+   * A field that a later feature gave to bytes version 1 declared reserved (spec section 1.3): encoders written
+   * before the feature may leave it out and it is written as zero, which is what the reserved bytes held.
+   */
+  readonly gated?: true;
 }
 
 type ValueOfType<T extends FieldType> = T extends 'u64' ? bigint : T extends 'bytes' ? Uint8Array : number;
 
-/** The decoded value of a structure: one property per non-reserved field. */
+/** The decoded value of a structure: one property per non-reserved field (feature-gated ones optional on encode). */
 export type ValueOf<F extends readonly FieldDef[]> = {
-  [E in F[number] as E['type'] extends 'reserved' ? never : E['name']]: ValueOfType<E['type']>;
+  [E in F[number] as E['type'] extends 'reserved' ? never : E extends { readonly gated: true } ? never : E['name']]: ValueOfType<E['type']>;
+} & {
+  [E in F[number] as E extends { readonly gated: true } ? E['name'] : never]?: ValueOfType<E['type']>;
 };
 
 const NUMERIC_SIZE = { u8: 1, u16: 2, u32: 4, u64: 8 } as const;
@@ -45,6 +52,14 @@ export function bytes<N extends string>(name: N, offset: number, size: number, r
   return ref === undefined ? { name, type: 'bytes', offset, size } : { name, type: 'bytes', offset, size, ref: ref.name };
 }
 /** Reserved bytes: written as zero by encode, never decoded. */
+/**
+ * Marks a field as given by a later feature to formerly reserved bytes: an encoder that omits it writes zero there
+ * (so version 1 code, which never names it, keeps producing the bytes it always did).
+ */
+export function gated<N extends string, T extends FieldType>(f: FieldDef<N, T>): FieldDef<N, T> & { readonly gated: true } {
+  return { ...f, gated: true };
+}
+
 export function reserved(offset: number, size: number): FieldDef<'reserved', 'reserved'> {
   return { name: 'reserved', type: 'reserved', offset, size };
 }
@@ -52,6 +67,11 @@ export function reserved(offset: number, size: number): FieldDef<'reserved', 're
 /** Natural alignment of a field: its size for numbers, 1 for byte arrays (nested structures: see Layout.alignment). */
 export function fieldAlignment(field: FieldDef): number {
   return field.type === 'bytes' || field.type === 'reserved' ? 1 : field.size;
+}
+
+/** The value an omitted feature-gated field is written as: zero, the reserved bytes' old content. */
+function zeroOf(f: FieldDef): unknown {
+  return f.type === 'u64' ? 0n : f.type === 'bytes' ? new Uint8Array(f.size) : 0;
 }
 
 export class LayoutError extends RangeError {
@@ -126,7 +146,7 @@ export class Layout<V> {
         new Uint8Array(out.buffer, out.byteOffset + offset + f.offset, f.size).fill(0);
         continue;
       }
-      const v = record[f.name];
+      const v = f.gated === true && record[f.name] === undefined ? zeroOf(f) : record[f.name];
       const where = `${this.name}.${f.name}`;
       switch (f.type) {
         case 'u8':

@@ -3,7 +3,7 @@
 // is covered exactly once, and that every field is naturally aligned.
 
 import { Command, type CommandName, Limits } from './constants.ts';
-import { bytes, layout, Layout, reserved, u16, u32, u64, u8 } from './struct.ts';
+import { bytes, gated, layout, Layout, reserved, u16, u32, u64, u8 } from './struct.ts';
 
 // ---- Section 5: device configuration ----
 
@@ -38,7 +38,11 @@ export const DeviceConfig = layout('DeviceConfig', 128, [
   reserved(95, 1),
   bytes('gid', 96, Limits.GID_SIZE),
   bytes('mac', 112, Limits.MAC_SIZE),
-  reserved(118, 10),
+  // Section 13 (HOST_QUEUE_MAPPING): zero unless the device offers the feature.
+  gated(u8('host_queue_format', 118)),
+  gated(u8('doorbell_mode', 119)),
+  gated(u32('max_mapped_queues', 120)),
+  reserved(124, 4),
 ]);
 
 // ---- Section 7: control queue framing ----
@@ -123,7 +127,7 @@ export const CreateCqRequest = layout('CreateCqRequest', 24, [
   u8('page_shift', 4),
   reserved(5, 3),
   u32('num_pages', 8),
-  reserved(12, 4),
+  gated(u32('map_flags', 12)),
   u64('index_gpa', 16),
 ]);
 
@@ -172,7 +176,7 @@ export const CreateQpRequest = layout('CreateQpRequest', 64, [
   u32('max_inline_data', 32),
   u32('sq_num_pages', 36),
   u32('rq_num_pages', 40),
-  reserved(44, 4),
+  gated(u32('map_flags', 44)),
   u64('sq_index_gpa', 48),
   u64('rq_index_gpa', 56),
 ]);
@@ -311,6 +315,52 @@ export const Cqe = layout('Cqe', 32, [
   u32('vendor_err', 28),
 ]);
 
+// ---- Section 13: host queue mapping ----
+
+/** Where one mapped host queue is in a shared memory region, and its slots. */
+export const QueueMapping = layout('QueueMapping', 32, [
+  u64('offset', 0),
+  u64('size', 8),
+  u32('num_slots', 16),
+  u32('slot_size', 20),
+  u8('shmid', 24),
+  u8('format', 25),
+  reserved(26, 6),
+]);
+
+/** CREATE_CQ's response body when HOST_QUEUE_MAPPING is negotiated (mapped CQ or not). */
+export const CreateCqMappedResponse = layout('CreateCqMappedResponse', 48, [
+  bytes('cq', 0, 8, CreateCqResponse),
+  bytes('queue', 8, 32, QueueMapping),
+  u8('mapped', 40),
+  reserved(41, 7),
+]);
+
+/** CREATE_QP's response body when HOST_QUEUE_MAPPING is negotiated (mapped QP or not). */
+export const CreateQpMappedResponse = layout('CreateQpMappedResponse', 112, [
+  bytes('qp', 0, 32, CreateQpResponse),
+  bytes('sq', 32, 32, QueueMapping),
+  bytes('rq', 64, 32, QueueMapping),
+  u64('doorbell_offset', 96),
+  u8('doorbell_shmid', 104),
+  u8('mapped', 105),
+  reserved(106, 6),
+]);
+
+/** A mapped QP's doorbell slot, in a doorbell page of a shared memory region. */
+export const MappedDoorbell = layout('MappedDoorbell', 8, [u32('sq_producer_index', 0), reserved(4, 4)]);
+
+/** The header of an rxe queue buffer (Linux include/uapi/rdma/rdma_user_rxe.h, struct rxe_queue_buf). */
+export const RxeQueueHeader = layout('RxeQueueHeader', 384, [
+  u32('log2_elem_size', 0),
+  u32('index_mask', 4),
+  reserved(8, 120),
+  u32('producer_index', 128),
+  reserved(132, 124),
+  u32('consumer_index', 256),
+  reserved(260, 124),
+]);
+
 /** Every structure of the spec, by the name its table carries. */
 export const ALL_LAYOUTS: ReadonlyMap<string, Layout<unknown>> = new Map(
   (
@@ -345,6 +395,11 @@ export const ALL_LAYOUTS: ReadonlyMap<string, Layout<unknown>> = new Map(
       SendWqe,
       RecvWqe,
       Cqe,
+      QueueMapping,
+      CreateCqMappedResponse,
+      CreateQpMappedResponse,
+      MappedDoorbell,
+      RxeQueueHeader,
     ] as Layout<unknown>[]
   ).map((l) => [l.name, l]),
 );
@@ -385,3 +440,12 @@ export const COMMANDS: ReadonlyMap<number, CommandSpec> = new Map(
     command('DESTROY_AH', HandleRequest, Empty),
   ].map((c) => [c.code, c]),
 );
+
+/**
+ * The response bodies of CREATE_CQ and CREATE_QP when HOST_QUEUE_MAPPING is negotiated (spec section 13.3): for
+ * every CQ and QP, mapped or not, so that the framing check of the response buffer needs no field of the request.
+ */
+export const MAPPED_RESPONSES: ReadonlyMap<number, Layout<unknown>> = new Map<number, Layout<unknown>>([
+  [Command.CREATE_CQ, CreateCqMappedResponse],
+  [Command.CREATE_QP, CreateQpMappedResponse],
+]);

@@ -16,6 +16,7 @@ import {
   decodeHeader,
   encodeMessage,
 } from './messages.ts';
+import { encodeShmemMap, type ShmemMapRequest } from './shmem-messages.ts';
 
 /** How long a front-end may take to answer a back-end request. */
 export const BACKEND_REPLY_TIMEOUT_MS = 5000;
@@ -25,6 +26,11 @@ interface Pending {
   resolve: (v: bigint | undefined) => void;
   reject: (e: Error) => void;
   timer: NodeJS.Timeout;
+}
+
+/** The front-end did not (or could not be asked to) perform a SHMEM_MAP or SHMEM_UNMAP. */
+export class ShmemRefusedError extends Error {
+  override name = 'ShmemRefusedError';
 }
 
 export class BackendChannel {
@@ -55,6 +61,28 @@ export class BackendChannel {
 
   configChanged(): Promise<bigint | undefined> {
     return this.request(BackendRequest.CONFIG_CHANGE_MSG, new Uint8Array(0), []);
+  }
+
+  /**
+   * SHMEM_MAP: asks the front-end to map `m.len` bytes of `fd` at `m.fdOffset` into shared memory region `m.shmid`
+   * at `m.shmOffset`. Resolves once the front-end confirmed it; rejects when it refused (its answer is non-zero),
+   * when REPLY_ACK was not negotiated (a mapping the guest is told about must be known to exist), or when the
+   * channel fails. The caller keeps `fd`: the front-end gets its own copy with the message.
+   */
+  async shmemMap(m: ShmemMapRequest, fd: number): Promise<void> {
+    await this.confirmed(BackendRequest.SHMEM_MAP, encodeShmemMap(m), [fd], m);
+  }
+
+  /** SHMEM_UNMAP of exactly one earlier mapping (same shmid, shmOffset and len); resolves once confirmed. */
+  async shmemUnmap(m: ShmemMapRequest): Promise<void> {
+    await this.confirmed(BackendRequest.SHMEM_UNMAP, encodeShmemMap(m), [], m);
+  }
+
+  private async confirmed(code: number, payload: Uint8Array, fds: readonly number[], m: ShmemMapRequest): Promise<void> {
+    const what = `${backendRequestName(code)} of region ${m.shmid} [0x${m.shmOffset.toString(16)}, +0x${m.len.toString(16)})`;
+    if (!this.replyAck) throw new ShmemRefusedError(`${what}: REPLY_ACK was not negotiated, so no answer would confirm it`);
+    const answer = await this.request(code, payload, fds);
+    if (answer !== 0n) throw new ShmemRefusedError(`${what}: the front-end refused it (answer ${String(answer)})`);
   }
 
   private send(code: number, payload: Uint8Array, fds: readonly number[]): Promise<bigint | undefined> {

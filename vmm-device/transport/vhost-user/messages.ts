@@ -166,7 +166,9 @@ export const ProtocolFeature = {
   XEN_MMAP: 17,
   SHARED_OBJECT: 18,
   DEVICE_STATE: 19,
-  SHMEM: 20,
+  // QEMU 11.1's number (vhost-user.rst); bits 20 and 21 belong to other features, and older rust-vmm code that used
+  // 21 for SHMEM does not interoperate with QEMU.
+  SHMEM: 22,
 } as const;
 export type ProtocolFeatureName = keyof typeof ProtocolFeature;
 
