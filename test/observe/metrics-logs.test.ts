@@ -15,6 +15,10 @@ import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { run } from '../../vmm-device/cli/main.ts';
 import { queryStatus } from '../../vmm-device/cli/status.ts';
 import type { BackendStatus } from '../../vmm-device/vpc/backend.ts';
+import { EtcdClient } from '../../vmm-device/vpc/etcd-client.ts';
+import { publishPolicy } from '../../vmm-device/vpc/etcd-source.ts';
+import { RecordingLogger } from '../../vmm-device/util/log.ts';
+import { EtcdCluster } from '../vpc/etcd-harness.ts';
 import { openGuest, root, scrape, startBackend } from './rig.ts';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'vrdma-observe-'));
@@ -235,5 +239,32 @@ t.test('under a VPC policy: the status view counters per VM and per VPC, quota h
   await cq.destroy();
   for (const pd of pds) await pd.dealloc();
   await g.close();
+  t.equal(await b.stop(), 0);
+});
+
+t.test('etcd control plane: connected, revisions, disconnects and catch-ups as gauges and counters', async (t) => {
+  const cluster = await EtcdCluster.start(1);
+  t.teardown(() => cluster.stop());
+  const writer = new EtcdClient({ endpoints: cluster.endpoints, log: new RecordingLogger('writer') });
+  const prefix = '/test/observe/';
+  await publishPolicy(writer, prefix, JSON.parse(readFileSync(path.join(root, 'fixtures/vpc/two-tenants.json'), 'utf8')));
+  const sock = path.join(dir, 'g1.sock');
+  const b = startBackend(['--socket', sock, '--device', 'fake0', '--vpc-etcd', cluster.endpoints.join(','), '--vpc-prefix', prefix, '--vm-id', 'g1', '--host-id', 'host-1', '--metrics', '127.0.0.1:0']);
+  t.teardown(() => b.stop());
+  const serving = JSON.parse(await b.line((l) => l.includes('"msg":"serving"'), 'serving line')) as { metrics: string };
+  const port = Number(serving.metrics.split(':').pop());
+  let fams = parse((await scrape(port)).body);
+  t.equal(value(fams, 'vrdma_etcd_connected', {}), 1);
+  t.ok(value(fams, 'vrdma_etcd_revision', { of: 'applied' })! > 0, 'the revision in force');
+  t.equal(value(fams, 'vrdma_etcd_disconnects_total', {}), 0);
+  await cluster.members[0]!.kill();
+  const deadline = Date.now() + 30_000;
+  do {
+    await new Promise((r) => setTimeout(r, 200));
+    fams = parse((await scrape(port)).body);
+  } while (value(fams, 'vrdma_etcd_connected', {}) !== 0 && Date.now() < deadline);
+  t.equal(value(fams, 'vrdma_etcd_connected', {}), 0, 'etcd unreachable');
+  t.equal(value(fams, 'vrdma_etcd_disconnects_total', {}), 1);
+  t.equal(value(fams, 'vrdma_policy_version', {}), 1, 'the last known policy stays in force');
   t.equal(await b.stop(), 0);
 });
