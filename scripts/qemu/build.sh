@@ -17,10 +17,16 @@ CONFIGURE_ARGS=(
 )
 BUILD_JOBS=${VRDMA_QEMU_JOBS:-2}
 
+# Progress on stderr: each set-up step says what it does when it starts and how long it took when it ends, so a
+# caller waiting minutes sees where the time goes (the cache lock other callers hold, the fetch, make).
+step_begin() { STEP_WHAT=$1; STEP_T0=$(date +%s%N); qemu_log "$1 ..."; }
+step_end() { qemu_log "$STEP_WHAT: $(( ($(date +%s%N) - STEP_T0) / 1000000 )) ms"; }
+
 need() { # need <what> <debian package> <test command...>
   local what=$1 pkg=$2; shift 2
   "$@" >/dev/null 2>&1 || qemu_die "$what is missing: apt-get install $pkg (scripts/setup.sh installs it)"
 }
+step_begin "checking the build tools"
 need "meson >= 1.5" "-t bookworm-backports meson" \
   sh -c 'meson --version | awk -F. "{exit !(\$1>1 || (\$1==1 && \$2>=5))}"'
 need "ninja" ninja-build command -v ninja
@@ -30,9 +36,14 @@ need "pixman headers" libpixman-1-dev pkg-config --exists pixman-1
 need "zlib headers" zlib1g-dev pkg-config --exists zlib
 need "a C compiler" gcc command -v cc
 need "make" make command -v make
+step_end
 
+step_begin "waiting for the QEMU cache lock ($QEMU_CACHE/.lock)"
 qemu_lock
+step_end
+step_begin "looking up the $QEMU_SOURCE_SUITE qemu source version"
 version=$(qemu_source_version)
+step_end
 dir=$(qemu_version_dir "$version")
 # The binary is valid for these source edits and this configuration: a change to either builds another one,
 # cached next to the others under its own recipe (a QEMU still running an older binary keeps it).
@@ -48,19 +59,21 @@ if [ -x "$binary" ]; then
   exit 0
 fi
 
+step_begin "fetching and patching the qemu $version source (cached after the first time)"
 tree=$(qemu_source_tree "$version")
+step_end
 
 cd "$tree"
 if [ ! -f build/build.ninja ] || [ "$(cat build/.vrdma-configure 2>/dev/null)" != "${CONFIGURE_ARGS[*]}" ]; then
-  qemu_log "configuring (minimal x86_64-softmmu)"
+  step_begin "configuring (minimal x86_64-softmmu)"
   rm -rf build
   ./configure "${CONFIGURE_ARGS[@]}" >&2 || qemu_die "configure failed"
   echo "${CONFIGURE_ARGS[*]}" > build/.vrdma-configure
+  step_end
 fi
-start=$(date +%s)
-qemu_log "building qemu-system-x86_64 with make -j$BUILD_JOBS (about 3.5 minutes on 2 cores)"
+step_begin "building qemu-system-x86_64 with make -j$BUILD_JOBS (about 3.5 minutes on 2 cores)"
 make -j"$BUILD_JOBS" qemu-system-x86_64 >&2 || qemu_die "make qemu-system-x86_64 failed"
-qemu_log "built in $(( $(date +%s) - start )) s"
+step_end
 
 mkdir -p "$(dirname "$binary")"
 cp -f build/qemu-system-x86_64 "$binary.tmp"

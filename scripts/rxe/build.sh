@@ -10,8 +10,16 @@
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
+# Progress on stderr: each set-up step says what it does when it starts and how long it took when it ends.
+step_begin() { STEP_WHAT=$1; STEP_T0=$(date +%s%N); rxe_log "$1 ..."; }
+step_end() { rxe_log "$STEP_WHAT: $(( ($(date +%s%N) - STEP_T0) / 1000000 )) ms"; }
+
+step_begin "checking the Debian packages the build needs"
 rxe_ensure_packages
+step_end
+step_begin "waiting for the test host's cache lock"
 rxe_lock
+step_end
 dir=$RXE_CACHE/$RXE_KERNEL_VERSION
 # The build is valid for this recipe: a change to the init script, the module list or this script rebuilds it.
 recipe=$(cat "$RXE_SCRIPTS_DIR/init.sh" "$RXE_SCRIPTS_DIR/build.sh" "$RXE_SCRIPTS_DIR/common.sh" /bin/busybox | sha256sum | cut -d' ' -f1)
@@ -23,6 +31,7 @@ fi
 rxe_log "building the test host's kernel and initramfs ($RXE_KERNEL_PACKAGE) into $dir"
 work=$(mktemp -d "${TMPDIR:-/tmp}/vrdma-rxe-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+step_begin "downloading $RXE_KERNEL_PACKAGE (apt-get download)"
 (
   cd "$work"
   # apt's sandbox user cannot write to a root-owned temporary folder; the warning it prints is harmless.
@@ -41,12 +50,16 @@ extract_vmlinux() { # extract_vmlinux <vmlinuz> <output>
   readelf -n "$2" 2>/dev/null | grep -q 'Xen' || rxe_die "the kernel in $1 has no PVH entry note (CONFIG_PVH)"
 }
 
+step_end
 deb=$(ls "$work"/"$RXE_KERNEL_PACKAGE"_*.deb)
+step_begin "unpacking $(basename "$deb")"
 dpkg-deb -x "$deb" "$work/kernel"
+step_end
 modules_dir=$work/kernel/lib/modules/$RXE_KERNEL_VERSION
 [ -d "$modules_dir" ] || rxe_die "$deb has no lib/modules/$RXE_KERNEL_VERSION"
 
 # Load order: every module after its dependencies (depth-first over `modinfo -F depends`).
+step_begin "indexing the kernel's modules and resolving the load order of ${RXE_ROOT_MODULES[*]}"
 declare -A module_path=() visited=()
 while IFS= read -r -d '' ko; do
   name=$(basename "$ko"); name=${name%.ko*}
@@ -64,7 +77,9 @@ add_module() {
   order+=("$name")
 }
 for m in "${RXE_ROOT_MODULES[@]}"; do add_module "$m"; done
+step_end
 
+step_begin "writing the initramfs (busybox, /init, ${#order[@]} modules)"
 root=$work/initramfs
 mkdir -p "$root"/{bin,dev,proc,sys,modules}
 cp /bin/busybox "$root/bin/busybox"
@@ -83,7 +98,10 @@ rxe_log "modules, in load order: ${order[*]}"
 
 mkdir -p "$dir"
 (cd "$root" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$dir/initrd.gz.new"
+step_end
+step_begin "extracting the ELF vmlinux from vmlinuz-$RXE_KERNEL_VERSION"
 extract_vmlinux "$work/kernel/boot/vmlinuz-$RXE_KERNEL_VERSION" "$dir/vmlinux.new"
+step_end
 mv "$dir/initrd.gz.new" "$dir/initrd.gz"
 mv "$dir/vmlinux.new" "$dir/vmlinux"
 printf '%s\n' "$recipe" >"$dir/.recipe"

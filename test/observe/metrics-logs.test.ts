@@ -5,7 +5,7 @@
 // naming the flag; --log-format human keeps the old lines.
 
 import t from 'tap';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import parse, { type PromFamily } from 'parse-prometheus-text-format';
@@ -13,7 +13,13 @@ import { AccessFlag, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 import { gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { run } from '../../vmm-device/cli/main.ts';
-import { openGuest, scrape, startBackend } from './rig.ts';
+import { queryStatus } from '../../vmm-device/cli/status.ts';
+import type { BackendStatus } from '../../vmm-device/vpc/backend.ts';
+import { EtcdClient } from '../../vmm-device/vpc/etcd-client.ts';
+import { publishPolicy } from '../../vmm-device/vpc/etcd-source.ts';
+import { RecordingLogger } from '../../vmm-device/util/log.ts';
+import { EtcdCluster } from '../vpc/etcd-harness.ts';
+import { openGuest, root, scrape, startBackend } from './rig.ts';
 
 const dir = mkdtempSync(path.join(tmpdir(), 'vrdma-observe-'));
 t.teardown(() => rmSync(dir, { recursive: true, force: true }));
@@ -175,4 +181,90 @@ t.test('--metrics: loopback unless allowed, HOST:PORT checked, naming the flag',
   t.equal(r.status, 200);
   t.equal(await b.stop(), 0);
   t.ok(b.lines.every((l) => /^(debug|info|warn|error) vrdma-backend(\/\S+)?: /.test(l)), 'every line in the human format');
+});
+
+t.test('under a VPC policy: the status view counters per VM and per VPC, quota hits, policy reloads', async (t) => {
+  const policyFile = path.join(dir, 'policy.json');
+  const fixture = JSON.parse(readFileSync(path.join(root, 'fixtures/vpc/two-tenants.json'), 'utf8')) as { tenants: { qos: { dscp: number } }[] };
+  writeFileSync(policyFile, JSON.stringify(fixture));
+  const sock = path.join(dir, 'a1.sock');
+  const statusSock = path.join(dir, 'a1-status.sock');
+  const b = startBackend(['--socket', sock, '--device', 'fake0', '--vpc-policy', policyFile, '--vm-id', 'a1', '--host-id', 'host-1', '--metrics', '127.0.0.1:0', '--status-socket', statusSock]);
+  t.teardown(() => b.stop());
+  const serving = JSON.parse(await b.line((l) => l.includes('"msg":"serving"'), 'serving line')) as { metrics: string };
+  const port = Number(serving.metrics.split(':').pop());
+  const g = await openGuest(sock);
+  const { ctx } = g;
+  const pds = [];
+  for (let i = 0; i < 4; i++) pds.push(await ctx.allocPd());
+  await t.rejects(ctx.allocPd(), { name: 'CommandError', statusName: 'NO_RESOURCES' }, 'the fifth PD: over the pds quota of 4');
+  const cq = await ctx.createCq(16);
+  const qp = await ctx.createQp(pds[0]!, { type: 'RC', sendCq: cq, recvCq: cq });
+  await t.rejects(qp.connect({ gid: gidFromIpv4('172.16.0.9'), qpn: 3 }), { name: 'CommandError', statusName: 'DESTINATION_UNREACHABLE' }, 'no such address in the VPC');
+  await qp.connect({ gid: gidFromIpv4('172.16.0.2'), qpn: 0x99 });
+
+  let fams = parse((await scrape(port)).body);
+  const a1 = { vm: 'a1', vpc: 'acme-prod' };
+  // The metrics are the status view's counters: compare each with the view the status socket serves.
+  const view = (await queryStatus(statusSock)) as BackendStatus;
+  const vmView = view.vms.find((v) => v.vm === 'a1')!;
+  t.ok(vmView.counters.allowed >= 1 && vmView.counters.unreachable >= 1, 'the activity is in the view');
+  for (const outcome of ['allowed', 'unreachable', 'unknownDestination', 'otherVpc', 'refusedByRule', 'tornDown'] as const) {
+    t.equal(value(fams, 'vrdma_vm_connections_total', { ...a1, outcome }), vmView.counters[outcome], `per VM: ${outcome} as in the view`);
+    t.equal(value(fams, 'vrdma_vpc_connections_total', { vpc: 'acme-prod', outcome }), view.vpcs['acme-prod']![outcome], `per VPC: ${outcome} as in the view`);
+  }
+  t.equal(value(fams, 'vrdma_vm_quota_hits_total', { ...a1, quota: 'pds' }), 1, 'the quota hit');
+  t.equal(vmView.counters.quotaHits.pds, 1, '(the view agrees)');
+  t.equal(value(fams, 'vrdma_vpc_quota_hits_total', { vpc: 'acme-prod', quota: 'pds' }), view.vpcs['acme-prod']!.quotaHits.pds);
+  t.equal(value(fams, 'vrdma_vm_quota', { vm: 'a1', quota: 'pds', of: 'limit' }), 4);
+  t.equal(value(fams, 'vrdma_vm_quota', { vm: 'a1', quota: 'pds', of: 'used' }), vmView.quotas.pds.used);
+  t.equal(value(fams, 'vrdma_vm_quota', { vm: 'a1', quota: 'qps', of: 'used' }), vmView.quotas.qps.used);
+  t.equal(value(fams, 'vrdma_vm_connections', a1), 1, 'one live connection');
+  t.equal(value(fams, 'vrdma_policy_version', {}), 1);
+  t.equal(value(fams, 'vrdma_policy_reloads_total', {}), 1);
+  t.equal(fams.find((f) => f.name === 'vrdma_etcd_connected'), undefined, 'no etcd metrics with a file control plane');
+
+  // A reload: the policy's version and the reload counter move.
+  fixture.tenants[0]!.qos.dscp = 34;
+  writeFileSync(policyFile + '.tmp', JSON.stringify(fixture));
+  renameSync(policyFile + '.tmp', policyFile);
+  const deadline = Date.now() + 30_000;
+  do {
+    await new Promise((r) => setTimeout(r, 100));
+    fams = parse((await scrape(port)).body);
+  } while (value(fams, 'vrdma_policy_version', {}) !== 2 && Date.now() < deadline);
+  t.equal(value(fams, 'vrdma_policy_version', {}), 2, 'the edited policy in force');
+  t.equal(value(fams, 'vrdma_policy_reloads_total', {}), 2);
+  await qp.destroy();
+  await cq.destroy();
+  for (const pd of pds) await pd.dealloc();
+  await g.close();
+  t.equal(await b.stop(), 0);
+});
+
+t.test('etcd control plane: connected, revisions, disconnects and catch-ups as gauges and counters', async (t) => {
+  const cluster = await EtcdCluster.start(1);
+  t.teardown(() => cluster.stop());
+  const writer = new EtcdClient({ endpoints: cluster.endpoints, log: new RecordingLogger('writer') });
+  const prefix = '/test/observe/';
+  await publishPolicy(writer, prefix, JSON.parse(readFileSync(path.join(root, 'fixtures/vpc/two-tenants.json'), 'utf8')));
+  const sock = path.join(dir, 'g1.sock');
+  const b = startBackend(['--socket', sock, '--device', 'fake0', '--vpc-etcd', cluster.endpoints.join(','), '--vpc-prefix', prefix, '--vm-id', 'g1', '--host-id', 'host-1', '--metrics', '127.0.0.1:0']);
+  t.teardown(() => b.stop());
+  const serving = JSON.parse(await b.line((l) => l.includes('"msg":"serving"'), 'serving line')) as { metrics: string };
+  const port = Number(serving.metrics.split(':').pop());
+  let fams = parse((await scrape(port)).body);
+  t.equal(value(fams, 'vrdma_etcd_connected', {}), 1);
+  t.ok(value(fams, 'vrdma_etcd_revision', { of: 'applied' })! > 0, 'the revision in force');
+  t.equal(value(fams, 'vrdma_etcd_disconnects_total', {}), 0);
+  await cluster.members[0]!.kill();
+  const deadline = Date.now() + 30_000;
+  do {
+    await new Promise((r) => setTimeout(r, 200));
+    fams = parse((await scrape(port)).body);
+  } while (value(fams, 'vrdma_etcd_connected', {}) !== 0 && Date.now() < deadline);
+  t.equal(value(fams, 'vrdma_etcd_connected', {}), 0, 'etcd unreachable');
+  t.equal(value(fams, 'vrdma_etcd_disconnects_total', {}), 1);
+  t.equal(value(fams, 'vrdma_policy_version', {}), 1, 'the last known policy stays in force');
+  t.equal(await b.stop(), 0);
 });

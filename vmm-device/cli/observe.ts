@@ -209,7 +209,7 @@ export async function startObservability(
         } catch {
           // a header the session refuses: recorded by its bytes
         }
-        recorder.record({ kind: 'message', dir: e.direction, request, hex: Buffer.from(e.bytes).toString('hex'), fdCount: e.fdCount });
+        recorder.record({ kind: 'message', dir: e.direction, request, hex: e.bytes, fdCount: e.fdCount });
       };
     },
     async close() {

@@ -10,7 +10,7 @@ import type { DeviceQueue, QueueState } from '../virtqueue/queue.ts';
 import type { DescriptorChain } from '../virtqueue/chain.ts';
 import { VirtqueueError } from '../virtqueue/errors.ts';
 import { COMMANDS, CtrlRequestHeader, CtrlResponseHeader, Status } from '../abi/rdma/index.ts';
-import { MAX_RECORDED_BYTES, type EventRecorder } from './recorder.ts';
+import { MAX_RECORDED_BYTES, NO_RECORDER, type EventRecorder, type RecordedEvent } from './recorder.ts';
 
 /** The virtio-rdma control queue (spec section 7): requests whose latency is measured. */
 export const CONTROL_QUEUE = 0;
@@ -31,8 +31,6 @@ export interface ObserverHooks {
   onNeedsReset?: (why: string) => void;
 }
 
-const hex = (b: Uint8Array): string => Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('hex');
-
 function writtenBytes(chain: DescriptorChain, len: number): Uint8Array {
   const out = new Uint8Array(Math.min(len, MAX_RECORDED_BYTES));
   let done = 0;
@@ -47,12 +45,20 @@ function writtenBytes(chain: DescriptorChain, len: number): Uint8Array {
 /** A queue that reports what passes through it; behaves exactly as the queue it wraps. */
 class ObservedQueue implements DeviceQueue {
   private readonly started = new Map<DescriptorChain, { t: bigint; command: string }>();
+  /** Nothing to do per chain on this queue: the recorder is off and it is not the control queue. */
+  private readonly idle: boolean;
+  private readonly recording: boolean;
+  private readonly timing: boolean;
 
   constructor(
     private readonly q: DeviceQueue,
     private readonly index: number,
     private readonly hooks: ObserverHooks,
-  ) {}
+  ) {
+    this.recording = hooks.recorder !== NO_RECORDER;
+    this.timing = index === CONTROL_QUEUE && hooks.onControlAnswer !== undefined;
+    this.idle = !this.recording && !this.timing;
+  }
 
   get size(): number {
     return this.q.size;
@@ -69,22 +75,19 @@ class ObservedQueue implements DeviceQueue {
 
   pop(): DescriptorChain | VirtqueueError | null {
     const c = this.q.pop();
-    if (c === null) return c;
+    if (c === null || this.idle) return c;
     try {
       if (c instanceof VirtqueueError) {
         this.hooks.recorder.record({ kind: 'pop-error', queue: this.index, error: c.message });
         return c;
       }
-      const readable = c.reader().read(Math.min(c.readableBytes, MAX_RECORDED_BYTES));
-      this.hooks.recorder.record({
-        kind: 'chain',
-        queue: this.index,
-        id: c.id,
-        segments: c.describe(),
-        readable: hex(readable),
-        ...(c.readableBytes > MAX_RECORDED_BYTES ? { truncated: true } : {}),
-      });
-      if (this.index === CONTROL_QUEUE && this.hooks.onControlAnswer !== undefined && readable.length >= CtrlRequestHeader.size) {
+      const readable = c.reader().read(Math.min(c.readableBytes, this.recording ? MAX_RECORDED_BYTES : CtrlRequestHeader.size));
+      if (this.recording) {
+        const e: RecordedEvent = { kind: 'chain', queue: this.index, id: c.id, segments: { flat: c.segments.slice(), readable: c.readableCount }, readable };
+        if (c.readableBytes > MAX_RECORDED_BYTES) e.truncated = true;
+        this.hooks.recorder.record(e);
+      }
+      if (this.timing && readable.length >= CtrlRequestHeader.size) {
         const h = CtrlRequestHeader.decode(readable);
         this.started.set(c, { t: process.hrtime.bigint(), command: COMMANDS.get(h.command)?.name ?? `0x${h.command.toString(16)}` });
       }
@@ -96,10 +99,15 @@ class ObservedQueue implements DeviceQueue {
 
   pushUsed(chain: DescriptorChain, len: number): void {
     this.q.pushUsed(chain, len);
+    if (this.idle) return;
     try {
-      const written = writtenBytes(chain, len);
-      this.hooks.recorder.record({ kind: 'used', queue: this.index, id: chain.id, len, written: hex(written), ...(len > MAX_RECORDED_BYTES ? { truncated: true } : {}) });
-      const s = this.started.get(chain);
+      const written = writtenBytes(chain, this.recording ? len : CtrlResponseHeader.size);
+      if (this.recording) {
+        const e: RecordedEvent = { kind: 'used', queue: this.index, id: chain.id, len, written };
+        if (len > MAX_RECORDED_BYTES) e.truncated = true;
+        this.hooks.recorder.record(e);
+      }
+      const s = this.timing ? this.started.get(chain) : undefined;
       if (s !== undefined) {
         this.started.delete(chain);
         const status = written.length >= CtrlResponseHeader.size ? CtrlResponseHeader.decode(written).status : -1;

@@ -17,19 +17,27 @@ export const MAX_RECORD_EVENTS = 1 << 21;
 /** Bytes of a chain's readable or written part a record carries (a control request is at most a few KiB). */
 export const MAX_RECORDED_BYTES = 64 << 10;
 
+/**
+ * Bytes and segments are kept as the producer gave them (a Uint8Array copy, the chain's flat segment list) and
+ * turned into hex and objects only when a fixture is written: the data path pays a copy, not an encoding.
+ */
+export type Bytes = string | Uint8Array;
+/** Flat [addr0, len0, addr1, len1, ...] with the first `readable` segments device-readable, or the written form. */
+export type Segments = { addr: number; len: number; write: boolean }[] | { flat: readonly number[]; readable: number };
+
 export type RecordedEvent =
   /** A vhost-user message as it crossed the socket (header and payload), with the number of fds it carried. */
-  | { kind: 'message'; dir: 'in' | 'out'; request: string; hex: string; fdCount: number }
+  | { kind: 'message'; dir: 'in' | 'out'; request: string; hex: Bytes; fdCount: number }
   /** DRIVER_OK: the features and the queues the device was given, and the guest memory map then. */
   | { kind: 'activate'; features: string; queues: ({ index: number; size: number; layout: string } | null)[]; regions: { gpa: number; size: number }[] }
   | { kind: 'memory'; regions: { gpa: number; size: number }[] }
   | { kind: 'kick'; queue: number }
   /** A chain the device popped: its segments, and its readable bytes (cut at MAX_RECORDED_BYTES: `truncated`). */
-  | { kind: 'chain'; queue: number; id: number; segments: { addr: number; len: number; write: boolean }[]; readable: string; truncated?: boolean }
+  | { kind: 'chain'; queue: number; id: number; segments: Segments; readable: Bytes; truncated?: boolean }
   /** pop() returned the error that broke the queue. */
   | { kind: 'pop-error'; queue: number; error: string }
   /** A chain returned to the driver: `len` bytes written, and those bytes. */
-  | { kind: 'used'; queue: number; id: number; len: number; written: string; truncated?: boolean }
+  | { kind: 'used'; queue: number; id: number; len: number; written: Bytes; truncated?: boolean }
   | { kind: 'interrupt'; queue: number }
   | { kind: 'broken'; queue: number; error: string }
   | { kind: 'failed'; error: string }
@@ -37,6 +45,31 @@ export type RecordedEvent =
   | { kind: 'closed'; reason: string };
 
 export type StampedEvent = RecordedEvent & { seq: number; t: number };
+
+type Jsonish<E> = E extends { segments: Segments } ? Omit<E, 'segments' | 'readable'> & { segments: { addr: number; len: number; write: boolean }[]; readable: string } : E extends { written: Bytes } ? Omit<E, 'written'> & { written: string } : E extends { hex: Bytes } ? Omit<E, 'hex'> & { hex: string } : E;
+/** An event as a fixture holds it: bytes as hex, segments as objects. */
+export type FixtureEvent = Jsonish<StampedEvent>;
+
+const toHex = (b: Bytes): string => (typeof b === 'string' ? b : Buffer.from(b.buffer, b.byteOffset, b.byteLength).toString('hex'));
+
+/** The fixture form of an event (see FixtureEvent). */
+export function toFixtureEvent(e: StampedEvent): FixtureEvent {
+  switch (e.kind) {
+    case 'message':
+      return { ...e, hex: toHex(e.hex) };
+    case 'used':
+      return { ...e, written: toHex(e.written) };
+    case 'chain': {
+      const segs = e.segments;
+      const segments = Array.isArray(segs)
+        ? segs
+        : Array.from({ length: segs.flat.length >> 1 }, (_, i) => ({ addr: segs.flat[2 * i]!, len: segs.flat[2 * i + 1]!, write: i >= segs.readable }));
+      return { ...e, segments, readable: toHex(e.readable) };
+    }
+    default:
+      return e as FixtureEvent;
+  }
+}
 
 /** What a producer sees. */
 export interface EventRecorder {
@@ -86,10 +119,10 @@ export interface SessionFixture {
   /** The vhost-user messages alone, as a `vrdma-vhost-user-exchange/1` fixture (fixtures/vhost-user/README.md). */
   exchange: { format: 'vrdma-vhost-user-exchange/1'; name: string; description: string; device: Record<string, unknown>; steps: unknown[] };
   /** Every event in order (messages included). */
-  events: StampedEvent[];
+  events: FixtureEvent[];
 }
 
-export function exchangeSteps(events: readonly StampedEvent[]): unknown[] {
+export function exchangeSteps(events: readonly FixtureEvent[]): unknown[] {
   const steps: unknown[] = [];
   for (const e of events) {
     if (e.kind !== 'message') continue;
@@ -99,7 +132,8 @@ export function exchangeSteps(events: readonly StampedEvent[]): unknown[] {
   return steps;
 }
 
-export function buildFixture(name: string, trigger: string, device: Record<string, unknown>, events: StampedEvent[], dropped: number): SessionFixture {
+export function buildFixture(name: string, trigger: string, device: Record<string, unknown>, stamped: readonly StampedEvent[], dropped: number): SessionFixture {
+  const events = stamped.map(toFixtureEvent);
   const description = `${trigger}: ${events.length} events of device ${String(device['vm'] ?? '?')} (${dropped} older events not kept)`;
   return {
     format: SESSION_FORMAT,
@@ -143,8 +177,11 @@ export class FlightRecorder implements EventRecorder {
     this.now = opts.now ?? Date.now;
   }
 
+  /** Takes `e` over (stamps it in place: no copy on the data path). */
   record(e: RecordedEvent): void {
-    const stamped = { ...e, seq: this.seq++, t: this.now() } as StampedEvent;
+    const stamped = e as StampedEvent;
+    stamped.seq = this.seq++;
+    stamped.t = this.now();
     this.ring.enq(stamped);
     if (this.all !== undefined) {
       if (this.all.length < MAX_RECORD_EVENTS) this.all.push(stamped);

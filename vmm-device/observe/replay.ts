@@ -16,7 +16,7 @@ import type { DeviceQuotas } from '../rdma/limits.ts';
 import { GuestMemory } from '../memory/guest-memory.ts';
 import { SplitQueue } from '../virtqueue/split.ts';
 import { RecordingLogger } from '../util/log.ts';
-import type { SessionFixture, StampedEvent } from './recorder.ts';
+import type { FixtureEvent, SessionFixture } from './recorder.ts';
 
 /** Longest wait for one control answer (FakeVerbs answers in microseconds; generous for a loaded machine). */
 export const REPLAY_ANSWER_TIMEOUT_MS = 5000;
@@ -44,9 +44,9 @@ export interface ReplayReport {
   skipped: string[];
 }
 
-type Activate = Extract<StampedEvent, { kind: 'activate' }>;
-type Chain = Extract<StampedEvent, { kind: 'chain' }>;
-type Used = Extract<StampedEvent, { kind: 'used' }>;
+type Activate = Extract<FixtureEvent, { kind: 'activate' }>;
+type Chain = Extract<FixtureEvent, { kind: 'chain' }>;
+type Used = Extract<FixtureEvent, { kind: 'used' }>;
 
 /** The driver side of one split ring in the replay's memory. */
 class DriverRing {
