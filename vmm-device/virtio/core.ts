@@ -253,7 +253,9 @@ export class VirtioDeviceCore {
     try {
       this.model.queueNotify(index);
     } catch (e) {
-      this.deviceFailed(e as Error, `kick of queue ${index}`);
+      // A model that throws while serving a queue: that queue is broken (stopped, NEEDS_RESET, the transport's
+      // error notification), the process goes on.
+      this.queueBroken(index, e as Error);
     }
   }
 
