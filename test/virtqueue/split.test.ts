@@ -11,7 +11,7 @@ import {
   VIRTQ_DESC_F_WRITE as WRITE,
   VIRTQ_USED_F_NO_NOTIFY,
 } from '../../vmm-device/abi/virtqueue.ts';
-import { BUF_GPA, HIGH_GPA, HOLE_GPA, REGION0_SIZE, REGION1_GPA, SplitRing, popChain, writeDesc } from './rings.ts';
+import { BUF_GPA, DEVICE_GPA, HIGH_GPA, HOLE_GPA, REGION0_SIZE, REGION1_GPA, SplitRing, popChain, writeDesc } from './rings.ts';
 
 t.test('pop returns the chain as the descriptors describe it; pushUsed writes the used element and index', (t) => {
   const r = new SplitRing(8);
@@ -159,11 +159,16 @@ t.test('EVENT_IDX: avail_event follows pops, disable writes nothing, enable re-a
   const r = new SplitRing(8);
   for (let i = 0; i < 8; i++) r.desc(i, { addr: BUF_GPA + 0x100 * i, len: 8, flags: WRITE });
   const q = r.queue({ eventIdx: true });
+  r.m.r0.setUint16(DEVICE_GPA + 4 + 8 * 8, 0x1234, true); // avail_event as the memory held it
+  t.equal(q.pop(), null);
+  t.equal(r.availEvent, 0x1234, 'an empty pop before any chain writes no avail_event');
   r.publish(0, 1);
   popChain(q);
   t.equal(r.availEvent, 1, 'kick me once entry 1 is made available');
   popChain(q);
   t.equal(r.availEvent, 2);
+  t.equal(q.pop(), null, 'empty: the barrier re-check finds nothing');
+  t.equal(r.availEvent, 2, 'and leaves avail_event as the last pop wrote it');
   q.disableNotifications();
   r.publish(2);
   popChain(q);

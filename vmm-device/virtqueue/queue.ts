@@ -52,9 +52,15 @@ export interface DeviceQueue {
   readonly layout: 'split' | 'packed';
   /** The error that broke the queue, if any: a broken queue pops nothing more until it is reset. */
   readonly broken: VirtqueueError | undefined;
-  /** The next available chain, null when there is none, or the error that broke the queue. Never throws. */
+  /**
+   * The next available chain, null when there is none, or the error that broke the queue. Never throws. The chain
+   * stays as popped, whatever the queue pops later, until the device pushes it.
+   */
   pop(): DescriptorChain | VirtqueueError | null;
-  /** Returns a chain to the driver with `len` bytes written into its writable part. */
+  /**
+   * Returns a chain to the driver with `len` bytes written into its writable part. The chain object then belongs
+   * to the queue again (a later pop() refills it, chain.ts): the device must not use it afterwards.
+   */
   pushUsed(chain: DescriptorChain, len: number): void;
   /** Whether the driver wants an interrupt for the used elements pushed since the last call that returned true. */
   needsNotification(): boolean;
