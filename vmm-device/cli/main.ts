@@ -11,6 +11,7 @@
 
 import { parseArgs } from 'node:util';
 import { existsSync, statSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 import { StderrLogger, type LogLevel } from '../util/log.ts';
@@ -19,6 +20,7 @@ import { NO_RDMA_DEVICE_HINT } from '../verbs/native-verbs.ts';
 import { RdmaDevice, pickHostGidIndex } from '../rdma/rdma-device.ts';
 import { StaticAddressResolver, ipv4FromGid, type AddressResolver } from '../rdma/address-resolver.ts';
 import type { DeviceQuotas } from '../rdma/limits.ts';
+import { DirQpRegistry } from '../rdma/qp-registry-dir.ts';
 import { DEFAULT_ETCD_PREFIX, VpcBackend, type ControlPlaneSpec } from '../vpc/backend.ts';
 import { queryStatus, serveStatus, type StatusServer } from './status.ts';
 
@@ -32,6 +34,8 @@ host RDMA device NAME.
   --device NAME        host RDMA device, e.g. rxe0
   --vm-id ID           this VM's id in the address table or the VPC policy (default without VPC: vm0)
   --log-level LEVEL    debug, info, warn or error (default: info)
+  --host-dir DIR       the directory the backends of this host share: wire QPN ownership (every RC connection
+                       is checked against it) and the host's quota ledger (default: ${defaultHostDir()})
   --help               this text
 
 Address from a static table (no VPC policy):
@@ -125,6 +129,7 @@ export const FlagsSchema = z
     'max-cq': positiveInt('--max-cq', 1 << 24),
     'max-mr': positiveInt('--max-mr', 1 << 24),
     'max-mr-mib': positiveInt('--max-mr-mib', 1 << 30),
+    'host-dir': z.string().min(1, '--host-dir must not be empty').optional(),
     'log-level': z.enum(['debug', 'info', 'warn', 'error'], { error: '--log-level must be debug, info, warn or error' }).default('info'),
   })
   .strict()
@@ -167,6 +172,11 @@ export function controlPlaneOf(f: Flags): ControlPlaneSpec | undefined {
   return undefined;
 }
 
+/** Where the backends of one host meet (QPN registry, quota ledger): /run/vrdma for root, else per user in tmp. */
+export function defaultHostDir(): string {
+  return process.getuid?.() === 0 ? '/run/vrdma/host' : path.join(os.tmpdir(), `vrdma-host-${process.getuid?.() ?? 0}`);
+}
+
 export class UsageError extends Error {}
 
 /** Parses argv into validated flags; UsageError names the flag. `help` when --help was given. */
@@ -194,6 +204,7 @@ export function parseFlags(argv: readonly string[]): Flags | 'help' {
         'vpc-prefix': { type: 'string' },
         'host-id': { type: 'string' },
         'status-socket': { type: 'string' },
+        'host-dir': { type: 'string' },
         help: { type: 'boolean' },
       },
     });
@@ -231,7 +242,7 @@ export function checkHostDevice(verbs: HostVerbs, name: string): void {
 }
 
 /** The address table: the file, or one entry built from --virtual-ip and the host device's own IPv4 GID. */
-export async function buildResolver(verbs: HostVerbs, f: Flags): Promise<AddressResolver> {
+export async function buildResolver(verbs: HostVerbs, f: Flags): Promise<StaticAddressResolver> {
   const vmId = f['vm-id'] ?? DEFAULT_VM_ID;
   if (f['gid-table'] !== undefined) {
     const r = StaticAddressResolver.fromFile(f['gid-table']);
@@ -248,6 +259,22 @@ export async function buildResolver(verbs: HostVerbs, f: Flags): Promise<Address
   } finally {
     await verbs.closeDevice(dev);
   }
+}
+
+/** The static table checks RC connections against the host directory's QPN registry (issue 12 item 1). */
+export function useHostQpRegistry(table: StaticAddressResolver, vmId: string, hostDir: string): void {
+  let registry: DirQpRegistry;
+  try {
+    registry = new DirQpRegistry(hostDir);
+  } catch (e) {
+    throw new Error(`--host-dir ${hostDir}: cannot use it (${(e as Error).message})`);
+  }
+  const own = table.ownAddress(vmId) === undefined ? undefined : table.hostKeyOf(vmId);
+  if (own !== undefined) {
+    registry.announceHost(own);
+    registry.clearVm(own, vmId);
+  }
+  table.useQpRegistry(registry);
 }
 
 export interface RunIo {
@@ -342,14 +369,18 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     let resolver: AddressResolver;
     let quotas: Partial<DeviceQuotas>;
     let deviceLog = log.child('device');
+    const hostDir = flags['host-dir'] ?? defaultHostDir(); // [tenancy] QPN registry + quota ledger
     if (controlPlane !== undefined) {
-      vpc = await VpcBackend.start({ controlPlane, hostId: flags['host-id']!, log: log.child('vpc'), signal: stopping.signal });
+      vpc = await VpcBackend.start({ controlPlane, hostId: flags['host-id']!, log: log.child('vpc'), signal: stopping.signal, hostDir });
       quotas = vpc.deviceQuotasOf(vmId);
       resolver = vpc.resolver;
       deviceLog = vpc.deviceLogger(vmId, deviceLog);
+      vpc.prepareVm(vmId);
     } else {
-      resolver = await buildResolver(verbs, flags);
+      const table = await buildResolver(verbs, flags);
       quotas = quotasOf(flags);
+      useHostQpRegistry(table, vmId, hostDir);
+      resolver = table;
     }
     device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog });
     if (vpc !== undefined) detach = vpc.attach(device);

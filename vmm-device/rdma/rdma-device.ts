@@ -920,6 +920,14 @@ export class RdmaDevice implements VirtioDeviceModel {
         },
       };
     }
+    // [tenancy, issue 12 item 1] The guest's dest_qp_num must be a QP of the VM its dgid resolved to, unconnected
+    // or connected to this QP (spec 12.3): checked in the QPN registry before the host QP moves to RTR.
+    if (to === QpState.RTR && qp.qpType === QpType.RC && has(QpAttrMask.AV) && has(QpAttrMask.DEST_QPN) && this.resolver.checkPeerQp !== undefined) {
+      const asked = this.generation;
+      const peer = await this.resolver.checkPeerQp(this.vmId, { qpn: qp.host.qpNum, peerGid: a.dgid.slice(), peerQpn: a.dest_qp_num });
+      this.checkGeneration(asked);
+      if (!peer.ok) fail('DESTINATION_UNREACHABLE', at('dest_qp_num'));
+    }
     const gen = this.generation;
     const from = qp.state;
     if (to === QpState.ERR) {
