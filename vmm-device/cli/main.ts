@@ -21,6 +21,8 @@ import { RdmaDevice, pickHostGidIndex } from '../rdma/rdma-device.ts';
 import { StaticAddressResolver, ipv4FromGid, type AddressResolver } from '../rdma/address-resolver.ts';
 import type { DeviceQuotas } from '../rdma/limits.ts';
 import { DirQpRegistry } from '../rdma/qp-registry-dir.ts';
+import type { HostReservation } from '../rdma/admission-ledger.ts';
+import { admitVm } from './admission.ts';
 import { DEFAULT_ETCD_PREFIX, VpcBackend, type ControlPlaneSpec } from '../vpc/backend.ts';
 import { queryStatus, serveStatus, type StatusServer } from './status.ts';
 
@@ -361,6 +363,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
   let vpc: VpcBackend | undefined;
   let status: StatusServer | undefined;
   let detach: (() => void) | undefined;
+  let reservation: HostReservation | undefined; // [tenancy] this VM's share of the host device
   try {
     const vmId = flags['vm-id'] ?? DEFAULT_VM_ID;
     const verbs = io.verbs !== undefined ? await io.verbs() : new (await import('../verbs/native-verbs.ts')).NativeVerbs();
@@ -369,9 +372,11 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     let resolver: AddressResolver;
     let quotas: Partial<DeviceQuotas>;
     let deviceLog = log.child('device');
-    const hostDir = flags['host-dir'] ?? defaultHostDir(); // [tenancy] QPN registry + quota ledger
+    // [tenancy] The QPN registry and the quota ledger of this host. A verbs double (tests) is no device shared with
+    // other processes: it gets them only when --host-dir asks.
+    const hostDir = flags['host-dir'] ?? (io.verbs === undefined ? defaultHostDir() : undefined);
     if (controlPlane !== undefined) {
-      vpc = await VpcBackend.start({ controlPlane, hostId: flags['host-id']!, log: log.child('vpc'), signal: stopping.signal, hostDir });
+      vpc = await VpcBackend.start({ controlPlane, hostId: flags['host-id']!, log: log.child('vpc'), signal: stopping.signal, ...(hostDir === undefined ? {} : { hostDir }) });
       quotas = vpc.deviceQuotasOf(vmId);
       resolver = vpc.resolver;
       deviceLog = vpc.deviceLogger(vmId, deviceLog);
@@ -379,9 +384,10 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     } else {
       const table = await buildResolver(verbs, flags);
       quotas = quotasOf(flags);
-      useHostQpRegistry(table, vmId, hostDir);
+      if (hostDir !== undefined) useHostQpRegistry(table, vmId, hostDir);
       resolver = table;
     }
+    if (hostDir !== undefined) reservation = await admitVm({ verbs, device: flags.device, vmId, hostDir, quotas, policy: controlPlane !== undefined });
     device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog });
     if (vpc !== undefined) detach = vpc.attach(device);
     if (vpc !== undefined && flags['status-socket'] !== undefined) {
@@ -406,6 +412,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     await status?.close();
     detach?.();
     await device.close();
+    reservation?.release();
     await vpc?.stop();
     return 0;
   } catch (e) {
@@ -415,6 +422,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     await status?.close().catch(() => undefined);
     detach?.();
     if (device !== undefined) await device.close().catch(() => undefined);
+    reservation?.release();
     await vpc?.stop().catch(() => undefined);
     return asked ? 0 : EXIT_FAILURE;
   } finally {
