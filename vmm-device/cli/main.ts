@@ -22,7 +22,7 @@ import { StaticAddressResolver, ipv4FromGid, type AddressResolver } from '../rdm
 import type { DeviceQuotas } from '../rdma/limits.ts';
 import { DirQpRegistry } from '../rdma/qp-registry-dir.ts';
 import type { HostReservation } from '../rdma/admission-ledger.ts';
-import { admitVm } from './admission.ts';
+import { admitVm, checkMappingCeiling, hostAttrOf } from './admission.ts';
 import { DEFAULT_ETCD_PREFIX, VpcBackend, type ControlPlaneSpec } from '../vpc/backend.ts';
 import { queryStatus, serveStatus, type StatusServer } from './status.ts';
 
@@ -45,7 +45,10 @@ Address from a static table (no VPC policy):
   --virtual-ip IP      without --gid-table: the VM's virtual IPv4 address (its GID ::ffff:IP)
   --vpc NAME           without --gid-table: the VM's VPC (default: default)
   --max-qp N, --max-cq N, --max-mr N, --max-mr-mib N
-                       per-VM quotas (defaults: 1024 QPs, 1024 CQs, 4096 MRs, 4096 MiB registered)
+                       per-VM quotas (defaults: 1024 QPs, 1024 CQs, 4096 MRs, 4096 MiB registered). QPs and CQs
+                       are also bounded by the mappings one process may hold (vm.max_map_count: 2 per QP, 1 per
+                       CQ, 1 per MR, 8192 kept for the backend): about 17,700 QPs each with its CQ at the default 65530;
+                       a quota above that is refused at start
 
 VPC policy (vmm-device/vpc/README.md): address, quotas and QoS from the policy, every connection checked, live
 connections torn down (QP_POLICY_TEARDOWN) when a change makes them illegal. Excludes the four flags above.
@@ -387,7 +390,9 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
       if (hostDir !== undefined) useHostQpRegistry(table, vmId, hostDir);
       resolver = table;
     }
-    if (hostDir !== undefined) reservation = await admitVm({ verbs, device: flags.device, vmId, hostDir, quotas, policy: controlPlane !== undefined });
+    const attr = await hostAttrOf(verbs, flags.device); // [tenancy] quotas this process and this host can honour
+    checkMappingCeiling({ attr, quotas, policy: controlPlane !== undefined, vmId });
+    if (hostDir !== undefined) reservation = await admitVm({ attr, device: flags.device, vmId, hostDir, quotas, policy: controlPlane !== undefined });
     device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog });
     if (vpc !== undefined) detach = vpc.attach(device);
     if (vpc !== undefined && flags['status-socket'] !== undefined) {
