@@ -116,6 +116,8 @@ export interface BackendStatus {
   teardown: { lastMs: number; maxMs: number; count: number };
   /** What the backend enforces of QoS on this host's verbs (rxe has no per-QP rate limit). */
   qosEnforcement: string;
+  /** The connect-time wire QPN checks (spec 12.3): checked, and refused by cause; null without a QPN registry. */
+  qpnChecks: { checked: number; notOwner: number; connectedElsewhere: number; unverifiable: number } | null;
   vms: VmStatus[];
   vpcs: Record<string, Counters>;
 }
@@ -293,6 +295,7 @@ export class VpcBackend {
       controlPlane,
       teardown: { lastMs: m.lastTeardownLatencyMs, maxMs: m.maxTeardownLatencyMs, count: m.teardownLatenciesMs.length },
       qosEnforcement: QOS_ENFORCEMENT,
+      qpnChecks: this.resolver.ownership === undefined ? null : { ...this.resolver.ownership.counters },
       vms,
       vpcs,
     };
