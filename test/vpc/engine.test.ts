@@ -37,7 +37,9 @@ t.test('the fixture is valid and every document error names its field', async (t
     ['controlled qkey', (j) => (j.vpcs[1].qkey = 0x8000_0000), 'vpcs[1].qkey:'],
     ['rule id twice', (j) => j.vpcs[0].rules.push({ id: 10, action: 'deny' }), 'vpcs[0].rules[1].id: rule id 10 is used twice in VPC "acme-prod"'],
     ['qp type', (j) => (j.vpcs[0].rules[0].qpTypes = ['RC', 'UC']), 'vpcs[0].rules[0].qpTypes[1]:'],
-    ['quota above host', (j) => (j.vms[0].quotas = { qps: 13 }), 'vms[0].quotas.qps: 13 exceeds host "host-1"\'s capacity of 12: one VM could exhaust the host'],
+    ['quota above host', (j) => (j.vms[0].quotas = { qps: 33 }), 'vms[0].quotas.qps: 33 exceeds host "host-1"\'s capacity of 32: one VM could exhaust the host'],
+    // Issue 12 item 4: a1 (25) and g1 (8, the default) together above host-1's 32 QPs, each within it.
+    ['host oversubscribed', (j) => (j.vms[0].quotas = { qps: 25 }), 'hosts[0].capacity.qps: the qps quotas of the 2 VMs on host "host-1" add up to 33 (a1 25, g1 8), above its capacity of 32: VMs sharing the host could starve each other'],
     ['negative quota', (j) => ((j.defaultQuotas as any).mrs = -1), 'defaultQuotas.mrs:'],
     ['unknown field', (j) => (j.vms[0].gidIndex = 3), 'vms[0]:'],
     ['duplicate vm', (j) => (j.vms[3].id = 'a1'), 'vms[3].id: "a1" is used twice in vms'],
@@ -268,15 +270,17 @@ t.test('every quota is hit, reported and counted; charges never leak', async (t)
     for (const h of held) h.release();
     t.equal(engine.usageOf('a1')[kind], 0, `${kind}: all given back`);
   }
-  // The host's capacity: host-1 offers 12 QPs for a1 and g1 (8 each by default).
+  // The host's capacity: host-1 offers 32 QPs for a1 and g1 (8 each by default; the document may not promise more).
+  // a1 taking all of its own cannot starve g1 (issue 12 item 4: with 12 it used to leave g1 only 4).
   const qps = [];
   for (let i = 0; i < 8; i++) qps.push(engine.charge('a1', 'qps'));
   t.ok(qps.every((q) => q.ok), 'a1 gets its 8 QPs');
   t.equal(engine.usageOf('a1').qps, 8);
   const g = [];
-  for (let i = 0; i < 4; i++) g.push(engine.charge('g1', 'qps'));
-  t.ok(g.every((q) => q.ok), 'g1 gets the 4 QPs the host has left');
-  t.match(engine.charge('g1', 'qps'), { ok: false, kind: 'qps', scope: 'host', limit: 12, used: 12 }, 'the host is never exhausted past its capacity');
+  for (let i = 0; i < 8; i++) g.push(engine.charge('g1', 'qps'));
+  t.ok(g.every((q) => q.ok), 'g1 still gets its whole 8');
+  t.match(engine.charge('g1', 'qps'), { ok: false, kind: 'qps', scope: 'vm', limit: 8, used: 8 }, 'then its own quota ends it');
+  t.match(engine.charge('a1', 'qps'), { ok: false, kind: 'qps', scope: 'vm' });
   t.match(engine.charge('nobody', 'pds'), { ok: false, scope: 'unknown-vm' });
   // withCharge: a failing host call gives the charge back.
   const before = engine.usageOf('a2').mrs;

@@ -11,6 +11,7 @@
 
 import { parseArgs } from 'node:util';
 import { existsSync, statSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { z } from 'zod';
 import { createLogger, type LogLevel } from '../util/log.ts';
@@ -19,6 +20,9 @@ import { NO_RDMA_DEVICE_HINT } from '../verbs/native-verbs.ts';
 import { RdmaDevice, pickHostGidIndex } from '../rdma/rdma-device.ts';
 import { StaticAddressResolver, ipv4FromGid, type AddressResolver } from '../rdma/address-resolver.ts';
 import type { DeviceQuotas } from '../rdma/limits.ts';
+import { DirQpRegistry } from '../rdma/qp-registry-dir.ts';
+import type { HostReservation } from '../rdma/admission-ledger.ts';
+import { admitVm, checkMappingCeiling, hostAttrOf } from './admission.ts';
 import { DEFAULT_ETCD_PREFIX, VpcBackend, type ControlPlaneSpec } from '../vpc/backend.ts';
 import { queryStatus, serveStatus, type StatusServer } from './status.ts';
 import { OBSERVE_OPTIONS, OBSERVE_USAGE, addressTableOf, observeFlagShape, refineObserveFlags, startObservability, type Observability } from './observe.ts';
@@ -33,6 +37,8 @@ host RDMA device NAME.
   --device NAME        host RDMA device, e.g. rxe0
   --vm-id ID           this VM's id in the address table or the VPC policy (default without VPC: vm0)
   --log-level LEVEL    debug, info, warn or error (default: info)
+  --host-dir DIR       the directory the backends of this host share: wire QPN ownership (every RC connection
+                       is checked against it) and the host's quota ledger (default: ${defaultHostDir()})
   --help               this text
 
 Address from a static table (no VPC policy):
@@ -40,7 +46,10 @@ Address from a static table (no VPC policy):
   --virtual-ip IP      without --gid-table: the VM's virtual IPv4 address (its GID ::ffff:IP)
   --vpc NAME           without --gid-table: the VM's VPC (default: default)
   --max-qp N, --max-cq N, --max-mr N, --max-mr-mib N
-                       per-VM quotas (defaults: 1024 QPs, 1024 CQs, 4096 MRs, 4096 MiB registered)
+                       per-VM quotas (defaults: 1024 QPs, 1024 CQs, 4096 MRs, 4096 MiB registered). QPs and CQs
+                       are also bounded by the mappings one process may hold (vm.max_map_count: 2 per QP, 1 per
+                       CQ, 1 per MR, 8192 kept for the backend): about 17,700 QPs each with its CQ at the default 65530;
+                       a quota above that is refused at start
 
 VPC policy (vmm-device/vpc/README.md): address, quotas and QoS from the policy, every connection checked, live
 connections torn down (QP_POLICY_TEARDOWN) when a change makes them illegal. Excludes the four flags above.
@@ -129,6 +138,7 @@ export const FlagsSchema = z
     'max-cq': positiveInt('--max-cq', 1 << 24),
     'max-mr': positiveInt('--max-mr', 1 << 24),
     'max-mr-mib': positiveInt('--max-mr-mib', 1 << 30),
+    'host-dir': z.string().min(1, '--host-dir must not be empty').optional(),
     'log-level': z.enum(['debug', 'info', 'warn', 'error'], { error: '--log-level must be debug, info, warn or error' }).default('info'),
     ...observeFlagShape,
   })
@@ -173,6 +183,11 @@ export function controlPlaneOf(f: Flags): ControlPlaneSpec | undefined {
   return undefined;
 }
 
+/** Where the backends of one host meet (QPN registry, quota ledger): /run/vrdma for root, else per user in tmp. */
+export function defaultHostDir(): string {
+  return process.getuid?.() === 0 ? '/run/vrdma/host' : path.join(os.tmpdir(), `vrdma-host-${process.getuid?.() ?? 0}`);
+}
+
 export class UsageError extends Error {}
 
 /** Parses argv into validated flags; UsageError names the flag. `help` when --help was given. */
@@ -200,6 +215,7 @@ export function parseFlags(argv: readonly string[]): Flags | 'help' {
         'vpc-prefix': { type: 'string' },
         'host-id': { type: 'string' },
         'status-socket': { type: 'string' },
+        'host-dir': { type: 'string' },
         help: { type: 'boolean' },
         ...OBSERVE_OPTIONS,
       },
@@ -238,7 +254,7 @@ export function checkHostDevice(verbs: HostVerbs, name: string): void {
 }
 
 /** The address table: the file, or one entry built from --virtual-ip and the host device's own IPv4 GID. */
-export async function buildResolver(verbs: HostVerbs, f: Flags): Promise<AddressResolver> {
+export async function buildResolver(verbs: HostVerbs, f: Flags): Promise<StaticAddressResolver> {
   const vmId = f['vm-id'] ?? DEFAULT_VM_ID;
   if (f['gid-table'] !== undefined) {
     const r = StaticAddressResolver.fromFile(f['gid-table']);
@@ -255,6 +271,22 @@ export async function buildResolver(verbs: HostVerbs, f: Flags): Promise<Address
   } finally {
     await verbs.closeDevice(dev);
   }
+}
+
+/** The static table checks RC connections against the host directory's QPN registry (issue 12 item 1). */
+export function useHostQpRegistry(table: StaticAddressResolver, vmId: string, hostDir: string): void {
+  let registry: DirQpRegistry;
+  try {
+    registry = new DirQpRegistry(hostDir);
+  } catch (e) {
+    throw new Error(`--host-dir ${hostDir}: cannot use it (${(e as Error).message})`);
+  }
+  const own = table.ownAddress(vmId) === undefined ? undefined : table.hostKeyOf(vmId);
+  if (own !== undefined) {
+    registry.announceHost(own);
+    registry.clearVm(own, vmId);
+  }
+  table.useQpRegistry(registry);
 }
 
 export interface RunIo {
@@ -348,6 +380,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
   let status: StatusServer | undefined;
   let detach: (() => void) | undefined;
   let observe: Observability | undefined;
+  let reservation: HostReservation | undefined; // this VM's share of the host device
   try {
     const vmId = flags['vm-id'] ?? DEFAULT_VM_ID;
     const verbs = io.verbs !== undefined ? await io.verbs() : new (await import('../verbs/native-verbs.ts')).NativeVerbs();
@@ -356,15 +389,24 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     let resolver: AddressResolver;
     let quotas: Partial<DeviceQuotas>;
     let deviceLog = log.child('device');
+    // [tenancy] The QPN registry and the quota ledger of this host. A verbs double (tests) is no device shared with
+    // other processes: it gets them only when --host-dir asks.
+    const hostDir = flags['host-dir'] ?? (io.verbs === undefined ? defaultHostDir() : undefined);
     if (controlPlane !== undefined) {
-      vpc = await VpcBackend.start({ controlPlane, hostId: flags['host-id']!, log: log.child('vpc'), signal: stopping.signal });
+      vpc = await VpcBackend.start({ controlPlane, hostId: flags['host-id']!, log: log.child('vpc'), signal: stopping.signal, ...(hostDir === undefined ? {} : { hostDir }) });
       quotas = vpc.deviceQuotasOf(vmId);
       resolver = vpc.resolver;
       deviceLog = vpc.deviceLogger(vmId, deviceLog);
+      vpc.prepareVm(vmId);
     } else {
-      resolver = await buildResolver(verbs, flags);
+      const table = await buildResolver(verbs, flags);
       quotas = quotasOf(flags);
+      if (hostDir !== undefined) useHostQpRegistry(table, vmId, hostDir);
+      resolver = table;
     }
+    const attr = await hostAttrOf(verbs, flags.device); // [tenancy] quotas this process and this host can honour
+    checkMappingCeiling({ attr, quotas, policy: controlPlane !== undefined, vmId });
+    if (hostDir !== undefined) reservation = await admitVm({ attr, device: flags.device, vmId, hostDir, quotas, policy: controlPlane !== undefined });
     device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog });
     if (vpc !== undefined) detach = vpc.attach(device);
     const vpcName = vpc?.engine.describeVm(vmId)?.vpc ?? flags.vpc ?? DEFAULT_STATIC_VPC;
@@ -397,6 +439,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     await observe.close();
     detach?.();
     await device.close();
+    reservation?.release();
     await vpc?.stop();
     return 0;
   } catch (e) {
@@ -407,6 +450,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     await observe?.close().catch(() => undefined);
     detach?.();
     if (device !== undefined) await device.close().catch(() => undefined);
+    reservation?.release();
     await vpc?.stop().catch(() => undefined);
     return asked ? 0 : EXIT_FAILURE;
   } finally {

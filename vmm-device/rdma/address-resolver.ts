@@ -6,6 +6,7 @@
 import { z } from 'zod';
 import { readFileSync } from 'node:fs';
 import { Limits } from '../abi/rdma/index.ts';
+import { QpOwnership, type PeerQpAnswer, type QpRegistry } from './qp-ownership.ts';
 
 /** A 16-byte GID as lowercase hex (32 characters): the key of every table here. */
 export type GidKey = string;
@@ -85,6 +86,13 @@ export interface AddressResolver {
    * per connection of `vmId` that became illegal. Returns the detach function the device calls when it closes.
    */
   attachDevice?(vmId: string, sink: (notice: ConnectionTeardown) => void): () => void;
+
+  /**
+   * Before an RC QP `qpn` of VM `vmId` moves to RTR towards the VIRTUAL GID `peerGid` and wire QPN `peerQpn`: does
+   * that QPN belong to the VM the GID resolves to, and is it unconnected or connected to this QP (spec 12.3)? A
+   * refusal is DESTINATION_UNREACHABLE at `dest_qp_num`. A resolver without a QPN registry answers ok.
+   */
+  checkPeerQp?(vmId: string, c: { qpn: number; peerGid: Uint8Array; peerQpn: number }): Promise<PeerQpAnswer>;
 }
 
 /** The resolver's answer to a connection the device reports; `detail` is a PolicyReason (spec 9.1). */
@@ -164,6 +172,8 @@ export class StaticAddressResolver implements AddressResolver {
   private readonly qpOwners = new Map<string, string>();
   /** Resolutions answered, by outcome (the operator's view). */
   readonly counters = { resolved: 0, unreachable: 0 };
+  /** Wire QPN ownership across the backends of the host(s) (useQpRegistry); none: no connect-time QPN check. */
+  ownership: QpOwnership | undefined;
 
   constructor(entries: readonly GidTableEntry[]) {
     for (const [i, raw] of entries.entries()) {
@@ -243,12 +253,46 @@ export class StaticAddressResolver implements AddressResolver {
   registerQp(vmId: string, qpn: number): void {
     const vm = this.byVm.get(vmId);
     if (vm !== undefined) this.qpOwners.set(`${gidKey(vm.hostGid)}:${qpn}`, vmId);
+    this.ownership?.created(vmId, qpn);
   }
 
   unregisterQp(vmId: string, qpn: number): void {
+    this.ownership?.destroyed(vmId, qpn);
     const vm = this.byVm.get(vmId);
     if (vm === undefined) return;
     const key = `${gidKey(vm.hostGid)}:${qpn}`;
     if (this.qpOwners.get(key) === vmId) this.qpOwners.delete(key);
+  }
+
+  /** The host GID (hex) VM `vmId` sits on. */
+  hostKeyOf(vmId: string): GidKey | undefined {
+    const vm = this.byVm.get(vmId);
+    return vm === undefined ? undefined : gidKey(vm.hostGid);
+  }
+
+  /** Publishes wire QPN ownership to `registry` and checks each RC connection against it from now on. */
+  useQpRegistry(registry: QpRegistry): void {
+    this.ownership = new QpOwnership(
+      registry,
+      (vmId) => {
+        const vm = this.byVm.get(vmId);
+        return vm === undefined ? undefined : gidKey(vm.hostGid);
+      },
+      (vmId, gid) => {
+        const self = this.byVm.get(vmId);
+        const peer = self === undefined ? undefined : this.byVpc.get(self.entry.vpc)?.get(gidKey(gid));
+        return peer === undefined ? undefined : { vm: peer.entry.vmId, host: gidKey(peer.hostGid) };
+      },
+    );
+  }
+
+  /** Records the connection in the QPN registry (the peer's check reads it). */
+  qpConnected(vmId: string, c: { qpn: number; peerGid: Uint8Array; peerQpn: number }): ConnectionAnswer {
+    this.ownership?.connected(vmId, c.qpn, c.peerGid, c.peerQpn);
+    return { ok: true };
+  }
+
+  async checkPeerQp(vmId: string, c: { qpn: number; peerGid: Uint8Array; peerQpn: number }): Promise<PeerQpAnswer> {
+    return this.ownership === undefined ? { ok: true } : this.ownership.check(vmId, c);
   }
 }

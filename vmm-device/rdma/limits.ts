@@ -27,6 +27,12 @@ export interface DeviceQuotas {
   maxMrBytes: bigint;
 }
 
+/**
+ * Defaults well inside every ceiling: 1,024 QPs and 1,024 CQs map 3,072 of the backend's mappings, against a per-VM
+ * ceiling of about 17,700 QPs each with its CQ at the default vm.max_map_count of 65,530 (mapping-budget.ts: the
+ * device caps max_qp and max_cq there, and vrdma-backend refuses a larger quota at start), and they leave room for
+ * dozens of VMs on one rxe device (the host ledger reserves each VM's limits: admission-ledger.ts).
+ */
 export const DEFAULT_QUOTAS: DeviceQuotas = {
   maxPd: 1024,
   maxCq: 1024,

@@ -81,6 +81,7 @@ import { DataPath } from './data-path.ts';
 import { HandleTable } from './handle-table.ts';
 import { computeConfig, DEFAULT_QUOTAS, OFFERED_FEATURES, type DeviceConfigValue, type DeviceQuotas } from './limits.ts';
 import { ArmState, GuestRing, trackQpCall, type Ah, type Cq, type Mr, type Pd, type Qp } from './objects.ts';
+import { capToMappings, MappingBudget, withMappingBudget } from './mapping-budget.ts';
 
 /** Queue indexes of this device: control, event, one doorbell queue (no MULTI_DOORBELL). */
 export const CONTROLQ = 0;
@@ -108,6 +109,8 @@ export interface RdmaDeviceOptions {
   resolver: AddressResolver;
   quotas?: Partial<DeviceQuotas>;
   log: Logger;
+  /** [tenancy, issue 16 item 2] The process's mappings the guest may use; default: from /proc when the device opens. */
+  mappings?: MappingBudget;
 }
 
 /** A command's error: status and detail (section 7.4), thrown by the handlers and answered by the loop. */
@@ -149,6 +152,7 @@ export class RdmaDevice implements VirtioDeviceModel {
   readonly configSize = DeviceConfig.size;
 
   readonly verbs: HostVerbs;
+  readonly mappings: MappingBudget;
   readonly vmId: string;
   readonly resolver: AddressResolver;
   readonly log: Logger;
@@ -197,7 +201,9 @@ export class RdmaDevice implements VirtioDeviceModel {
   private closed = false;
 
   private constructor(opts: RdmaDeviceOptions) {
-    this.verbs = opts.verbs;
+    // [tenancy, issue 16 item 2] Every host QP and CQ is charged to the mapping budget (mapping-budget.ts).
+    this.mappings = opts.mappings ?? MappingBudget.fromProc();
+    this.verbs = withMappingBudget(opts.verbs, this.mappings);
     this.vmId = opts.vmId;
     this.resolver = opts.resolver;
     this.log = opts.log;
@@ -225,7 +231,7 @@ export class RdmaDevice implements VirtioDeviceModel {
       const attr = await opts.verbs.queryDevice(dev.hostDevice);
       dev.hostPort = await opts.verbs.queryPort(dev.hostDevice, HOST_PORT);
       dev.hostGidIndex = pickHostGidIndex(await opts.verbs.queryGidTable(dev.hostDevice), opts.hostDevice);
-      dev.config = computeConfig(attr, dev.hostPort, dev.quotas, address);
+      dev.config = capToMappings(computeConfig(attr, dev.hostPort, dev.quotas, address), dev.mappings); // [tenancy]
     } catch (e) {
       await opts.verbs.closeDevice(dev.hostDevice).catch(() => undefined);
       throw e;
@@ -919,6 +925,14 @@ export class RdmaDevice implements VirtioDeviceModel {
           trafficClass: res.trafficClass ?? this.address.trafficClass ?? a.traffic_class,
         },
       };
+    }
+    // [tenancy, issue 12 item 1] The guest's dest_qp_num must be a QP of the VM its dgid resolved to, unconnected
+    // or connected to this QP (spec 12.3): checked in the QPN registry before the host QP moves to RTR.
+    if (to === QpState.RTR && qp.qpType === QpType.RC && has(QpAttrMask.AV) && has(QpAttrMask.DEST_QPN) && this.resolver.checkPeerQp !== undefined) {
+      const asked = this.generation;
+      const peer = await this.resolver.checkPeerQp(this.vmId, { qpn: qp.host.qpNum, peerGid: a.dgid.slice(), peerQpn: a.dest_qp_num });
+      this.checkGeneration(asked);
+      if (!peer.ok) fail('DESTINATION_UNREACHABLE', at('dest_qp_num'));
     }
     const gen = this.generation;
     const from = qp.state;

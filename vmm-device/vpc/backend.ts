@@ -14,6 +14,10 @@ import { FilePolicySource, type FileSourceMetrics } from './file-source.ts';
 import { EtcdClient } from './etcd-client.ts';
 import { EtcdPolicySource, type EtcdSourceMetrics } from './etcd-source.ts';
 import { linkDevice, type DeviceLink } from './device-link.ts';
+import { DirQpRegistry } from '../rdma/qp-registry-dir.ts';
+import { ChainedQpRegistry, type QpRegistry } from '../rdma/qp-ownership.ts';
+import { EtcdQpRegistry } from './etcd-qp-registry.ts';
+import { gidKey } from '../rdma/address-resolver.ts';
 import type { QuotaKind } from './schema.ts';
 
 /** The key prefix of the policy in etcd when none is given (etcd-source.ts describes the layout under it). */
@@ -32,6 +36,12 @@ export interface VpcBackendOptions {
   debounceMs?: number;
   /** etcd: health-check period (default 500 ms). */
   healthIntervalMs?: number;
+  /**
+   * The host directory the backends of this host share (qp-registry-dir.ts): wire QPN ownership is published there
+   * (and, with etcd, under DEFAULT_QPN_PREFIX for other hosts) and every RC connection is checked against it.
+   * Absent: no QPN check (tests of the policy alone).
+   */
+  hostDir?: string;
 }
 
 /** The device's NO_RESOURCES details that are quotas (HOST is the host refusing, not a quota). */
@@ -106,6 +116,8 @@ export interface BackendStatus {
   teardown: { lastMs: number; maxMs: number; count: number };
   /** What the backend enforces of QoS on this host's verbs (rxe has no per-QP rate limit). */
   qosEnforcement: string;
+  /** The connect-time wire QPN checks (spec 12.3): checked, and refused by cause; null without a QPN registry. */
+  qpnChecks: { checked: number; notOwner: number; connectedElsewhere: number; unverifiable: number } | null;
   vms: VmStatus[];
   vpcs: Record<string, Counters>;
 }
@@ -150,7 +162,9 @@ export class VpcBackend {
     if (opts.controlPlane.kind === 'file') {
       const file = new FilePolicySource({ path: opts.controlPlane.path, engine, log: log.child('file'), ...(opts.debounceMs === undefined ? {} : { debounceMs: opts.debounceMs }) });
       file.start();
-      return new VpcBackend(opts.hostId, opts.controlPlane, log, engine, file, undefined);
+      const backend = new VpcBackend(opts.hostId, opts.controlPlane, log, engine, file, undefined);
+      if (opts.hostDir !== undefined) backend.useQpRegistry(new DirQpRegistry(opts.hostDir), opts.hostDir);
+      return backend;
     }
     const client = new EtcdClient({ endpoints: opts.controlPlane.endpoints, log: log.child('etcd') });
     const etcd = new EtcdPolicySource({
@@ -162,6 +176,12 @@ export class VpcBackend {
     });
     etcd.start();
     const backend = new VpcBackend(opts.hostId, opts.controlPlane, log, engine, undefined, etcd);
+    if (opts.hostDir !== undefined) {
+      const remote = new EtcdQpRegistry({ client, log: log.child('qpn') });
+      await remote.start();
+      backend.qpnRegistries.push(remote);
+      backend.useQpRegistry(new ChainedQpRegistry([new DirQpRegistry(opts.hostDir), remote]), opts.hostDir);
+    }
     if (opts.signal !== undefined) {
       const signal = opts.signal;
       const aborted = new Promise<'aborted'>((resolve) => {
@@ -176,6 +196,27 @@ export class VpcBackend {
       await etcd.ready;
     }
     return backend;
+  }
+
+  /** Registries to stop with the backend (etcd: revoking the lease withdraws this backend's QPNs at once). */
+  readonly qpnRegistries: EtcdQpRegistry[] = [];
+  private hostDir: string | undefined;
+
+  private useQpRegistry(registry: QpRegistry, hostDir: string): void {
+    this.hostDir = hostDir;
+    this.resolver.useQpRegistry(registry);
+  }
+
+  /**
+   * Before VM `vmId`'s device opens: its host publishes in the host directory, and what an earlier backend of the
+   * same VM left there is removed (its QPs died with it).
+   */
+  prepareVm(vmId: string): void {
+    const placed = this.engine.placementOf(vmId);
+    if (this.hostDir === undefined || placed === undefined) return;
+    const dir = new DirQpRegistry(this.hostDir);
+    dir.announceHost(gidKey(placed.hostGid));
+    dir.clearVm(gidKey(placed.hostGid), vmId);
   }
 
   /** The device quotas of VM `vmId`, or an error naming what is missing (the VM, or its placement on this host). */
@@ -254,6 +295,7 @@ export class VpcBackend {
       controlPlane,
       teardown: { lastMs: m.lastTeardownLatencyMs, maxMs: m.maxTeardownLatencyMs, count: m.teardownLatenciesMs.length },
       qosEnforcement: QOS_ENFORCEMENT,
+      qpnChecks: this.resolver.ownership === undefined ? null : { ...this.resolver.ownership.counters },
       vms,
       vpcs,
     };
@@ -263,6 +305,7 @@ export class VpcBackend {
     for (const d of this.devices.values()) d.link?.detach();
     this.devices.clear();
     this.file?.stop();
+    for (const r of this.qpnRegistries) await r.stop();
     await this.etcd?.stop();
   }
 }

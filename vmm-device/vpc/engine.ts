@@ -767,6 +767,14 @@ export class VpcEngine {
     return [...(this.policy?.vms.values() ?? [])].filter((v) => v.host.id === hostId).map((v) => v.spec.id);
   }
 
+  /** Where a VM sits, and the VM a virtual GID names in its VPC, uncounted (the wire QPN ownership check). */
+  placementOf(vmId: string, peerGid?: Uint8Array): { vm: string; hostGid: Uint8Array } | undefined {
+    const self = this.policy?.vms.get(vmId);
+    const ip = peerGid === undefined ? undefined : ipv4NumberFromGid(peerGid);
+    const vm = peerGid === undefined ? self : ip === undefined ? undefined : self?.vpc.members.get(ip);
+    return vm === undefined ? undefined : { vm: vm.spec.id, hostGid: gidOfIpv4Number(vm.hostIp) };
+  }
+
   /** Virtual IP of `vmId` as a number, for tests and tools. */
   addressOf(vmId: string): string | undefined {
     const vm = this.policy?.vms.get(vmId);

@@ -130,6 +130,35 @@ export class EtcdClient {
     return Number(r.header?.revision ?? 0);
   }
 
+  /** The value of exactly `key`, or undefined. */
+  async get(key: string): Promise<string | undefined> {
+    const r = await this.call('/v3/kv/range', { key: b64(key) });
+    const kv = ((r.kvs ?? []) as RawKv[])[0];
+    return kv === undefined ? undefined : unb64(kv.value);
+  }
+
+  /** Puts `key` attached to lease `lease`: etcd deletes it when the lease expires (its backend died). */
+  async putWithLease(key: string, value: string, lease: string): Promise<number> {
+    const r = await this.call('/v3/kv/put', { key: b64(key), value: b64(value), lease });
+    return Number(r.header?.revision ?? 0);
+  }
+
+  /** A lease of `ttlSeconds`; its id as etcd's gateway writes it (a decimal string: int64 does not fit a double). */
+  async leaseGrant(ttlSeconds: number): Promise<string> {
+    const r = await this.call('/v3/lease/grant', { TTL: String(ttlSeconds) });
+    if (typeof r.ID !== 'string' && typeof r.ID !== 'number') throw new EtcdError('lease grant answered no ID', this.endpoint);
+    return String(r.ID);
+  }
+
+  async leaseKeepAlive(lease: string): Promise<void> {
+    await this.call('/v3/lease/keepalive', { ID: lease });
+  }
+
+  /** Revokes a lease: every key attached to it goes at once. */
+  async leaseRevoke(lease: string): Promise<void> {
+    await this.call('/v3/lease/revoke', { ID: lease });
+  }
+
   async delete(key: string): Promise<number> {
     const r = await this.call('/v3/kv/deleterange', { key: b64(key) });
     return Number(r.header?.revision ?? 0);

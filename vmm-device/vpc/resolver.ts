@@ -4,7 +4,8 @@
 // them, and this class implements them too, so a device that makes those calls gets tracking with no other change.
 
 import { PolicyReason, QpType } from '../abi/rdma/index.ts';
-import type { AddressResolver, Resolution, VirtualAddress } from '../rdma/address-resolver.ts';
+import { gidKey, type AddressResolver, type Resolution, type VirtualAddress } from '../rdma/address-resolver.ts';
+import { QpOwnership, type PeerQpAnswer, type QpRegistry } from '../rdma/qp-ownership.ts';
 import type { DeviceQuotas } from '../rdma/limits.ts';
 import type { Logger } from '../util/log.ts';
 import type { Connection, TeardownSink, VpcEngine } from './engine.ts';
@@ -68,15 +69,38 @@ export class VpcAddressResolver implements AddressResolver, PolicyHooks {
 
   registerQp(vmId: string, qpn: number): void {
     this.engine.registerQp(vmId, qpn);
+    this.ownership?.created(vmId, qpn);
   }
 
   /** Also forgets the QP's connection (DESTROY_QP, reset). */
   unregisterQp(vmId: string, qpn: number): void {
+    this.ownership?.destroyed(vmId, qpn);
     this.engine.unregisterQp(vmId, qpn);
+  }
+
+  /** Wire QPN ownership across the backends (useQpRegistry); none: no connect-time QPN check. */
+  ownership: QpOwnership | undefined;
+
+  /** Publishes wire QPN ownership to `registry` and checks each RC connection against it from now on. */
+  useQpRegistry(registry: QpRegistry): void {
+    const key = (p: { hostGid: Uint8Array } | undefined) => (p === undefined ? undefined : gidKey(p.hostGid));
+    this.ownership = new QpOwnership(
+      registry,
+      (vmId) => key(this.engine.placementOf(vmId)),
+      (vmId, gid) => {
+        const p = this.engine.placementOf(vmId, gid);
+        return p === undefined ? undefined : { vm: p.vm, host: gidKey(p.hostGid) };
+      },
+    );
+  }
+
+  async checkPeerQp(vmId: string, c: { qpn: number; peerGid: Uint8Array; peerQpn: number }): Promise<PeerQpAnswer> {
+    return this.ownership === undefined ? { ok: true } : this.ownership.check(vmId, c);
   }
 
   qpConnected(vmId: string, c: { qpn: number; guestHandle: number; qpType: number; peerGid: Uint8Array; peerQpn: number }): HookAnswer {
     if (qpTypeName(c.qpType) !== 'RC') return { ok: false, teardown: { reason: 'MAPPING_CHANGED', detail: PolicyReason.MAPPING_CHANGED } };
+    this.ownership?.connected(vmId, c.qpn, c.peerGid, c.peerQpn);
     return this.answer(this.engine.track(vmId, { kind: 'RC', local: c.qpn, guestHandle: c.guestHandle, peerGid: c.peerGid, peerQpn: c.peerQpn }));
   }
 

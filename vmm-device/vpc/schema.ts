@@ -138,7 +138,7 @@ export const HostSchema = z
     id: identifier,
     /** IPv4 address of the host's RoCE v2 netdev: its host GID is ::ffff:address. */
     address: ipv4,
-    /** What the host RNIC offers all VMs together; a VM's quota may not exceed it. */
+    /** What the host RNIC offers all VMs together: the quotas of the host's VMs may not add up to more. */
     capacity: PartialQuotasSchema.optional(),
   })
   .strict();
@@ -256,6 +256,30 @@ function crossCheck(d: z.output<typeof PolicyBaseSchema>, issue: IssueSink): voi
           issue(['vms', i, 'quotas', kind], `${want} exceeds host ${JSON.stringify(host.id)}'s capacity of ${cap}: one VM could exhaust the host`);
         }
       }
+    }
+  });
+  checkHostSums(d, issue);
+}
+
+/**
+ * Issue 12 item 4: the quotas of the VMs a host carries must fit its capacity together, not only one by one; else
+ * the VMs that came first could take what the others' quotas promise. Refused at load, naming the VMs.
+ */
+function checkHostSums(d: z.output<typeof PolicyBaseSchema>, issue: IssueSink): void {
+  d.hosts.forEach((host, i) => {
+    if (host.capacity === undefined) return;
+    const vms = d.vms.filter((vm) => vm.host === host.id);
+    for (const kind of QUOTA_KINDS) {
+      const cap = host.capacity[kind];
+      if (cap === undefined) continue;
+      const each = vms.map((vm) => ({ id: vm.id, q: vm.quotas?.[kind] ?? d.defaultQuotas[kind] }));
+      const sum = each.reduce((s, v) => s + v.q, 0);
+      if (sum <= cap) continue;
+      const shown = each.slice(0, 8).map((v) => `${v.id} ${v.q}`).join(', ') + (each.length > 8 ? `, ... ${each.length - 8} more` : '');
+      issue(
+        ['hosts', i, 'capacity', kind],
+        `the ${kind} quotas of the ${vms.length} VMs on host ${JSON.stringify(host.id)} add up to ${sum} (${shown}), above its capacity of ${cap}: VMs sharing the host could starve each other`,
+      );
     }
   });
 }
