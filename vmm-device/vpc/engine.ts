@@ -21,116 +21,16 @@ import {
   type Vm,
   type Vpc,
 } from './schema.ts';
-import { formatIpv4, gidOfIpv4Number, ipv4NumberFromGid, parseIpv4, parsePrefix, type Prefix } from './net.ts';
+import { formatIpv4, gidOfIpv4Number, ipv4NumberFromGid, parseIpv4 } from './net.ts';
+import { compile, DEFAULT_RULE_ID, evaluate, type CompiledPolicy, type CompiledVm, type CompiledVpc } from './compiled-policy.ts';
+
+export { DEFAULT_RULE_ID };
 
 /** Names of PolicyReason (the `detail` of QP_POLICY_TEARDOWN). */
 export type TeardownReason = keyof typeof PolicyReason;
 
 /** How many teardown latencies the engine keeps for the operator (the newest). */
 export const TEARDOWN_LATENCY_HISTORY = 256;
-
-/** What the backend tells a guest at REFUSED_BY_POLICY when the VPC's default action refused (no rule matched). */
-export const DEFAULT_RULE_ID = 0;
-
-interface CompiledRule {
-  id: number;
-  allow: boolean;
-  srcBase: number;
-  srcMask: number;
-  dstBase: number;
-  dstMask: number;
-  rc: boolean;
-  ud: boolean;
-  bidirectional: boolean;
-}
-
-interface CompiledVpc {
-  spec: Vpc;
-  tenant: Tenant;
-  qkey: number;
-  /** Rules in evaluation order: priority, then list order. */
-  rules: CompiledRule[];
-  defaultAllow: boolean;
-  /** Virtual address -> VM. */
-  members: Map<number, CompiledVm>;
-}
-
-interface CompiledVm {
-  spec: Vm;
-  ip: number;
-  vpc: CompiledVpc;
-  host: Host;
-  hostIp: number;
-  quotas: Quotas;
-}
-
-interface CompiledPolicy {
-  doc: PolicyDocument;
-  vms: Map<string, CompiledVm>;
-  vpcs: Map<string, CompiledVpc>;
-  hosts: Map<string, Host>;
-}
-
-function compile(doc: PolicyDocument): CompiledPolicy {
-  const hosts = new Map(doc.hosts.map((h) => [h.id, h]));
-  const tenants = new Map(doc.tenants.map((t) => [t.id, t]));
-  const vpcs = new Map<string, CompiledVpc>();
-  for (const v of doc.vpcs) {
-    const order = v.rules.map((r, i) => ({ r, i })).sort((a, b) => a.r.priority - b.r.priority || a.i - b.i);
-    vpcs.set(v.id, {
-      spec: v,
-      tenant: tenants.get(v.tenant)!,
-      qkey: effectiveQkey(v),
-      defaultAllow: v.defaultAction === 'allow',
-      members: new Map(),
-      rules: order.map(({ r }) => {
-        const src = parsePrefix(r.src);
-        const dst = parsePrefix(r.dst);
-        if (!src.ok || !dst.ok) throw new Error(`rule ${r.id} of VPC ${v.id} was not validated`);
-        return {
-          id: r.id,
-          allow: r.action === 'allow',
-          srcBase: src.prefix.base,
-          srcMask: prefixMask(src.prefix),
-          dstBase: dst.prefix.base,
-          dstMask: prefixMask(dst.prefix),
-          rc: r.qpTypes.includes('RC'),
-          ud: r.qpTypes.includes('UD'),
-          bidirectional: r.bidirectional,
-        };
-      }),
-    });
-  }
-  const vms = new Map<string, CompiledVm>();
-  for (const spec of doc.vms) {
-    const vpc = vpcs.get(spec.vpc)!;
-    const host = hosts.get(spec.host)!;
-    const quotas = { ...doc.defaultQuotas, ...spec.quotas } as Quotas;
-    const vm: CompiledVm = { spec, ip: parseIpv4(spec.ip)!, vpc, host, hostIp: parseIpv4(host.address)!, quotas };
-    vpc.members.set(vm.ip, vm);
-    vms.set(spec.id, vm);
-  }
-  return { doc, vms, vpcs, hosts };
-}
-
-function prefixMask(p: Prefix): number {
-  return p.length === 0 ? 0 : (0xffff_ffff << (32 - p.length)) >>> 0;
-}
-
-/** First matching rule in order, else the VPC's default. A linear scan: 1,000 rules cost microseconds. */
-function evaluate(vpc: CompiledVpc, src: number, dst: number, qpType: QpTypeName): { allow: boolean; ruleId: number } {
-  const rc = qpType === 'RC';
-  const rules = vpc.rules;
-  for (let i = 0; i < rules.length; i++) {
-    const r = rules[i]!;
-    if (rc ? !r.rc : !r.ud) continue;
-    if (((src & r.srcMask) >>> 0 === r.srcBase && (dst & r.dstMask) >>> 0 === r.dstBase) ||
-      (r.bidirectional && (dst & r.srcMask) >>> 0 === r.srcBase && (src & r.dstMask) >>> 0 === r.dstBase)) {
-      return { allow: r.allow, ruleId: r.id };
-    }
-  }
-  return { allow: vpc.defaultAllow, ruleId: DEFAULT_RULE_ID };
-}
 
 // ----------------------------------------------------------------------------------------------------- results
 
