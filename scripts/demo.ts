@@ -18,7 +18,7 @@ import { QemuQtest } from '../guest-driver-spec/qtest/index.ts';
 import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../vmm-device/verbs/native-verbs.ts';
 import { VhostUserServer } from '../vmm-device/transport/vhost-user/server.ts';
-import { SysHost } from '../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../vmm-device/util/log.ts';
 
 const RXE_DEVICE = 'rxe0';

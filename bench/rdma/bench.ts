@@ -63,7 +63,7 @@ import { Access, GidType, Mtu, QpState, QpType, WcOpcode as HostWcOpcode } from 
 import type { CqHandle, DeviceHandle, GidEntry, HostVerbs, PdHandle, QpHandle } from '../../vmm-device/verbs/host-verbs.ts';
 import type { SendWrList, WcBuffer } from '../../vmm-device/verbs/layout.ts';
 import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
-import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts';
 import { mean, median, record, writeResults, type BenchRecord } from '../common/results.ts';

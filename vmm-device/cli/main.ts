@@ -358,7 +358,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
       status = await serveStatus(flags['status-socket'], (vm) => backend.status(vm), log.child('status'));
     }
     const { VhostUserServer } = await import('../transport/vhost-user/server.ts');
-    const { SysHost } = await import('../transport/vhost-user/sys-host.ts');
+    const { SysHost } = await import('../host/sys-host.ts');
     const server = new VhostUserServer({ path: flags.socket, host: new SysHost(), model: device, log: log.child('vhost-user') });
     server.listen();
     log.log('info', 'serving', {

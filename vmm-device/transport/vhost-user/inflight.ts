@@ -22,7 +22,7 @@ import {
   splitUsedSize,
 } from '../../virtqueue/index.ts';
 import type { DeviceQueue, QueueState } from '../../virtqueue/queue.ts';
-import type { HostOps } from './host.ts';
+import type { HostOps } from '../../host/host.ts';
 import { FrontendRequest, VhostUserProtocolError } from './messages.ts';
 
 export const INFLIGHT_VERSION = 1;
