@@ -9,7 +9,9 @@ import { PACKED_EVENT_SIZE, descTableSize, splitAvailSize, splitUsedSize } from 
 import { createQueue } from '../../virtqueue/index.ts';
 import type { DeviceQueue, QueueOptions } from '../../virtqueue/queue.ts';
 import type { Watch } from '../../host/host.ts';
-import { InflightPackedQueue, InflightSplitQueue, walkSplitHead, type InflightArea, type SplitResubmission } from './inflight.ts';
+import type { InflightArea } from './inflight.ts';
+import { InflightPackedQueue } from './inflight-packed.ts';
+import { InflightSplitQueue, walkSplitHead, type SplitResubmission } from './inflight-split.ts';
 import { FrontendRequest, VhostUserProtocolError } from './messages.ts';
 
 /** A queue lent to a native thread (QueueOffload.take): the transport does not watch its kick meanwhile. */
