@@ -18,7 +18,7 @@ import {
 } from '../../vmm-device/virtio/index.ts';
 import { SplitQueue } from '../../vmm-device/virtqueue/index.ts';
 
-type Entry = 'activate' | 'queueNotify' | 'memoryChanged' | 'readConfig' | 'writeConfig' | 'acceptFeatures' | 'reset';
+type Entry = 'activate' | 'queueNotify' | 'memoryChanged' | 'readConfig' | 'writeConfig' | 'acceptFeatures' | 'reset' | 'maxQueueSize';
 
 /** A model that throws from the entries named in `failing`, and records every call. */
 class ThrowingModel implements VirtioDeviceModel {
@@ -34,6 +34,7 @@ class ThrowingModel implements VirtioDeviceModel {
     if (this.failing.has(e)) throw new Error(`injected ${e} failure`);
   }
   maxQueueSize(): number {
+    this.enter('maxQueueSize');
     return 16;
   }
   acceptFeatures(): boolean {
@@ -148,13 +149,14 @@ t.test('a throwing reset: the device is reset all the same, counted and logged, 
   t.ok(model.calls.includes('reset'));
 });
 
-t.test('throwing configuration accesses: refused as out of service, NEEDS_RESET', async (t) => {
-  const { core, start } = setup(['readConfig', 'writeConfig']);
+t.test('throwing configuration accesses and queue size limits: refused, NEEDS_RESET', async (t) => {
+  const { core, start } = setup(['readConfig', 'writeConfig', 'maxQueueSize']);
   start();
   t.equal(core.readConfig(0, 4), undefined);
   t.equal(core.writeConfig(0, Uint8Array.of(1)), false);
+  t.equal(core.maxQueueSize(0), 0, 'no queue size is accepted');
   t.ok(needsReset(core));
-  t.equal(core.counters.deviceFailures, 2);
+  t.equal(core.counters.deviceFailures, 3);
 });
 
 t.test('a throwing feature check: FEATURES_OK refused, never activated', async (t) => {

@@ -318,6 +318,16 @@ export class VirtioDeviceCore {
     this.stopped.fill(false);
   }
 
+  /** The largest size the driver may give queue `index`; 0 (no size accepted) when the model fails to say. */
+  maxQueueSize(index: number): number {
+    try {
+      return this.model.maxQueueSize(index);
+    } catch (e) {
+      this.deviceFailed(e as Error, `size limit of queue ${index}`);
+      return 0;
+    }
+  }
+
   /** Reads `len` bytes of device configuration at `offset`; undefined (counted) when out of bounds. */
   readConfig(offset: number, len: number): Uint8Array | undefined {
     if (!this.configRangeOk(offset, len)) return undefined;

@@ -92,7 +92,7 @@ export class RingSet {
     const code = FrontendRequest.SET_VRING_NUM;
     const r = this.ring(index, code);
     if (r.queue !== undefined) badState(code, `ring ${index} is started; stop it (GET_VRING_BASE) first`);
-    const max = this.env.core.model.maxQueueSize(index);
+    const max = this.env.core.maxQueueSize(index);
     if (num < 1 || num > max) badState(code, `ring ${index} size ${num} is not in 1..${max}`);
     if (!this.packed && (num & (num - 1)) !== 0) badState(code, `split ring ${index} size ${num} is not a power of two`);
     r.num = num;

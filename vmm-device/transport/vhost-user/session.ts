@@ -13,6 +13,11 @@
 //
 // With an inflight area (INFLIGHT_SHMFD), split and packed rings are tracked in it (inflight.ts): a ring that starts
 // with chains still marked in flight, after a back-end restart, gets them resubmitted before anything new.
+//
+// The jobs around it live beside it: the memory table (memory-table.ts; a new map rebuilds the rings, then reaches
+// the model, and only then are dropped regions unmapped), the rings and their kicks (ring-set.ts, rings.ts), and
+// the services the device model gets at activation: host-page mapping (host-pages.ts) and queue offload
+// (offload.ts).
 
 import { GuestMemory, GuestMemoryError } from '../../memory/guest-memory.ts';
 import type { Logger } from '../../util/log.ts';
@@ -373,7 +378,7 @@ export class VhostUserSession {
         needProtocol('INFLIGHT_SHMFD');
         if (rings.anyStarted) state('the inflight area cannot change while a ring is started');
         if (m.numQueues > rings.count) state(`num_queues ${m.numQueues} exceeds the queue count ${rings.count}`);
-        const max = this.core.model.maxQueueSize(0);
+        const max = this.core.maxQueueSize(0);
         if (m.queueSize > max) state(`queue_size ${m.queueSize} exceeds the maximum ${max}`);
         const size = inflightAreaSize(m.numQueues, m.queueSize);
         const fd = this.host.memfd('vhost-user-inflight', size);
