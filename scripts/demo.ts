@@ -15,7 +15,7 @@ import { RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type
 import { attachDevice, Cleanups, type TransportKind } from '../guest-driver-spec/driver/attach.ts';
 import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../vmm-device/verbs/native-verbs.ts';
-import { SysHost } from '../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../vmm-device/util/log.ts';
 
 const RXE_DEVICE = 'rxe0';

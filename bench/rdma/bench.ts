@@ -60,7 +60,7 @@ import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { Access, GidType, Mtu, QpState, QpType, WcOpcode as HostWcOpcode } from '../../vmm-device/verbs/constants.ts';
 import type { CqHandle, DeviceHandle, GidEntry, HostVerbs, PdHandle, QpHandle } from '../../vmm-device/verbs/host-verbs.ts';
 import type { SendWrList, WcBuffer } from '../../vmm-device/verbs/layout.ts';
-import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts';
 import { mean, median, record, writeResults, type BenchRecord } from '../common/results.ts';

@@ -2,7 +2,7 @@
 // front of it either a real QEMU (qtest mode, the project's vhost-user-device-pci with virtio ID 42) or the
 // reference vhost-user front-end. The demo, bench:rdma and the tests that run two VMs share it.
 import path from 'node:path';
-import type { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import type { SysHost } from '../../vmm-device/host/sys-host.ts';
 import type { VirtioDeviceModel } from '../../vmm-device/virtio/device.ts';
 import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';

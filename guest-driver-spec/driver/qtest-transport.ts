@@ -13,7 +13,7 @@
 
 import fs from 'node:fs';
 import { GuestMemory } from '../../vmm-device/memory/guest-memory.ts';
-import type { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import type { SysHost } from '../../vmm-device/host/sys-host.ts';
 import {
   COMMON_QUEUE_DESC,
   COMMON_QUEUE_DEVICE,

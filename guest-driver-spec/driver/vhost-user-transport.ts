@@ -15,7 +15,7 @@
 import { VhostUserFrontend } from '../frontend/frontend.ts';
 import type { GuestRam } from '../frontend/guest-ram.ts';
 import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, hasBit } from '../../vmm-device/transport/vhost-user/messages.ts';
-import type { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import type { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { STATUS_DRIVER_OK, STATUS_FEATURES_OK } from '../../vmm-device/abi/virtio.ts';
 import { DriverMemory, type AllocatableRange } from './memory.ts';
 import { TransportError, type DriverTransport } from './transport.ts';

@@ -4,7 +4,7 @@
 
 import fs from 'node:fs';
 import { FrontendRequest as R, HEADER_SIZE, decodeHeader, decodeInflight, requestName } from '../../vmm-device/transport/vhost-user/messages.ts';
-import type { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import type { SysHost } from '../../vmm-device/host/sys-host.ts';
 import type { VhostUserFrontend, WireRecord } from './frontend.ts';
 
 export const EXCHANGE_FORMAT = 'vrdma-vhost-user-exchange/1';

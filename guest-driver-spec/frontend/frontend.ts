@@ -38,8 +38,8 @@ import {
   type InflightDesc,
   type MessageHeader,
 } from '../../vmm-device/transport/vhost-user/messages.ts';
-import type { Watch } from '../../vmm-device/transport/vhost-user/host.ts';
-import type { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import type { Watch } from '../../vmm-device/host/host.ts';
+import type { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { GuestRam, type RamRegion } from './guest-ram.ts';
 
 /** How long the front-end waits for a reply before giving up (QEMU blocks forever; tests must not). */

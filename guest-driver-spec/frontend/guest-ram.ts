@@ -5,7 +5,7 @@
 
 import { GuestMemory } from '../../vmm-device/memory/guest-memory.ts';
 import type { MemoryRegionDesc } from '../../vmm-device/transport/vhost-user/messages.ts';
-import type { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import type { SysHost } from '../../vmm-device/host/sys-host.ts';
 
 /** Where the made-up front-end virtual addresses start (far from any guest physical address used in tests). */
 export const FRONTEND_VA_BASE = 0x7f00_0000_0000;

@@ -13,7 +13,7 @@ import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { RdmaDevice } from '../../vmm-device/rdma/index.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
-import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { VpcEngine } from '../../vmm-device/vpc/engine.ts';
 import { VpcAddressResolver } from '../../vmm-device/vpc/resolver.ts';

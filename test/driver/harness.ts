@@ -9,7 +9,7 @@ import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { VhostUserTransport } from '../../guest-driver-spec/driver/index.ts';
 import { nativeStats } from '../../vmm-device/native/sys.ts';
 import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
-import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import type { VirtioDeviceModel } from '../../vmm-device/virtio/device.ts';
 

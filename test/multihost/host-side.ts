@@ -13,7 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { AccessFlag, EventType } from '../../vmm-device/abi/rdma/index.ts';
 import { CommandError, RdmaContext, VhostUserTransport, type Cq, type GuestBuffer, type Mr, type Pd, type Qp } from '../../guest-driver-spec/driver/index.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
-import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { queryStatus } from '../../vmm-device/cli/status.ts';
 import { ensureEtcd } from '../vpc/etcd-harness.ts';
 import { ETCD_ENDPOINTS, ETCD_MEMBERS, ETCD_PREFIX, HOST_ADDRESS, VM_OF_HOST, clientUrl, peerUrl, type HostId } from './topology.ts';

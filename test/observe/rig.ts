@@ -7,7 +7,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { RdmaContext, VhostUserTransport } from '../../guest-driver-spec/driver/index.ts';
-import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../vmm-device/host/sys-host.ts';
 
 export const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const entry = path.join(root, 'test/observe/backend-process.ts');

@@ -19,7 +19,7 @@ import { VhostUserFrontend } from '../../guest-driver-spec/frontend/frontend.ts'
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { GuestAllocator, SplitRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
 import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
-import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { F_VERSION_1, bit } from '../../vmm-device/abi/virtio.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';

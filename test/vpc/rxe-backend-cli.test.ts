@@ -16,7 +16,7 @@ import { fileURLToPath } from 'node:url';
 import { EventType, PolicyReason, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 import { RdmaContext, VhostUserTransport } from '../../guest-driver-spec/driver/index.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
-import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { queryStatus } from '../../vmm-device/cli/status.ts';
 import type { BackendStatus } from '../../vmm-device/vpc/backend.ts';
 import { pattern, rdmaResourcesOf, requireTestHost } from '../driver/rxe-helpers.ts';

@@ -419,7 +419,7 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
       status = await serveStatus(flags['status-socket'], view, log.child('status'), (trigger) => obs.dump(trigger));
     }
     const { VhostUserServer } = await import('../transport/vhost-user/server.ts');
-    const { SysHost } = await import('../transport/vhost-user/sys-host.ts');
+    const { SysHost } = await import('../host/sys-host.ts');
     const server = new VhostUserServer({ path: flags.socket, host: new SysHost(), model: observe.model, log: log.child('vhost-user') });
     observe.attachServer(server);
     server.listen();

@@ -65,6 +65,8 @@ export class VirtioDeviceCore {
   private acked = 0n;
   private generation = 0;
   private active = false;
+  /** The model failed (deviceFailed): no more kicks reach it until the reset the driver must do. */
+  private failed = false;
   private memory: GuestMemory | undefined;
   private readonly queues: (DeviceQueue | undefined)[];
   private readonly stopped: boolean[];
@@ -146,11 +148,15 @@ export class VirtioDeviceCore {
     }
   }
 
-  /** The transport hands over a configured queue (or removes it). Only before DRIVER_OK. */
+  /**
+   * The transport hands over a configured queue (or removes it): before DRIVER_OK, or while active when the
+   * transport rebuilt a started queue over a new memory map (the model reads `ActivationContext.queues` afresh
+   * each time, so it sees the new one). A queue stopped by a driver bug stays stopped until the reset.
+   */
   setQueue(index: number, queue: DeviceQueue | undefined): void {
     this.checkIndex(index);
     this.queues[index] = queue;
-    this.stopped[index] = false;
+    if (!this.active) this.stopped[index] = false;
   }
 
   private checkIndex(index: number): void {
@@ -240,13 +246,15 @@ export class VirtioDeviceCore {
       });
       this.active = true;
     } catch (e) {
-      this.raiseNeedsReset(`activation failed: ${(e as Error).message}`);
+      // The model refused or failed to start: NEEDS_RESET. What it created before failing is released by the
+      // driver's reset (reset() calls the model whenever the status is not 0).
+      this.deviceFailed(e as Error, 'activation');
     }
   }
 
   /** A kick from the driver for queue `index`. */
   notify(index: number): void {
-    if (!this.active || index < 0 || index >= this.queues.length || this.queues[index] === undefined || this.stopped[index]) {
+    if (!this.active || this.failed || index < 0 || index >= this.queues.length || this.queues[index] === undefined || this.stopped[index]) {
       this.counters.ignoredKicks++;
       return;
     }
@@ -259,9 +267,13 @@ export class VirtioDeviceCore {
     }
   }
 
-  /** A failure inside the model that no driver action caused: NEEDS_RESET, logged with where it came from. */
+  /**
+   * A failure inside the model that no driver action caused: NEEDS_RESET, logged with where it came from. The model
+   * gets no more kicks until the reset (it would most likely fail again); memory map changes still reach it.
+   */
   deviceFailed(error: Error, where: string): void {
     this.counters.deviceFailures++;
+    this.failed = true;
     this.log.log('error', 'device model failed; device needs reset', { where, error: error?.message ?? String(error), stack: error?.stack });
     this.raiseNeedsReset(`${where}: ${error?.message ?? String(error)}`);
   }
@@ -287,28 +299,61 @@ export class VirtioDeviceCore {
     return this.stopped[index] ?? true;
   }
 
-  /** Device reset (status 0, or the transport's own reset): the model releases everything. */
+  /**
+   * Device reset (status 0, or the transport's own reset): the model releases everything. A model that throws
+   * here is a bug in it: logged and counted, and the device is reset all the same (a reset cannot be refused).
+   */
   reset(): void {
-    if (this.active || this.status !== 0) this.model.reset();
+    if (this.active || this.status !== 0) {
+      try {
+        this.model.reset();
+      } catch (e) {
+        this.counters.deviceFailures++;
+        this.log.log('error', 'the device model failed to reset; reset anyway', { error: (e as Error)?.message ?? String(e), stack: (e as Error)?.stack });
+      }
+    }
     this.active = false;
+    this.failed = false;
     this.status = 0;
     this.acked = 0n;
     this.queues.fill(undefined);
     this.stopped.fill(false);
   }
 
+  /** The largest size the driver may give queue `index`; 0 (no size accepted) when the model fails to say. */
+  maxQueueSize(index: number): number {
+    try {
+      return this.model.maxQueueSize(index);
+    } catch (e) {
+      this.deviceFailed(e as Error, `size limit of queue ${index}`);
+      return 0;
+    }
+  }
+
   /** Reads `len` bytes of device configuration at `offset`; undefined (counted) when out of bounds. */
   readConfig(offset: number, len: number): Uint8Array | undefined {
     if (!this.configRangeOk(offset, len)) return undefined;
     const out = new Uint8Array(len);
-    this.model.readConfig(offset, out);
+    try {
+      this.model.readConfig(offset, out);
+    } catch (e) {
+      this.deviceFailed(e as Error, 'configuration read');
+      return undefined;
+    }
     return out;
   }
 
   /** Writes device configuration; false (counted) when out of bounds or read-only. */
   writeConfig(offset: number, data: Uint8Array): boolean {
     if (!this.configRangeOk(offset, data.length)) return false;
-    if (!this.model.writeConfig(offset, data)) {
+    let written: boolean;
+    try {
+      written = this.model.writeConfig(offset, data);
+    } catch (e) {
+      this.deviceFailed(e as Error, 'configuration write');
+      return false;
+    }
+    if (!written) {
       this.counters.configAccessErrors++;
       this.log.log('warn', 'write to read-only device configuration dropped', { offset, len: data.length });
       return false;

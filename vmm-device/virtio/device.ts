@@ -9,7 +9,11 @@ export interface ActivationContext {
   /** The features the driver accepted (a subset of what was offered, always with VERSION_1). */
   features: bigint;
   memory: GuestMemory;
-  /** One entry per queue index; undefined for a queue the driver did not enable. */
+  /**
+   * One entry per queue index; undefined for a queue the driver did not enable. Live: the transport replaces an
+   * entry when it rebuilds a started queue over a new memory map (before memoryChanged), and clears it when the
+   * queue's ring is no longer inside guest memory. Read it each time; keep no queue object across calls.
+   */
   queues: readonly (DeviceQueue | undefined)[];
   /** Tells the transport to send a used-buffer notification (interrupt) for queue `index`. */
   interrupt(index: number): void;
@@ -72,11 +76,19 @@ export interface SharedMapping {
  * Lends a queue's kick and call eventfds to a native thread (the mapped data path's doorbell thread): while a
  * queue is taken, the transport stops watching its kick fd and the model is not called for its kicks. The fds
  * handed out are duplicates the taker owns and closes; the transport keeps its own.
+ *
+ * The transport ends a lend by itself ("revokes" it) when the fds it handed out stop being the queue's (vhost-user:
+ * a new SET_VRING_KICK or SET_VRING_CALL), when the queue stops (GET_VRING_BASE), on a device reset and when the
+ * connection goes away. It then serves the queue itself again (no kick is lost) and calls `onRevoked` with the
+ * reason: the taker stops using and closes its duplicates, and may take the queue again for the new fds.
  */
 export interface QueueOffload {
   /** Takes queue `index`; undefined (with the reason logged) when the transport cannot lend it now. */
-  take(index: number): { kickFd: number; callFd: number | undefined } | undefined;
-  /** Gives queue `index` back: the transport watches its kick again and serves a kick that came meanwhile. */
+  take(index: number, onRevoked?: (reason: string) => void): { kickFd: number; callFd: number | undefined } | undefined;
+  /**
+   * Gives queue `index` back: the transport watches its kick again and serves a kick that came meanwhile. After a
+   * revocation it does nothing.
+   */
   giveBack(index: number): void;
 }
 

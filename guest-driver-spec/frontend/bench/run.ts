@@ -10,7 +10,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writ
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { SysHost } from '../../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../../vmm-device/host/sys-host.ts';
 import { VhostUserFrontend } from '../frontend.ts';
 import { GuestAllocator, SplitRingDriver } from '../guest-driver.ts';
 import { GuestRam } from '../guest-ram.ts';

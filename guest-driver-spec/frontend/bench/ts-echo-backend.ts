@@ -3,7 +3,7 @@
 // exits when its front-end hangs up.
 import { EchoDevice } from '../conformance/echo-device.ts';
 import { VhostUserServer } from '../../../vmm-device/transport/vhost-user/server.ts';
-import { SysHost } from '../../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../../vmm-device/host/sys-host.ts';
 import { StderrLogger } from '../../../vmm-device/util/log.ts';
 
 const socketPath = process.argv[2];

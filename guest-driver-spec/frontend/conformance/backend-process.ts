@@ -7,7 +7,7 @@
 //   node --import tsx backend-process.ts <socket path> <queues> <echo|hold>
 
 import { VhostUserServer } from '../../../vmm-device/transport/vhost-user/server.ts';
-import { SysHost } from '../../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../../vmm-device/util/log.ts';
 import { drainQueue } from '../../../vmm-device/virtio/core.ts';
 import type { ActivationContext } from '../../../vmm-device/virtio/device.ts';

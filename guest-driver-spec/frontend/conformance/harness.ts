@@ -11,7 +11,7 @@ import { VhostUserFrontend } from '../frontend.ts';
 import { nativeStats } from '../../../vmm-device/native/sys.ts';
 import { VhostUserServer } from '../../../vmm-device/transport/vhost-user/server.ts';
 import type { VhostUserSession } from '../../../vmm-device/transport/vhost-user/session.ts';
-import { SysHost } from '../../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../../vmm-device/util/log.ts';
 import { EchoDevice } from './echo-device.ts';
 import { GuestAllocator, SplitRingDriver } from '../guest-driver.ts';
@@ -57,13 +57,14 @@ export function openFdCount(): number {
   return fs.readdirSync('/proc/self/fd').length;
 }
 
-export async function rig(opts: { queues?: number } = {}): Promise<Rig> {
+/** `device`: a model of the test's own (an EchoDevice that also records what it was told). */
+export async function rig(opts: { queues?: number; device?: EchoDevice } = {}): Promise<Rig> {
   const before = nativeStats();
   const fdsBefore = openFdCount();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vhost-user-test-'));
   const sockPath = path.join(dir, `vu${counter++}.sock`);
   const log = new RecordingLogger('vhost-user');
-  const device = new EchoDevice(opts.queues ?? 2);
+  const device = opts.device ?? new EchoDevice(opts.queues ?? 2);
   const server = new VhostUserServer({ path: sockPath, host, model: device, log });
   let current: VhostUserSession | undefined;
   let onAccept: (() => void) | undefined;

@@ -10,7 +10,7 @@ import { QemuQtest, VirtioPciDevice, type GuestRam } from '../index.ts';
 import { nativeStats } from '../../../vmm-device/native/sys.ts';
 import { VhostUserServer } from '../../../vmm-device/transport/vhost-user/server.ts';
 import type { VhostUserSession } from '../../../vmm-device/transport/vhost-user/session.ts';
-import { SysHost } from '../../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../../vmm-device/util/log.ts';
 import { INVERT_CONFIG_SIZE, INVERT_DEVICE_ID, InvertDevice } from './invert-device.ts';
 

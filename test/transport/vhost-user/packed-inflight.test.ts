@@ -8,7 +8,8 @@ import { GuestAllocator, PACKED_BASE_WRAP, PackedRingDriver } from '../../../gue
 import { KeptInflightArea } from '../../../guest-driver-spec/frontend/frontend.ts';
 import { GuestRam } from '../../../guest-driver-spec/frontend/guest-ram.ts';
 import { encodeU64, host, rig } from '../../../guest-driver-spec/frontend/conformance/harness.ts';
-import { InflightArea, InflightPackedQueue, inflightAreaSize } from '../../../vmm-device/transport/vhost-user/inflight.ts';
+import { InflightArea, inflightAreaSize } from '../../../vmm-device/transport/vhost-user/inflight.ts';
+import { InflightPackedQueue } from '../../../vmm-device/transport/vhost-user/inflight-packed.ts';
 import { PackedQueue, DescriptorChain } from '../../../vmm-device/virtqueue/index.ts';
 import { FrontendRequest as R } from '../../../vmm-device/transport/vhost-user/messages.ts';
 import { F_RING_PACKED, F_VERSION_1, bit } from '../../../vmm-device/abi/virtio.ts';

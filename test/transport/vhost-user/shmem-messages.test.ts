@@ -29,7 +29,7 @@ import {
   encodeShmemMap,
   type ShmemMapRequest,
 } from '../../../vmm-device/transport/vhost-user/shmem-messages.ts';
-import { SysHost } from '../../../vmm-device/transport/vhost-user/sys-host.ts';
+import { SysHost } from '../../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../../vmm-device/util/log.ts';
 
 const host = new SysHost();

@@ -3,7 +3,7 @@
 // front-end's u64 answer. Requests go one at a time: the next waits for the previous answer.
 
 import type { Logger } from '../../util/log.ts';
-import type { HostOps, Watch } from './host.ts';
+import type { HostOps, Watch } from '../../host/host.ts';
 import {
   BackendRequest,
   FLAG_NEED_REPLY,

@@ -3,7 +3,7 @@
 // to the session, writes replies, and closes everything when the session or the peer says so.
 
 import type { Logger } from '../../util/log.ts';
-import type { HostOps, Watch } from './host.ts';
+import type { HostOps, Watch } from '../../host/host.ts';
 import { HEADER_SIZE, MAX_FDS_PER_MESSAGE, VhostUserProtocolError, checkRequestHeader, decodeHeader, requestName, type MessageHeader } from './messages.ts';
 import type { VhostUserSession } from './session.ts';
 

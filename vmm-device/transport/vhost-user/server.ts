@@ -7,7 +7,7 @@ import type { Logger } from '../../util/log.ts';
 import type { VirtioDeviceModel } from '../../virtio/device.ts';
 import { BackendChannel } from './backend-channel.ts';
 import { VhostUserConnection, type WireEvent } from './connection.ts';
-import type { HostOps, ListenOps, Watch } from './host.ts';
+import type { HostOps, ListenOps, Watch } from '../../host/host.ts';
 import { ProtocolFeature, hasBit } from './messages.ts';
 import { VhostUserSession, newCounters, type SessionCounters } from './session.ts';
 

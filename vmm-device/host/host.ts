@@ -1,7 +1,8 @@
-// The host facilities the vhost-user transport needs, as one narrow interface. The production implementation
-// (sys-host.ts) is a thin adapter over the native sys addon (vmm-device/native/sys.ts); keeping the transport
-// written against this interface means it never sees the addon's raw shapes, and error paths a real kernel cannot
-// be made to produce on demand (mmap failing, memfd failing) can be exercised with a wrapper that fails on purpose.
+// The host facilities the transports need (vhost-user now, vfio-user next), as one narrow interface: the layer
+// under the transports and above the addon wrappers. The production implementation (sys-host.ts) is a thin adapter
+// over the native sys addon (vmm-device/native/sys.ts); keeping the transports written against this interface means
+// they never see the addon's raw shapes, and error paths a real kernel cannot be made to produce on demand (mmap
+// failing, memfd failing) can be exercised with a wrapper that fails on purpose.
 
 export interface Watch {
   /** Stops watching. Idempotent. */
@@ -21,6 +22,8 @@ export interface HostOps {
   /** Detaches the buffer (stale views become empty) and unmaps it. */
   munmap(buffer: ArrayBuffer): void;
   close(fd: number): void;
+  /** dup(2) with close-on-exec: a second fd for the same file (queue offload lends duplicates, keeps its own). */
+  dup(fd: number): number;
   /** A sealed-size memfd of `size` bytes (inflight area, host-notifier pages). */
   memfd(name: string, size: number): number;
   /** Reads and clears an eventfd's counter; undefined when it was zero (non-blocking). */

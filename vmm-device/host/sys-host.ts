@@ -1,7 +1,7 @@
 // HostOps and ListenOps over the native sys addon (vmm-device/native/sys.ts). Thin on purpose: only shape
 // changes (null -> 'again', partial sends finished, EMSGSIZE -> "fds truncated").
 
-import * as sys from '../../native/sys.ts';
+import * as sys from '../native/sys.ts';
 import type { HostOps, ListenOps, RecvResult, Watch } from './host.ts';
 
 /** A reply is a few hundred bytes; a full socket buffer is retried this many times before the send fails. */
@@ -21,6 +21,9 @@ export class SysHost implements HostOps, ListenOps {
   }
   close(fd: number): void {
     sys.close(fd);
+  }
+  dup(fd: number): number {
+    return sys.dup(fd);
   }
   memfd(name: string, size: number): number {
     return sys.memfdCreate(name, size);
