@@ -9,8 +9,11 @@
 //   - an MR: an RDMA WRITE into it and an RDMA READ out of it verify every byte.
 // Afterwards the guest destroys everything and `rdma resource show` lists nothing of this process.
 //
-// MUST run inside the soft-RoCE test host (about 2 minutes there, most of it starting QEMU under TCG):
-//   bash scripts/rxe/run.sh --timeout 900 -- npx tap --jobs=1 test/driver/rxe-qemu-hotplug.test.ts
+// MUST run inside the soft-RoCE test host. Straight through node it takes about 70 s there (40 s of it starting
+// QEMU under TCG), VRDMA_TRACE=1 showing each step:
+//   bash scripts/rxe/run.sh --timeout 900 -- env VRDMA_TRACE=1 node --import tsx/esm test/driver/rxe-qemu-hotplug.test.ts
+// Through tap give it more (one run under tap printed nothing within 900 s on a loaded machine):
+//   bash scripts/rxe/run.sh --timeout 1800 -- npx tap --jobs=1 test/driver/rxe-qemu-hotplug.test.ts
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
