@@ -6,7 +6,7 @@
 // Rings (CQ, SQ, RQ) are GuestBuffers too: the page list of CREATE_CQ and CREATE_QP is the ring's pages.
 
 import { Limits } from '../../vmm-device/abi/rdma/index.ts';
-import type { DriverMemory } from './memory.ts';
+import type { AllocatableRange, DriverMemory } from './memory.ts';
 
 /** Where the driver's made-up guest virtual addresses start (a user-space address, like an mmap of a process). */
 export const GUEST_VA_BASE = 0x7f00_0000_0000n;
@@ -38,6 +38,8 @@ export interface GuestBufferOptions {
    * as a guest process's pages are; section 8.2 allows it and the driver's rings use it.
    */
   placement?: 'scattered' | 'contiguous';
+  /** Every page inside this guest-physical range (a hot-added DIMM, say); default: anywhere in guest RAM. */
+  within?: AllocatableRange;
 }
 
 export class GuestBuffer {
@@ -62,13 +64,13 @@ export class GuestBuffer {
     if (!Number.isInteger(pageOffset) || pageOffset < 0 || pageOffset >= pageSize) throw new RangeError(`page offset ${pageOffset}`);
     const count = Math.ceil((pageOffset + length) / pageSize);
     if ((options.placement ?? 'contiguous') === 'contiguous') {
-      const gpa = mem.allocZeroed(count * pageSize, pageSize);
+      const gpa = mem.allocZeroed(count * pageSize, pageSize, options.within);
       const pages = Array.from({ length: count }, (_, i) => BigInt(gpa + i * pageSize));
       return new GuestBuffer(mem, BigInt(gpa + pageOffset), length, pageShift, pages, [gpa]);
     }
     const allocations: number[] = [];
     try {
-      for (let i = 0; i < count; i++) allocations.push(mem.allocZeroed(pageSize, pageSize));
+      for (let i = 0; i < count; i++) allocations.push(mem.allocZeroed(pageSize, pageSize, options.within));
     } catch (e) {
       for (const a of allocations) mem.release(a);
       throw e;

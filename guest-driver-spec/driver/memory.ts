@@ -3,11 +3,14 @@
 // buffers, doorbell buffers and data buffers. Ranges are freed when the object that holds them is destroyed, so a
 // long test does not run out of guest RAM.
 //
+// RAM added while the driver runs (a DIMM hot-added to the VM) joins with addRegion; an allocation may be confined
+// to one range (`within`), which is how a test places a ring or an MR in exactly that memory.
+//
 // Index blocks are read and written with Atomics on 32-bit views: the spec's store-release / load-acquire of
 // producer_index and consumer_index (section 10.2). On x86-64 an aligned 32-bit store is one instruction and
 // Atomics keeps the JIT from reordering or splitting it.
 
-import type { GuestMemory } from '../../vmm-device/memory/guest-memory.ts';
+import { GuestMemory, type MemoryRegionSpec } from '../../vmm-device/memory/guest-memory.ts';
 
 export class DriverMemoryError extends Error {
   constructor(message: string) {
@@ -34,11 +37,16 @@ export const MIN_ALLOC_ALIGN = 8;
 export class GpaAllocator {
   private readonly free: FreeBlock[];
   private readonly live = new Map<number, number>();
-  readonly total: number;
+  private totalBytes: number;
 
   constructor(ranges: readonly AllocatableRange[]) {
     this.free = ranges.filter((r) => r.size > 0).map((r) => ({ gpa: r.gpa, size: r.size })).sort((a, b) => a.gpa - b.gpa);
-    this.total = this.free.reduce((n, b) => n + b.size, 0);
+    this.totalBytes = this.free.reduce((n, b) => n + b.size, 0);
+  }
+
+  /** Bytes of every allocatable range. */
+  get total(): number {
+    return this.totalBytes;
   }
 
   /** Bytes not allocated. */
@@ -51,22 +59,44 @@ export class GpaAllocator {
     return this.live.size;
   }
 
-  alloc(length: number, align = MIN_ALLOC_ALIGN): number {
+  /** Makes [gpa, gpa + size) allocatable too (RAM that arrived later); it must not overlap a known range. */
+  addRange(range: AllocatableRange): void {
+    if (!Number.isSafeInteger(range.gpa) || range.gpa < 0 || !Number.isSafeInteger(range.size) || range.size < 1) {
+      throw new DriverMemoryError(`range at ${range.gpa} of ${range.size} bytes`);
+    }
+    const end = range.gpa + range.size;
+    const overlaps = (gpa: number, size: number): boolean => gpa < end && range.gpa < gpa + size;
+    if (this.free.some((b) => overlaps(b.gpa, b.size)) || [...this.live].some(([gpa, size]) => overlaps(gpa, size))) {
+      throw new DriverMemoryError(`range [0x${range.gpa.toString(16)}, 0x${end.toString(16)}) overlaps memory the allocator already has`);
+    }
+    const i = this.free.findIndex((b) => b.gpa > range.gpa);
+    this.free.splice(i < 0 ? this.free.length : i, 0, { gpa: range.gpa, size: range.size });
+    this.totalBytes += range.size;
+  }
+
+  /**
+   * Reserves `length` bytes aligned to `align`; with `within`, only inside that range (a block of a larger free
+   * range may be taken from its middle).
+   */
+  alloc(length: number, align = MIN_ALLOC_ALIGN, within?: AllocatableRange): number {
     if (!Number.isSafeInteger(length) || length < 1) throw new DriverMemoryError(`allocation of ${length} bytes`);
     const a = Math.max(align, MIN_ALLOC_ALIGN);
     if ((a & (a - 1)) !== 0) throw new DriverMemoryError(`alignment ${align} is not a power of two`);
     const size = Math.ceil(length / MIN_ALLOC_ALIGN) * MIN_ALLOC_ALIGN;
     for (let i = 0; i < this.free.length; i++) {
       const b = this.free[i]!;
-      const at = Math.ceil(b.gpa / a) * a;
-      if (at + size > b.gpa + b.size) continue;
+      const lo = within === undefined ? b.gpa : Math.max(b.gpa, within.gpa);
+      const hi = within === undefined ? b.gpa + b.size : Math.min(b.gpa + b.size, within.gpa + within.size);
+      const at = Math.ceil(lo / a) * a;
+      if (at + size > hi) continue;
       const before = { gpa: b.gpa, size: at - b.gpa };
       const after = { gpa: at + size, size: b.gpa + b.size - (at + size) };
       this.free.splice(i, 1, ...[before, after].filter((x) => x.size > 0));
       this.live.set(at, size);
       return at;
     }
-    throw new DriverMemoryError(`guest RAM exhausted: ${length} bytes (align ${a}) wanted, ${this.available} free in pieces`);
+    const where = within === undefined ? '' : ` in [0x${within.gpa.toString(16)}, +0x${within.size.toString(16)})`;
+    throw new DriverMemoryError(`guest RAM exhausted${where}: ${length} bytes (align ${a}) wanted, ${this.available} free in pieces`);
   }
 
   release(gpa: number): void {
@@ -94,24 +124,51 @@ export class GpaAllocator {
 /** Guest RAM access plus allocation: what every part of the driver uses to touch guest memory. */
 export class DriverMemory {
   readonly allocator: GpaAllocator;
+  private current: GuestMemory;
 
-  constructor(
-    readonly memory: GuestMemory,
-    ranges: readonly AllocatableRange[],
-  ) {
+  constructor(memory: GuestMemory, ranges: readonly AllocatableRange[]) {
     for (const r of ranges) {
       if (!memory.isValidRange(r.gpa, r.size)) throw new DriverMemoryError(`range [0x${r.gpa.toString(16)}, +0x${r.size.toString(16)}) is not guest RAM`);
     }
+    this.current = memory;
     this.allocator = new GpaAllocator(ranges);
   }
 
-  alloc(length: number, align = MIN_ALLOC_ALIGN): number {
-    return this.allocator.alloc(length, align);
+  /** Guest RAM as the driver maps it now (a new map once addRegion added RAM). */
+  get memory(): GuestMemory {
+    return this.current;
+  }
+
+  /**
+   * RAM that arrived while the driver runs (a hot-added DIMM, mapped by the transport): joins the map and, whole,
+   * the allocatable ranges. Existing allocations and views stay valid (the old regions keep their buffers).
+   */
+  addRegion(spec: MemoryRegionSpec): AllocatableRange {
+    const kept: MemoryRegionSpec[] = this.current.regionList.map((r) => ({
+      guestPhysAddr: r.guestPhysAddr,
+      size: r.size,
+      userAddr: r.userAddr,
+      buffer: r.buffer,
+      bufferOffset: r.bufferOffset,
+    }));
+    const next = new GuestMemory([...kept, spec]); // validates: no overlap with RAM the driver has
+    const range = { gpa: spec.guestPhysAddr, size: spec.size };
+    this.allocator.addRange(range);
+    this.current = next;
+    return range;
+  }
+
+  /** See GpaAllocator.alloc; `within` must be guest RAM. */
+  alloc(length: number, align = MIN_ALLOC_ALIGN, within?: AllocatableRange): number {
+    if (within !== undefined && !this.current.isValidRange(within.gpa, within.size)) {
+      throw new DriverMemoryError(`range [0x${within.gpa.toString(16)}, +0x${within.size.toString(16)}) is not guest RAM`);
+    }
+    return this.allocator.alloc(length, align, within);
   }
 
   /** Allocates zeroed bytes. */
-  allocZeroed(length: number, align = MIN_ALLOC_ALIGN): number {
-    const gpa = this.alloc(length, align);
+  allocZeroed(length: number, align = MIN_ALLOC_ALIGN, within?: AllocatableRange): number {
+    const gpa = this.alloc(length, align, within);
     this.fill(gpa, length, 0);
     return gpa;
   }

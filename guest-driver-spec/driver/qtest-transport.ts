@@ -27,7 +27,7 @@ import {
   VirtioPciDevice,
   type QemuQtest,
 } from '../qtest/index.ts';
-import { DriverMemory } from './memory.ts';
+import { DriverMemory, type AllocatableRange } from './memory.ts';
 import { TransportError, type DriverTransport } from './transport.ts';
 import { DriverVirtqueue } from './virtqueue.ts';
 
@@ -41,7 +41,7 @@ export const MEMFD_LINK_PREFIX = '/memfd:';
  * Finds QEMU's guest-RAM memfd (a memfd of exactly the RAM size) and opens it read-write through /proc (same user,
  * so nothing beyond ordinary /proc access is needed).
  */
-export function openQemuRamFd(pid: number, ramBytes: number): number {
+export function openQemuRamFd(pid: number, ramBytes: number, exclude: ReadonlySet<number> = new Set()): number {
   const dir = `/proc/${pid}/fd`;
   const seen: string[] = [];
   for (const entry of fs.readdirSync(dir)) {
@@ -53,13 +53,15 @@ export function openQemuRamFd(pid: number, ramBytes: number): number {
     }
     if (!target.startsWith(MEMFD_LINK_PREFIX)) continue;
     const fd = fs.openSync(`${dir}/${entry}`, 'r+');
-    const size = fs.fstatSync(fd).size;
-    if (size === ramBytes) return fd;
+    const stat = fs.fstatSync(fd);
+    // `exclude`: inodes of memfds already mapped (the boot RAM when looking for a DIMM of the same size).
+    if (stat.size === ramBytes && !exclude.has(stat.ino)) return fd;
+    const size = stat.size;
     seen.push(`${target} (${size} bytes)`);
     fs.closeSync(fd);
   }
   throw new TransportError(
-    `QEMU (pid ${pid}) has no memfd of ${ramBytes} bytes (memfds: ${seen.join(', ') || 'none'}): start it with -object memory-backend-memfd,share=on`,
+    `QEMU (pid ${pid}) has no ${exclude.size > 0 ? 'other ' : ''}memfd of ${ramBytes} bytes (memfds: ${seen.join(', ') || 'none'}): start it with -object memory-backend-memfd,share=on`,
   );
 }
 
@@ -75,6 +77,8 @@ export class QtestTransport implements DriverTransport {
   readonly memory: DriverMemory;
   private readonly notifyAddresses = new Map<number, number>();
   private readonly queues = new Map<number, DriverVirtqueue>();
+  /** RAM added after start (hot-added DIMMs): fd, mapping and memfd inode of each. */
+  private readonly addedRam: { fd: number; mapping: ArrayBuffer; ino: number }[] = [];
   private closed = false;
 
   private constructor(
@@ -99,6 +103,29 @@ export class QtestTransport implements DriverTransport {
       const mapping = o.host.mmapShared(fd, size, 0);
       return new QtestTransport(o.qemu, dev, o.host, fd, mapping, size);
     } catch (e) {
+      fs.closeSync(fd);
+      throw e;
+    }
+  }
+
+  /**
+   * Maps RAM hot-added to the VM (a DIMM that query-memory-devices places at `gpa`, `size` bytes, backed by a shared
+   * memfd) into the driver's guest memory, so that rings and buffers can be placed in it. QEMU's new memfd is found
+   * as the boot RAM's is: by size, skipping memfds already mapped.
+   */
+  addRam(gpa: number, size: number): AllocatableRange {
+    if (this.closed) throw new TransportError('transport closed');
+    const mapped = new Set([fs.fstatSync(this.ramFd).ino, ...this.addedRam.map((r) => r.ino)]);
+    const fd = openQemuRamFd(this.qemu.pid, size, mapped);
+    let mapping: ArrayBuffer | undefined;
+    try {
+      const ino = fs.fstatSync(fd).ino;
+      mapping = this.host.mmapShared(fd, size, 0);
+      const range = this.memory.addRegion({ guestPhysAddr: gpa, size, buffer: mapping, bufferOffset: 0 });
+      this.addedRam.push({ fd, mapping, ino });
+      return range;
+    } catch (e) {
+      if (mapping !== undefined) this.host.munmap(mapping);
       fs.closeSync(fd);
       throw e;
     }
@@ -190,5 +217,9 @@ export class QtestTransport implements DriverTransport {
     this.queues.clear();
     this.host.munmap(this.mapping);
     this.host.close(this.ramFd);
+    for (const r of this.addedRam.splice(0)) {
+      this.host.munmap(r.mapping);
+      this.host.close(r.fd);
+    }
   }
 }

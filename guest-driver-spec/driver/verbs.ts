@@ -60,6 +60,7 @@ import { GuestBuffer, VirtualAddressSpace, type GuestBufferOptions } from './buf
 import { VirtioRdmaDriver, type DeviceEvent, type DriverOptions } from './driver.ts';
 import { ProtocolError, UsageError, wcStatusName } from './errors.ts';
 import type { DriverTransport } from './transport.ts';
+import type { AllocatableRange } from './memory.ts';
 
 export type QpStateName = keyof typeof QpState;
 export type QpTypeName = keyof typeof QpType;
@@ -133,10 +134,17 @@ class Ring {
     readonly ctx: RdmaContext,
     readonly depth: number,
     readonly entrySize: number,
+    /** Pages and index block inside this guest-physical range (default: anywhere). */
+    within?: AllocatableRange,
   ) {
-    this.buffer = ctx.allocBuffer(depth * entrySize, { pageShift: RING_PAGE_SHIFT, placement: 'scattered' });
+    this.buffer = ctx.allocBuffer(depth * entrySize, { pageShift: RING_PAGE_SHIFT, placement: 'scattered', ...(within !== undefined ? { within } : {}) });
     // Section 8.17: the index block is zeroed before CREATE_CQ / CREATE_QP names it.
-    this.indexGpa = ctx.driver.memory.allocZeroed(Limits.QUEUE_INDEX_SIZE, Limits.QUEUE_INDEX_SIZE);
+    try {
+      this.indexGpa = ctx.driver.memory.allocZeroed(Limits.QUEUE_INDEX_SIZE, Limits.QUEUE_INDEX_SIZE, within);
+    } catch (e) {
+      this.buffer.release();
+      throw e;
+    }
   }
   get pages(): readonly bigint[] {
     return this.buffer.pages;
@@ -545,6 +553,11 @@ export class Qp {
 // ---------------------------------------------------------------------------------------------------------------
 // The context
 
+export interface CreateCqOptions {
+  /** Guest-physical range that holds the ring's pages and its index block. */
+  within?: AllocatableRange;
+}
+
 export interface RegMrOptions {
   /** Pages per command; default the device's max_pages_per_command (smaller values force REG_MR_CONTINUE). */
   pagesPerCommand?: number;
@@ -595,10 +608,13 @@ export class RdmaContext {
     await this.driver.command(Command.DESTROY_PD, HandleRequest.encode({ handle: pd.handle }), [], Empty);
   }
 
-  /** CREATE_CQ with a ring of `depth` CQEs (rounded up to a power of two) in 4 KiB pages. */
-  async createCq(depth: number): Promise<Cq> {
+  /**
+   * CREATE_CQ with a ring of `depth` CQEs (rounded up to a power of two) in 4 KiB pages; `options.within` places the
+   * ring and its index block in that guest-physical range (RAM hot-added after DRIVER_OK, say).
+   */
+  async createCq(depth: number, options: CreateCqOptions = {}): Promise<Cq> {
     const cqeCount = roundUpPow2(depth);
-    const ring = new Ring(this, cqeCount, Limits.CQE_SIZE);
+    const ring = new Ring(this, cqeCount, Limits.CQE_SIZE, options.within);
     try {
       const body = CreateCqRequest.encode({ cqe_count: cqeCount, page_shift: RING_PAGE_SHIFT, num_pages: ring.numPages, index_gpa: BigInt(ring.indexGpa) });
       const r = await this.driver.command(Command.CREATE_CQ, body, ring.pages, CreateCqResponse);

@@ -8,13 +8,22 @@ export const GUEST_RAM_ALLOC_START = 0x10_0000;
 export class GuestRam {
   private next: number;
 
-  /** `size`: bytes of guest RAM (the memory backend's size); allocation stays below it. */
+  /** `size`: bytes of guest RAM (the memory backend's size); allocation stays below it (and at or above `start`). */
   constructor(
     readonly size: number,
     start = GUEST_RAM_ALLOC_START,
   ) {
     if (!Number.isSafeInteger(size) || size <= start) throw new RangeError(`guest RAM of ${size} bytes is too small`);
     this.next = start;
+  }
+
+  /**
+   * An allocator over [gpa, gpa + size) only: a hot-added DIMM's range, say, so that a test can place rings and
+   * buffers in exactly that memory.
+   */
+  static range(gpa: number, size: number): GuestRam {
+    if (!Number.isSafeInteger(gpa) || gpa < 0 || !Number.isSafeInteger(size) || size < 1) throw new RangeError(`range at ${gpa} of ${size} bytes`);
+    return new GuestRam(gpa + size, gpa);
   }
 
   /** Bytes still free. */

@@ -1,6 +1,8 @@
 // Starting a real QEMU under the qtest accelerator with a shared memfd as guest RAM, and finding (or building) the
 // project's patched QEMU binary. The test program listens on a Unix socket and QEMU connects to it as its qtest
-// client channel (as QEMU's own libqtest does), so there is no race with QEMU creating a socket.
+// client channel (as QEMU's own libqtest does), so there is no race with QEMU creating a socket. On request the same
+// is done for a QMP channel (`-mon mode=control` on a client socket chardev), and QEMU gets memory slots for
+// RAM hot-added later (`-m SIZE,slots=N,maxmem=M`; memory-hotplug.ts adds the DIMMs through QMP).
 
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -10,6 +12,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { QtestClient } from './qtest-client.ts';
 import { GuestRam } from './guest-ram.ts';
+import { QmpClient } from './qmp.ts';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
@@ -23,6 +26,10 @@ export const STOP_TIMEOUT_MS = 5_000;
 const MAX_STDERR_CHARS = 16_384;
 /** The cached build may take minutes when it is missing (QEMU builds in about 3.5 minutes on 2 cores). */
 const BUILD_TIMEOUT_MS = 30 * 60_000;
+/** QEMU's x86 limit of DIMM slots (ACPI_MAX_RAM_SLOTS). */
+export const MAX_MEMORY_SLOTS = 256;
+/** Largest maxmem accepted here: a test machine has a few GiB, and nothing is allocated before a DIMM is added. */
+export const MAX_MAXMEM_MIB = 64 * 1024;
 
 let qemuBinary: Promise<string> | undefined;
 
@@ -66,6 +73,13 @@ export interface QemuQtestOptions {
   /** Folder for the qtest socket (default: a fresh temporary folder, removed by stop()). */
   workDir?: string;
   startTimeoutMs?: number;
+  /** Open a QMP channel too (QemuQtest.qmp), capabilities already negotiated when start() returns. */
+  qmp?: boolean;
+  /**
+   * Memory slots for hot-added RAM: `-m ramMiB,slots=slots,maxmem=maxMiB`. Hot-added DIMMs land in the machine's
+   * device-memory area (on pc: at the first GiB boundary at or above 4 GiB).
+   */
+  hotplug?: { slots: number; maxMiB: number };
 }
 
 export interface QemuExit {
@@ -87,6 +101,8 @@ export class QemuQtest {
     ramBytes: number,
     exited: Promise<QemuExit>,
     stderrSoFar: () => string,
+    /** The QMP channel, when started with `qmp: true`. */
+    readonly qmp: QmpClient | undefined,
   ) {
     this.exited = exited;
     this.ram = new GuestRam(ramBytes);
@@ -116,19 +132,38 @@ export class QemuQtest {
     const binary = options.binary ?? (await findQemu());
     const ramMiB = options.ramMiB ?? DEFAULT_RAM_MIB;
     if (!Number.isInteger(ramMiB) || ramMiB < 16 || ramMiB > 4096) throw new RangeError(`ramMiB ${ramMiB} outside 16..4096`);
+    let memory = `${ramMiB}M`;
+    if (options.hotplug !== undefined) {
+      const { slots, maxMiB } = options.hotplug;
+      if (!Number.isInteger(slots) || slots < 1 || slots > MAX_MEMORY_SLOTS) throw new RangeError(`hotplug slots ${slots} outside 1..${MAX_MEMORY_SLOTS}`);
+      if (!Number.isInteger(maxMiB) || maxMiB <= ramMiB || maxMiB > MAX_MAXMEM_MIB) {
+        throw new RangeError(`hotplug maxMiB ${maxMiB} must be above ramMiB ${ramMiB} and at most ${MAX_MAXMEM_MIB}`);
+      }
+      memory += `,slots=${slots},maxmem=${maxMiB}M`;
+    }
     const ownsWorkDir = options.workDir === undefined;
     const workDir = options.workDir ?? fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-qtest-'));
     const socketPath = path.join(workDir, `qtest-${process.pid}-${Date.now()}.sock`);
-    const server = net.createServer();
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(socketPath, () => resolve());
-    });
+    const qmpPath = path.join(workDir, `qmp-${process.pid}-${Date.now()}.sock`);
+    const listen = async (at: string): Promise<net.Server> => {
+      const server = net.createServer();
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(at, () => resolve());
+      });
+      return server;
+    };
+    const server = await listen(socketPath);
+    const qmpServer = options.qmp === true ? await listen(qmpPath).catch((e: unknown) => {
+      server.close();
+      throw e;
+    }) : undefined;
     const args = [
       '-accel', 'qtest',
       '-qtest', `unix:${socketPath}`,
+      ...(qmpServer !== undefined ? ['-chardev', `socket,id=qmp,path=${qmpPath}`, '-mon', 'chardev=qmp,mode=control'] : []),
       '-machine', 'pc,memory-backend=mem',
-      '-m', `${ramMiB}M`,
+      '-m', memory,
       '-object', `memory-backend-memfd,id=mem,size=${ramMiB}M,share=on`,
       '-nodefaults', '-display', 'none', '-nic', 'none', '-serial', 'none', '-monitor', 'none',
       '-L', '/usr/share/seabios', '-L', '/usr/share/qemu',
@@ -146,19 +181,42 @@ export class QemuQtest {
     });
     const timeoutMs = options.startTimeoutMs ?? START_TIMEOUT_MS;
     let timer: NodeJS.Timeout | undefined;
+    // Both connections are taken as soon as they come (QEMU connects its chardevs before the qtest channel is
+    // served); a socket that arrives after a failure is closed.
+    const accepted: net.Socket[] = [];
+    const connection = (s: net.Server): Promise<net.Socket> =>
+      new Promise<net.Socket>((resolve) =>
+        s.once('connection', (c: net.Socket) => {
+          accepted.push(c);
+          resolve(c);
+        }),
+      );
+    const qtestConnected = connection(server);
+    const qmpConnected = qmpServer !== undefined ? connection(qmpServer) : Promise.resolve(undefined);
+    let qmp: QmpClient | undefined;
     try {
-      const socket = await Promise.race([
-        new Promise<net.Socket>((resolve) => server.once('connection', resolve)),
+      // The QMP greeting and capabilities negotiation are part of the start, under the same deadline.
+      const [socket] = await Promise.race([
+        Promise.all([qtestConnected, qmpConnected]).then(async ([q, m]) => {
+          if (m !== undefined) {
+            qmp = new QmpClient(m);
+            await qmp.handshake();
+          }
+          return [q] as const;
+        }),
         exited.then((info) => {
-          throw new Error(`QEMU exited before connecting qtest (code ${info.code}, signal ${info.signal}):\n${stderr}`);
+          throw new Error(`QEMU exited before connecting qtest${qmpServer !== undefined ? ' and QMP' : ''} (code ${info.code}, signal ${info.signal}):\n${stderr}`);
         }),
         new Promise<never>((_, reject) => {
-          timer = setTimeout(() => reject(new Error(`QEMU did not connect qtest within ${timeoutMs} ms:\n${stderr}`)), timeoutMs);
+          timer = setTimeout(() => reject(new Error(`QEMU did not connect qtest${qmpServer !== undefined ? ' and QMP' : ''} within ${timeoutMs} ms:\n${stderr}`)), timeoutMs);
         }),
       ]);
+      const qtest = new QtestClient(socket);
       child.stderr?.off('data', onStderr);
-      return new QemuQtest(child, new QtestClient(socket), workDir, ownsWorkDir, ramMiB * 1024 * 1024, exited, () => stderr);
+      return new QemuQtest(child, qtest, workDir, ownsWorkDir, ramMiB * 1024 * 1024, exited, () => stderr, qmp);
     } catch (error) {
+      qmp?.close();
+      for (const c of accepted) c.destroy();
       child.kill('SIGKILL');
       await exited;
       if (ownsWorkDir) fs.rmSync(workDir, { recursive: true, force: true });
@@ -166,13 +224,16 @@ export class QemuQtest {
     } finally {
       if (timer !== undefined) clearTimeout(timer);
       server.close();
+      qmpServer?.close();
       fs.rmSync(socketPath, { force: true });
+      fs.rmSync(qmpPath, { force: true });
     }
   }
 
   /** Ends QEMU: SIGTERM, then SIGKILL if it is still there after STOP_TIMEOUT_MS. Safe to call twice. */
   async stop(): Promise<QemuExit> {
     this.qtest.close();
+    this.qmp?.close();
     if (this.running) {
       this.child.kill('SIGTERM');
       let timer: NodeJS.Timeout | undefined;

@@ -75,9 +75,10 @@ export class QtestSplitQueue {
   /**
    * Places `readable` buffers (device reads them) then writable buffers of `writableLengths` bytes (device writes
    * them) in guest RAM, chains them, and publishes the chain in the available ring. Returns the head index.
-   * Does not notify: call the device's notify() (a test may batch several chains per kick).
+   * Does not notify: call the device's notify() (a test may batch several chains per kick). The buffers come from
+   * `ram` (default: the queue's own allocator; another one places them elsewhere, in a hot-added DIMM say).
    */
-  async add(readable: readonly Uint8Array[], writableLengths: readonly number[] = []): Promise<number> {
+  async add(readable: readonly Uint8Array[], writableLengths: readonly number[] = [], ram: GuestRam = this.ram): Promise<number> {
     const count = readable.length + writableLengths.length;
     if (count === 0) throw new RangeError('a chain needs at least one buffer');
     if (count > this.freeDescs.length) throw new RangeError(`${count} descriptors wanted, ${this.freeDescs.length} free`);
@@ -86,13 +87,13 @@ export class QtestSplitQueue {
     const segments: { addr: number; length: number; write: boolean }[] = [];
     for (const bytes of readable) {
       if (bytes.length < 1 || bytes.length > MAX_BUFFER_BYTES) throw new RangeError(`buffer of ${bytes.length} bytes`);
-      const addr = this.ram.alloc(bytes.length, 8);
+      const addr = ram.alloc(bytes.length, 8);
       await this.qtest.write(addr, bytes);
       segments.push({ addr, length: bytes.length, write: false });
     }
     for (const length of writableLengths) {
       if (!Number.isInteger(length) || length < 1 || length > MAX_BUFFER_BYTES) throw new RangeError(`buffer of ${length} bytes`);
-      const addr = this.ram.alloc(length, 8);
+      const addr = ram.alloc(length, 8);
       await this.qtest.memset(addr, length, 0);
       segments.push({ addr, length, write: true });
       writable.push({ addr, length });

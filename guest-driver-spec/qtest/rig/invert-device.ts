@@ -1,9 +1,11 @@
 // The device the QEMU tests attach through vhost-user until the RDMA device exists: every chain is answered
 // with its readable bytes inverted (each byte XOR 0xff) in its writable part, so an answer proves the bytes went
 // through the device (an echo could be mistaken for the driver's own buffer). Config space: a magic number, the
-// queue count, and a 64-bit serial the test picks, all read-only.
+// queue count, and a 64-bit serial the test picks, all read-only. It keeps the memory maps it is given after
+// DRIVER_OK, so a test sees a hot-added region reach the device model.
 
 import type { ActivationContext, VirtioDeviceModel } from '../../../vmm-device/virtio/device.ts';
+import type { GuestMemory } from '../../../vmm-device/memory/guest-memory.ts';
 import { drainQueue } from '../../../vmm-device/virtio/core.ts';
 
 export const INVERT_DEVICE_ID = 42;
@@ -23,6 +25,8 @@ export class InvertDevice implements VirtioDeviceModel {
   resets = 0;
   served = 0;
   notifies = 0;
+  /** Every memory map the core handed over while the device was active (a map changed after DRIVER_OK). */
+  readonly memoryMaps: GuestMemory[] = [];
 
   constructor(
     readonly queueCount: number,
@@ -65,6 +69,10 @@ export class InvertDevice implements VirtioDeviceModel {
     });
     if (error !== undefined) ctx.queueBroken(index, error);
     if (queue.needsNotification()) ctx.interrupt(index);
+  }
+
+  memoryChanged(memory: GuestMemory): void {
+    this.memoryMaps.push(memory);
   }
 
   reset(): void {

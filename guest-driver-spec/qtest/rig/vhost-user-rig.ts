@@ -6,10 +6,11 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { QemuQtest, VirtioPciDevice, type GuestRam } from '../index.ts';
+import { QemuQtest, VirtioPciDevice, type GuestRam, type QemuQtestOptions } from '../index.ts';
 import { nativeStats } from '../../../vmm-device/native/sys.ts';
 import { VhostUserServer } from '../../../vmm-device/transport/vhost-user/server.ts';
 import type { VhostUserSession } from '../../../vmm-device/transport/vhost-user/session.ts';
+import { HEADER_SIZE, decodeHeader, frontendRequestFromCode } from '../../../vmm-device/transport/vhost-user/messages.ts';
 import { SysHost } from '../../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../../vmm-device/util/log.ts';
 import { INVERT_CONFIG_SIZE, INVERT_DEVICE_ID, InvertDevice } from './invert-device.ts';
@@ -20,8 +21,19 @@ export const QUEUE_SIZE = 64;
 /** How long QEMU waits before reconnecting to a vanished back-end (chardev reconnect-ms). */
 export const RECONNECT_MS = 100;
 
+/** One message the front-end sent, as the server's wire tap saw it. */
+export interface FrontendMessage {
+  /** Request name (ADD_MEM_REG), or `unknown N`. */
+  name: string;
+  code: number;
+  payload: Uint8Array;
+  fdCount: number;
+}
+
 export interface Backend {
   server: VhostUserServer;
+  /** Every request the front-end sent, oldest first, over every connection. */
+  requests: FrontendMessage[];
   device: InvertDevice;
   log: RecordingLogger;
   /** The session of the current connection, once QEMU connected. */
@@ -33,6 +45,12 @@ export function startBackend(socketPath: string, serial: bigint): Backend {
   const log = new RecordingLogger('backend');
   const device = new InvertDevice(QUEUES, serial);
   const server = new VhostUserServer({ path: socketPath, host, model: device, log });
+  const requests: FrontendMessage[] = [];
+  server.onWire = (e) => {
+    if (e.direction !== 'in') return;
+    const h = decodeHeader(e.bytes.subarray(0, HEADER_SIZE));
+    requests.push({ name: frontendRequestFromCode(h.request) ?? `unknown ${h.request}`, code: h.request, payload: e.bytes.slice(HEADER_SIZE), fdCount: e.fdCount });
+  };
   let current: VhostUserSession | undefined;
   const waiting: ((s: VhostUserSession) => void)[] = [];
   server.onSession = (s) => {
@@ -45,6 +63,7 @@ export function startBackend(socketPath: string, serial: bigint): Backend {
   server.listen();
   return {
     server,
+    requests,
     device,
     log,
     session: () => (current !== undefined ? Promise.resolve(current) : new Promise((resolve) => waiting.push(resolve))),
@@ -74,13 +93,20 @@ export interface QemuRig {
   finish(): Promise<{ watchers: number; mappings: number }>;
 }
 
-export async function startRig(options: { serial?: bigint; reconnect?: boolean } = {}): Promise<QemuRig> {
+export interface RigOptions {
+  serial?: bigint;
+  reconnect?: boolean;
+  /** QEMU's RAM size, a QMP channel, memory slots for hot-added RAM. */
+  qemu?: Pick<QemuQtestOptions, 'ramMiB' | 'qmp' | 'hotplug'>;
+}
+
+export async function startRig(options: RigOptions = {}): Promise<QemuRig> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-qemu-test-'));
   const socketPath = path.join(dir, 'vu.sock');
   const backend = startBackend(socketPath, options.serial ?? 0x1122_3344_5566_7788n);
   let qemu: QemuQtest;
   try {
-    qemu = await QemuQtest.start({ workDir: dir, args: vhostUserDeviceArgs(socketPath, options) });
+    qemu = await QemuQtest.start({ ...options.qemu, workDir: dir, args: vhostUserDeviceArgs(socketPath, options) });
   } catch (error) {
     backend.close();
     fs.rmSync(dir, { recursive: true, force: true });
