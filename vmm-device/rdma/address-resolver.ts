@@ -8,13 +8,8 @@ import { readFileSync } from 'node:fs';
 import { Limits } from '../abi/rdma/index.ts';
 import { QpOwnership, type PeerQpAnswer, type QpRegistry } from './qp-ownership.ts';
 
-/** A 16-byte GID as lowercase hex (32 characters): the key of every table here. */
-export type GidKey = string;
-
-export function gidKey(gid: Uint8Array): GidKey {
-  if (gid.byteLength !== Limits.GID_SIZE) throw new RangeError(`a GID has ${Limits.GID_SIZE} bytes, got ${gid.byteLength}`);
-  return Buffer.from(gid).toString('hex');
-}
+export { gidKey, type GidKey } from './gid-key.ts';
+import { gidKey, type GidKey } from './gid-key.ts';
 
 /** The RoCE v2 GID of an IPv4 address: ::ffff:a.b.c.d (spec section 5.1). */
 export function gidFromIpv4(ip: string): Uint8Array {

@@ -12,7 +12,7 @@
 // registry (vmm-device/vpc/etcd-qp-registry.ts: across hosts). `QpOwnership` joins a registry to a resolver's
 // tables; both resolvers (the static table and the VPC's) use it.
 
-import type { GidKey } from './address-resolver.ts';
+import type { GidKey } from './gid-key.ts';
 
 /** What the registry knows of one wire QPN on one host. */
 export interface QpRecord {
