@@ -20,6 +20,7 @@ import { NativeVerbs } from '../vmm-device/verbs/native-verbs.ts';
 import { VhostUserServer } from '../vmm-device/transport/vhost-user/server.ts';
 import { SysHost } from '../vmm-device/transport/vhost-user/sys-host.ts';
 import { RecordingLogger } from '../vmm-device/util/log.ts';
+import { nativeAliasMapper } from '../vmm-device/host/alias.ts';
 
 const RXE_DEVICE = 'rxe0';
 /** rxe0's netdev address inside the test host (scripts/rxe/guest.sh). */
@@ -122,7 +123,7 @@ async function openTransport(kind: TransportKind, device: RdmaDevice, dir: strin
 }
 
 async function openVm(kind: TransportKind, verbs: NativeVerbs, resolver: StaticAddressResolver, dir: string, name: string): Promise<Vm> {
-  const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name) });
+  const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper });
   cleanups.push({ what: `${name} device`, run: () => device.close() });
   const transport = await openTransport(kind, device, dir, name);
   const ctx = await RdmaContext.open(transport);

@@ -67,6 +67,7 @@ import { SysHost } from '../../vmm-device/transport/vhost-user/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts';
 import { mean, median, record, writeResults, type BenchRecord } from '../common/results.ts';
+import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
 
 // ------------------------------------------------------------------------------------------------ parameters
 
@@ -249,7 +250,7 @@ async function openTestbed(kind: TransportKind, verbs: HostVerbs): Promise<Testb
   };
 
   const openVm = async (name: string): Promise<Vm> => {
-    const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name) });
+    const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper });
     cleanups.push({ what: `${name} device`, run: () => device.close() });
     const transport = await openTransport(device, name);
     const ctx = await RdmaContext.open(transport);

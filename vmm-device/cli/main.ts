@@ -351,7 +351,8 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
       resolver = await buildResolver(verbs, flags);
       quotas = quotasOf(flags);
     }
-    device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog });
+    const { nativeAliasMapper } = await import('../host/alias.ts');
+    device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog, aliases: nativeAliasMapper });
     if (vpc !== undefined) detach = vpc.attach(device);
     if (vpc !== undefined && flags['status-socket'] !== undefined) {
       const backend = vpc;
