@@ -25,6 +25,8 @@ export interface ControlHost {
   readonly releasing: boolean;
   readonly counters: { commands: Record<string, number>; errors: Record<string, number>; hostErrors: number };
   readonly log: Logger;
+  /** Runs a promise the event loop continues: a rejection is the device's failure (NEEDS_RESET), never unhandled. */
+  background(what: string, p: Promise<unknown>): void;
 }
 
 export class ControlQueue {
@@ -57,7 +59,7 @@ export class ControlQueue {
     } finally {
       this.running = false;
       // A kick that came while this loop was finishing a request of an old activation.
-      if (gen !== h.generation && h.isActive) void this.run().catch((e: unknown) => h.log.log('error', 'control loop failed', { error: (e as Error).message }));
+      if (gen !== h.generation && h.isActive) h.background('control queue', this.run());
     }
   }
 

@@ -21,7 +21,7 @@ import type { AsyncEvent, DeviceHandle, HostVerbs, PortAttr } from '../verbs/hos
 import { GidType as HostGidType } from '../verbs/constants.ts';
 import type { GidEntry } from '../verbs/host-verbs.ts';
 import type { AddressResolver, ConnectionTeardown, VirtualAddress } from './address-resolver.ts';
-import { HOST_PORT, CommandError, ResetDuringRequest, releaseMr, mrStillMapped, type CommandContext } from './commands/index.ts';
+import { HOST_PORT, CommandError, ResetDuringRequest, releaseMr, type CommandContext } from './commands/index.ts';
 import { ControlQueue } from './control-queue.ts';
 import type { DataPath, DataPathHost } from './data-path.ts';
 import { DoorbellQueue } from './doorbells.ts';
@@ -30,6 +30,7 @@ import { HandleTable } from './handle-table.ts';
 import { computeConfig, DEFAULT_QUOTAS, OFFERED_FEATURES, type DeviceConfigValue, type DeviceQuotas } from './limits.ts';
 import { trackQpCall, type Ah, type Cq, type Mr, type Pd, type Qp } from './objects.ts';
 import { RelayDataPath } from './relay.ts';
+import { recheckObjects } from './memory-map.ts';
 import { VerbsError } from '../verbs/host-verbs.ts';
 
 /** Queue indexes of this device: control, event, one doorbell queue (no MULTI_DOORBELL). */
@@ -495,13 +496,7 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
 
   /**
    * The guest memory map changed while active (spec 10.8). Called before the transport unmaps any dropped region:
-   * everything here is synchronous and nothing keeps a view into the old map. Rings (QP SQ/RQ, CQ, their index
-   * blocks) are addressed by guest physical address, so one still inside guest RAM simply continues over the new
-   * map; one that is not is never touched again and its QP (QP_FATAL RING_UNREADABLE) or CQ (CQ_ERROR
-   * RING_UNREADABLE, its QPs QP_FATAL RING_UNREADABLE) is in error. A registered MR whose pages are not exactly
-   * where its host registration has them (a region removed or replaced) is deregistered on the host, because the
-   * range the host pinned is about to be unmapped; its PD's QPs move to ERR with QP_FATAL MR_LOST. Memory added
-   * is usable at once (page lists are checked against the current map).
+   * memory-map.ts re-checks every ring and MR synchronously and nothing keeps a view into the old map.
    */
   memoryChanged(memory: GuestMemory): void {
     if (this.ctx === undefined) return;
@@ -511,56 +506,12 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
     // Events wait until the transport has rebuilt its own rings over the new map (right after this returns).
     this.events.held = true;
     try {
-      for (const qp of this.qps.values()) {
-        if (qp.ringsLost === true || (qp.sq.ring.insideOf(memory) && qp.rq.ring.insideOf(memory))) continue;
-        qp.ringsLost = true;
-        this.counters.ringsLost++;
-        if (qp.state !== QpState.ERR) this.queueEvent(EventType.QP_FATAL, qp.handle, QpFatalReason.RING_UNREADABLE);
-        this.background('moving a QP whose ring left guest RAM to ERR', this.data.moveToError(qp));
-      }
-      for (const cq of this.cqs.values()) {
-        if (cq.ringLost === true || cq.ring.insideOf(memory)) continue;
-        cq.ringLost = true;
-        this.counters.ringsLost++;
-        if (cq.error) continue; // already in error: no more completions, nothing to report
-        this.data.cqError(cq, CqErrorReason.RING_UNREADABLE, QpFatalReason.RING_UNREADABLE);
-      }
-      for (const mr of this.mrs.values()) {
-        if (mr.lost === true) continue;
-        if (mr.host === undefined) {
-          // Pending (REG_MR_CONTINUE to come): a page gone now makes its registration fail later; mark it now.
-          if (mr.pages.every((p) => memory.isValidRange(p, 2 ** mr.pageShift))) continue;
-          mr.lost = true;
-          this.counters.mrsLost++;
-          continue;
-        }
-        if (mrStillMapped(memory, mr)) continue;
-        this.loseMr(mr);
-      }
+      recheckObjects(this, memory);
     } finally {
       this.events.held = false;
     }
     // Write the events once the transport's rings are rebuilt: the next turn of the event loop.
     setImmediate(this.guard('event queue after a memory map change', () => this.events.flush()));
-  }
-
-  /** An MR's guest RAM left the map: host registration released, its PD's QPs to ERR (spec 10.8). */
-  private loseMr(mr: Mr): void {
-    const host = mr.host!;
-    mr.lost = true;
-    this.counters.mrsLost++;
-    this.data.removeMr(mr);
-    mr.host = undefined;
-    mr.backing = undefined;
-    mr.runs = undefined;
-    const alias = mr.alias;
-    mr.alias = undefined;
-    this.release(releaseMr(this.verbs, this.aliases, host, alias));
-    for (const qp of this.qps.values()) {
-      if (qp.pd !== mr.pd || qp.state === QpState.ERR || qp.state === QpState.RESET) continue;
-      this.queueEvent(EventType.QP_FATAL, qp.handle, QpFatalReason.MR_LOST);
-      this.background('moving a QP whose MR lost its memory to ERR', this.data.moveToError(qp));
-    }
   }
 
   // ------------------------------------------------------------------------------------------ VPC hooks
