@@ -54,7 +54,7 @@ module.exports = {
     onlyDown('virtqueue-layer', 'vmm-device/virtqueue/', ['vmm-device/abi', 'vmm-device/memory', 'vmm-device/util']),
     onlyDown('virtio-core-layer', 'vmm-device/virtio/', ['vmm-device/abi', 'vmm-device/memory', 'vmm-device/virtqueue', 'vmm-device/util']),
     onlyDown('host-layer', 'vmm-device/host/', ['vmm-device/abi', 'vmm-device/memory', 'vmm-device/native', 'vmm-device/util']),
-    onlyDown('verbs-layer', 'vmm-device/verbs/', ['vmm-device/abi', 'vmm-device/native', 'vmm-device/util']),
+    onlyDown('verbs-layer', 'vmm-device/verbs/', ['vmm-device/abi', 'vmm-device/memory', 'vmm-device/native', 'vmm-device/util']),
     {
       name: 'transports-are-siblings',
       severity: 'error',

@@ -17,6 +17,7 @@ import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../vmm-de
 import { NativeVerbs } from '../vmm-device/verbs/native-verbs.ts';
 import { SysHost } from '../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../vmm-device/util/log.ts';
+import { nativeAliasMapper } from '../vmm-device/host/alias.ts';
 
 const RXE_DEVICE = 'rxe0';
 /** rxe0's netdev address inside the test host (scripts/rxe/guest.sh). */
@@ -90,7 +91,7 @@ function rdmaResourcesOfThisProcess(): Record<string, number> {
 }
 
 async function openVm(kind: TransportKind, verbs: NativeVerbs, resolver: StaticAddressResolver, dir: string, name: string): Promise<Vm> {
-  const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name) });
+  const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper });
   cleanups.add(`${name} device`, () => device.close());
   const transport = await attachDevice({ kind, model: device, host, dir, name, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES });
   const ctx = await RdmaContext.open(transport);

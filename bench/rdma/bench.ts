@@ -64,6 +64,7 @@ import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts';
 import { mean, median, record, writeResults, type BenchRecord } from '../common/results.ts';
+import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
 
 // ------------------------------------------------------------------------------------------------ parameters
 
@@ -213,7 +214,7 @@ async function openTestbed(kind: TransportKind, verbs: HostVerbs): Promise<Testb
   const resolver = new StaticAddressResolver(ADDRESS_TABLE);
 
   const openVm = async (name: string): Promise<Vm> => {
-    const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name) });
+    const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper });
     cleanups.add(`${name} device`, () => device.close());
     const transport = await attachDevice({ kind, model: device, host, dir, name, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES });
     const ctx = await RdmaContext.open(transport);

@@ -18,7 +18,7 @@ import {
 } from '../../vmm-device/abi/rdma/index.ts';
 import { CommandError, RdmaContext } from '../../guest-driver-spec/driver/index.ts';
 import { RdmaDevice, StaticAddressResolver, gidFromIpv4, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
-import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
+import { FakeAliasMapper, FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { driverRig } from './harness.ts';
 
@@ -34,7 +34,7 @@ type T = Pick<typeof t, 'teardown' | 'same'>;
 /** Device, server, driver; torn down at the end of the test whatever happened in it. */
 async function setUp(t: T) {
   const verbs = new FakeVerbs();
-  const device = await RdmaDevice.open({ verbs, hostDevice: 'fake0', vmId: 'vm-a', resolver: new StaticAddressResolver(TABLE), log: new RecordingLogger('device') });
+  const device = await RdmaDevice.open({ verbs, hostDevice: 'fake0', vmId: 'vm-a', resolver: new StaticAddressResolver(TABLE), log: new RecordingLogger('device'), aliases: new FakeAliasMapper() });
   const rig = await driverRig(device, device.queueCount);
   const ctx = await RdmaContext.open(rig.transport);
   let closed = false;

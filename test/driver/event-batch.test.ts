@@ -11,7 +11,7 @@ import { EventType } from '../../vmm-device/abi/rdma/index.ts';
 import { AccessFlag, RdmaContext, VhostUserTransport } from '../../guest-driver-spec/driver/index.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { RdmaDevice } from '../../vmm-device/rdma/index.ts';
-import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
+import { FakeAliasMapper, FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
 import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
@@ -35,7 +35,7 @@ t.test(`${CONNECTIONS} connections torn down by one rule change: each guest gets
 
   const open = async (vmId: string, hostId: string) => {
     const resolver = new VpcAddressResolver(engine, hostId, log);
-    const device = await RdmaDevice.open({ verbs: new FakeVerbs(), hostDevice: 'fake0', vmId, resolver, log });
+    const device = await RdmaDevice.open({ verbs: new FakeVerbs(), hostDevice: 'fake0', vmId, resolver, log, aliases: new FakeAliasMapper() });
     const socketPath = path.join(dir, `${vmId}.sock`);
     const server = new VhostUserServer({ path: socketPath, host, model: device, log });
     server.listen();

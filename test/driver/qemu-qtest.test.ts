@@ -11,7 +11,7 @@ import { RdmaContext } from '../../guest-driver-spec/driver/index.ts';
 import { QtestTransport } from '../../guest-driver-spec/driver/qtest-transport.ts';
 import { QemuQtest } from '../../guest-driver-spec/qtest/index.ts';
 import { RdmaDevice, StaticAddressResolver, gidFromIpv4, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
-import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
+import { FakeAliasMapper, FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { host } from './harness.ts';
@@ -39,7 +39,7 @@ t.test('open, control path, a send completing into the guest CQ, INTx-driven eve
   t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
   const socketPath = path.join(dir, 'vu.sock');
   const verbs = new FakeVerbs();
-  const device = await RdmaDevice.open({ verbs, hostDevice: 'fake0', vmId: 'vm-a', resolver: new StaticAddressResolver(TABLE), log: new RecordingLogger('device') });
+  const device = await RdmaDevice.open({ verbs, hostDevice: 'fake0', vmId: 'vm-a', resolver: new StaticAddressResolver(TABLE), log: new RecordingLogger('device'), aliases: new FakeAliasMapper() });
   t.teardown(() => device.close());
   const server = new VhostUserServer({ path: socketPath, host, model: device, log: new RecordingLogger('vhost-user') });
   server.listen();

@@ -23,6 +23,7 @@ import { RdmaContext, type AllocatableRange, type Cq, type GuestBuffer, type Mr,
 import { QtestTransport } from '../../guest-driver-spec/driver/qtest-transport.ts';
 import { QemuQtest, hotAddMemory, type DimmInfo } from '../../guest-driver-spec/qtest/index.ts';
 import { RdmaDevice, StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
+import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts';
 import { HEADER_SIZE, decodeHeader, frontendRequestFromCode } from '../../vmm-device/transport/vhost-user/messages.ts';
@@ -71,6 +72,7 @@ async function openVm(): Promise<Vm> {
   try {
     step('opening the device on rxe0');
     const device = await RdmaDevice.open({
+      aliases: nativeAliasMapper,
       verbs: new NativeVerbs(),
       hostDevice: RXE_DEVICE,
       vmId: 'vm-a',

@@ -24,6 +24,7 @@ import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { host, RIG_RAM } from './harness.ts';
 import { hostObjectsOf, pattern, RXE_DEVICE, RXE_HOST_IP, NO_HOST_OBJECTS } from './rxe-helpers.ts';
+import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
 
 export type TransportKind = 'frontend' | 'qemu';
 
@@ -89,6 +90,7 @@ export async function openPair(kind: TransportKind, options: PairOptions = {}): 
       vmId,
       resolver,
       log: new RecordingLogger(vmId),
+      aliases: nativeAliasMapper,
       ...(options.quotas !== undefined ? { quotas: options.quotas } : {}),
     });
     cleanups.push(() => device.close());

@@ -34,6 +34,7 @@ import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
 import { PAGE, TestGuest, pageList, type Answer } from './guest.ts';
 import { nativeStats } from '../../vmm-device/native/sys.ts';
+import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
 
 function expectStatus(t: Test, a: Answer, status: keyof typeof Status, detail: number, what: string): void {
   t.same({ status: a.status, detail: a.detail, used: a.used }, { status: Status[status], detail, used: status === 'OK' ? a.used : 16 }, what);
@@ -349,7 +350,9 @@ t.test('REG_MR, REG_MR_CONTINUE, DEREG_MR: errors, page-list abuse, continuation
 });
 
 t.test('REG_MR of scattered pages over guest RAM that is not a shared mapping: NO_RESOURCES HOST, nothing kept', async (t) => {
-  const g = await open(t);
+  // The native mapper, as in production: a plain ArrayBuffer is no shared mapping.
+  const g = await TestGuest.open({ verbs: new FakeVerbs(), aliases: nativeAliasMapper });
+  t.teardown(() => g.device.close());
   const pd = await g.createPd();
   const a = g.allocPages(1);
   g.allocPages(1);

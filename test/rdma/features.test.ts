@@ -13,7 +13,7 @@ import {
   STATUS_FEATURES_OK as FOK,
 } from '../../vmm-device/abi/virtio.ts';
 import { RdmaDevice, StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
-import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
+import { FakeAliasMapper, FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { TABLE } from './guest.ts';
 
@@ -22,7 +22,7 @@ const RC = 1n << BigInt(FeatureBit.RC);
 const UD = 1n << BigInt(FeatureBit.UD);
 
 async function device(t: Test): Promise<RdmaDevice> {
-  const d = await RdmaDevice.open({ verbs: new FakeVerbs(), hostDevice: 'fake0', vmId: 'vm-a', resolver: new StaticAddressResolver(TABLE), log: new RecordingLogger('device') });
+  const d = await RdmaDevice.open({ verbs: new FakeVerbs(), hostDevice: 'fake0', vmId: 'vm-a', resolver: new StaticAddressResolver(TABLE), log: new RecordingLogger('device'), aliases: new FakeAliasMapper() });
   t.teardown(() => d.close());
   return d;
 }

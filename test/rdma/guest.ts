@@ -38,6 +38,9 @@ import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../../vmm
 import { F_VERSION_1 } from '../../vmm-device/abi/virtio.ts';
 import { GuestMemory } from '../../vmm-device/memory/guest-memory.ts';
 import * as sys from '../../vmm-device/native/sys.ts';
+import type { AliasMapper } from '../../vmm-device/memory/alias.ts';
+import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
+import { FakeAliasMapper } from '../../vmm-device/verbs/fake-verbs.ts';
 
 export const PAGE = 4096;
 /** How long a test waits for the device to answer (host verbs on TCG rxe are slow). */
@@ -80,6 +83,8 @@ export interface GuestOptions {
    * (ib_uverbs_reg_mr), and a plain ArrayBuffer is not page aligned.
    */
   memfdRam?: boolean;
+  /** Default: the native mapper over memfd RAM (real aliases), else FakeAliasMapper (plain ArrayBuffers). */
+  aliases?: AliasMapper;
 }
 
 export class TestGuest {
@@ -130,6 +135,7 @@ export class TestGuest {
       vmId: opts.vmId ?? 'vm-a',
       resolver: opts.resolver ?? new StaticAddressResolver(TABLE),
       log,
+      aliases: opts.aliases ?? (opts.memfdRam === true ? nativeAliasMapper : new FakeAliasMapper()),
       ...(opts.quotas !== undefined ? { quotas: opts.quotas as object } : {}),
     });
     const g = new TestGuest(device, opts.regionSize ?? 8 << 20, opts.seed ?? 42, opts.memfdRam ?? false);
@@ -154,8 +160,16 @@ export class TestGuest {
     return this.device.config;
   }
 
+  /** When set, allocPages takes pages from here instead (a test's own region, e.g. one hot-added later). */
+  pageSource: ((n: number) => number) | undefined;
+
   /** Zeroed guest memory, page aligned. */
   allocPages(n: number, region?: number): number {
+    if (this.pageSource !== undefined) {
+      const at = this.pageSource(n);
+      this.mem.write(at, new Uint8Array(n * PAGE));
+      return at;
+    }
     const gpa = this.mem.alloc(n * PAGE, { align: PAGE, ...(region !== undefined ? { region } : {}) });
     this.mem.write(gpa, new Uint8Array(n * PAGE));
     return gpa;

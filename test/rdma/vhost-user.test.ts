@@ -22,7 +22,7 @@ import { VhostUserServer } from '../../vmm-device/transport/vhost-user/server.ts
 import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { F_VERSION_1, bit } from '../../vmm-device/abi/virtio.ts';
-import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
+import { FakeAliasMapper, FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { RdmaDevice, StaticAddressResolver, gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
 import { TABLE, waitFor } from './guest.ts';
 
@@ -34,7 +34,7 @@ t.test('over vhost-user: config, a control request, and a front-end that dies re
   const sock = path.join(dir, 'vm.sock');
   const verbs = new FakeVerbs();
   const log = new RecordingLogger('test');
-  const device = await RdmaDevice.open({ verbs, hostDevice: 'fake0', vmId: 'vm-a', resolver: new StaticAddressResolver(TABLE), log });
+  const device = await RdmaDevice.open({ verbs, hostDevice: 'fake0', vmId: 'vm-a', resolver: new StaticAddressResolver(TABLE), log, aliases: new FakeAliasMapper() });
   const server = new VhostUserServer({ path: sock, host, model: device, log });
   const closes: string[] = [];
   server.onClose = (r) => closes.push(r);

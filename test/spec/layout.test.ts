@@ -293,10 +293,16 @@ t.test('control framing (spec 7.2), case by case', async (t) => {
     const qp = L.checkRequestFraming(L.encodeRequest(L.Command.CREATE_QP, tag, qpBody, [0x3000n, 0x4000n]), 64, maxPages);
     t.equal(qp.kind === 'ok' && qp.pages, 2, 'CREATE_QP announces SQ + RQ pages');
     const qpTooMany = L.CreateQpRequest.encode({ ...L.CreateQpRequest.decode(qpBody), sq_num_pages: 3, rq_num_pages: 2 });
+    // The RQ's pages take the total over the limit: the detail names rq_num_pages (issue 12 item 5: it said 36).
     t.same(statusOf(L.checkRequestFraming(L.encodeRequest(L.Command.CREATE_QP, tag, qpTooMany), 64, maxPages)), [
       'INVALID_ARGUMENT',
-      L.CreateQpRequest.offsetOf('sq_num_pages'),
+      L.CreateQpRequest.offsetOf('rq_num_pages'),
     ]);
+    const sqTooMany = L.CreateQpRequest.encode({ ...L.CreateQpRequest.decode(qpBody), sq_num_pages: maxPages + 1, rq_num_pages: 1 });
+    t.same(statusOf(L.checkRequestFraming(L.encodeRequest(L.Command.CREATE_QP, tag, sqTooMany), 64, maxPages)), [
+      'INVALID_ARGUMENT',
+      L.CreateQpRequest.offsetOf('sq_num_pages'),
+    ], 'sq_num_pages alone above the limit');
 
     const mr = L.RegMrRequest.encode({ pd_handle: 1, access_flags: 1, iova: 0x7f00_0000_0000n, length: 8192n, page_shift: 12, total_pages: 2, num_pages: 2 });
     t.equal(L.checkRequestFraming(L.encodeRequest(L.Command.REG_MR, tag, mr, [0x5000n, 0x9000n]), 32, maxPages).kind, 'ok');

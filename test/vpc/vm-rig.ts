@@ -10,6 +10,7 @@ import type { HostVerbs } from '../../vmm-device/verbs/host-verbs.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import type { VpcBackend } from '../../vmm-device/vpc/backend.ts';
 import { driverRig, type DriverRig } from '../driver/harness.ts';
+import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
 
 export const RXE_DEVICE = 'rxe0';
 /** rxe0's netdev address inside the test host (scripts/rxe/guest.sh): the host GID of every VM here. */
@@ -78,6 +79,7 @@ export async function openVpcVm(backend: VpcBackend, verbs: HostVerbs, vmId: str
     resolver: backend.resolver,
     quotas: backend.deviceQuotasOf(vmId),
     log: backend.deviceLogger(vmId, log),
+    aliases: nativeAliasMapper,
   });
   const detach = backend.attach(device);
   let rig: DriverRig | undefined;

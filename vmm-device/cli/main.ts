@@ -407,7 +407,8 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     const attr = await hostAttrOf(verbs, flags.device); // [tenancy] quotas this process and this host can honour
     checkMappingCeiling({ attr, quotas, policy: controlPlane !== undefined, vmId });
     if (hostDir !== undefined) reservation = await admitVm({ attr, device: flags.device, vmId, hostDir, quotas, policy: controlPlane !== undefined });
-    device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog });
+    const { nativeAliasMapper } = await import('../host/alias.ts');
+    device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog, aliases: nativeAliasMapper });
     if (vpc !== undefined) detach = vpc.attach(device);
     const vpcName = vpc?.engine.describeVm(vmId)?.vpc ?? flags.vpc ?? DEFAULT_STATIC_VPC;
     observe = await startObservability(flags, device, vpc, vpcName, log.child('observe'), { addressTable: addressTableOf(flags['gid-table'], resolver, vmId), quotas });

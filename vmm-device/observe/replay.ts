@@ -9,7 +9,7 @@
 // unless the recording had none. Host values (QPNs, keys) come from the test double: a recording over real verbs
 // differs there, and the differences say so field by field (hex offsets).
 
-import { FakeVerbs } from '../verbs/fake-verbs.ts';
+import { FakeVerbs, FakeAliasMapper } from '../verbs/fake-verbs.ts';
 import { RdmaDevice } from '../rdma/rdma-device.ts';
 import { StaticAddressResolver, type GidTableEntry } from '../rdma/address-resolver.ts';
 import type { DeviceQuotas } from '../rdma/limits.ts';
@@ -199,7 +199,7 @@ export async function replaySession(f: SessionFixture, opts: ReplayOptions = {})
 
   const verbs = new FakeVerbs();
   const log = opts.log ?? new RecordingLogger('replay');
-  const model = await RdmaDevice.open({ verbs, hostDevice: 'fake0', vmId, resolver: new StaticAddressResolver(table), quotas, log });
+  const model = await RdmaDevice.open({ verbs, hostDevice: 'fake0', vmId, resolver: new StaticAddressResolver(table), quotas, log, aliases: new FakeAliasMapper() });
   const report: ReplayReport = { chains: 0, answersCompared: 0, differences: [], skipped: [] };
   const recordedUsed = new Map<number, Used[]>();
   for (const e of events) if (e.kind === 'used') recordedUsed.set(e.queue, [...(recordedUsed.get(e.queue) ?? []), e]);

@@ -15,3 +15,5 @@ export {
   type GidTableEntry,
 } from './address-resolver.ts';
 export { DEFAULT_QUOTAS, OFFERED_FEATURES, PAGE_SIZE_MASK, type DeviceQuotas } from './limits.ts';
+export type { DataPath, DataPathHost, FlushCounts } from './data-path.ts';
+export { RelayDataPath } from './relay.ts';

@@ -1,6 +1,7 @@
 // The device's objects: what one guest handle stands for. Host handles live only here, never in anything the
 // guest reads. Rings are guest memory described by page lists (spec section 10.2).
 
+import type { AliasPiece } from '../memory/alias.ts';
 import type { GuestMemory } from '../memory/guest-memory.ts';
 import type { AhHandle, CqHandle, MrHandle, PdHandle, QpHandle } from '../verbs/host-verbs.ts';
 
@@ -22,6 +23,12 @@ export class GuestRing {
     readonly pages: readonly number[],
     readonly indexGpa: number,
   ) {}
+
+  /** True when every page and the index block lie in guest RAM of `memory` (a memory map change re-checks it). */
+  insideOf(memory: GuestMemory): boolean {
+    const pageSize = 2 ** this.pageShift;
+    return memory.isValidRange(this.indexGpa, 8) && this.pages.every((p) => memory.isValidRange(p, pageSize));
+  }
 
   /** Guest physical address of entry n (a free-running index). An entry never crosses a page. */
   entryGpa(n: number): number {
@@ -68,6 +75,8 @@ export interface Cq {
   arm: number;
   /** Set on overrun, invalid index or host error: no more completions, only DESTROY_CQ (spec section 10.8). */
   error: boolean;
+  /** Its ring or index block left guest RAM (memory map change): never read or written again (error is set too). */
+  ringLost?: boolean;
   /** QPs using this CQ as send or receive CQ. */
   qps: Set<Qp>;
   destroyed: boolean;
@@ -124,6 +133,10 @@ export interface Qp {
   /** The guest's own view of its attributes (QUERY_QP): values last applied, virtual dgid included. */
   attr: Record<string, number | Uint8Array>;
   destroyed: boolean;
+  /** DESTROY_QP has handed the host QP to its destroy: a reset meanwhile leaves it to that destroy. */
+  hostGone?: boolean;
+  /** A ring page or index block left guest RAM (memory map change): the rings are never read or written again. */
+  ringsLost?: boolean;
   /** Set while DESTROY_QP flushes: flush completions written and dropped (DestroyQpResponse). */
   flushCounts?: { sq: number; rq: number; dropped: number };
   /**
@@ -154,10 +167,17 @@ export interface Mr {
   backing?: { buffer: ArrayBuffer; offset: number };
   /**
    * When the pages are not contiguous in the backend's mapping of guest RAM: one contiguous view of them made for
-   * the host registration (sys.mapAlias), unmapped once the host MR is deregistered.
+   * the host registration (AliasMapper.map), unmapped once the host MR is deregistered.
    */
   alias?: ArrayBuffer;
+  /** The runs of the backend's mapping the registration covers: a memory map change keeps the MR only if unchanged. */
+  runs?: AliasPiece[];
   host?: MrHandle;
+  /**
+   * Guest RAM under it left the memory map (spec 10.8): the host registration is gone (or was never made, for a
+   * pending MR); WQEs naming its lkey complete with LOC_PROT_ERR; only DEREG_MR remains.
+   */
+  lost?: boolean;
 }
 
 export interface Ah {

@@ -14,6 +14,7 @@ import type * as hv from './host-verbs.ts';
 import { VerbsError } from './host-verbs.ts';
 import { decodeRecvWrs, decodeSendWrs } from './layout.ts';
 import type { RecvWrList, SendWrList, WcBuffer, WorkCompletion } from './layout.ts';
+import type { AliasMapper, AliasPiece } from '../memory/alias.ts';
 
 export type FakeVerbName =
   | 'ibv_get_device_list'
@@ -537,5 +538,48 @@ export class FakeVerbs implements hv.HostVerbs {
         this.pushCompletion(q.recvCq, this.wc(q, wr.wrId, WcStatus.WR_FLUSH_ERR, WcOpcode.RECV), false);
       else q.recvQueue.push(wr.wrId);
     }
+  }
+}
+
+/**
+ * The AliasMapper for the verbs test double, which moves no data: an alias is a private copy of the pieces taken
+ * at map time (the double's registrations never read it). It checks what the native mapper checks (page-multiple
+ * pieces inside their buffers) and counts live aliases, so a test can assert that every alias was unmapped.
+ */
+export class FakeAliasMapper implements AliasMapper {
+  private readonly aliases = new Set<ArrayBuffer>();
+  /** Aliases mapped so far (a test asserts that the scattered path ran). */
+  mapped = 0;
+
+  constructor(private readonly pageSize = 4096) {}
+
+  map(pieces: readonly AliasPiece[]): ArrayBuffer {
+    if (pieces.length === 0) throw new RangeError('mapAlias: no pieces');
+    let total = 0;
+    for (const [i, p] of pieces.entries()) {
+      if (p.offset % this.pageSize !== 0 || p.length % this.pageSize !== 0 || p.length === 0)
+        throw new RangeError(`mapAlias: piece ${i} is not a whole number of ${this.pageSize}-byte pages`);
+      if (p.offset + p.length > p.buffer.byteLength) throw new RangeError(`mapAlias: piece ${i} is outside its buffer`);
+      total += p.length;
+    }
+    const alias = new ArrayBuffer(total);
+    const bytes = new Uint8Array(alias);
+    let at = 0;
+    for (const p of pieces) {
+      bytes.set(new Uint8Array(p.buffer, p.offset, p.length), at);
+      at += p.length;
+    }
+    this.aliases.add(alias);
+    this.mapped++;
+    return alias;
+  }
+
+  unmap(alias: ArrayBuffer): void {
+    if (!this.aliases.delete(alias)) throw new Error('munmap of a range that is not a live alias');
+  }
+
+  /** Aliases mapped and not yet unmapped. */
+  get live(): number {
+    return this.aliases.size;
   }
 }

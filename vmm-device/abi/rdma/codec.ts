@@ -113,16 +113,23 @@ export function checkRequestFraming(readable: Uint8Array, writableBytes: number,
   const body = readable.subarray(CtrlRequestHeader.size, CtrlRequestHeader.size + header.length);
   const pages = announcedPages(spec, body);
   if (spec.pageList && pages > maxPagesPerCommand) {
-    return fail('INVALID_ARGUMENT', pageCountFieldOffset(spec));
+    return fail('INVALID_ARGUMENT', pageCountFieldOffset(spec, body, maxPagesPerCommand));
   }
   if (header.length !== spec.request.size + pages * Limits.PAGE_ADDR_SIZE) return fail('INVALID_LENGTH');
   if (writableBytes < CtrlResponseHeader.size + spec.response.size) return fail('INVALID_LENGTH', 1);
   return { kind: 'ok', header, spec, body, pages };
 }
 
-/** Offset (inside the body) of the field that carries a command's page count: the `detail` of its errors. */
-export function pageCountFieldOffset(spec: CommandSpec): number {
-  if (spec.request === CreateQpRequest) return CreateQpRequest.offsetOf('sq_num_pages');
+/**
+ * Offset (inside the body) of the page-count field that made the announced pages exceed `maxPagesPerCommand`: the
+ * `detail` of check 4. CREATE_QP has two: sq_num_pages when it alone is too many, else rq_num_pages (the one whose
+ * pages went over the limit).
+ */
+export function pageCountFieldOffset(spec: CommandSpec, body: Uint8Array, maxPagesPerCommand: number): number {
+  if (spec.request === CreateQpRequest) {
+    const r = CreateQpRequest.decode(body);
+    return CreateQpRequest.offsetOf(r.sq_num_pages > maxPagesPerCommand ? 'sq_num_pages' : 'rq_num_pages');
+  }
   return spec.request.offsetOf('num_pages');
 }
 

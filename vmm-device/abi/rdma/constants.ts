@@ -108,6 +108,7 @@ export const QpFatalReason = {
   WQ_OVERFLOW: 2,
   RING_UNREADABLE: 3,
   CQ_OVERRUN: 4,
+  MR_LOST: 5,
 } as const;
 
 /** `detail` of CQ_ERROR events. */
@@ -115,6 +116,7 @@ export const CqErrorReason = {
   OVERRUN: 1,
   INDEX_INVALID: 2,
   HOST_ERROR: 3,
+  RING_UNREADABLE: 4,
 } as const;
 
 /** `detail` of QP_POLICY_TEARDOWN events. */
