@@ -81,7 +81,8 @@ ensure_npm() {
 # The addon is built by npm ci; in a working tree whose native/ sources changed since, rebuild it here so that no
 # test runs against a stale binary.
 native_sources_hash() {
-  cat native/binding.gyp native/src/* 2>/dev/null | sha256sum | cut -d' ' -f1
+  # Every source file below native/src (it has sub-folders), in a stable order.
+  find native/binding.gyp native/src -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -d' ' -f1
 }
 native_stamp_write() {
   [ -d native/build ] && native_sources_hash > native/build/.vrdma-source-stamp
