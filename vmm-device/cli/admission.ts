@@ -3,7 +3,9 @@
 // (vmm-device/rdma/admission-ledger.ts), so VMs sharing a host device cannot starve each other. Every message
 // names the flag or the policy setting it is about.
 
-import type { DeviceAttr, HostVerbs } from '../verbs/host-verbs.ts';
+import { hostAttrOf, type DeviceAttr } from '../verbs/host-verbs.ts';
+
+export { hostAttrOf };
 import { MAP_HEADROOM, MAPPINGS_PER_CQ, MAPPINGS_PER_MR, MAPPINGS_PER_QP, MappingBudget, mappingCeiling, readMaxMapCount } from '../rdma/mapping-budget.ts';
 import { DEFAULT_QUOTAS, type DeviceQuotas } from '../rdma/limits.ts';
 import { admitOnHost, type HostReservation, type LedgerAmounts, type LedgerKind } from '../rdma/admission-ledger.ts';
@@ -21,14 +23,6 @@ export function describeQuota(kind: LedgerKind, value: number, given: Partial<De
 }
 
 /** The host device's attributes (its capacity for all VMs together). */
-export async function hostAttrOf(verbs: HostVerbs, device: string): Promise<DeviceAttr> {
-  const dev = await verbs.openDevice(device);
-  try {
-    return await verbs.queryDevice(dev);
-  } finally {
-    await verbs.closeDevice(dev);
-  }
-}
 
 /** What the VM's device will allow of each ledger kind: min(quota, host). */
 function effectiveLimits(attr: DeviceAttr, quotas: Partial<DeviceQuotas>): { capacity: LedgerAmounts; limits: LedgerAmounts } {

@@ -10,6 +10,7 @@
 // differs there, and the differences say so field by field (hex offsets).
 
 import { FakeVerbs, FakeAliasMapper } from '../verbs/fake-verbs.ts';
+import { hostAttrOf } from '../verbs/host-verbs.ts';
 import { RdmaDevice } from '../rdma/rdma-device.ts';
 import { StaticAddressResolver, type GidTableEntry } from '../rdma/address-resolver.ts';
 import type { DeviceQuotas } from '../rdma/limits.ts';
@@ -199,6 +200,9 @@ export async function replaySession(f: SessionFixture, opts: ReplayOptions = {})
 
   const verbs = new FakeVerbs();
   const log = opts.log ?? new RecordingLogger('replay');
+  // The backend reads the host's limits once before its device opens (cli/admission.ts): the same calls here, so
+  // that the test double numbers the objects that follow (handles, QPNs, keys) as the recording's backend did.
+  await hostAttrOf(verbs, 'fake0');
   const model = await RdmaDevice.open({ verbs, hostDevice: 'fake0', vmId, resolver: new StaticAddressResolver(table), quotas, log, aliases: new FakeAliasMapper() });
   const report: ReplayReport = { chains: 0, answersCompared: 0, differences: [], skipped: [] };
   const recordedUsed = new Map<number, Used[]>();

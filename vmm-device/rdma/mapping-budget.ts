@@ -118,14 +118,15 @@ export function withMappingBudget(verbs: HostVerbs, budget: MappingBudget): Host
   const refuse = (verb: string, need: number): never => {
     throw new VerbsError(verb, 'ENOMEM', `the backend's mapping budget is spent (${budget.available} of ${budget.total} left, ${need} needed; vm.max_map_count)`);
   };
-  // Every other member forwards to `verbs`, bound once (the data path's postSend/pollCq pay no indirection per call).
+  // Every other member forwards to `verbs` at each call, looked up then, so the wrapper behaves as the wrapped
+  // object does now (a test double whose verb is replaced after the device opened included).
+  const target = verbs as unknown as Record<string, unknown>;
   const out: Record<string, unknown> = {};
   for (let p: object | null = verbs; p !== null && p !== Object.prototype; p = Object.getPrototypeOf(p)) {
     for (const k of Object.getOwnPropertyNames(p)) {
       if (k === 'constructor' || k in out) continue;
-      const v = (verbs as unknown as Record<string, unknown>)[k];
-      if (typeof v === 'function') out[k] = v.bind(verbs);
-      else Object.defineProperty(out, k, { get: () => (verbs as unknown as Record<string, unknown>)[k], enumerable: true });
+      if (typeof target[k] === 'function') out[k] = (...args: unknown[]) => (target[k] as (...a: unknown[]) => unknown).apply(verbs, args);
+      else Object.defineProperty(out, k, { get: () => target[k], enumerable: true });
     }
   }
   return Object.assign(out as unknown as HostVerbs, {

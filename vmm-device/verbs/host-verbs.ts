@@ -264,3 +264,17 @@ export interface HostVerbs {
   postSend(qp: QpHandle, wrs: SendWrList): void;
   postRecv(qp: QpHandle, wrs: RecvWrList): void;
 }
+
+/**
+ * The attributes of host device `device`, read with an open and a close of their own: what the backend reads once at
+ * start, before its device model opens the device, to check the quotas it was given (cli/admission.ts). The replay of
+ * a recorded session repeats it, so that a test double numbers the objects that follow as the recording's backend did.
+ */
+export async function hostAttrOf(verbs: HostVerbs, device: string): Promise<DeviceAttr> {
+  const dev = await verbs.openDevice(device);
+  try {
+    return await verbs.queryDevice(dev);
+  } finally {
+    await verbs.closeDevice(dev);
+  }
+}

@@ -261,9 +261,9 @@ export class VirtioDeviceCore {
     try {
       this.model.queueNotify(index);
     } catch (e) {
-      // A model that throws while serving a queue: that queue is broken (stopped, NEEDS_RESET, the transport's
-      // error notification), the process goes on.
-      this.queueBroken(index, e as Error);
+      // A model that throws is a bug in the model, not a ring the driver broke: NEEDS_RESET as a device failure
+      // (the ring's err eventfd stays quiet), the process goes on.
+      this.deviceFailed(e as Error, `kick of queue ${index}`);
     }
   }
 
