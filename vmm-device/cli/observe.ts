@@ -111,9 +111,10 @@ export function addressTableOf(gidTable: string | undefined, resolver: AddressRe
   }
   const own = resolver.ownAddress(vmId);
   if (own === undefined) return [];
-  const r = resolver.resolve(vmId, own.gid, 2);
+  // Not resolve(): that is a connection attempt, counted in the VM's and the VPC's counters.
+  const hostGid = resolver.ownHostGid?.(vmId);
   const virtualIp = ipv4FromGid(own.gid);
-  const hostIp = r.kind === 'ok' ? ipv4FromGid(r.hostGid) : undefined;
+  const hostIp = hostGid === undefined ? undefined : ipv4FromGid(hostGid);
   return virtualIp === undefined || hostIp === undefined ? [] : [{ vmId, vpc: own.vpc, virtualIp, hostIp }];
 }
 

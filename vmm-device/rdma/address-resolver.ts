@@ -55,6 +55,11 @@ export interface AddressResolver {
   /** Resolves a destination named by its virtual GID inside VM `vmId`'s own VPC. */
   resolve(vmId: string, virtualGid: Uint8Array, qpType: number): Resolution;
   /**
+   * The host GID of VM `vmId` itself, for tools (the flight recorder's address table): a look-up that, unlike
+   * resolve(), is no connection attempt and counts nothing.
+   */
+  ownHostGid?(vmId: string): Uint8Array | undefined;
+  /**
    * The virtual GID of the sender of a UD datagram that arrived for VM `vmId` from host GID `hostGid` and wire QPN
    * `srcQpn`, or undefined when that sender has no address in `vmId`'s VPC (spec section 10.9).
    */
@@ -208,6 +213,10 @@ export class StaticAddressResolver implements AddressResolver {
     } catch (e) {
       throw new Error(`--gid-table ${path}: ${(e as Error).message}`);
     }
+  }
+
+  ownHostGid(vmId: string): Uint8Array | undefined {
+    return this.byVm.get(vmId)?.hostGid.slice();
   }
 
   ownAddress(vmId: string): VirtualAddress | undefined {

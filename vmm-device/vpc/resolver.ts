@@ -37,6 +37,10 @@ export class VpcAddressResolver implements AddressResolver, PolicyHooks {
     private readonly log: Logger,
   ) {}
 
+  ownHostGid(vmId: string): Uint8Array | undefined {
+    return this.engine.placementOf(vmId)?.hostGid;
+  }
+
   ownAddress(vmId: string): VirtualAddress | undefined {
     const a = this.engine.ownAddress(vmId);
     if (a === undefined) return undefined;
