@@ -25,6 +25,8 @@ const DEFAULT_STARTS = 100;
  * capacity (rxe: 16,384 CQs): two times 4,096 fits both.
  */
 const STARTUP_MAX_QP = 4096;
+/** The backend's "serving" line, as a JSON log line (the default) or in the human format. */
+const SERVING_LINE = /^\{[^\n]*"component":"vrdma-backend",[^\n]*"msg":"serving"|^info vrdma-backend: serving/m;
 /** Backends started at once, as in the run that crashed. */
 const CONCURRENT = 2;
 /** Every LOAD_EVERY-th pair starts beside a busy-looping process (starves the loop thread, reorders the pool). */
@@ -92,7 +94,7 @@ function startOnce(vmId: string, n: number): Promise<StartResult> {
     child.stderr!.setEncoding('utf8');
     child.stderr!.on('data', (s: string) => {
       stderr += s;
-      if (!served && /^info vrdma-backend: serving/m.test(stderr)) {
+      if (!served && SERVING_LINE.test(stderr)) {
         served = true;
         servedAt = Date.now();
         clearTimeout(serveTimer);
