@@ -5,8 +5,7 @@
 // naming the flag; --log-format human keeps the old lines.
 
 import t from 'tap';
-import { mkdtempSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import parse, { type PromFamily } from 'parse-prometheus-text-format';
 import { AccessFlag, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
@@ -19,21 +18,9 @@ import { EtcdClient } from '../../vmm-device/vpc/etcd-client.ts';
 import { publishPolicy } from '../../vmm-device/vpc/etcd-source.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { EtcdCluster } from '../vpc/etcd-harness.ts';
-import { openGuest, root, scrape, startBackend } from './rig.ts';
+import { openGuest, root, scrape, startBackend, scratchWithTable } from './rig.ts';
 
-const dir = mkdtempSync(path.join(tmpdir(), 'vrdma-observe-'));
-t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-const table = path.join(dir, 'table.json');
-writeFileSync(
-  table,
-  JSON.stringify({
-    vms: [
-      { vmId: 'vm-a', vpc: 'blue', virtualIp: '192.168.7.1', hostIp: '10.0.0.1' },
-      { vmId: 'vm-b', vpc: 'blue', virtualIp: '192.168.7.2', hostIp: '10.0.0.1' },
-      { vmId: 'vm-c', vpc: 'red', virtualIp: '192.168.7.3', hostIp: '10.0.0.1' },
-    ],
-  }),
-);
+const { dir, table } = scratchWithTable(t, 'vrdma-observe-');
 
 function value(fams: PromFamily[], name: string, labels: Record<string, string>): number | undefined {
   const f = fams.find((x) => x.name === name);

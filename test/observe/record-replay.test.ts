@@ -6,8 +6,7 @@
 
 import t from 'tap';
 import { execFile } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { AccessFlag, Command, CtrlResponseHeader, FeatureBit, Status, encodeRequest } from '../../vmm-device/abi/rdma/index.ts';
 import { gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
@@ -18,21 +17,9 @@ import { replaySession } from '../../vmm-device/observe/replay.ts';
 import { VhostUserFrontend } from '../../guest-driver-spec/frontend/frontend.ts';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
 import { GuestAllocator, SplitRingDriver } from '../../guest-driver-spec/frontend/guest-driver.ts';
-import { host, openGuest, root, startBackend, WAIT_MS } from './rig.ts';
+import { host, openGuest, root, startBackend, WAIT_MS, scratchWithTable } from './rig.ts';
 
-const dir = mkdtempSync(path.join(tmpdir(), 'vrdma-record-'));
-t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-const table = path.join(dir, 'table.json');
-writeFileSync(
-  table,
-  JSON.stringify({
-    vms: [
-      { vmId: 'vm-a', vpc: 'blue', virtualIp: '192.168.7.1', hostIp: '10.0.0.1' },
-      { vmId: 'vm-b', vpc: 'blue', virtualIp: '192.168.7.2', hostIp: '10.0.0.1' },
-      { vmId: 'vm-c', vpc: 'red', virtualIp: '192.168.7.3', hostIp: '10.0.0.1' },
-    ],
-  }),
-);
+const { dir, table } = scratchWithTable(t, 'vrdma-record-');
 
 function fileOf(line: string): string {
   return (JSON.parse(line) as { file: string }).file;

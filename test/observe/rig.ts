@@ -3,6 +3,8 @@
 // stderr are collected as they come.
 
 import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { GuestRam } from '../../guest-driver-spec/frontend/guest-ram.ts';
@@ -84,4 +86,25 @@ export async function openGuest(socketPath: string) {
 export async function scrape(port: number): Promise<{ status: number; type: string; body: string }> {
   const r = await fetch(`http://127.0.0.1:${port}/metrics`);
   return { status: r.status, type: r.headers.get('content-type') ?? '', body: await r.text() };
+}
+
+/**
+ * A scratch folder removed at the end of test `t`, holding `table.json`: the --gid-table of the observe tests
+ * (vm-a and vm-b in VPC blue, vm-c in red, all on one host).
+ */
+export function scratchWithTable(t: { teardown(fn: () => void): void }, prefix: string): { dir: string; table: string } {
+  const dir = mkdtempSync(path.join(tmpdir(), prefix));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const table = path.join(dir, 'table.json');
+  writeFileSync(
+    table,
+    JSON.stringify({
+      vms: [
+        { vmId: 'vm-a', vpc: 'blue', virtualIp: '192.168.7.1', hostIp: '10.0.0.1' },
+        { vmId: 'vm-b', vpc: 'blue', virtualIp: '192.168.7.2', hostIp: '10.0.0.1' },
+        { vmId: 'vm-c', vpc: 'red', virtualIp: '192.168.7.3', hostIp: '10.0.0.1' },
+      ],
+    }),
+  );
+  return { dir, table };
 }
