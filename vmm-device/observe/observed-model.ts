@@ -207,7 +207,8 @@ export function observeModel(model: VirtioDeviceModel, hooks: ObserverHooks): Vi
       model.reset();
     },
   };
-  if (model.acceptFeatures !== undefined) wrapped.acceptFeatures = (f) => model.acceptFeatures!(f);
+  if (model.acceptFeatures !== undefined) wrapped.acceptFeatures = (f, transport) => model.acceptFeatures!(f, transport);
+  if (model.sharedMemoryRegions !== undefined) Object.assign(wrapped, { sharedMemoryRegions: model.sharedMemoryRegions });
   if (model.memoryChanged !== undefined) {
     wrapped.memoryChanged = (memory) => {
       safe(() => hooks.recorder.record({ kind: 'memory', regions: regionsOf(memory) }));

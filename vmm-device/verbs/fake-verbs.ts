@@ -498,6 +498,23 @@ export class FakeVerbs implements hv.HostVerbs {
     return this.destroy('ibv_destroy_ah', 'ah', ah.id);
   }
 
+  // Host queue mapping (spec section 13): the double maps nothing yet.
+  hostQueueFormat(_device: hv.DeviceHandle): number {
+    return 0;
+  }
+
+  createMappedCq(_device: hv.DeviceHandle, _cqe: number): Promise<hv.MappedCqHandle> {
+    return Promise.reject(new VerbsError('create_mapped_cq', 'EOPNOTSUPP', 'the double maps no host queue'));
+  }
+
+  createMappedQp(_pd: hv.PdHandle, _init: hv.QpInitAttr): Promise<hv.MappedQpHandle> {
+    return Promise.reject(new VerbsError('create_mapped_qp', 'EOPNOTSUPP', 'the double maps no host queue'));
+  }
+
+  createDoorbellEngine(_device: hv.DeviceHandle, _options: hv.DoorbellEngineOptions): Promise<hv.DoorbellEngine> {
+    return Promise.reject(new VerbsError('doorbell_engine', 'EOPNOTSUPP', 'the double maps no host queue'));
+  }
+
   postSend(qp: hv.QpHandle, wrs: SendWrList): void {
     const verb = 'ibv_post_send';
     const q = this.lookup<FakeQp>(verb, 'qp', qp.id);

@@ -73,6 +73,68 @@ export interface AhHandle {
   readonly id: number;
 }
 
+/**
+ * A host queue buffer another process maps (spec section 13.1): the host created it without mapping it here, and
+ * the provider admits exactly one mmap of `fdOffset` on `fd` (rxe_mmap), which the VMM makes (SHMEM_MAP).
+ */
+export interface HostQueueBuffer {
+  /** The device's uverbs file (borrowed: valid while the device is open; the caller never closes it). */
+  readonly fd: number;
+  /** The mmap offset from the host's create response. */
+  readonly fdOffset: bigint;
+  /** Bytes to map: the queue header and every slot, a multiple of the page size. */
+  readonly size: bigint;
+  /** Slots of the queue: a power of two, at least the depth plus 1. */
+  readonly numSlots: number;
+  /** Bytes of one slot: a power of two. */
+  readonly slotSize: number;
+}
+
+/** A CQ whose buffer this process never maps: pollCq fails with EINVAL; reqNotifyCq and its events work. */
+export interface MappedCqHandle extends CqHandle {
+  readonly queue: HostQueueBuffer;
+}
+
+/** An RC QP whose SQ and RQ this process never maps: postSend and postRecv fail with EINVAL. */
+export interface MappedQpHandle extends QpHandle {
+  readonly sq: HostQueueBuffer;
+  readonly rq: HostQueueBuffer;
+}
+
+/** How the doorbell thread learns of a store (spec 13.6, DoorbellMode). */
+export type DoorbellWake = 'polled' | 'notify';
+
+export interface DoorbellEngineOptions {
+  /** Doorbell pages (4096 bytes, 512 eight-byte slots each), at least 1. */
+  pages: number;
+  /** 'polled': the thread watches the slots; 'notify': it looks at them when the wake fd is signalled. */
+  wake: DoorbellWake;
+}
+
+/**
+ * The executor of mapped SQ doorbells (spec 13.6): a native thread that watches the slots of its doorbell pages and,
+ * for each attached slot whose value differs from the one it acted on last, issues the host SQ doorbell of the slot's
+ * QP (rxe: the POST_SEND command with no work request on the device's uverbs file), with no JavaScript per doorbell.
+ */
+export interface DoorbellEngine {
+  /** The memory of the doorbell pages (a memfd the engine owns; closed by close()), for the VMM to map. */
+  readonly fd: number;
+  /** Bytes of that memory: pages * 4096. */
+  readonly size: bigint;
+  /** Slot `slot` (0 .. pages * 512 - 1) now rings `qp`'s SQ; the value it acted on last is the slot's value now. */
+  attach(slot: number, qp: MappedQpHandle): void;
+  /** Stops serving the slot: when this returns the thread executes no doorbell of that QP any more. */
+  detach(slot: number): void;
+  /** Executes the slot's doorbell once now (the device calls it when the QP reaches RTS, or enters ERR). */
+  ring(slot: number): void;
+  /** 'notify' mode: the eventfd whose signal wakes the thread (a dup the engine owns); undefined stops listening. */
+  setWakeFd(fd: number | undefined): void;
+  /** Doorbells the thread executed for the slot's QP since attach, and how many the host refused. */
+  counters(slot: number): { executed: bigint; refused: bigint };
+  /** Stops the thread (every slot detached) and frees the pages. */
+  close(): Promise<void>;
+}
+
 export interface AsyncEvent {
   /** ibv_event_type without the IBV_EVENT_ prefix: QP_FATAL, PORT_ACTIVE, ... */
   type: string;
@@ -259,6 +321,21 @@ export interface HostVerbs {
 
   createAh(pd: PdHandle, attr: AhAttr): Promise<AhHandle>;
   destroyAh(ah: AhHandle): Promise<void>;
+
+  /** HostQueueFormat (abi/rdma/constants.ts) of `device`'s user queues; NONE when they cannot be mapped. */
+  hostQueueFormat(device: DeviceHandle): number;
+  /**
+   * A CQ created for another process to map (spec 13): this process never maps its buffer. Completion events,
+   * reqNotifyCq and destroyCq work as for createCq; the caller unmaps it everywhere before destroyCq.
+   */
+  createMappedCq(device: DeviceHandle, cqe: number, options?: CreateCqOptions): Promise<MappedCqHandle>;
+  /**
+   * An RC QP created for another process to map: its send and receive CQs are mapped CQs (EINVAL otherwise).
+   * modifyQp, queryQp and destroyQp work as for createQp; the caller unmaps both queues before destroyQp.
+   */
+  createMappedQp(pd: PdHandle, init: QpInitAttr): Promise<MappedQpHandle>;
+  /** Starts a doorbell engine for `device`'s mapped QPs. */
+  createDoorbellEngine(device: DeviceHandle, options: DoorbellEngineOptions): Promise<DoorbellEngine>;
 
   /** Posts the whole list; on refusal throws a VerbsError with badWrIndex. */
   postSend(qp: QpHandle, wrs: SendWrList): void;

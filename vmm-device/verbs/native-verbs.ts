@@ -18,10 +18,14 @@ import type {
   CqHandle,
   CreateCqOptions,
   DeviceAttr,
+  DoorbellEngine,
+  DoorbellEngineOptions,
   DeviceHandle,
   DeviceInfo,
   GidEntry,
   HostVerbs,
+  MappedCqHandle,
+  MappedQpHandle,
   MrHandle,
   OpenDeviceOptions,
   PdHandle,
@@ -353,6 +357,23 @@ export class NativeVerbs implements HostVerbs {
 
   destroyAh(ah: AhHandle): Promise<void> {
     return call(() => this.raw.destroyAh(ah.id));
+  }
+
+  // Host queue mapping (spec section 13): not implemented by the addon yet; the device offers no mapping.
+  hostQueueFormat(_device: DeviceHandle): number {
+    return 0;
+  }
+
+  createMappedCq(_device: DeviceHandle, _cqe: number): Promise<MappedCqHandle> {
+    return Promise.reject(new VerbsError('create_mapped_cq', 'EOPNOTSUPP', 'host queue mapping is not implemented'));
+  }
+
+  createMappedQp(_pd: PdHandle, _init: QpInitAttr): Promise<MappedQpHandle> {
+    return Promise.reject(new VerbsError('create_mapped_qp', 'EOPNOTSUPP', 'host queue mapping is not implemented'));
+  }
+
+  createDoorbellEngine(_device: DeviceHandle, _options: DoorbellEngineOptions): Promise<DoorbellEngine> {
+    return Promise.reject(new VerbsError('doorbell_engine', 'EOPNOTSUPP', 'host queue mapping is not implemented'));
   }
 
   postSend(qp: QpHandle, wrs: SendWrList): void {

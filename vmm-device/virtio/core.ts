@@ -213,7 +213,7 @@ export class VirtioDeviceCore {
     if (this.model.acceptFeatures === undefined) return true;
     let accepted: boolean;
     try {
-      accepted = this.model.acceptFeatures(this.acked);
+      accepted = this.model.acceptFeatures(this.acked, { hostPages: this.hooks.hostPages?.capabilities() });
     } catch (e) {
       // A model that throws here is a bug in the model: refuse (the driver sees it), keep the process.
       this.log.log('error', 'the device model failed to judge the features; FEATURES_OK refused', { error: (e as Error).message });

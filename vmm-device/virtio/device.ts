@@ -55,6 +55,12 @@ export interface HostPageMapper {
   unmapShared(shmid: number, shmOffset: bigint, length: bigint): Promise<void>;
 }
 
+/** What the model may need to know of its transport when it judges the features (before activation). */
+export interface TransportFacts {
+  /** The host-page mapping service's capabilities as negotiated now; undefined when the transport has none. */
+  hostPages: HostPageCapabilities | undefined;
+}
+
 export interface HostPageCapabilities {
   queueNotifier: boolean;
   /** Shared memory regions the transport can map into, by id, with their sizes in bytes. */
@@ -112,7 +118,12 @@ export interface VirtioDeviceModel {
    * re-reads the status (virtio 1.2 section 3.1.1 step 6). A model whose activate() would refuse a feature set
    * says so here, before DRIVER_OK.
    */
-  acceptFeatures?(features: bigint): boolean;
+  acceptFeatures?(features: bigint, transport: TransportFacts): boolean;
+  /**
+   * Optional: the shared memory regions (id -> bytes) the model asks the transport to expose, fixed for the model's
+   * life (vhost-user: the answer to GET_SHMEM_CONFIG). A transport that cannot expose them maps nothing into them.
+   */
+  readonly sharedMemoryRegions?: ReadonlyMap<number, bigint>;
   /** DRIVER_OK: start serving. */
   activate(ctx: ActivationContext): void;
   /**
