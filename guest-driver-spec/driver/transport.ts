@@ -36,8 +36,34 @@ export interface DriverTransport {
    * interrupt came; false on timeout. Callers re-check the used ring either way (interrupts may be coalesced).
    */
   waitInterrupt(index: number, timeoutMs: number): Promise<boolean>;
+  /**
+   * The device's shared memory region `shmid` (virtio shared memory regions; spec section 13, host queue mapping),
+   * or undefined when the transport exposes no such region. Optional: a transport without it maps nothing.
+   */
+  sharedMemory?(shmid: number): Promise<SharedMemoryWindow | undefined>;
   /** Releases the transport's own resources (not the device's). */
   close(): Promise<void>;
+}
+
+/**
+ * The driver's access to one shared memory region: what a guest's loads and stores in the region's range reach
+ * (the host queues and doorbell pages the device mapped there). Little-endian, like every field of the spec.
+ */
+export interface SharedMemoryWindow {
+  readonly shmid: number;
+  /** Bytes of the region. */
+  readonly size: bigint;
+  read(offset: bigint, length: number): Promise<Uint8Array>;
+  write(offset: bigint, bytes: Uint8Array): Promise<void>;
+  /** One aligned 4-byte load (a load-acquire where the transport orders accesses, as section 13.4 asks). */
+  readU32(offset: bigint): Promise<number>;
+  /** One aligned 4-byte store (a store-release where the transport orders accesses). */
+  writeU32(offset: bigint, value: number): Promise<void>;
+  /**
+   * A direct view of `length` bytes at `offset` when the region is mapped into this process (the reference
+   * front-end maps what the device maps); undefined where every access is a message (qtest).
+   */
+  view?(offset: bigint, length: number): Uint8Array | undefined;
 }
 
 export class TransportError extends Error {
