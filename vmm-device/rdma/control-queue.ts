@@ -31,11 +31,21 @@ export interface ControlHost {
 
 export class ControlQueue {
   private running = false;
+  /** The command handler now in the host (settled, never rejecting): a reset's release waits for it (idle()). */
+  private current: Promise<unknown> | undefined;
 
   constructor(
     private readonly host: ControlHost,
     private readonly index: number,
   ) {}
+
+  /**
+   * Resolves when the command being served (if any) has left its handler: by then a command a reset overtook has
+   * handed its host object to its undo (checkGeneration), so the reset can release parents after children.
+   */
+  idle(): Promise<void> {
+    return this.current === undefined ? Promise.resolve() : this.current.then(() => undefined);
+  }
 
   /** Serves requests until the queue is empty; a second call while it runs does nothing (one at a time, 7.3). */
   async run(): Promise<void> {
@@ -96,7 +106,17 @@ export class ControlQueue {
       try {
         const handler = COMMAND_HANDLERS.get(framing.spec.code);
         if (handler === undefined) throw new CommandError('INVALID_COMMAND', 0);
-        body = await handler(h.commands, framing.body);
+        const running = Promise.resolve(handler(h.commands, framing.body));
+        const settled = running.then(
+          () => undefined,
+          () => undefined,
+        );
+        this.current = settled;
+        try {
+          body = await running;
+        } finally {
+          if (this.current === settled) this.current = undefined;
+        }
       } catch (e) {
         if (e instanceof ResetDuringRequest || gen !== h.generation) return;
         if (e instanceof CommandError) {

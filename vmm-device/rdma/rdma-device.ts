@@ -41,6 +41,12 @@ export const DOORBELLQ = 2;
 export const QUEUE_COUNT = 3;
 /** Largest queue size the device accepts (virtio's largest). */
 export const MAX_QUEUE_SIZE = 32768;
+/**
+ * How long a reset's release waits for the command it overtook (still in the host) and that command's undo before
+ * releasing the parents anyway: a host call that never returns must not hold the release forever. Past it, a PD or
+ * CQ the late child still holds is refused (EBUSY) and counted in hostErrors.
+ */
+export const RESET_INFLIGHT_WAIT_MS = 5000;
 
 export interface RdmaDeviceOptions {
   verbs: HostVerbs;
@@ -137,6 +143,8 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
 
   /** Host objects being released (destroys, resets): awaited before the next activation serves requests. */
   private readonly releasingSet = new Set<Promise<unknown>>();
+  /** Undos of host objects created for requests a reset overtook (checkGeneration): a reset's release awaits them. */
+  private readonly undoing = new Set<Promise<unknown>>();
   /** Detaches the policy sink (resolvers with connection tracking only). */
   private detachPolicy: (() => void) | undefined;
   private closed = false;
@@ -344,6 +352,12 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
     this.release(
       (async () => {
         const v = this.verbs;
+        // The command the reset overtook may still be in the host, creating a child of these PDs and CQs: wait
+        // (bounded) for it to leave its handler and for its undo, so that children go before their parents.
+        await this.withinInflightWait(async () => {
+          await this.control.idle();
+          await Promise.allSettled([...this.undoing]);
+        });
         // Host calls still running on a QP (a command the reset overtook, a move to ERR, a DESTROY_QP's host
         // destroy) end before anything else; a QP a DESTROY_QP already handed to the host is left to it.
         await Promise.allSettled(qps.map((q) => q.hostIdle));
@@ -362,6 +376,15 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
         if (failed > 0) this.log.log('error', 'reset: host refused to release PDs', { failed });
       })(),
     );
+  }
+
+  /** Runs `wait`, giving up after RESET_INFLIGHT_WAIT_MS (logged): the release then goes on regardless. */
+  private async withinInflightWait(wait: () => Promise<void>): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const expired = new Promise<boolean>((r) => (timer = setTimeout(() => r(true), RESET_INFLIGHT_WAIT_MS)));
+    const late = await Promise.race([wait().then(() => false), expired]);
+    clearTimeout(timer);
+    if (late) this.log.log('warn', 'reset: a command overtaken by the reset is still in the host; releasing anyway', { waitedMs: RESET_INFLIGHT_WAIT_MS });
   }
 
   /** Tracks a host release so that settled() (and the next activation) can wait for it. */
@@ -476,7 +499,15 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
 
   checkGeneration(gen: number, undo?: () => Promise<unknown>): void {
     if (gen === this.generation) return;
-    if (undo !== undefined) this.release(undo());
+    if (undo !== undefined) {
+      const p = undo();
+      this.release(p);
+      const done: Promise<unknown> = p.then(
+        () => this.undoing.delete(done),
+        () => this.undoing.delete(done),
+      );
+      this.undoing.add(done);
+    }
     throw new ResetDuringRequest();
   }
 
