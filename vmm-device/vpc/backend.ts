@@ -11,6 +11,7 @@ import { ipv4FromGid } from '../rdma/address-resolver.ts';
 import { VpcEngine, type Counters, type VmView } from './engine.ts';
 import { VpcAddressResolver } from './resolver.ts';
 import { FilePolicySource, type FileSourceMetrics } from './file-source.ts';
+import type { ValidationMode } from './incremental.ts';
 import { EtcdClient } from './etcd-client.ts';
 import { EtcdPolicySource, type EtcdSourceMetrics } from './etcd-source.ts';
 import { linkDevice, type DeviceLink } from './device-link.ts';
@@ -36,6 +37,8 @@ export interface VpcBackendOptions {
   debounceMs?: number;
   /** etcd: health-check period (default 500 ms). */
   healthIntervalMs?: number;
+  /** How each new document is validated (incremental.ts): 'incremental' (default) or 'full' (the bench's baseline). */
+  validation?: ValidationMode;
   /**
    * The host directory the backends of this host share (qp-registry-dir.ts): wire QPN ownership is published there
    * (and, with etcd, under DEFAULT_QPN_PREFIX for other hosts) and every RC connection is checked against it.
@@ -160,7 +163,7 @@ export class VpcBackend {
     const log = opts.log;
     const engine = new VpcEngine({ log: log.child('engine') });
     if (opts.controlPlane.kind === 'file') {
-      const file = new FilePolicySource({ path: opts.controlPlane.path, engine, log: log.child('file'), ...(opts.debounceMs === undefined ? {} : { debounceMs: opts.debounceMs }) });
+      const file = new FilePolicySource({ path: opts.controlPlane.path, engine, log: log.child('file'), ...(opts.debounceMs === undefined ? {} : { debounceMs: opts.debounceMs }), ...(opts.validation === undefined ? {} : { validation: opts.validation }) });
       file.start();
       const backend = new VpcBackend(opts.hostId, opts.controlPlane, log, engine, file, undefined);
       if (opts.hostDir !== undefined) backend.useQpRegistry(new DirQpRegistry(opts.hostDir), opts.hostDir);
@@ -173,6 +176,7 @@ export class VpcBackend {
       engine,
       log: log.child('etcd'),
       ...(opts.healthIntervalMs === undefined ? {} : { healthIntervalMs: opts.healthIntervalMs }),
+      ...(opts.validation === undefined ? {} : { validation: opts.validation }),
     });
     etcd.start();
     const backend = new VpcBackend(opts.hostId, opts.controlPlane, log, engine, undefined, etcd);

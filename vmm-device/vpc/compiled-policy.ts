@@ -3,7 +3,7 @@
 // check at RTR and AH creation.
 
 import { parseIpv4, parsePrefix, type Prefix } from './net.ts';
-import { effectiveQkey, type Host, type PolicyDocument, type QpTypeName, type Quotas, type Tenant, type Vm, type Vpc } from './schema.ts';
+import { effectiveQkey, type Host, type PolicyDocument, type QpTypeName, type Quotas, type Rule, type Tenant, type Vm, type Vpc } from './schema.ts';
 
 /** What the backend tells a guest at REFUSED_BY_POLICY when the VPC's default action refused (no rule matched). */
 export const DEFAULT_RULE_ID = 0;
@@ -59,22 +59,7 @@ export function compile(doc: PolicyDocument): CompiledPolicy {
       qkey: effectiveQkey(v),
       defaultAllow: v.defaultAction === 'allow',
       members: new Map(),
-      rules: order.map(({ r }) => {
-        const src = parsePrefix(r.src);
-        const dst = parsePrefix(r.dst);
-        if (!src.ok || !dst.ok) throw new Error(`rule ${r.id} of VPC ${v.id} was not validated`);
-        return {
-          id: r.id,
-          allow: r.action === 'allow',
-          srcBase: src.prefix.base,
-          srcMask: prefixMask(src.prefix),
-          dstBase: dst.prefix.base,
-          dstMask: prefixMask(dst.prefix),
-          rc: r.qpTypes.includes('RC'),
-          ud: r.qpTypes.includes('UD'),
-          bidirectional: r.bidirectional,
-        };
-      }),
+      rules: order.map(({ r }) => compileRule(r, v.id)),
     });
   }
   const vms = new Map<string, CompiledVm>();
@@ -87,6 +72,36 @@ export function compile(doc: PolicyDocument): CompiledPolicy {
     vms.set(spec.id, vm);
   }
   return { doc, vms, vpcs, hosts };
+}
+
+/**
+ * Compiled rules by their validated rule: incremental validation (incremental.ts) hands a later document the same
+ * frozen rule object for every unchanged rule, so its compiled form is reused too. Weak: rules no document holds go.
+ */
+const compiledRules = new WeakMap<Rule, CompiledRule>();
+/** Rules compiled (not found in compiledRules) since the process started: tests count them. */
+export const compileCounts = { rulesCompiled: 0 };
+
+function compileRule(r: Rule, vpcId: string): CompiledRule {
+  const known = compiledRules.get(r);
+  if (known !== undefined) return known;
+  const src = parsePrefix(r.src);
+  const dst = parsePrefix(r.dst);
+  if (!src.ok || !dst.ok) throw new Error(`rule ${r.id} of VPC ${vpcId} was not validated`);
+  const c: CompiledRule = Object.freeze({
+    id: r.id,
+    allow: r.action === 'allow',
+    srcBase: src.prefix.base,
+    srcMask: prefixMask(src.prefix),
+    dstBase: dst.prefix.base,
+    dstMask: prefixMask(dst.prefix),
+    rc: r.qpTypes.includes('RC'),
+    ud: r.qpTypes.includes('UD'),
+    bidirectional: r.bidirectional,
+  });
+  compileCounts.rulesCompiled++;
+  if (Object.isFrozen(r)) compiledRules.set(r, c); // only a rule nobody can change keeps its compiled form
+  return c;
 }
 
 function prefixMask(p: Prefix): number {

@@ -15,7 +15,8 @@ import { performance } from 'node:perf_hooks';
 import type { Logger } from '../util/log.ts';
 import type { VpcEngine } from './engine.ts';
 import { EtcdClient, type KeyValue } from './etcd-client.ts';
-import { validatePolicy, type PolicyDocument, type PolicyInput } from './schema.ts';
+import { PolicyValidator, type ValidationMode } from './incremental.ts';
+import type { PolicyDocument, PolicyInput } from './schema.ts';
 
 /** How often the backend checks that its etcd member still answers (a hung member never ends the watch). */
 export const DEFAULT_HEALTH_INTERVAL_MS = 500;
@@ -58,16 +59,26 @@ export interface EtcdPolicySourceOptions {
   engine: VpcEngine;
   log: Logger;
   healthIntervalMs?: number;
+  /** 'incremental' (default): only new and changed entries are validated (incremental.ts); 'full': all of them. */
+  validation?: ValidationMode;
 }
 
+/** A key's value as last parsed: an unchanged key hands the validator the very same object (nothing to compare). */
+type ParseCache = Map<string, { text: string; value: unknown }>;
+
 /** The assembled document, and which key each list entry came from (for error messages). */
-function assemble(prefix: string, kvs: Map<string, string>): { value: unknown; keyOf: Map<string, string>; errors: string[] } {
+function assemble(prefix: string, kvs: Map<string, string>, cache: ParseCache): { value: unknown; keyOf: Map<string, string>; errors: string[] } {
   const errors: string[] = [];
   const doc: Record<string, unknown> = {};
   const keyOf = new Map<string, string>();
+  for (const key of [...cache.keys()]) if (!kvs.has(key)) cache.delete(key); // bounded by the keys in the store
   const parse = (key: string, text: string): unknown => {
+    const known = cache.get(key);
+    if (known !== undefined && known.text === text) return known.value;
     try {
-      return JSON.parse(text);
+      const value: unknown = JSON.parse(text);
+      cache.set(key, { text, value });
+      return value;
     } catch (e) {
       errors.push(`key ${key}: not JSON: ${(e as Error).message}`);
       return undefined;
@@ -108,7 +119,9 @@ export class EtcdPolicySource {
   private stopped = false;
   private loop: Promise<void> | undefined;
   private watchAbort: AbortController | undefined;
-  private lastAppliedText: string | undefined;
+  private readonly parsed: ParseCache = new Map();
+  /** Validates each state against the last one accepted (the one in force). */
+  readonly validator: PolicyValidator;
   private resolveReady!: () => void;
   /** Resolves when the first valid state is in force. */
   readonly ready: Promise<void>;
@@ -122,6 +135,7 @@ export class EtcdPolicySource {
     this.engine = opts.engine;
     this.log = opts.log;
     this.healthIntervalMs = opts.healthIntervalMs ?? DEFAULT_HEALTH_INTERVAL_MS;
+    this.validator = new PolicyValidator(opts.validation);
     this.ready = new Promise((r) => (this.resolveReady = r));
     this.metrics = {
       connected: false,
@@ -242,11 +256,15 @@ export class EtcdPolicySource {
   /** Validates the state of `revision` and applies it when it is valid and differs from the one in force. */
   private evaluate(revision: number, observedAt: number): void {
     this.metrics.revision = revision;
-    const { value, keyOf, errors } = assemble(this.prefix, this.kvs);
+    const { value, keyOf, errors } = assemble(this.prefix, this.kvs, this.parsed);
     let policy: PolicyDocument | undefined;
+    let unchanged = false;
     if (errors.length === 0) {
-      const r = validatePolicy(value);
-      if (r.ok) policy = r.policy;
+      const r = this.validator.validate(value, { compare: true });
+      if (r.ok) {
+        policy = r.policy;
+        unchanged = r.unchanged;
+      }
       else {
         for (const err of r.errors) {
           const m = /^(\w+\[\d+\])/.exec(err);
@@ -266,10 +284,8 @@ export class EtcdPolicySource {
       this.changed();
       return;
     }
-    const text = JSON.stringify(policy);
-    if (text !== this.lastAppliedText) {
+    if (!unchanged) {
       this.engine.apply(policy, { source: `etcd revision ${revision}`, observedAt });
-      this.lastAppliedText = text;
       this.metrics.applied++;
     }
     this.metrics.appliedRevision = revision;

@@ -9,7 +9,7 @@ import { basename, dirname, resolve } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type { Logger } from '../util/log.ts';
 import type { VpcEngine } from './engine.ts';
-import { parsePolicyText } from './schema.ts';
+import { PolicyValidator, type ValidationMode } from './incremental.ts';
 
 /**
  * Quiet time after the last change event before the file is read. An editor's save (a write, or a write to a
@@ -34,6 +34,8 @@ export interface FilePolicySourceOptions {
   engine: VpcEngine;
   log: Logger;
   debounceMs?: number;
+  /** 'incremental' (default): only new and changed entries are validated (incremental.ts); 'full': all of them. */
+  validation?: ValidationMode;
 }
 
 export type LoadOutcome = { ok: true; version: number; tornDown: number; latencyMs: number } | { ok: false; errors: string[] };
@@ -48,6 +50,8 @@ export class FilePolicySource extends EventEmitter {
   private timer: NodeJS.Timeout | undefined;
   private firstEventAt: number | undefined;
   private lastText: string | undefined;
+  /** Validates each read against the last document accepted. */
+  readonly validator: PolicyValidator;
   readonly metrics: FileSourceMetrics = { loaded: 0, rejected: 0, lastError: undefined };
 
   constructor(opts: FilePolicySourceOptions) {
@@ -56,6 +60,7 @@ export class FilePolicySource extends EventEmitter {
     this.engine = opts.engine;
     this.log = opts.log;
     this.debounceMs = opts.debounceMs ?? DEFAULT_DEBOUNCE_MS;
+    this.validator = new PolicyValidator(opts.validation);
   }
 
   /** Loads the file (an invalid one is an error: the backend has no policy to start with) and watches it. */
@@ -107,7 +112,13 @@ export class FilePolicySource extends EventEmitter {
     }
     if (Buffer.byteLength(text) > MAX_POLICY_FILE_BYTES) return refuse([`(file): larger than ${MAX_POLICY_FILE_BYTES} bytes`]);
     if (text === this.lastText) return undefined;
-    const parsed = parsePolicyText(text);
+    let json: unknown;
+    try {
+      json = JSON.parse(text);
+    } catch (e) {
+      return refuse([`(document): not JSON: ${(e as Error).message}`]);
+    }
+    const parsed = this.validator.validate(json);
     if (!parsed.ok) return refuse(parsed.errors);
     const r = this.engine.apply(parsed.policy, { source: this.path, observedAt });
     this.lastText = text;

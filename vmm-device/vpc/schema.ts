@@ -106,18 +106,23 @@ const CachedRuleSchema = z.unknown().transform((value, ctx): z.output<typeof Rul
   return rule;
 });
 
+const VpcShape = {
+  id: identifier,
+  tenant: identifier,
+  /** Every VM address of the VPC lies inside it. */
+  cidr,
+  /** The Q_Key of every UD QP and send of the VPC (spec 12.4); derived from the id when absent. */
+  qkey: z.number().int().min(1).max(MAX_VPC_QKEY).optional(),
+  defaultAction: z.enum(['allow', 'deny']).default('deny'),
+};
 export const VpcSchema = z
   .object({
-    id: identifier,
-    tenant: identifier,
-    /** Every VM address of the VPC lies inside it. */
-    cidr,
-    /** The Q_Key of every UD QP and send of the VPC (spec 12.4); derived from the id when absent. */
-    qkey: z.number().int().min(1).max(MAX_VPC_QKEY).optional(),
-    defaultAction: z.enum(['allow', 'deny']).default('deny'),
+    ...VpcShape,
     rules: z.array(CachedRuleSchema).max(MAX_RULES_PER_VPC).default([]),
   })
   .strict();
+/** A VPC without its rules (incremental validation checks the rules one by one: incremental.ts). */
+export const VpcShellSchema = z.object(VpcShape).strict();
 
 export const TenantSchema = z
   .object({
@@ -158,12 +163,20 @@ export const VmSchema = z
   })
   .strict();
 
+const SettingsShape = {
+  version: z.literal(1),
+  /** Marking of the provider's own traffic (never a tenant's DSCP). */
+  provider: z.object({ dscp: z.number().int().min(0).max(MAX_DSCP) }).strict(),
+  defaultQuotas: QuotasSchema,
+};
+/** Largest entry count of each list of the document. */
+export const LIST_LIMITS = { hosts: MAX_HOSTS, tenants: MAX_TENANTS, vpcs: MAX_VPCS, vms: MAX_VMS } as const;
+/** The document without its lists (incremental validation checks list entries one by one). */
+export const SettingsSchema = z.object(SettingsShape).strict();
+
 const PolicyBaseSchema = z
   .object({
-    version: z.literal(1),
-    /** Marking of the provider's own traffic (never a tenant's DSCP). */
-    provider: z.object({ dscp: z.number().int().min(0).max(MAX_DSCP) }).strict(),
-    defaultQuotas: QuotasSchema,
+    ...SettingsShape,
     hosts: z.array(HostSchema).max(MAX_HOSTS),
     tenants: z.array(TenantSchema).max(MAX_TENANTS),
     vpcs: z.array(VpcSchema).max(MAX_VPCS),
@@ -188,10 +201,10 @@ export function effectiveQkey(vpc: { id: string; qkey?: number | undefined }): n
   return vpc.qkey ?? vpcQkey(vpc.id);
 }
 
-type IssueSink = (path: (string | number)[], message: string) => void;
+export type IssueSink = (path: (string | number)[], message: string) => void;
 
 /** References, uniqueness, addresses inside their VPC, quotas within the host, QoS marking apart from the provider's. */
-function crossCheck(d: z.output<typeof PolicyBaseSchema>, issue: IssueSink): void {
+export function crossCheck(d: z.output<typeof PolicyBaseSchema>, issue: IssueSink): void {
   const unique = <T extends { id: string }>(list: T[], name: string): Map<string, T> => {
     const seen = new Map<string, T>();
     list.forEach((item, i) => {
