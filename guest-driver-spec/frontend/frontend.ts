@@ -360,7 +360,8 @@ export class VhostUserFrontend {
     let maxMemSlots = 8;
     if (hasBit(features, VHOST_USER_F_PROTOCOL_FEATURES)) {
       const offered = await this.getProtocolFeatures();
-      const known = (1n << 20n) - 1n; // the protocol features QEMU 10 knows (VHOST_USER_PROTOCOL_F_MAX)
+      // The protocol features the project's QEMU knows: QEMU 10's (below VHOST_USER_PROTOCOL_F_MAX, 20) and SHMEM (22).
+      const known = ((1n << 20n) - 1n) | bit(ProtocolFeature.SHMEM);
       await this.setProtocolFeatures(offered & known);
       if (hasBit(this.protocolFeatures, ProtocolFeature.MQ)) queueNum = Number(await this.getU64(R.GET_QUEUE_NUM));
       if (queueNum < opts.queues) throw new FrontendError(`back-end offers ${queueNum} queues, ${opts.queues} needed`);

@@ -1,12 +1,12 @@
 // The host-page mapping service over vhost-user (virtio/device.ts HostPageMapper, transport/vhost-user/host-pages.ts)
 // as the device model sees it in its activation context: a queue's notify page over VRING_HOST_NOTIFIER_MSG on the
-// back-end channel (the front-end's answer checked), and shared memory refused with the reason (SHMEM_MAP is not
-// implemented yet). Real sockets, memfds and the reference front-end.
+// back-end channel (the front-end's answer checked), and shared memory refused with the reason when the model
+// declares no region (shmem.test.ts covers SHMEM_MAP). Real sockets, memfds and the reference front-end.
 import t from 'tap';
 import { GuestAllocator } from '../../../guest-driver-spec/frontend/guest-driver.ts';
 import { host, rig, startRing, type Rig } from '../../../guest-driver-spec/frontend/conformance/harness.ts';
 import { BackendRequest, ProtocolFeature as P, SUPPORTED_PROTOCOL_FEATURES, bit, decodeVringArea } from '../../../vmm-device/transport/vhost-user/messages.ts';
-import { SHMEM_MISSING } from '../../../vmm-device/transport/vhost-user/host-pages.ts';
+import { ShmemRefusedError } from '../../../vmm-device/transport/vhost-user/backend-channel.ts';
 import type { HostPageMapper } from '../../../vmm-device/virtio/device.ts';
 
 async function running(opts: { channel?: boolean } = {}): Promise<{ r: Rig; pages: HostPageMapper }> {
@@ -23,13 +23,16 @@ async function running(opts: { channel?: boolean } = {}): Promise<{ r: Rig; page
   return { r, pages };
 }
 
+const NO_REGIONS = /^shared memory \(SHMEM_MAP\/SHMEM_UNMAP\): the device model declares no shared memory regions$/;
+
 t.test('capabilities: the queue notifier is there, shared memory is not (and says why)', async (t) => {
   const { r, pages } = await running();
   const caps = pages.capabilities();
   t.equal(caps.queueNotifier, true);
   t.equal(caps.sharedMemory.size, 0);
-  t.same(caps.missing, [SHMEM_MISSING]);
-  t.match(SHMEM_MISSING, /SHMEM_MAP.*not implemented.*\(22\)/);
+  t.equal(caps.missing.length, 1);
+  t.match(caps.missing[0], NO_REGIONS);
+  t.notOk(r.fe.protocolFeatures & bit(P.SHMEM), 'SHMEM was not offered to the front-end');
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });
 
@@ -85,11 +88,13 @@ t.test('bad arguments are refused before anything is sent', async (t) => {
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });
 
-t.test('shared memory: mapShared and unmapShared reject with the reason', async (t) => {
+t.test('shared memory without regions: mapShared and unmapShared reject with the reason', async (t) => {
   const { r, pages } = await running();
   const fd = host.memfd('queue-pages', host.pageSize);
-  await t.rejects(pages.mapShared({ shmid: 0, shmOffset: 0n, fd, fdOffset: 0n, length: BigInt(host.pageSize), writable: true }), { message: SHMEM_MISSING });
-  await t.rejects(pages.unmapShared(0, 0n, BigInt(host.pageSize)), { message: SHMEM_MISSING });
+  await t.rejects(pages.mapShared({ shmid: 0, shmOffset: 0n, fd, fdOffset: 0n, length: BigInt(host.pageSize), writable: true }), ShmemRefusedError);
+  await t.rejects(pages.mapShared({ shmid: 0, shmOffset: 0n, fd, fdOffset: 0n, length: BigInt(host.pageSize), writable: true }), { message: /declares no shared memory regions/ });
+  await t.rejects(pages.unmapShared(0, 0n, BigInt(host.pageSize)), { message: /SHMEM_UNMAP .*declares no shared memory regions/ });
+  t.equal(await r.fe.nextBackendRequest(200), undefined, 'nothing reached the front-end');
   host.close(fd);
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });

@@ -4,25 +4,18 @@
 //   features HOST_NOTIFIER, BACKEND_REQ and BACKEND_SEND_FD, and is valid only after DRIVER_OK. QEMU overlays the
 //   page on that queue's notify page (modern virtio-pci, page-per-vq=on); with REPLY_ACK its answer is checked.
 // - ranges of a shared memory region: SHMEM_MAP / SHMEM_UNMAP (backend requests 9 and 10, protocol feature SHMEM,
-//   bit 22). Not implemented yet: the feature is not offered, so no front-end can have negotiated it, and
-//   mapShared/unmapShared reject with that reason. Their payload codec belongs in messages.ts beside
-//   encodeVringArea (see the SHMEM_MAP note there); the requests go out through BackendChannel.request.
+//   bit 22, offered when the device model declares sharedMemoryRegions), kept account of by shmem.ts.
 
 import type { HostPageCapabilities, HostPageMapper, SharedMapping } from '../../virtio/device.ts';
 import type { BackendChannel } from './backend-channel.ts';
 import { BackendRequest, ProtocolFeature, VRING_NOFD_MASK, encodeVringArea } from './messages.ts';
+import { VhostUserShmem, type ShmemEnv } from './shmem.ts';
 
 /** The protocol features a host notifier needs (vhost-user.rst, VRING_HOST_NOTIFIER_MSG). */
 export const HOST_NOTIFIER_FEATURES = ['HOST_NOTIFIER', 'BACKEND_REQ', 'BACKEND_SEND_FD'] as const;
 
-/** Why shared memory cannot be mapped over vhost-user today (capabilities().missing and the rejections). */
-export const SHMEM_MISSING =
-  'shared memory (SHMEM_MAP/SHMEM_UNMAP): not implemented by this back-end yet; protocol feature SHMEM (22) is not offered, so it cannot have been negotiated';
-
 /** What the service needs from the session. */
-export interface HostPagesEnv {
-  hasProtocol(bit: number): boolean;
-  readonly channel: BackendChannel | undefined;
+export interface HostPagesEnv extends ShmemEnv {
   /** DRIVER_OK seen (SET_STATUS) or the device started. */
   readonly driverOk: boolean;
   readonly queueCount: number;
@@ -49,7 +42,12 @@ export function sendHostNotifier(env: HostPagesEnv, index: number, fd: number | 
 }
 
 export class VhostUserHostPages implements HostPageMapper {
-  constructor(private readonly env: HostPagesEnv) {}
+  /** SHMEM_MAP / SHMEM_UNMAP and the account of what is mapped (shmem.ts). */
+  readonly shmem: VhostUserShmem;
+
+  constructor(private readonly env: HostPagesEnv) {
+    this.shmem = new VhostUserShmem(env);
+  }
 
   /** Why the queue notifier is unavailable, or undefined when it is available. */
   private notifierMissing(): string | undefined {
@@ -61,10 +59,11 @@ export class VhostUserHostPages implements HostPageMapper {
 
   capabilities(): HostPageCapabilities {
     const notifier = this.notifierMissing();
+    const shared = this.shmem.capabilities();
     return {
       queueNotifier: notifier === undefined,
-      sharedMemory: new Map(),
-      missing: notifier === undefined ? [SHMEM_MISSING] : [notifier, SHMEM_MISSING],
+      sharedMemory: shared.sharedMemory,
+      missing: [notifier, shared.missing].filter((m): m is string => m !== undefined),
     };
   }
 
@@ -81,11 +80,11 @@ export class VhostUserHostPages implements HostPageMapper {
     if (answer !== undefined && answer !== 0n) throw new Error(`host notifier: the front-end refused to unmap queue ${index}'s page (answer ${answer})`);
   }
 
-  mapShared(_map: SharedMapping): Promise<void> {
-    return Promise.reject(new Error(SHMEM_MISSING));
+  mapShared(map: SharedMapping): Promise<void> {
+    return this.shmem.mapShared(map);
   }
 
-  unmapShared(_shmid: number, _shmOffset: bigint, _length: bigint): Promise<void> {
-    return Promise.reject(new Error(SHMEM_MISSING));
+  unmapShared(shmid: number, shmOffset: bigint, length: bigint): Promise<void> {
+    return this.shmem.unmapShared(shmid, shmOffset, length);
   }
 }

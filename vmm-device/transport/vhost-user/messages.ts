@@ -112,7 +112,7 @@ export const BackendRequest = {
   SHARED_OBJECT_ADD: 6,
   SHARED_OBJECT_REMOVE: 7,
   SHARED_OBJECT_LOOKUP: 8,
-  /** Not sent yet (transport/vhost-user/host-pages.ts): needs protocol feature SHMEM; payload below (SHMEM_MAP_SIZE). */
+  /** Protocol feature SHMEM; payload codec in shmem-messages.ts, sent by shmem.ts through the back-end channel. */
   SHMEM_MAP: 9,
   SHMEM_UNMAP: 10,
 } as const;
@@ -443,12 +443,8 @@ export function decodeVringArea(payload: Uint8Array): VringArea | undefined {
   return { u64: dv.getBigUint64(0, true), size: dv.getBigUint64(8, true), offset: dv.getBigUint64(16, true) };
 }
 
-// SHMEM_MAP / SHMEM_UNMAP (backend requests 9 and 10, protocol feature SHMEM): not implemented yet. Their codec goes
-// here, beside the host notifier's: VhostUserMMap = { u8 shmid; u8 padding[7]; u64 fd_offset; u64 shm_offset;
-// u64 len; u64 flags (bit 0: writable) }, with the fd for MAP only; UNMAP names exactly one earlier mapping.
-// GET_SHMEM_CONFIG (front-end request 44) answers { u32 nregions; u32 padding; u64 memory_sizes[256] }.
-export const SHMEM_MAP_SIZE = 40;
-export const SHMEM_MAP_F_WRITABLE = 1n;
+// SHMEM_MAP / SHMEM_UNMAP (backend requests 9 and 10) and GET_SHMEM_CONFIG (front-end request 44), protocol feature
+// SHMEM: their codec is shmem-messages.ts, their use shmem.ts.
 
 export interface InflightDesc {
   mmapSize: bigint;

@@ -10,6 +10,7 @@ import { VhostUserConnection, type WireEvent } from './connection.ts';
 import type { HostOps, ListenOps, Watch } from '../../host/host.ts';
 import { ProtocolFeature, hasBit } from './messages.ts';
 import { VhostUserSession, newCounters, type SessionCounters } from './session.ts';
+import { shmemConfigReply } from './shmem.ts';
 
 /** Pending connections the kernel queues while one is being served. */
 export const LISTEN_BACKLOG = 4;
@@ -36,7 +37,11 @@ export class VhostUserServer {
   onClose: ((reason: string) => void) | undefined;
   onWire: ((e: WireEvent) => void) | undefined;
 
-  constructor(private readonly opts: ServerOptions) {}
+  constructor(private readonly opts: ServerOptions) {
+    // A model whose shared memory regions no front-end could expose is a start-up error, not one at each accept.
+    const regions = opts.model.sharedMemoryRegions;
+    if (regions !== undefined && regions.size > 0) shmemConfigReply(regions, opts.host.pageSize);
+  }
 
   listen(): void {
     if (this.listenFd !== undefined) throw new Error('already listening');

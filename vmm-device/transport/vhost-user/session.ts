@@ -46,7 +46,6 @@ import {
   REPLY_ACK_FAILURE,
   REPLY_ACK_SUCCESS,
   REQUESTS_WITH_REPLY,
-  SUPPORTED_PROTOCOL_FEATURES,
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_VERSION,
   VhostUserProtocolError,
@@ -70,6 +69,7 @@ import type { RingEnv } from './rings.ts';
 import { RingSet } from './ring-set.ts';
 import { VhostUserHostPages, sendHostNotifier, type HostPagesEnv } from './host-pages.ts';
 import type { VhostUserQueueOffload } from './offload.ts';
+import { answerGetShmemConfig, offeredProtocolFeatures, shmemConfigReply } from './shmem.ts';
 
 /** What the connection must do after a message. */
 export interface Outcome {
@@ -121,6 +121,10 @@ export class VhostUserSession {
   readonly hostPages: VhostUserHostPages;
   /** The queue offload handed to the device model at activation. */
   readonly queueOffload: VhostUserQueueOffload;
+  /** Protocol features offered in GET_PROTOCOL_FEATURES (SHMEM when the model declares shared memory regions). */
+  readonly offeredProtocolFeatures: bigint;
+  /** The GET_SHMEM_CONFIG reply, when the model declares regions. */
+  private readonly shmemConfig: Uint8Array | undefined;
   private ackedFeatures = 0n;
   private featuresSet = false;
   private protocolFeatures = 0n;
@@ -143,6 +147,9 @@ export class VhostUserSession {
       throw new RangeError(`device has ${opts.model.queueCount} queues; vhost-user carries 1..${MAX_QUEUES}`);
     }
     this.table = new MemoryTable(opts.host, opts.log, (memory) => this.installMemory(memory));
+    const regions = opts.model.sharedMemoryRegions ?? new Map<number, bigint>();
+    this.shmemConfig = regions.size > 0 ? shmemConfigReply(regions, opts.host.pageSize) : undefined;
+    this.offeredProtocolFeatures = offeredProtocolFeatures(regions);
     const session = this;
     this.hostPagesEnv = {
       hasProtocol: (n) => this.hasProtocol(n),
@@ -154,6 +161,7 @@ export class VhostUserSession {
       },
       queueCount: opts.model.queueCount,
       pageSize: opts.host.pageSize,
+      regions,
     };
     this.hostPages = new VhostUserHostPages(this.hostPagesEnv);
     this.rings = new RingSet(opts.model.queueCount, {
@@ -220,6 +228,11 @@ export class VhostUserSession {
       return fd;
     };
     try {
+      // GET_SHMEM_CONFIG stays out of decodeRequest (shmem-messages.ts says why).
+      if (h.request === FrontendRequest.GET_SHMEM_CONFIG) {
+        const config = answerGetShmemConfig(h, payload, fds.length, this.hasProtocol(ProtocolFeature.SHMEM), this.shmemConfig);
+        return this.success(h, { payload: config });
+      }
       const msg = decodeRequest(h, payload, fds.length);
       const replyPayload = this.dispatch(msg, take);
       return this.success(h, replyPayload);
@@ -253,6 +266,12 @@ export class VhostUserSession {
       this.log.log('warn', 'GET_CONFIG refused; empty reply', fields);
       return { reply: { bytes: replyBytes(h.request, new Uint8Array(0)), fds: [] } };
     }
+    if (h.request === FrontendRequest.GET_SHMEM_CONFIG) {
+      // Framing is intact (the payload was read whole): an empty reply, which QEMU takes as a failed request, keeps
+      // the connection, as for GET_CONFIG.
+      this.log.log('warn', 'GET_SHMEM_CONFIG refused; empty reply', fields);
+      return { reply: { bytes: replyBytes(h.request, new Uint8Array(0)), fds: [] } };
+    }
     const ackable = !REQUESTS_WITH_REPLY.has(h.request) && (h.flags & FLAG_NEED_REPLY) !== 0 && this.hasProtocol(ProtocolFeature.REPLY_ACK);
     if (ackable) {
       this.log.log('warn', 'request refused; REPLY_ACK failure sent', fields);
@@ -283,9 +302,9 @@ export class VhostUserSession {
         return undefined;
       }
       case 'GET_PROTOCOL_FEATURES':
-        return { payload: encodeU64(SUPPORTED_PROTOCOL_FEATURES) };
+        return { payload: encodeU64(this.offeredProtocolFeatures) };
       case 'SET_PROTOCOL_FEATURES': {
-        const unoffered = m.features & ~SUPPORTED_PROTOCOL_FEATURES;
+        const unoffered = m.features & ~this.offeredProtocolFeatures;
         if (unoffered !== 0n) state(`protocol feature bits 0x${unoffered.toString(16)} were not offered`);
         this.protocolFeatures = m.features;
         this.protocolFeaturesSet = true;
@@ -562,6 +581,9 @@ export class VhostUserSession {
     this.table.release();
     this.inflight?.release();
     this.inflight = undefined;
+    // The VMM drops every shared memory mapping when the back-end goes away (spec 13.14): forget them too.
+    const dropped = this.hostPages.shmem.dropAll();
+    if (dropped > 0) this.log.log('info', 'shared memory mappings dropped with the connection', { dropped });
     this.setBackendChannel(undefined);
   }
 
