@@ -2,7 +2,7 @@
 // command's handler looked up in the table (commands/index.ts), the status and body written back. A request that a
 // reset overtakes is answered to nobody.
 
-import { COMMANDS, CtrlRequestHeader, CtrlResponseHeader, Limits, Status, checkRequestFraming, type StatusName } from '../abi/rdma/index.ts';
+import { COMMANDS, CtrlRequestHeader, CtrlResponseHeader, FeatureBit, Limits, MAPPED_RESPONSES, Status, checkRequestFraming, type StatusName } from '../abi/rdma/index.ts';
 import type { Logger } from '../util/log.ts';
 import type { DescriptorChain } from '../virtqueue/chain.ts';
 import type { DeviceQueue } from '../virtqueue/queue.ts';
@@ -93,6 +93,11 @@ export class ControlQueue {
     if (framing.kind === 'fatal') {
       h.fatal(this.index, framing.reason);
       return;
+    }
+    // Check 5 with the negotiated response sizes (spec 13.3: CREATE_CQ and CREATE_QP grow with HOST_QUEUE_MAPPING).
+    const mapped = framing.kind === 'ok' && h.commands.hasFeature(FeatureBit.HOST_QUEUE_MAPPING) ? MAPPED_RESPONSES.get(framing.spec.code) : undefined;
+    if (framing.kind === 'ok' && mapped !== undefined && chain.writableBytes < CtrlResponseHeader.size + mapped.size) {
+      framing = { kind: 'status', header: framing.header, status: Status.INVALID_LENGTH, statusName: 'INVALID_LENGTH', detail: 1 };
     }
     const name = COMMANDS.get(header.command)?.name ?? `0x${header.command.toString(16)}`;
     h.counters.commands[name] = (h.counters.commands[name] ?? 0) + 1;

@@ -67,7 +67,8 @@ export class DoorbellQueue {
       case DoorbellType.RQ: {
         const qp = this.host.qp(handle);
         if (qp === undefined) return this.unknown(handle, DoorbellErrorReason.UNKNOWN_HANDLE);
-        if (qp.state === QpState.RESET) return this.error(handle, DoorbellErrorReason.WRONG_STATE);
+        // A mapped QP's doorbell is its slot (spec 13.6): records naming it are ignored and reported.
+        if (qp.state === QpState.RESET || qp.mapped !== undefined) return this.error(handle, DoorbellErrorReason.WRONG_STATE);
         if (type === DoorbellType.SQ) this.host.data.takeSends(qp);
         else this.host.data.takeRecvs(qp);
         return;

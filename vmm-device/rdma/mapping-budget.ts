@@ -141,7 +141,7 @@ export function withMappingBudget(verbs: HostVerbs, budget: MappingBudget): Host
     },
     async destroyQp(qp: QpHandle): Promise<void> {
       await verbs.destroyQp(qp);
-      budget.release(MAPPINGS_PER_QP);
+      if (!('sq' in qp)) budget.release(MAPPINGS_PER_QP); // a mapped QP (spec 13) is mapped by the VMM, not here
     },
     async createCq(...args: Parameters<HostVerbs['createCq']>): Promise<CqHandle> {
       if (!budget.charge(MAPPINGS_PER_CQ)) refuse('ibv_create_cq', MAPPINGS_PER_CQ);
@@ -154,7 +154,7 @@ export function withMappingBudget(verbs: HostVerbs, budget: MappingBudget): Host
     },
     async destroyCq(cq: CqHandle): Promise<void> {
       await verbs.destroyCq(cq);
-      budget.release(MAPPINGS_PER_CQ);
+      if (!('queue' in cq)) budget.release(MAPPINGS_PER_CQ);
     },
   });
 }

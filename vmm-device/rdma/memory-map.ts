@@ -32,14 +32,15 @@ export interface MemoryCheckHost {
 
 export function recheckObjects(dev: MemoryCheckHost, memory: GuestMemory): void {
   for (const qp of dev.qps.values()) {
-    if (qp.ringsLost === true || (qp.sq.ring.insideOf(memory) && qp.rq.ring.insideOf(memory))) continue;
+    // A mapped QP or CQ has no ring in guest RAM (spec 13.1): the host's queue is not part of the memory map.
+    if (qp.mapped !== undefined || qp.ringsLost === true || (qp.sq.ring.insideOf(memory) && qp.rq.ring.insideOf(memory))) continue;
     qp.ringsLost = true;
     dev.counters.ringsLost++;
     if (qp.state !== QpState.ERR) dev.queueEvent(EventType.QP_FATAL, qp.handle, QpFatalReason.RING_UNREADABLE);
     dev.background('moving a QP whose ring left guest RAM to ERR', dev.data.moveToError(qp));
   }
   for (const cq of dev.cqs.values()) {
-    if (cq.ringLost === true || cq.ring.insideOf(memory)) continue;
+    if (cq.mapped !== undefined || cq.ringLost === true || cq.ring.insideOf(memory)) continue;
     cq.ringLost = true;
     dev.counters.ringsLost++;
     if (cq.error) continue; // already in error: no more completions, nothing to report

@@ -3,6 +3,7 @@
 
 import type { AliasPiece } from '../memory/alias.ts';
 import type { GuestMemory } from '../memory/guest-memory.ts';
+import type { HostPageMapper } from '../virtio/device.ts';
 import type { AhHandle, CqHandle, MrHandle, PdHandle, QpHandle } from '../verbs/host-verbs.ts';
 
 export interface Pd {
@@ -80,6 +81,32 @@ export interface Cq {
   /** QPs using this CQ as send or receive CQ. */
   qps: Set<Qp>;
   destroyed: boolean;
+  /**
+   * A mapped CQ (spec 13): the host writes its completions into the guest's mapping; `ring` is then a placeholder
+   * with no pages that nothing reads (the data path, the memory-map re-check and the relay skip mapped objects).
+   */
+  mapped?: MappedQueue;
+}
+
+/** One mapped host queue: where it is in the shared memory region, and whether the VMM maps it now. */
+export interface MappedQueue {
+  /** The range of the region held for it. */
+  offset: bigint;
+  length: bigint;
+  /** Bytes the VMM maps there (the host buffer's size, at most `length`). */
+  size: bigint;
+  /** The transport confirmed the map and no unmap has been asked since. */
+  live: boolean;
+  /** The transport's mapper that mapped it (a reset's unmap uses it after the activation is gone). */
+  mapper: HostPageMapper;
+}
+
+/** A mapped QP's queues and doorbell slot (spec 13.3, 13.6). */
+export interface MappedQpState {
+  sq: MappedQueue;
+  rq: MappedQueue;
+  /** Doorbell slot in the engine; undefined once detached (destroy, reset). */
+  slot: number | undefined;
 }
 
 /** One work request the device took from a ring and has not completed into the guest CQ yet. */
@@ -137,6 +164,10 @@ export interface Qp {
   hostGone?: boolean;
   /** A ring page or index block left guest RAM (memory map change): the rings are never read or written again. */
   ringsLost?: boolean;
+  /** A mapped QP (spec 13): its rings are placeholders with no pages, as for a mapped CQ. */
+  mapped?: MappedQpState;
+  /** Work requests the relay's JavaScript took from this QP's rings (0 for a mapped QP: the per-QP counter). */
+  relayed?: number;
   /** Set while DESTROY_QP flushes: flush completions written and dropped (DestroyQpResponse). */
   flushCounts?: { sq: number; rq: number; dropped: number };
   /**

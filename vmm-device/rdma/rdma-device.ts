@@ -8,12 +8,12 @@
 // Every await in a command is followed by a check that no reset happened meanwhile: a host object created for a
 // request that a reset overtook is released at once, never left behind.
 
-import { CqErrorReason, DeviceConfig, EventType, FeatureBit, QpFatalReason, QpState, ResourceKind } from '../abi/rdma/index.ts';
+import { CqErrorReason, DeviceConfig, DoorbellMode, EventType, FeatureBit, QpFatalReason, QpState, ResourceKind } from '../abi/rdma/index.ts';
 import { VIRTIO_ID_RDMA } from '../abi/virtio.ts';
 import type { AliasMapper } from '../memory/alias.ts';
 import type { GuestMemory } from '../memory/guest-memory.ts';
 import type { Logger } from '../util/log.ts';
-import type { ActivationContext, VirtioDeviceModel } from '../virtio/device.ts';
+import type { ActivationContext, TransportFacts, VirtioDeviceModel } from '../virtio/device.ts';
 import type { DescriptorChain } from '../virtqueue/chain.ts';
 import { VirtqueueError } from '../virtqueue/errors.ts';
 import type { DeviceQueue } from '../virtqueue/queue.ts';
@@ -33,12 +33,18 @@ import { trackQpCall, type Ah, type Cq, type Mr, type Pd, type Qp } from './obje
 import { RelayDataPath } from './relay.ts';
 import { recheckObjects } from './memory-map.ts';
 import { VerbsError } from '../verbs/host-verbs.ts';
+import { MappedDataPath, RoutedDataPath } from './mapped/data-path.ts';
+import { MappingManager } from './mapped/manager.ts';
+import { planMapping, REGION_SHMID, type MappingMode } from './mapped/plan.ts';
+import { HOST_QUEUE_MAPPING_BIT, logPlan, mappingRefusal, qpCounters, resetMapped, ringAllMapped, type QpCounters } from './mapped/device-hooks.ts';
 
 /** Queue indexes of this device: control, event, one doorbell queue (no MULTI_DOORBELL). */
 export const CONTROLQ = 0;
 export const EVENTQ = 1;
 export const DOORBELLQ = 2;
 export const QUEUE_COUNT = 3;
+/** mapdoorbellq (spec 3, 13.6): queue 2 + N, only with HOST_QUEUE_MAPPING in NOTIFY mode. */
+export const MAPDOORBELLQ = 3;
 /** Largest queue size the device accepts (virtio's largest). */
 export const MAX_QUEUE_SIZE = 32768;
 /**
@@ -63,6 +69,17 @@ export interface RdmaDeviceOptions {
   aliases: AliasMapper;
   /** The process's memory mappings the guest's objects may use (issue 16); default: read from /proc at open. */
   mappings?: MappingBudget;
+  /**
+   * Host queue mapping (spec 13): offered when the host has a HostQueueFormat and this is not 'off' (default 'off';
+   * the vrdma-backend command defaults to 'polled'). 'notify' adds mapdoorbellq.
+   */
+  hostQueueMapping?: MappingMode;
+  /** max_mapped_queues (default DEFAULT_MAX_MAPPED_QUEUES, mapped/plan.ts). */
+  maxMappedQueues?: number;
+  /** Bound on one unmap's confirmation (default UNMAP_TIMEOUT_MS); tests shorten it. */
+  unmapTimeoutMs?: number;
+  /** Closes an fd the device was handed (NOTIFY mode's lent call fd); the model imports nothing from the addon. */
+  closeFd?: (fd: number) => void;
 }
 
 export interface RdmaCounters {
@@ -84,13 +101,29 @@ export interface RdmaCounters {
   mrsLost: number;
   /** Unexpected errors caught at an entry from the event loop (NEEDS_RESET through ctx.deviceFailed). */
   deviceFailures: number;
+  /** Host queue mapping (spec 13): maps refused, unmaps not confirmed, queues mapped. */
+  mapFailures: number;
+  unmapFailures: number;
+  queuesMapped: number;
 }
 
 export class RdmaDevice implements VirtioDeviceModel, CommandContext {
   readonly deviceId = VIRTIO_ID_RDMA;
-  readonly queueCount = QUEUE_COUNT;
-  readonly deviceFeatures = OFFERED_FEATURES;
   readonly configSize = DeviceConfig.size;
+  /** Host queue mapping: present when the device offers HOST_QUEUE_MAPPING (fixed at open). */
+  mapping: MappingManager | undefined;
+  private readonly mappingOptions: Pick<RdmaDeviceOptions, 'hostQueueMapping' | 'maxMappedQueues' | 'unmapTimeoutMs' | 'closeFd'>;
+
+  get deviceFeatures(): bigint {
+    return OFFERED_FEATURES | (this.mapping !== undefined ? HOST_QUEUE_MAPPING_BIT : 0n);
+  }
+  get queueCount(): number {
+    return this.mapping?.plan.doorbellMode === DoorbellMode.NOTIFY ? QUEUE_COUNT + 1 : QUEUE_COUNT;
+  }
+  /** Spec 13.13: the one region of the doorbell pages and the mapped queues, declared before the guest starts. */
+  get sharedMemoryRegions(): ReadonlyMap<number, bigint> | undefined {
+    return this.mapping === undefined ? undefined : new Map([[REGION_SHMID, this.mapping.plan.regionSize]]);
+  }
 
   readonly verbs: HostVerbs;
   readonly mappings: MappingBudget;
@@ -111,6 +144,9 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
     ringsLost: 0,
     mrsLost: 0,
     deviceFailures: 0,
+    mapFailures: 0,
+    unmapFailures: 0,
+    queuesMapped: 0,
   };
 
   hostDevice!: DeviceHandle;
@@ -165,7 +201,9 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
     this.qps = new HandleTable(0);
     this.mrs = new HandleTable(0);
     this.ahs = new HandleTable(0);
-    this.data = new RelayDataPath(this.dataPathHost());
+    const dpHost = this.dataPathHost();
+    this.data = new RoutedDataPath(new RelayDataPath(dpHost), new MappedDataPath(dpHost, () => this.mapping));
+    this.mappingOptions = opts;
     // The queues get the device itself through their narrow host interfaces (EventQueueHost, DoorbellHost,
     // ControlHost): it implements each.
     this.events = new EventQueue(this, EVENTQ);
@@ -235,6 +273,13 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
       dev.hostPort = await opts.verbs.queryPort(dev.hostDevice, HOST_PORT);
       dev.hostGidIndex = pickHostGidIndex(await opts.verbs.queryGidTable(dev.hostDevice), opts.hostDevice);
       dev.config = capToMappings(computeConfig(attr, dev.hostPort, dev.quotas, address), dev.mappings);
+      const mode = opts.hostQueueMapping ?? 'off';
+      const plan = planMapping(mode === 'off' ? 0 : opts.verbs.hostQueueFormat(dev.hostDevice), mode, dev.config, opts.maxMappedQueues);
+      logPlan(opts.log, plan, mode === 'off' ? 'turned off' : 'the host has no HostQueueFormat');
+      if (plan !== undefined) {
+        dev.mapping = new MappingManager({ verbs: dev.verbs, hostDevice: dev.hostDevice, log: opts.log, counters: dev.counters, closeFd: opts.closeFd }, plan, { ...(opts.unmapTimeoutMs !== undefined ? { unmapTimeoutMs: opts.unmapTimeoutMs } : {}) });
+        dev.config = { ...dev.config, host_queue_format: plan.format, doorbell_mode: plan.doorbellMode, max_mapped_queues: plan.maxMappedQueues };
+      }
     } catch (e) {
       await opts.verbs.closeDevice(dev.hostDevice).catch(() => undefined);
       throw e;
@@ -298,9 +343,15 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
     return false; // read-only (spec 5.3)
   }
 
-  /** Spec 4.2: FEATURES_OK only with at least one of RC and UD (for a core that asks its model). */
-  acceptFeatures(features: bigint): boolean {
-    return (features & ((1n << BigInt(FeatureBit.RC)) | (1n << BigInt(FeatureBit.UD)))) !== 0n;
+  /**
+   * Spec 4.2: FEATURES_OK only with at least one of RC and UD; spec 13.16: with HOST_QUEUE_MAPPING only when the
+   * transport can map into the device's region (for a core that asks its model).
+   */
+  acceptFeatures(features: bigint, transport?: TransportFacts): boolean {
+    if ((features & ((1n << BigInt(FeatureBit.RC)) | (1n << BigInt(FeatureBit.UD)))) === 0n) return false;
+    const refusal = mappingRefusal(features, this.mapping?.plan, transport);
+    if (refusal !== undefined) this.log.log('warn', 'FEATURES_OK refused: HOST_QUEUE_MAPPING accepted but the transport cannot map', { why: refusal });
+    return refusal === undefined;
   }
 
   activate(ctx: ActivationContext): void {
@@ -313,6 +364,9 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
     this.features = ctx.features;
     this.broken = false;
     this.events.clear();
+    if ((ctx.features & HOST_QUEUE_MAPPING_BIT) !== 0n) {
+      this.mapping?.activate(ctx.hostPages, ctx.queueOffload, this.queueCount > MAPDOORBELLQ ? MAPDOORBELLQ : undefined);
+    }
   }
 
   queueNotify(index: number): void {
@@ -320,6 +374,12 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
     if (index === CONTROLQ) this.background('control queue', this.control.run());
     else if (index === EVENTQ) this.events.flush();
     else if (index === DOORBELLQ) this.doorbells.serve();
+    else if (index === MAPDOORBELLQ) ringAllMapped(this.mapping, this.qps.values());
+  }
+
+  /** Per-QP counters (relayed work requests, mapped doorbells), for the status view and metrics. */
+  qpCounters(): QpCounters[] {
+    return qpCounters(this.mapping, this.qps.values());
   }
 
   /**
@@ -348,7 +408,12 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
     this.pds.clear();
     this.mrBytes = 0n;
     this.data.reset();
-    if (qps.length + ahs.length + mrs.length + cqs.length + pds.length === 0) return;
+    // Spec 13.10: doorbells stop now; the mappings go after the host QPs are in ERR and before anything is destroyed.
+    const unmapAll = resetMapped(this.mapping, qps, cqs);
+    if (qps.length + ahs.length + mrs.length + cqs.length + pds.length === 0) {
+      this.release(unmapAll()); // an engine with no QP left (its pages may still be mapped)
+      return;
+    }
     this.release(
       (async () => {
         const v = this.verbs;
@@ -363,6 +428,7 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
         await Promise.allSettled(qps.map((q) => q.hostIdle));
         const live = qps.filter((q) => q.hostGone !== true);
         await Promise.allSettled(live.map((q) => trackQpCall(q, v.modifyQp(q.host, { qpState: QpState.ERR }))));
+        await unmapAll();
         await Promise.allSettled(live.map(async (q) => {
           await q.hostIdle;
           await v.destroyQp(q.host);

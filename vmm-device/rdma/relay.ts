@@ -137,6 +137,7 @@ export class RelayDataPath implements DataPath {
       const wqe = RecvWqe.decode(bytes);
       const entry: Outstanding = { hostWrId: wq.nextSeq++ * 2 + 1, wrId: wqe.wr_id, signaled: true };
       wq.outstanding.push(entry);
+      qp.relayed = (qp.relayed ?? 0) + 1;
       if (inError) {
         entry.done = flushed();
         continue;
@@ -185,6 +186,7 @@ export class RelayDataPath implements DataPath {
         signaled: qp.sqSigAll || (wqe.flags & SendFlag.SIGNALED) !== 0,
       };
       wq.outstanding.push(entry);
+      qp.relayed = (qp.relayed ?? 0) + 1;
       if (inError) {
         entry.done = flushed();
         continue;

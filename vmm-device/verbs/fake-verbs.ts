@@ -15,6 +15,7 @@ import { VerbsError } from './host-verbs.ts';
 import { decodeRecvWrs, decodeSendWrs } from './layout.ts';
 import type { RecvWrList, SendWrList, WcBuffer, WorkCompletion } from './layout.ts';
 import type { AliasMapper, AliasPiece } from '../memory/alias.ts';
+import { FakeDoorbellEngine, FakeQueueBuffer } from './fake-mapped.ts';
 
 export type FakeVerbName =
   | 'ibv_get_device_list'
@@ -39,7 +40,10 @@ export type FakeVerbName =
   | 'ibv_create_ah'
   | 'ibv_destroy_ah'
   | 'ibv_post_send'
-  | 'ibv_post_recv';
+  | 'ibv_post_recv'
+  | 'create_mapped_cq'
+  | 'create_mapped_qp'
+  | 'doorbell_engine';
 
 type Kind = 'device' | 'pd' | 'cq' | 'qp' | 'mr' | 'ah';
 
@@ -54,6 +58,8 @@ interface FakeCq extends FakeObject {
   queue: WorkCompletion[];
   armed: 'none' | 'any' | 'solicited';
   onEvent: (() => void) | undefined;
+  /** A mapped CQ's buffer (spec 13): pollCq refuses it. */
+  mapped?: FakeQueueBuffer;
 }
 interface FakeQp extends FakeObject {
   handle: hv.QpHandle;
@@ -64,6 +70,8 @@ interface FakeQp extends FakeObject {
   sqSigAll: boolean;
   recvQueue: bigint[];
   sendOutstanding: number;
+  /** A mapped QP's SQ and RQ buffers (spec 13): postSend and postRecv refuse it. */
+  mapped?: { sq: FakeQueueBuffer; rq: FakeQueueBuffer };
 }
 interface FakeDevice extends FakeObject {
   options: hv.OpenDeviceOptions;
@@ -78,6 +86,8 @@ export interface FakeVerbsConfig {
   maxPd?: number;
   maxQpWr?: number;
   maxCqe?: number;
+  /** HostQueueFormat reported by hostQueueFormat (default 1, RXE: the double makes rxe-shaped buffers). */
+  hostQueueFormat?: number;
 }
 
 /** Legal modify_qp state transitions (IB spec 10.3.1), RESET and ERR reachable from every state. */
@@ -120,6 +130,7 @@ export class FakeVerbs implements hv.HostVerbs {
       maxPd: config.maxPd ?? 1024,
       maxQpWr: config.maxQpWr ?? 4096,
       maxCqe: config.maxCqe ?? 65536,
+      hostQueueFormat: config.hostQueueFormat ?? 1,
     };
   }
 
@@ -143,6 +154,18 @@ export class FakeVerbs implements hv.HostVerbs {
   raiseAsyncEvent(device: hv.DeviceHandle, event: hv.AsyncEvent): void {
     const d = this.objects.get(device.id) as FakeDevice | undefined;
     d?.options.onAsyncEvent?.(event);
+  }
+
+  /**
+   * The host signals a completion event for `cq` as it would after a completion it wrote (a mapped CQ's completions
+   * are written by the host where the double cannot see them): only when armed, and the arm is used up.
+   */
+  raiseCompletionEvent(cq: hv.CqHandle): boolean {
+    const c = this.objects.get(cq.id) as FakeCq | undefined;
+    if (c === undefined || c.kind !== 'cq' || c.armed === 'none') return false;
+    c.armed = 'none';
+    if (c.onEvent !== undefined) setImmediate(c.onEvent);
+    return true;
   }
 
   /** Live objects by kind (a leak check for code under test). */
@@ -205,6 +228,12 @@ export class FakeVerbs implements hv.HostVerbs {
     this.enter(verb); // an injected failure leaves the object alive and valid, as a refused native destroy does
     before?.(o);
     this.remove(o);
+    const m = (o as { mapped?: FakeQueueBuffer | { sq: FakeQueueBuffer; rq: FakeQueueBuffer } }).mapped;
+    if (m instanceof FakeQueueBuffer) m.close();
+    else if (m !== undefined) {
+      m.sq.close();
+      m.rq.close();
+    }
   }
 
   private pushCompletion(cqId: number, wc: WorkCompletion, solicited: boolean): void {
@@ -368,6 +397,7 @@ export class FakeVerbs implements hv.HostVerbs {
   pollCq(cq: hv.CqHandle, out: WcBuffer, max: number = out.capacity): number {
     const c = this.lookup<FakeCq>('ibv_poll_cq', 'cq', cq.id);
     this.enter('ibv_poll_cq');
+    if (c.mapped !== undefined) throw new VerbsError('ibv_poll_cq', 'EINVAL', 'a mapped CQ is polled by the process that maps it');
     const n = Math.min(max, out.capacity, c.queue.length);
     const taken = c.queue.splice(0, n);
     for (let i = 0; i < n; i++) out.write(i, taken[i]!);
@@ -498,27 +528,57 @@ export class FakeVerbs implements hv.HostVerbs {
     return this.destroy('ibv_destroy_ah', 'ah', ah.id);
   }
 
-  // Host queue mapping (spec section 13): the double maps nothing yet.
-  hostQueueFormat(_device: hv.DeviceHandle): number {
-    return 0;
+  // Host queue mapping (spec section 13): memfd-backed rxe-shaped buffers and a doorbell engine (fake-mapped.ts).
+  /** The engines made so far (the last is the device's current one): a test drives and inspects them. */
+  readonly engines: FakeDoorbellEngine[] = [];
+
+  hostQueueFormat(device: hv.DeviceHandle): number {
+    this.lookup('host_queue_format', 'device', device.id);
+    return this.config.hostQueueFormat;
   }
 
-  createMappedCq(_device: hv.DeviceHandle, _cqe: number): Promise<hv.MappedCqHandle> {
-    return Promise.reject(new VerbsError('create_mapped_cq', 'EOPNOTSUPP', 'the double maps no host queue'));
+  async createMappedCq(device: hv.DeviceHandle, cqe: number, options: hv.CreateCqOptions = {}): Promise<hv.MappedCqHandle> {
+    this.lookup('create_mapped_cq', 'device', device.id);
+    this.enter('create_mapped_cq');
+    const plain = await this.createCq(device, cqe, options);
+    const cq = this.objects.get(plain.id) as FakeCq;
+    // rxe: a CQ slot holds struct ib_uverbs_wc (48 bytes) in a 128-byte element (spec 13.4).
+    cq.mapped = new FakeQueueBuffer(`fake-cq-${cq.id}`, cqe, 128);
+    cq.handle = Object.freeze({ ...plain, queue: cq.mapped });
+    return cq.handle as hv.MappedCqHandle;
   }
 
-  createMappedQp(_pd: hv.PdHandle, _init: hv.QpInitAttr): Promise<hv.MappedQpHandle> {
-    return Promise.reject(new VerbsError('create_mapped_qp', 'EOPNOTSUPP', 'the double maps no host queue'));
+  async createMappedQp(pd: hv.PdHandle, init: hv.QpInitAttr): Promise<hv.MappedQpHandle> {
+    const verb = 'create_mapped_qp';
+    this.lookup(verb, 'pd', pd.id);
+    const send = this.lookup<FakeCq>(verb, 'cq', init.sendCq.id);
+    const recv = this.lookup<FakeCq>(verb, 'cq', init.recvCq.id);
+    this.enter(verb);
+    if (init.qpType !== QpType.RC) throw new VerbsError(verb, 'EINVAL', 'only RC QPs are mapped');
+    if (send.mapped === undefined || recv.mapped === undefined) throw new VerbsError(verb, 'EINVAL', 'a mapped QP needs mapped CQs');
+    const plain = await this.createQp(pd, init);
+    const qp = this.objects.get(plain.id) as FakeQp;
+    const sq = new FakeQueueBuffer(`fake-sq-${qp.id}`, init.maxSendWr, 208 + 16 * Math.max(1, init.maxSendSge));
+    const rq = new FakeQueueBuffer(`fake-rq-${qp.id}`, init.maxRecvWr, 40 + 16 * Math.max(1, init.maxRecvSge));
+    qp.mapped = { sq, rq };
+    qp.handle = Object.freeze({ ...plain, sq, rq });
+    return qp.handle as hv.MappedQpHandle;
   }
 
-  createDoorbellEngine(_device: hv.DeviceHandle, _options: hv.DoorbellEngineOptions): Promise<hv.DoorbellEngine> {
-    return Promise.reject(new VerbsError('doorbell_engine', 'EOPNOTSUPP', 'the double maps no host queue'));
+  async createDoorbellEngine(device: hv.DeviceHandle, options: hv.DoorbellEngineOptions): Promise<hv.DoorbellEngine> {
+    this.lookup('doorbell_engine', 'device', device.id);
+    this.enter('doorbell_engine');
+    if (!Number.isInteger(options.pages) || options.pages < 1) throw new VerbsError('doorbell_engine', 'EINVAL', `pages ${options.pages}`);
+    const e = new FakeDoorbellEngine(options);
+    this.engines.push(e);
+    return e;
   }
 
   postSend(qp: hv.QpHandle, wrs: SendWrList): void {
     const verb = 'ibv_post_send';
     const q = this.lookup<FakeQp>(verb, 'qp', qp.id);
     this.enter(verb);
+    if (q.mapped !== undefined) throw new VerbsError(verb, 'EINVAL', 'a mapped QP takes its work requests from its mapped queue', 0);
     const list = decodeSendWrs(wrs.bytes, wrs.count);
     if (q.state !== QpState.RTS && q.state !== QpState.SQD && q.state !== QpState.ERR)
       throw new VerbsError(verb, 'EINVAL', 'work request 0 and later not posted', 0);
@@ -548,6 +608,7 @@ export class FakeVerbs implements hv.HostVerbs {
     const verb = 'ibv_post_recv';
     const q = this.lookup<FakeQp>(verb, 'qp', qp.id);
     this.enter(verb);
+    if (q.mapped !== undefined) throw new VerbsError(verb, 'EINVAL', 'a mapped QP takes its work requests from its mapped queue', 0);
     const list = decodeRecvWrs(wrs.bytes, wrs.count);
     if (q.state === QpState.RESET) throw new VerbsError(verb, 'EINVAL', 'work request 0 and later not posted', 0);
     for (const wr of list) {

@@ -26,10 +26,10 @@ export const FeatureBit = {
 } as const;
 
 /**
- * Feature bits this implementation neither offers nor accepts: MIGRATION and SRQ are reserved by the spec;
- * HOST_QUEUE_MAPPING is defined (section 13) but stays here until the device and the driver implement it.
+ * Feature bits this implementation neither offers nor accepts: MIGRATION and SRQ are reserved by the spec.
+ * HOST_QUEUE_MAPPING (section 13) is offered by a device whose host and transport can map (section 13.16).
  */
-export const RESERVED_FEATURE_BITS: readonly number[] = [FeatureBit.HOST_QUEUE_MAPPING, FeatureBit.MIGRATION, FeatureBit.SRQ];
+export const RESERVED_FEATURE_BITS: readonly number[] = [FeatureBit.MIGRATION, FeatureBit.SRQ];
 
 /** Control-queue command numbers (spec section 8). */
 export const Command = {

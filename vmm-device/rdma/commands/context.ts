@@ -11,6 +11,7 @@ import type { DataPath } from '../data-path.ts';
 import type { HandleTable } from '../handle-table.ts';
 import type { DeviceConfigValue, DeviceQuotas } from '../limits.ts';
 import type { Ah, Cq, Mr, Pd, Qp } from '../objects.ts';
+import type { MappingManager } from '../mapped/manager.ts';
 
 /** Host port behind the guest's port 1. */
 export const HOST_PORT = 1;
@@ -40,6 +41,8 @@ export interface CommandContext {
   /** Registered bytes, pending MRs included (the MR_BYTES quota). */
   mrBytes: bigint;
   readonly data: DataPath;
+  /** Host queue mapping (spec 13): present when the device offers HOST_QUEUE_MAPPING (hasFeature says if negotiated). */
+  readonly mapping: MappingManager | undefined;
   hasFeature(bit: number): boolean;
   /** Throws ResetDuringRequest (after releasing `undo`) when a reset happened since `gen`. */
   checkGeneration(gen: number, undo?: () => Promise<unknown>): void;

@@ -5,8 +5,11 @@ import {
   Command,
   CreateCqRequest,
   CreateCqResponse,
+  DEFINED_MAP_FLAGS,
   EventType,
+  FeatureBit,
   HandleRequest,
+  MapFlag,
   Limits,
   ResourceKind,
   isPowerOfTwo,
@@ -16,11 +19,16 @@ import { ArmState, GuestRing, type Cq } from '../objects.ts';
 import type { CommandContext, CommandGroup } from './context.ts';
 import { fail } from './errors.ts';
 import { checkIndexBlock, pageShiftOk, readPages } from './pages.ts';
+import { cqMappedBody, createMappedCq } from '../mapped/commands.ts';
 
 async function createCq(ctx: CommandContext, body: Uint8Array): Promise<Uint8Array> {
   const r = CreateCqRequest.decode(body);
   const o = (f: string): number => CreateCqRequest.offsetOf(f);
   if (!isPowerOfTwo(r.cqe_count) || r.cqe_count > ctx.config.max_cqe) fail('INVALID_ARGUMENT', o('cqe_count'));
+  // With HOST_QUEUE_MAPPING, map_flags chooses the mode (spec 13.3); without it the field is reserved, ignored.
+  const mapping = ctx.hasFeature(FeatureBit.HOST_QUEUE_MAPPING);
+  if (mapping && ((r.map_flags ?? 0) & ~DEFINED_MAP_FLAGS) !== 0) fail('INVALID_ARGUMENT', o('map_flags'));
+  if (mapping && ((r.map_flags ?? 0) & MapFlag.MAP) !== 0) return createMappedCq(ctx, r);
   if (!pageShiftOk(ctx, r.page_shift)) fail('INVALID_ARGUMENT', o('page_shift'));
   if (r.num_pages !== ringPages(r.cqe_count, Limits.CQE_SIZE, r.page_shift)) fail('INVALID_ARGUMENT', o('num_pages'));
   const indexGpa = checkIndexBlock(ctx, r.index_gpa, o('index_gpa'));
@@ -44,6 +52,7 @@ async function createCq(ctx: CommandContext, body: Uint8Array): Promise<Uint8Arr
   } catch (e) {
     ctx.log.log('error', 'arming a new host CQ failed', { error: (e as Error).message });
   }
+  if (mapping) return cqMappedBody(ctx, cq, r.cqe_count);
   return CreateCqResponse.encode({ cq_handle: cq.handle, cqe_count: r.cqe_count });
 }
 
@@ -56,6 +65,16 @@ async function destroyCq(ctx: CommandContext, body: Uint8Array): Promise<Uint8Ar
   ctx.cqs.delete(handle);
   ctx.data.removeCq(cq);
   ctx.discardEvents(handle, [EventType.COMPLETION, EventType.CQ_ERROR]);
+  const mapped = cq.mapped;
+  if (mapped !== undefined && ctx.mapping !== undefined) {
+    // Spec 13.9: unmapped (the transport's confirmation awaited, bounded) before the host CQ is destroyed.
+    const m = ctx.mapping;
+    const epoch = m.currentEpoch;
+    const unmapped = await m.unmap(mapped);
+    await ctx.destroyHost(() => ctx.verbs.destroyCq(cq.host));
+    m.releaseQueue(mapped, epoch, unmapped);
+    return new Uint8Array(0);
+  }
   await ctx.destroyHost(() => ctx.verbs.destroyCq(cq.host));
   return new Uint8Array(0);
 }

@@ -7,6 +7,8 @@ import {
   CreateQpRequest,
   CreateQpResponse,
   DEFINED_ACCESS_FLAGS,
+  DEFINED_MAP_FLAGS,
+  MapFlag,
   DEFINED_QP_ATTR_MASK,
   DestroyQpResponse,
   EventType,
@@ -33,6 +35,7 @@ import { GuestRing, trackQpCall, type Qp } from '../objects.ts';
 import { HOST_PORT, type CommandContext, type CommandGroup } from './context.ts';
 import { fail } from './errors.ts';
 import { checkIndexBlock, pageShiftOk, readPages } from './pages.ts';
+import { createMappedQp, qpMappedBody } from '../mapped/commands.ts';
 
 async function createQp(ctx: CommandContext, body: Uint8Array): Promise<Uint8Array> {
   const r = CreateQpRequest.decode(body);
@@ -40,6 +43,14 @@ async function createQp(ctx: CommandContext, body: Uint8Array): Promise<Uint8Arr
   const c = ctx.config;
   if (r.qp_type !== QpType.RC && r.qp_type !== QpType.UD) fail('INVALID_ARGUMENT', o('qp_type'));
   if (!ctx.hasFeature(r.qp_type === QpType.RC ? FeatureBit.RC : FeatureBit.UD)) fail('NOT_SUPPORTED', o('qp_type'));
+  // With HOST_QUEUE_MAPPING, map_flags chooses the mode (spec 13.3, 13.8: RC only); otherwise it is reserved.
+  const mapping = ctx.hasFeature(FeatureBit.HOST_QUEUE_MAPPING);
+  const mapFlags = mapping ? (r.map_flags ?? 0) : 0;
+  if ((mapFlags & ~DEFINED_MAP_FLAGS) !== 0) fail('INVALID_ARGUMENT', o('map_flags'));
+  if ((mapFlags & MapFlag.MAP) !== 0) {
+    if (r.qp_type === QpType.UD) fail('INVALID_ARGUMENT', o('map_flags'));
+    return createMappedQp(ctx, r);
+  }
   const pd = ctx.pds.get(r.pd_handle);
   if (pd === undefined) fail('INVALID_HANDLE', o('pd_handle'));
   const sendCq = ctx.cqs.get(r.send_cq_handle);
@@ -48,6 +59,9 @@ async function createQp(ctx: CommandContext, body: Uint8Array): Promise<Uint8Arr
   if (recvCq === undefined) fail('INVALID_HANDLE', o('recv_cq_handle'));
   if (sendCq.error) fail('WRONG_STATE', o('send_cq_handle'));
   if (recvCq.error) fail('WRONG_STATE', o('recv_cq_handle'));
+  // Each CQ is written by the host (mapped) or by the relay, never both (spec 13.3).
+  if (sendCq.mapped !== undefined) fail('INVALID_ARGUMENT', o('send_cq_handle'));
+  if (recvCq.mapped !== undefined) fail('INVALID_ARGUMENT', o('recv_cq_handle'));
   if (r.sq_sig_all > 1) fail('INVALID_ARGUMENT', o('sq_sig_all'));
   if (!isPowerOfTwo(r.max_send_wr) || r.max_send_wr > c.max_qp_wr) fail('INVALID_ARGUMENT', o('max_send_wr'));
   if (!isPowerOfTwo(r.max_recv_wr) || r.max_recv_wr > c.max_qp_wr) fail('INVALID_ARGUMENT', o('max_recv_wr'));
@@ -112,7 +126,7 @@ async function createQp(ctx: CommandContext, body: Uint8Array): Promise<Uint8Arr
   ctx.resolver.registerQp(ctx.vmId, host.qpNum);
   qp.sq.ring.writeConsumer(ctx.memory, 0);
   qp.rq.ring.writeConsumer(ctx.memory, 0);
-  return CreateQpResponse.encode({
+  const v1 = CreateQpResponse.encode({
     qp_handle: qp.handle,
     qp_num: host.qpNum,
     max_send_wr: r.max_send_wr,
@@ -121,6 +135,7 @@ async function createQp(ctx: CommandContext, body: Uint8Array): Promise<Uint8Arr
     max_recv_sge: r.max_recv_sge,
     max_inline_data: r.max_inline_data,
   });
+  return mapping ? qpMappedBody(ctx, qp, v1) : v1;
 }
 
 async function modifyQp(ctx: CommandContext, body: Uint8Array): Promise<Uint8Array> {
