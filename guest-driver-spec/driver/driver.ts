@@ -9,15 +9,16 @@ import {
   CtrlResponseHeader,
   DeviceConfig,
   DoorbellRecord,
+  DoorbellMode,
   Event,
   EventType,
   FeatureBit,
+  HostQueueFormat,
   Limits,
   Queue,
   RESERVED_FEATURE_BITS,
   Status,
   encodeRequest,
-  type Layout,
 } from '../../vmm-device/abi/rdma/index.ts';
 import {
   F_VERSION_1,
@@ -54,6 +55,28 @@ export const DRIVER_FEATURES =
   (1n << BigInt(FeatureBit.ATOMIC)) |
   (1n << BigInt(FeatureBit.IMMEDIATE)) |
   (1n << BigInt(FeatureBit.INLINE));
+
+/** Host queue formats this driver writes (section 13.4); a device with another format is driven without mapping. */
+export const KNOWN_HOST_QUEUE_FORMATS: readonly number[] = [HostQueueFormat.RXE];
+/** Bytes of configuration that hold host_queue_format, doorbell_mode and max_mapped_queues (section 5). */
+const MAPPING_CONFIG = { offset: 118, size: 6 } as const;
+/** Entries of mapdoorbellq: it carries no buffers (section 3), so the smallest ring does. */
+const MAPDOORBELLQ_SIZE = 8;
+
+/** What the driver learnt of host queue mapping when it accepted HOST_QUEUE_MAPPING (section 13.2). */
+export interface MappingFacts {
+  format: number;
+  doorbellMode: number;
+  maxMappedQueues: number;
+  /** mapdoorbellq (2 + N; N = 1 since this driver does not negotiate MULTI_DOORBELL). */
+  notifyQueue: number;
+}
+
+/** What driver.command() needs of a response layout: its size and its decoder. */
+export interface ResponseLayout<R> {
+  readonly size: number;
+  decode(bytes: Uint8Array, offset?: number): R;
+}
 
 export interface DriverOptions {
   /** Features to leave out even when offered (tests of NOT_SUPPORTED paths). */
@@ -112,6 +135,8 @@ export class VirtioRdmaDriver {
     readonly eventq: DriverVirtqueue,
     readonly doorbellq: DriverVirtqueue,
     options: DriverOptions,
+    /** Set when HOST_QUEUE_MAPPING is negotiated (section 13). */
+    readonly mapping?: MappingFacts,
   ) {
     this.commandTimeoutMs = options.commandTimeoutMs ?? COMMAND_TIMEOUT_MS;
   }
@@ -136,9 +161,24 @@ export class VirtioRdmaDriver {
     if (!hasFeature(offered, Number(F_VERSION_1))) return fail('the device does not offer VIRTIO_F_VERSION_1');
     for (const b of RESERVED_FEATURE_BITS) {
       // Section 4.2: a v1 device never offers them. The driver does not accept them either way (section 4.1).
-      if (hasFeature(offered, b)) return fail(`the device offers reserved feature bit ${b}`);
+      // HOST_QUEUE_MAPPING is defined by section 13 and this driver implements it, whatever the list still says.
+      if (b !== FeatureBit.HOST_QUEUE_MAPPING && hasFeature(offered, b)) return fail(`the device offers reserved feature bit ${b}`);
     }
-    const wanted = (DRIVER_FEATURES & ~(options.withoutFeatures ?? 0n)) | (1n << F_VERSION_1);
+    let wanted = (DRIVER_FEATURES & ~(options.withoutFeatures ?? 0n)) | (1n << F_VERSION_1);
+    // Section 13.15: accept HOST_QUEUE_MAPPING only for a known host_queue_format, and only with a transport that
+    // can reach shared memory regions. The configuration may be read before FEATURES_OK (virtio 1.x 3.1.1).
+    let mappingConfig: Omit<MappingFacts, 'notifyQueue'> | undefined;
+    const mapBit = 1n << BigInt(FeatureBit.HOST_QUEUE_MAPPING);
+    if ((offered & mapBit) !== 0n && ((options.withoutFeatures ?? 0n) & mapBit) === 0n && transport.sharedMemory !== undefined) {
+      const c = await transport.readConfig(MAPPING_CONFIG.offset, MAPPING_CONFIG.size);
+      const v = new DataView(c.buffer, c.byteOffset, c.byteLength);
+      const format = c[0]!;
+      const doorbellMode = c[1]!;
+      if (KNOWN_HOST_QUEUE_FORMATS.includes(format) && (doorbellMode === DoorbellMode.POLLED || doorbellMode === DoorbellMode.NOTIFY)) {
+        mappingConfig = { format, doorbellMode, maxMappedQueues: v.getUint32(2, true) };
+        wanted |= mapBit;
+      }
+    }
     const features = offered & wanted;
     if (!hasFeature(features, FeatureBit.RC) && !hasFeature(features, FeatureBit.UD)) {
       return fail('the device offers neither RC nor UD (section 4.1)');
@@ -162,11 +202,14 @@ export class VirtioRdmaDriver {
       Queue.DOORBELLQ_FIRST,
       await queueSize(Queue.DOORBELLQ_FIRST, options.doorbellQueueSize ?? DOORBELLQ_SIZE),
     );
+    const mapping = mappingConfig === undefined ? undefined : { ...mappingConfig, notifyQueue: Queue.DOORBELLQ_FIRST + 1 };
+    // Section 13.15: in NOTIFY mode mapdoorbellq is set up before DRIVER_OK; it never carries a buffer.
+    if (mapping?.doorbellMode === DoorbellMode.NOTIFY) await transport.setupQueue(mapping.notifyQueue, await queueSize(mapping.notifyQueue, MAPDOORBELLQ_SIZE));
     await transport.setStatus(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     const status = await transport.getStatus();
     if ((status & STATUS_DEVICE_NEEDS_RESET) !== 0) throw new DeviceError('the device set DEVICE_NEEDS_RESET at DRIVER_OK');
     if ((status & STATUS_FEATURES_OK) === 0) return fail(`the device refused the features 0x${features.toString(16)} (status 0x${status.toString(16)})`);
-    const driver = new VirtioRdmaDriver(transport, features, config, controlq, eventq, doorbellq, options);
+    const driver = new VirtioRdmaDriver(transport, features, config, controlq, eventq, doorbellq, options, mapping);
     await driver.postEventBuffers();
     driver.setUpDoorbellPool();
     return driver;
@@ -189,13 +232,13 @@ export class VirtioRdmaDriver {
    * Sends one control request and returns the decoded response body. Requests go one at a time (the device
    * executes them in order anyway, section 7.3), so a response always belongs to the one request in flight.
    */
-  command<R>(command: number, body: Uint8Array, pages: readonly bigint[], response: Layout<R>): Promise<R> {
+  command<R>(command: number, body: Uint8Array, pages: readonly bigint[], response: ResponseLayout<R>): Promise<R> {
     const run = this.commandChain.then(() => this.exchange(command, body, pages, response));
     this.commandChain = run.catch(() => undefined);
     return run;
   }
 
-  private async exchange<R>(command: number, body: Uint8Array, pages: readonly bigint[], response: Layout<R>): Promise<R> {
+  private async exchange<R>(command: number, body: Uint8Array, pages: readonly bigint[], response: ResponseLayout<R>): Promise<R> {
     if (this.closed) throw new UsageError('the driver is closed');
     const tag = this.nextTag++;
     const request = encodeRequest(command, tag, body, pages);
