@@ -72,6 +72,23 @@ export interface MappingFacts {
   notifyQueue: number;
 }
 
+/** One request of driver.commandBatch(). */
+export interface BatchItem {
+  command: number;
+  body: Uint8Array;
+  pages: readonly bigint[];
+  response: ResponseLayout<unknown>;
+}
+
+interface Pending {
+  item: BatchItem;
+  tag: bigint;
+  reqGpa: number;
+  respGpa: number;
+  id: number;
+  used: number;
+}
+
 /** What driver.command() needs of a response layout: its size and its decoder. */
 export interface ResponseLayout<R> {
   readonly size: number;
@@ -238,43 +255,120 @@ export class VirtioRdmaDriver {
     return run;
   }
 
+  /**
+   * Sends several control requests at once and returns their decoded bodies in order (the device executes them in
+   * order, section 7.3): one notification and one wait instead of one round trip each. Every request runs, and the
+   * first error (in request order) is thrown once all have come back; a later request of a failed sequence fails
+   * on its own terms (for MODIFY_QP: WRONG_STATE). Falls back to one at a time when the queue cannot hold them all.
+   */
+  commandBatch(items: readonly BatchItem[]): Promise<unknown[]> {
+    const run = this.commandChain.then(async () => {
+      const descriptors = items.reduce((n, i) => n + 2 + (i.pages.length > 0 ? 1 : 0) + (i.response.size > 0 ? 1 : 0), 0);
+      if (descriptors > this.controlq.freeDescriptors) {
+        const out: unknown[] = [];
+        for (const i of items) out.push(await this.exchange(i.command, i.body, i.pages, i.response));
+        return out;
+      }
+      return this.exchangeMany(items);
+    });
+    this.commandChain = run.catch(() => undefined);
+    return run;
+  }
+
   private async exchange<R>(command: number, body: Uint8Array, pages: readonly bigint[], response: ResponseLayout<R>): Promise<R> {
+    const [r] = await this.exchangeMany([{ command, body, pages, response }]);
+    return r as R;
+  }
+
+  private async exchangeMany(items: readonly BatchItem[]): Promise<unknown[]> {
     if (this.closed) throw new UsageError('the driver is closed');
-    const tag = this.nextTag++;
-    const request = encodeRequest(command, tag, body, pages);
-    const fixedEnd = CtrlRequestHeader.size + body.byteLength;
     const mem = this.memory;
-    // The readable part: header and fixed body in one buffer, the page list in a second (descriptor boundaries
-    // carry no meaning, section 7.1; a long page list is its own buffer as in a scatter-gather list).
-    const reqGpa = mem.alloc(request.byteLength);
-    const respGpa = mem.allocZeroed(CtrlResponseHeader.size + response.size);
+    const pending: Pending[] = [];
     try {
-      mem.write(reqGpa, request);
-      const buffers = [{ gpa: reqGpa, len: fixedEnd, write: false }];
-      if (request.byteLength > fixedEnd) buffers.push({ gpa: reqGpa + fixedEnd, len: request.byteLength - fixedEnd, write: false });
-      buffers.push({ gpa: respGpa, len: CtrlResponseHeader.size, write: true });
-      if (response.size > 0) buffers.push({ gpa: respGpa + CtrlResponseHeader.size, len: response.size, write: true });
-      const { id, kick } = this.controlq.add(buffers);
-      this.counters.commands++;
+      let kick = false;
+      for (const i of items) {
+        const tag = this.nextTag++;
+        const request = encodeRequest(i.command, tag, i.body, i.pages);
+        const fixedEnd = CtrlRequestHeader.size + i.body.byteLength;
+        // The readable part: header and fixed body in one buffer, the page list in a second (descriptor boundaries
+        // carry no meaning, section 7.1; a long page list is its own buffer as in a scatter-gather list).
+        const reqGpa = mem.alloc(request.byteLength);
+        const p: Pending = { item: i, tag, reqGpa, respGpa: 0, id: -1, used: -1 };
+        pending.push(p);
+        p.respGpa = mem.allocZeroed(CtrlResponseHeader.size + i.response.size);
+        mem.write(reqGpa, request);
+        const buffers = [{ gpa: reqGpa, len: fixedEnd, write: false }];
+        if (request.byteLength > fixedEnd) buffers.push({ gpa: reqGpa + fixedEnd, len: request.byteLength - fixedEnd, write: false });
+        buffers.push({ gpa: p.respGpa, len: CtrlResponseHeader.size, write: true });
+        if (i.response.size > 0) buffers.push({ gpa: p.respGpa + CtrlResponseHeader.size, len: i.response.size, write: true });
+        const r = this.controlq.add(buffers);
+        p.id = r.id;
+        kick ||= r.kick;
+        this.counters.commands++;
+      }
       if (kick) await this.kick(Queue.CONTROLQ);
-      const used = await this.waitUsed(this.controlq, id, this.commandTimeoutMs, `${commandName(command)} (tag ${tag})`);
-      const written = mem.read(respGpa, CtrlResponseHeader.size + response.size);
-      if (used < CtrlResponseHeader.size) return this.protocol(`${commandName(command)}: used length ${used} holds no response header`);
-      const header = CtrlResponseHeader.decode(written);
-      if (header.tag !== tag) return this.protocol(`${commandName(command)}: response tag ${header.tag}, request tag ${tag}`);
-      if (header.status !== Status.OK) {
-        if (used !== CtrlResponseHeader.size) return this.protocol(`${commandName(command)}: error status with used length ${used} (section 7.1: 16)`);
-        this.counters.commandErrors++;
-        throw new CommandError(command, header.status, header.detail);
+      await this.waitAllUsed(pending, this.commandTimeoutMs);
+      const out: unknown[] = [];
+      let failure: unknown;
+      for (const p of pending) {
+        try {
+          out.push(this.complete(p));
+        } catch (e) {
+          failure ??= e;
+          out.push(undefined);
+        }
       }
-      if (header.detail !== 0) return this.protocol(`${commandName(command)}: OK with detail ${header.detail}`);
-      if (used !== CtrlResponseHeader.size + response.size) {
-        return this.protocol(`${commandName(command)}: used length ${used}, expected ${CtrlResponseHeader.size + response.size}`);
-      }
-      return response.decode(written, CtrlResponseHeader.size);
+      if (failure !== undefined) throw failure;
+      return out;
     } finally {
-      mem.release(reqGpa);
-      mem.release(respGpa);
+      for (const p of pending) {
+        mem.release(p.reqGpa);
+        if (p.respGpa !== 0) mem.release(p.respGpa);
+      }
+    }
+  }
+
+  /** Checks one response (section 7.1) and decodes its body. */
+  private complete(p: Pending): unknown {
+    const { command, response } = p.item;
+    const used = p.used;
+    const written = this.memory.read(p.respGpa, CtrlResponseHeader.size + response.size);
+    if (used < CtrlResponseHeader.size) return this.protocol(`${commandName(command)}: used length ${used} holds no response header`);
+    const header = CtrlResponseHeader.decode(written);
+    if (header.tag !== p.tag) return this.protocol(`${commandName(command)}: response tag ${header.tag}, request tag ${p.tag}`);
+    if (header.status !== Status.OK) {
+      if (used !== CtrlResponseHeader.size) return this.protocol(`${commandName(command)}: error status with used length ${used} (section 7.1: 16)`);
+      this.counters.commandErrors++;
+      throw new CommandError(command, header.status, header.detail);
+    }
+    if (header.detail !== 0) return this.protocol(`${commandName(command)}: OK with detail ${header.detail}`);
+    if (used !== CtrlResponseHeader.size + response.size) {
+      return this.protocol(`${commandName(command)}: used length ${used}, expected ${CtrlResponseHeader.size + response.size}`);
+    }
+    return response.decode(written, CtrlResponseHeader.size);
+  }
+
+  /** Waits until every chain of `pending` came back on the control queue (the only chains in flight there). */
+  private async waitAllUsed(pending: Pending[], timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    const byId = new Map(pending.map((p) => [p.id, p]));
+    let left = pending.length;
+    for (;;) {
+      for (const u of this.controlq.takeUsed()) {
+        const p = byId.get(u.id);
+        if (p === undefined || p.used >= 0) this.protocol(`queue ${this.controlq.index}: the device returned chain ${u.id}, which is not in flight`);
+        p.used = u.len;
+        left--;
+      }
+      if (left === 0) return;
+      const wait = deadline - Date.now();
+      if (wait <= 0) {
+        const first = pending.find((p) => p.used < 0)!;
+        const status = await this.transport.getStatus();
+        const why = (status & STATUS_DEVICE_NEEDS_RESET) !== 0 ? 'the device set DEVICE_NEEDS_RESET' : `no answer within ${timeoutMs} ms`;
+        throw new DeviceError(`${commandName(first.item.command)} (tag ${first.tag}): ${why}`);
+      }
+      await this.transport.waitInterrupt(this.controlq.index, wait);
     }
   }
 
@@ -286,24 +380,6 @@ export class VirtioRdmaDriver {
   private async kick(queue: number): Promise<void> {
     this.counters.kicks++;
     await this.transport.notify(queue);
-  }
-
-  /** Waits for chain `id` to come back on a queue where it is the only one in flight; returns its used length. */
-  private async waitUsed(q: DriverVirtqueue, id: number, timeoutMs: number, what: string): Promise<number> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      for (const u of q.takeUsed()) {
-        if (u.id === id) return u.len;
-        this.protocol(`queue ${q.index}: the device returned chain ${u.id}, which is not in flight`);
-      }
-      const left = deadline - Date.now();
-      if (left <= 0) {
-        const status = await this.transport.getStatus();
-        const why = (status & STATUS_DEVICE_NEEDS_RESET) !== 0 ? 'the device set DEVICE_NEEDS_RESET' : `no answer within ${timeoutMs} ms`;
-        throw new DeviceError(`${what}: ${why}`);
-      }
-      await this.transport.waitInterrupt(q.index, left);
-    }
   }
 
   // ---------------------------------------------------------------------------------------------------------

@@ -162,8 +162,9 @@ export abstract class QpBase {
   async connect(peer: { gid: Uint8Array; qpn: number }, o: Partial<typeof RC_DEFAULTS> & { accessFlags?: number } = {}): Promise<void> {
     if (this.type !== 'RC') throw new UsageError('connect() is for RC QPs; UD QPs use readyUd()');
     const c = { ...RC_DEFAULTS, ...o };
-    if (this.state === 'RESET') await this.modify({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, accessFlags: c.accessFlags });
-    await this.modify({
+    const steps: ModifyQpAttrs[] = [];
+    if (this.state === 'RESET') steps.push({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, accessFlags: c.accessFlags });
+    steps.push({
       state: 'RTR',
       av: { dgid: peer.gid, hopLimit: c.hopLimit },
       pathMtu: c.pathMtu,
@@ -172,7 +173,27 @@ export abstract class QpBase {
       maxDestRdAtomic: c.maxDestRdAtomic,
       minRnrTimer: c.minRnrTimer,
     });
-    await this.modify({ state: 'RTS', sqPsn: c.sqPsn, timeout: c.timeout, retryCnt: c.retryCnt, rnrRetry: c.rnrRetry, maxRdAtomic: c.maxRdAtomic });
+    steps.push({ state: 'RTS', sqPsn: c.sqPsn, timeout: c.timeout, retryCnt: c.retryCnt, rnrRetry: c.rnrRetry, maxRdAtomic: c.maxRdAtomic });
+    await this.modifyAll(steps);
+  }
+
+  /**
+   * Several MODIFY_QPs in one batch (one notification, one wait: the device executes them in order, section 7.3).
+   * After a refusal the later steps are refused too (WRONG_STATE); the first refusal is what the caller sees, and
+   * `state` is the last state reached.
+   */
+  async modifyAll(steps: readonly ModifyQpAttrs[]): Promise<void> {
+    const items = steps.map((a) => ({ command: Command.MODIFY_QP, body: encodeModifyQp(this.handle, a), pages: [], response: Empty }));
+    try {
+      await this.driver.commandBatch(items);
+      this.state = steps[steps.length - 1]?.state ?? this.state;
+    } catch (e) {
+      // Which steps went through the first error does not say: ask the device (an error path, one more command).
+      const now = await this.query().catch(() => undefined);
+      const name = (Object.keys(QpState) as QpStateName[]).find((k) => QpState[k] === now?.attr.qp_state);
+      if (name !== undefined) this.state = name;
+      throw e;
+    }
   }
 
   /** UD: RESET -> INIT (qkey) -> RTR -> RTS. */
