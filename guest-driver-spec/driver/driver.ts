@@ -9,15 +9,16 @@ import {
   CtrlResponseHeader,
   DeviceConfig,
   DoorbellRecord,
+  DoorbellMode,
   Event,
   EventType,
   FeatureBit,
+  HostQueueFormat,
   Limits,
   Queue,
   RESERVED_FEATURE_BITS,
   Status,
   encodeRequest,
-  type Layout,
 } from '../../vmm-device/abi/rdma/index.ts';
 import {
   F_VERSION_1,
@@ -54,6 +55,45 @@ export const DRIVER_FEATURES =
   (1n << BigInt(FeatureBit.ATOMIC)) |
   (1n << BigInt(FeatureBit.IMMEDIATE)) |
   (1n << BigInt(FeatureBit.INLINE));
+
+/** Host queue formats this driver writes (section 13.4); a device with another format is driven without mapping. */
+export const KNOWN_HOST_QUEUE_FORMATS: readonly number[] = [HostQueueFormat.RXE];
+/** Bytes of configuration that hold host_queue_format, doorbell_mode and max_mapped_queues (section 5). */
+const MAPPING_CONFIG = { offset: 118, size: 6 } as const;
+/** Entries of mapdoorbellq: it carries no buffers (section 3), so the smallest ring does. */
+const MAPDOORBELLQ_SIZE = 8;
+
+/** What the driver learnt of host queue mapping when it accepted HOST_QUEUE_MAPPING (section 13.2). */
+export interface MappingFacts {
+  format: number;
+  doorbellMode: number;
+  maxMappedQueues: number;
+  /** mapdoorbellq (2 + N; N = 1 since this driver does not negotiate MULTI_DOORBELL). */
+  notifyQueue: number;
+}
+
+/** One request of driver.commandBatch(). */
+export interface BatchItem {
+  command: number;
+  body: Uint8Array;
+  pages: readonly bigint[];
+  response: ResponseLayout<unknown>;
+}
+
+interface Pending {
+  item: BatchItem;
+  tag: bigint;
+  reqGpa: number;
+  respGpa: number;
+  id: number;
+  used: number;
+}
+
+/** What driver.command() needs of a response layout: its size and its decoder. */
+export interface ResponseLayout<R> {
+  readonly size: number;
+  decode(bytes: Uint8Array, offset?: number): R;
+}
 
 export interface DriverOptions {
   /** Features to leave out even when offered (tests of NOT_SUPPORTED paths). */
@@ -112,6 +152,8 @@ export class VirtioRdmaDriver {
     readonly eventq: DriverVirtqueue,
     readonly doorbellq: DriverVirtqueue,
     options: DriverOptions,
+    /** Set when HOST_QUEUE_MAPPING is negotiated (section 13). */
+    readonly mapping?: MappingFacts,
   ) {
     this.commandTimeoutMs = options.commandTimeoutMs ?? COMMAND_TIMEOUT_MS;
   }
@@ -136,9 +178,24 @@ export class VirtioRdmaDriver {
     if (!hasFeature(offered, Number(F_VERSION_1))) return fail('the device does not offer VIRTIO_F_VERSION_1');
     for (const b of RESERVED_FEATURE_BITS) {
       // Section 4.2: a v1 device never offers them. The driver does not accept them either way (section 4.1).
-      if (hasFeature(offered, b)) return fail(`the device offers reserved feature bit ${b}`);
+      // HOST_QUEUE_MAPPING is defined by section 13 and this driver implements it, whatever the list still says.
+      if (b !== FeatureBit.HOST_QUEUE_MAPPING && hasFeature(offered, b)) return fail(`the device offers reserved feature bit ${b}`);
     }
-    const wanted = (DRIVER_FEATURES & ~(options.withoutFeatures ?? 0n)) | (1n << F_VERSION_1);
+    let wanted = (DRIVER_FEATURES & ~(options.withoutFeatures ?? 0n)) | (1n << F_VERSION_1);
+    // Section 13.15: accept HOST_QUEUE_MAPPING only for a known host_queue_format, and only with a transport that
+    // can reach shared memory regions. The configuration may be read before FEATURES_OK (virtio 1.x 3.1.1).
+    let mappingConfig: Omit<MappingFacts, 'notifyQueue'> | undefined;
+    const mapBit = 1n << BigInt(FeatureBit.HOST_QUEUE_MAPPING);
+    if ((offered & mapBit) !== 0n && ((options.withoutFeatures ?? 0n) & mapBit) === 0n && transport.sharedMemory !== undefined) {
+      const c = await transport.readConfig(MAPPING_CONFIG.offset, MAPPING_CONFIG.size);
+      const v = new DataView(c.buffer, c.byteOffset, c.byteLength);
+      const format = c[0]!;
+      const doorbellMode = c[1]!;
+      if (KNOWN_HOST_QUEUE_FORMATS.includes(format) && (doorbellMode === DoorbellMode.POLLED || doorbellMode === DoorbellMode.NOTIFY)) {
+        mappingConfig = { format, doorbellMode, maxMappedQueues: v.getUint32(2, true) };
+        wanted |= mapBit;
+      }
+    }
     const features = offered & wanted;
     if (!hasFeature(features, FeatureBit.RC) && !hasFeature(features, FeatureBit.UD)) {
       return fail('the device offers neither RC nor UD (section 4.1)');
@@ -162,11 +219,14 @@ export class VirtioRdmaDriver {
       Queue.DOORBELLQ_FIRST,
       await queueSize(Queue.DOORBELLQ_FIRST, options.doorbellQueueSize ?? DOORBELLQ_SIZE),
     );
+    const mapping = mappingConfig === undefined ? undefined : { ...mappingConfig, notifyQueue: Queue.DOORBELLQ_FIRST + 1 };
+    // Section 13.15: in NOTIFY mode mapdoorbellq is set up before DRIVER_OK; it never carries a buffer.
+    if (mapping?.doorbellMode === DoorbellMode.NOTIFY) await transport.setupQueue(mapping.notifyQueue, await queueSize(mapping.notifyQueue, MAPDOORBELLQ_SIZE));
     await transport.setStatus(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     const status = await transport.getStatus();
     if ((status & STATUS_DEVICE_NEEDS_RESET) !== 0) throw new DeviceError('the device set DEVICE_NEEDS_RESET at DRIVER_OK');
     if ((status & STATUS_FEATURES_OK) === 0) return fail(`the device refused the features 0x${features.toString(16)} (status 0x${status.toString(16)})`);
-    const driver = new VirtioRdmaDriver(transport, features, config, controlq, eventq, doorbellq, options);
+    const driver = new VirtioRdmaDriver(transport, features, config, controlq, eventq, doorbellq, options, mapping);
     await driver.postEventBuffers();
     driver.setUpDoorbellPool();
     return driver;
@@ -189,49 +249,126 @@ export class VirtioRdmaDriver {
    * Sends one control request and returns the decoded response body. Requests go one at a time (the device
    * executes them in order anyway, section 7.3), so a response always belongs to the one request in flight.
    */
-  command<R>(command: number, body: Uint8Array, pages: readonly bigint[], response: Layout<R>): Promise<R> {
+  command<R>(command: number, body: Uint8Array, pages: readonly bigint[], response: ResponseLayout<R>): Promise<R> {
     const run = this.commandChain.then(() => this.exchange(command, body, pages, response));
     this.commandChain = run.catch(() => undefined);
     return run;
   }
 
-  private async exchange<R>(command: number, body: Uint8Array, pages: readonly bigint[], response: Layout<R>): Promise<R> {
+  /**
+   * Sends several control requests at once and returns their decoded bodies in order (the device executes them in
+   * order, section 7.3): one notification and one wait instead of one round trip each. Every request runs, and the
+   * first error (in request order) is thrown once all have come back; a later request of a failed sequence fails
+   * on its own terms (for MODIFY_QP: WRONG_STATE). Falls back to one at a time when the queue cannot hold them all.
+   */
+  commandBatch(items: readonly BatchItem[]): Promise<unknown[]> {
+    const run = this.commandChain.then(async () => {
+      const descriptors = items.reduce((n, i) => n + 2 + (i.pages.length > 0 ? 1 : 0) + (i.response.size > 0 ? 1 : 0), 0);
+      if (descriptors > this.controlq.freeDescriptors) {
+        const out: unknown[] = [];
+        for (const i of items) out.push(await this.exchange(i.command, i.body, i.pages, i.response));
+        return out;
+      }
+      return this.exchangeMany(items);
+    });
+    this.commandChain = run.catch(() => undefined);
+    return run;
+  }
+
+  private async exchange<R>(command: number, body: Uint8Array, pages: readonly bigint[], response: ResponseLayout<R>): Promise<R> {
+    const [r] = await this.exchangeMany([{ command, body, pages, response }]);
+    return r as R;
+  }
+
+  private async exchangeMany(items: readonly BatchItem[]): Promise<unknown[]> {
     if (this.closed) throw new UsageError('the driver is closed');
-    const tag = this.nextTag++;
-    const request = encodeRequest(command, tag, body, pages);
-    const fixedEnd = CtrlRequestHeader.size + body.byteLength;
     const mem = this.memory;
-    // The readable part: header and fixed body in one buffer, the page list in a second (descriptor boundaries
-    // carry no meaning, section 7.1; a long page list is its own buffer as in a scatter-gather list).
-    const reqGpa = mem.alloc(request.byteLength);
-    const respGpa = mem.allocZeroed(CtrlResponseHeader.size + response.size);
+    const pending: Pending[] = [];
     try {
-      mem.write(reqGpa, request);
-      const buffers = [{ gpa: reqGpa, len: fixedEnd, write: false }];
-      if (request.byteLength > fixedEnd) buffers.push({ gpa: reqGpa + fixedEnd, len: request.byteLength - fixedEnd, write: false });
-      buffers.push({ gpa: respGpa, len: CtrlResponseHeader.size, write: true });
-      if (response.size > 0) buffers.push({ gpa: respGpa + CtrlResponseHeader.size, len: response.size, write: true });
-      const { id, kick } = this.controlq.add(buffers);
-      this.counters.commands++;
+      let kick = false;
+      for (const i of items) {
+        const tag = this.nextTag++;
+        const request = encodeRequest(i.command, tag, i.body, i.pages);
+        const fixedEnd = CtrlRequestHeader.size + i.body.byteLength;
+        // The readable part: header and fixed body in one buffer, the page list in a second (descriptor boundaries
+        // carry no meaning, section 7.1; a long page list is its own buffer as in a scatter-gather list).
+        const reqGpa = mem.alloc(request.byteLength);
+        const p: Pending = { item: i, tag, reqGpa, respGpa: 0, id: -1, used: -1 };
+        pending.push(p);
+        p.respGpa = mem.allocZeroed(CtrlResponseHeader.size + i.response.size);
+        mem.write(reqGpa, request);
+        const buffers = [{ gpa: reqGpa, len: fixedEnd, write: false }];
+        if (request.byteLength > fixedEnd) buffers.push({ gpa: reqGpa + fixedEnd, len: request.byteLength - fixedEnd, write: false });
+        buffers.push({ gpa: p.respGpa, len: CtrlResponseHeader.size, write: true });
+        if (i.response.size > 0) buffers.push({ gpa: p.respGpa + CtrlResponseHeader.size, len: i.response.size, write: true });
+        const r = this.controlq.add(buffers);
+        p.id = r.id;
+        kick ||= r.kick;
+        this.counters.commands++;
+      }
       if (kick) await this.kick(Queue.CONTROLQ);
-      const used = await this.waitUsed(this.controlq, id, this.commandTimeoutMs, `${commandName(command)} (tag ${tag})`);
-      const written = mem.read(respGpa, CtrlResponseHeader.size + response.size);
-      if (used < CtrlResponseHeader.size) return this.protocol(`${commandName(command)}: used length ${used} holds no response header`);
-      const header = CtrlResponseHeader.decode(written);
-      if (header.tag !== tag) return this.protocol(`${commandName(command)}: response tag ${header.tag}, request tag ${tag}`);
-      if (header.status !== Status.OK) {
-        if (used !== CtrlResponseHeader.size) return this.protocol(`${commandName(command)}: error status with used length ${used} (section 7.1: 16)`);
-        this.counters.commandErrors++;
-        throw new CommandError(command, header.status, header.detail);
+      await this.waitAllUsed(pending, this.commandTimeoutMs);
+      const out: unknown[] = [];
+      let failure: unknown;
+      for (const p of pending) {
+        try {
+          out.push(this.complete(p));
+        } catch (e) {
+          failure ??= e;
+          out.push(undefined);
+        }
       }
-      if (header.detail !== 0) return this.protocol(`${commandName(command)}: OK with detail ${header.detail}`);
-      if (used !== CtrlResponseHeader.size + response.size) {
-        return this.protocol(`${commandName(command)}: used length ${used}, expected ${CtrlResponseHeader.size + response.size}`);
-      }
-      return response.decode(written, CtrlResponseHeader.size);
+      if (failure !== undefined) throw failure;
+      return out;
     } finally {
-      mem.release(reqGpa);
-      mem.release(respGpa);
+      for (const p of pending) {
+        mem.release(p.reqGpa);
+        if (p.respGpa !== 0) mem.release(p.respGpa);
+      }
+    }
+  }
+
+  /** Checks one response (section 7.1) and decodes its body. */
+  private complete(p: Pending): unknown {
+    const { command, response } = p.item;
+    const used = p.used;
+    const written = this.memory.read(p.respGpa, CtrlResponseHeader.size + response.size);
+    if (used < CtrlResponseHeader.size) return this.protocol(`${commandName(command)}: used length ${used} holds no response header`);
+    const header = CtrlResponseHeader.decode(written);
+    if (header.tag !== p.tag) return this.protocol(`${commandName(command)}: response tag ${header.tag}, request tag ${p.tag}`);
+    if (header.status !== Status.OK) {
+      if (used !== CtrlResponseHeader.size) return this.protocol(`${commandName(command)}: error status with used length ${used} (section 7.1: 16)`);
+      this.counters.commandErrors++;
+      throw new CommandError(command, header.status, header.detail);
+    }
+    if (header.detail !== 0) return this.protocol(`${commandName(command)}: OK with detail ${header.detail}`);
+    if (used !== CtrlResponseHeader.size + response.size) {
+      return this.protocol(`${commandName(command)}: used length ${used}, expected ${CtrlResponseHeader.size + response.size}`);
+    }
+    return response.decode(written, CtrlResponseHeader.size);
+  }
+
+  /** Waits until every chain of `pending` came back on the control queue (the only chains in flight there). */
+  private async waitAllUsed(pending: Pending[], timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    const byId = new Map(pending.map((p) => [p.id, p]));
+    let left = pending.length;
+    for (;;) {
+      for (const u of this.controlq.takeUsed()) {
+        const p = byId.get(u.id);
+        if (p === undefined || p.used >= 0) this.protocol(`queue ${this.controlq.index}: the device returned chain ${u.id}, which is not in flight`);
+        p.used = u.len;
+        left--;
+      }
+      if (left === 0) return;
+      const wait = deadline - Date.now();
+      if (wait <= 0) {
+        const first = pending.find((p) => p.used < 0)!;
+        const status = await this.transport.getStatus();
+        const why = (status & STATUS_DEVICE_NEEDS_RESET) !== 0 ? 'the device set DEVICE_NEEDS_RESET' : `no answer within ${timeoutMs} ms`;
+        throw new DeviceError(`${commandName(first.item.command)} (tag ${first.tag}): ${why}`);
+      }
+      await this.transport.waitInterrupt(this.controlq.index, wait);
     }
   }
 
@@ -243,24 +380,6 @@ export class VirtioRdmaDriver {
   private async kick(queue: number): Promise<void> {
     this.counters.kicks++;
     await this.transport.notify(queue);
-  }
-
-  /** Waits for chain `id` to come back on a queue where it is the only one in flight; returns its used length. */
-  private async waitUsed(q: DriverVirtqueue, id: number, timeoutMs: number, what: string): Promise<number> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      for (const u of q.takeUsed()) {
-        if (u.id === id) return u.len;
-        this.protocol(`queue ${q.index}: the device returned chain ${u.id}, which is not in flight`);
-      }
-      const left = deadline - Date.now();
-      if (left <= 0) {
-        const status = await this.transport.getStatus();
-        const why = (status & STATUS_DEVICE_NEEDS_RESET) !== 0 ? 'the device set DEVICE_NEEDS_RESET' : `no answer within ${timeoutMs} ms`;
-        throw new DeviceError(`${what}: ${why}`);
-      }
-      await this.transport.waitInterrupt(q.index, left);
-    }
   }
 
   // ---------------------------------------------------------------------------------------------------------

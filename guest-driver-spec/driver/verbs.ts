@@ -18,9 +18,7 @@ import {
   Command,
   CreateAhRequest,
   CreateCqRequest,
-  CreateCqResponse,
   CreateQpRequest,
-  CreateQpResponse,
   Cqe,
   DestroyQpResponse,
   DoorbellType,
@@ -29,10 +27,6 @@ import {
   HandleRequest,
   HandleResponse,
   Limits,
-  ModifyQpRequest,
-  Mtu,
-  QpAttr,
-  QpAttrMask,
   QpState,
   QpType,
   QueryDeviceResponse,
@@ -40,7 +34,6 @@ import {
   QueryGidResponse,
   QueryPortRequest,
   QueryPortResponse,
-  QueryQpResponse,
   RecvWqe,
   RegMrContinueRequest,
   RegMrRequest,
@@ -54,21 +47,25 @@ import {
   mrPageCount,
   ringOccupancy,
   ringPages,
-  type SgeValue,
 } from '../../vmm-device/abi/rdma/index.ts';
 import { GuestBuffer, VirtualAddressSpace, type GuestBufferOptions } from './buffer.ts';
 import { VirtioRdmaDriver, type DeviceEvent, type DriverOptions } from './driver.ts';
 import { ProtocolError, UsageError, wcStatusName } from './errors.ts';
 import type { DriverTransport } from './transport.ts';
 import type { AllocatableRange } from './memory.ts';
+import { QpBase, type AddressVector, type QpCaps, type QpTypeName } from './qp-base.ts';
+import type { RecvWr, SendWr, Sge, WorkCompletion } from './work-request.ts';
+import { MappedCq } from './mapped/mapped-cq.ts';
+import type { MappedQp } from './mapped/mapped-qp.ts';
+import { cqResponseLayout, createMappedCq, createMappedQp, qpResponseLayout } from './mapped/mapped-verbs.ts';
 
-export type QpStateName = keyof typeof QpState;
-export type QpTypeName = keyof typeof QpType;
-export type SendOpcodeName = keyof typeof SendOpcode;
+export * from './qp-base.ts';
+export * from './work-request.ts';
+export { MappedCq } from './mapped/mapped-cq.ts';
+export { MappedQp } from './mapped/mapped-qp.ts';
+
 export type QueryDevice = ReturnType<typeof QueryDeviceResponse.decode>;
 export type QueryPort = ReturnType<typeof QueryPortResponse.decode>;
-export type QpAttrValue = ReturnType<typeof QpAttr.decode>;
-export type Sge = SgeValue;
 
 /** Ring page size the driver uses for CQ, SQ and RQ rings (4 KiB, always allowed). */
 export const RING_PAGE_SHIFT = Limits.MIN_PAGE_SHIFT;
@@ -167,21 +164,8 @@ class Ring {
   }
 }
 
-export interface WorkCompletion {
-  wrId: bigint;
-  qpHandle: number;
-  status: number;
-  statusName: string;
-  opcode: number;
-  opcodeName: string;
-  byteLen: number;
-  immData: number;
-  srcQp: number;
-  wcFlags: number;
-  vendorErr: number;
-}
-
 export class Cq {
+  readonly mode = 'relay';
   private consumer = 0;
   destroyed = false;
   constructor(
@@ -264,76 +248,15 @@ export class Cq {
   }
 }
 
-export interface QpCaps {
-  maxSendWr: number;
-  maxRecvWr: number;
-  maxSendSge: number;
-  maxRecvSge: number;
-  maxInlineData: number;
-}
 
-export interface CreateQpOptions extends Partial<QpCaps> {
+export interface CreateQpOptions<C = Cq> extends Partial<QpCaps> {
   type: QpTypeName;
-  sendCq: Cq;
-  recvCq: Cq;
+  /** Relayed CQs make a relayed QP; mapped CQs (createCq with `map`) a mapped RC QP (section 13.3). */
+  sendCq: C;
+  recvCq: C;
   sqSigAll?: boolean;
 }
 
-export interface AddressVector {
-  /** The destination's VIRTUAL GID (the peer VM's configuration gid). */
-  dgid: Uint8Array;
-  hopLimit?: number;
-  flowLabel?: number;
-  trafficClass?: number;
-  sl?: number;
-}
-
-/** Attributes of MODIFY_QP; the mask is made of the attributes present (STATE always). */
-export interface ModifyQpAttrs {
-  state: QpStateName;
-  accessFlags?: number;
-  qkey?: number;
-  rqPsn?: number;
-  sqPsn?: number;
-  destQpn?: number;
-  pathMtu?: number;
-  timeout?: number;
-  retryCnt?: number;
-  rnrRetry?: number;
-  minRnrTimer?: number;
-  maxRdAtomic?: number;
-  maxDestRdAtomic?: number;
-  port?: number;
-  pkeyIndex?: number;
-  av?: AddressVector;
-  /** Sends exactly this mask instead of the computed one (tests of the device's checks). */
-  attrMaskOverride?: number;
-}
-
-export interface SendWr {
-  wrId: bigint;
-  opcode: SendOpcodeName;
-  sgList?: readonly Sge[];
-  /** Inline payload (sets INLINE; needs the feature and the QP's max_inline_data). */
-  inline?: Uint8Array;
-  signaled?: boolean;
-  solicited?: boolean;
-  fence?: boolean;
-  imm?: number;
-  remoteAddr?: bigint;
-  rkey?: number;
-  compareAdd?: bigint;
-  swap?: bigint;
-  /** UD: destination. */
-  ah?: Ah;
-  remoteQpn?: number;
-  remoteQkey?: number;
-}
-
-export interface RecvWr {
-  wrId: bigint;
-  sgList: readonly Sge[];
-}
 
 /** Encodes one send WQE (section 10.3). Exported for encoding tests. */
 export function encodeSendWqe(wr: SendWr): Uint8Array {
@@ -378,71 +301,6 @@ export function encodeRecvWqe(wr: RecvWr): Uint8Array {
   return RecvWqe.encode({ wr_id: wr.wrId, num_sge: wr.sgList.length, sges: encodeSges(wr.sgList, Limits.RQ_WQE_MAX_SGE) });
 }
 
-/** The MODIFY_QP request body for these attributes (section 8.11). Exported for encoding tests. */
-export function encodeModifyQp(qpHandle: number, a: ModifyQpAttrs): Uint8Array {
-  let mask = QpAttrMask.STATE;
-  const set = (bit: number, present: boolean): void => {
-    if (present) mask |= bit;
-  };
-  set(QpAttrMask.ACCESS_FLAGS, a.accessFlags !== undefined);
-  set(QpAttrMask.QKEY, a.qkey !== undefined);
-  set(QpAttrMask.RQ_PSN, a.rqPsn !== undefined);
-  set(QpAttrMask.SQ_PSN, a.sqPsn !== undefined);
-  set(QpAttrMask.DEST_QPN, a.destQpn !== undefined);
-  set(QpAttrMask.PATH_MTU, a.pathMtu !== undefined);
-  set(QpAttrMask.TIMEOUT, a.timeout !== undefined);
-  set(QpAttrMask.RETRY_CNT, a.retryCnt !== undefined);
-  set(QpAttrMask.RNR_RETRY, a.rnrRetry !== undefined);
-  set(QpAttrMask.MIN_RNR_TIMER, a.minRnrTimer !== undefined);
-  set(QpAttrMask.MAX_QP_RD_ATOMIC, a.maxRdAtomic !== undefined);
-  set(QpAttrMask.MAX_DEST_RD_ATOMIC, a.maxDestRdAtomic !== undefined);
-  set(QpAttrMask.PORT, a.port !== undefined);
-  set(QpAttrMask.PKEY_INDEX, a.pkeyIndex !== undefined);
-  set(QpAttrMask.AV, a.av !== undefined);
-  const attr = QpAttr.encode({
-    qp_state: QpState[a.state],
-    qp_access_flags: a.accessFlags ?? 0,
-    qkey: a.qkey ?? 0,
-    rq_psn: a.rqPsn ?? 0,
-    sq_psn: a.sqPsn ?? 0,
-    dest_qp_num: a.destQpn ?? 0,
-    path_mtu: a.pathMtu ?? 0,
-    timeout: a.timeout ?? 0,
-    retry_cnt: a.retryCnt ?? 0,
-    rnr_retry: a.rnrRetry ?? 0,
-    min_rnr_timer: a.minRnrTimer ?? 0,
-    max_rd_atomic: a.maxRdAtomic ?? 0,
-    max_dest_rd_atomic: a.maxDestRdAtomic ?? 0,
-    port_num: a.port ?? 0,
-    pkey_index: a.pkeyIndex ?? 0,
-    // Section 8.17: the driver names its own GID only by index 0.
-    sgid_index: 0,
-    hop_limit: a.av?.hopLimit ?? 0,
-    flow_label: a.av?.flowLabel ?? 0,
-    traffic_class: a.av?.trafficClass ?? 0,
-    sl: a.av?.sl ?? 0,
-    dgid: a.av?.dgid ?? new Uint8Array(Limits.GID_SIZE),
-  });
-  return ModifyQpRequest.encode({ qp_handle: qpHandle, attr_mask: a.attrMaskOverride ?? mask, attr });
-}
-
-/** Defaults of an RC connection (INIT -> RTR -> RTS) that tests and the demo use. */
-export const RC_DEFAULTS = {
-  accessFlags: AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE | AccessFlag.REMOTE_READ,
-  pathMtu: Mtu.MTU_1024,
-  rqPsn: 0,
-  sqPsn: 0,
-  maxDestRdAtomic: 1,
-  maxRdAtomic: 1,
-  minRnrTimer: 12,
-  timeout: 14,
-  retryCnt: 7,
-  rnrRetry: 7,
-  hopLimit: 64,
-} as const;
-
-/** Q_Key the demo and tests use on UD QPs (bit 31 clear: not a controlled Q_Key). */
-export const DEFAULT_QKEY = 0x1111_1111;
 
 class WorkQueue {
   producer = 0;
@@ -452,61 +310,21 @@ class WorkQueue {
   ) {}
 }
 
-export class Qp {
-  state: QpStateName = 'RESET';
-  destroyed = false;
+export class Qp extends QpBase {
+  readonly mode = 'relay';
   constructor(
     readonly ctx: RdmaContext,
-    readonly handle: number,
-    readonly qpNum: number,
-    readonly type: QpTypeName,
+    handle: number,
+    qpNum: number,
+    type: QpTypeName,
     readonly pd: Pd,
     readonly sendCq: Cq,
     readonly recvCq: Cq,
-    readonly caps: QpCaps,
+    caps: QpCaps,
     readonly sq: WorkQueue,
     readonly rq: WorkQueue,
-  ) {}
-
-  async modify(attrs: ModifyQpAttrs): Promise<void> {
-    await this.ctx.driver.command(Command.MODIFY_QP, encodeModifyQp(this.handle, attrs), [], Empty);
-    this.state = attrs.state;
-  }
-
-  async query(): Promise<{ attr: QpAttrValue; qpNum: number; caps: QpCaps; type: number; sqSigAll: number }> {
-    const r = await this.ctx.driver.command(Command.QUERY_QP, HandleRequest.encode({ handle: this.handle }), [], QueryQpResponse);
-    return {
-      attr: QpAttr.decode(r.attr),
-      qpNum: r.qp_num,
-      caps: { maxSendWr: r.max_send_wr, maxRecvWr: r.max_recv_wr, maxSendSge: r.max_send_sge, maxRecvSge: r.max_recv_sge, maxInlineData: r.max_inline_data },
-      type: r.qp_type,
-      sqSigAll: r.sq_sig_all,
-    };
-  }
-
-  /** RC: RESET -> INIT -> RTR (destination = the peer VM's virtual GID and wire QPN) -> RTS. */
-  async connect(peer: { gid: Uint8Array; qpn: number }, o: Partial<typeof RC_DEFAULTS> & { accessFlags?: number } = {}): Promise<void> {
-    if (this.type !== 'RC') throw new UsageError('connect() is for RC QPs; UD QPs use readyUd()');
-    const c = { ...RC_DEFAULTS, ...o };
-    if (this.state === 'RESET') await this.modify({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, accessFlags: c.accessFlags });
-    await this.modify({
-      state: 'RTR',
-      av: { dgid: peer.gid, hopLimit: c.hopLimit },
-      pathMtu: c.pathMtu,
-      destQpn: peer.qpn,
-      rqPsn: c.rqPsn,
-      maxDestRdAtomic: c.maxDestRdAtomic,
-      minRnrTimer: c.minRnrTimer,
-    });
-    await this.modify({ state: 'RTS', sqPsn: c.sqPsn, timeout: c.timeout, retryCnt: c.retryCnt, rnrRetry: c.rnrRetry, maxRdAtomic: c.maxRdAtomic });
-  }
-
-  /** UD: RESET -> INIT (qkey) -> RTR -> RTS. */
-  async readyUd(qkey = DEFAULT_QKEY): Promise<void> {
-    if (this.type !== 'UD') throw new UsageError('readyUd() is for UD QPs');
-    await this.modify({ state: 'INIT', pkeyIndex: 0, port: Limits.PORT_NUM, qkey });
-    await this.modify({ state: 'RTR' });
-    await this.modify({ state: 'RTS', sqPsn: 0 });
+  ) {
+    super(ctx.driver, handle, qpNum, type, caps);
   }
 
   /**
@@ -556,6 +374,8 @@ export class Qp {
 export interface CreateCqOptions {
   /** Guest-physical range that holds the ring's pages and its index block. */
   within?: AllocatableRange;
+  /** A mapped CQ (section 13): the host's CQ polled in place. Needs HOST_QUEUE_MAPPING. */
+  map?: boolean;
 }
 
 export interface RegMrOptions {
@@ -612,12 +432,15 @@ export class RdmaContext {
    * CREATE_CQ with a ring of `depth` CQEs (rounded up to a power of two) in 4 KiB pages; `options.within` places the
    * ring and its index block in that guest-physical range (RAM hot-added after DRIVER_OK, say).
    */
-  async createCq(depth: number, options: CreateCqOptions = {}): Promise<Cq> {
+  createCq(depth: number, options: CreateCqOptions & { map: true }): Promise<MappedCq>;
+  createCq(depth: number, options?: CreateCqOptions & { map?: false }): Promise<Cq>;
+  async createCq(depth: number, options: CreateCqOptions = {}): Promise<Cq | MappedCq> {
     const cqeCount = roundUpPow2(depth);
+    if (options.map === true) return createMappedCq(this.driver, cqeCount);
     const ring = new Ring(this, cqeCount, Limits.CQE_SIZE, options.within);
     try {
       const body = CreateCqRequest.encode({ cqe_count: cqeCount, page_shift: RING_PAGE_SHIFT, num_pages: ring.numPages, index_gpa: BigInt(ring.indexGpa) });
-      const r = await this.driver.command(Command.CREATE_CQ, body, ring.pages, CreateCqResponse);
+      const r = await this.driver.command(Command.CREATE_CQ, body, ring.pages, cqResponseLayout(this.driver));
       if (r.cqe_count !== cqeCount) throw new ProtocolError(`CREATE_CQ: depth ${r.cqe_count} in effect, ${cqeCount} asked`);
       return new Cq(this, r.cq_handle, cqeCount, ring);
     } catch (e) {
@@ -634,7 +457,9 @@ export class RdmaContext {
     this.driver.takeEvents((e) => e.handle === cq.handle);
   }
 
-  async createQp(pd: Pd, o: CreateQpOptions): Promise<Qp> {
+  createQp(pd: Pd, o: CreateQpOptions<MappedCq>): Promise<MappedQp>;
+  createQp(pd: Pd, o: CreateQpOptions): Promise<Qp>;
+  async createQp(pd: Pd, o: CreateQpOptions<Cq | MappedCq>): Promise<Qp | MappedQp> {
     const cfg = this.driver.config;
     const caps: QpCaps = {
       maxSendWr: roundUpPow2(o.maxSendWr ?? 16),
@@ -643,14 +468,20 @@ export class RdmaContext {
       maxRecvSge: o.maxRecvSge ?? Math.min(cfg.max_recv_sge, Limits.RQ_WQE_MAX_SGE),
       maxInlineData: o.maxInlineData ?? (this.driver.has(FeatureBit.INLINE) ? cfg.max_inline_data : 0),
     };
+    const { sendCq, recvCq } = o;
+    if (sendCq instanceof MappedCq || recvCq instanceof MappedCq) {
+      // Section 13.3: a mapped QP has mapped CQs only, and only RC is mapped (13.8); the device checks it too.
+      if (!(sendCq instanceof MappedCq && recvCq instanceof MappedCq) || o.type !== 'RC') throw new UsageError('a mapped QP is RC with a mapped send and receive CQ');
+      return createMappedQp(this.driver, { pd, sendCq, recvCq, caps, sqSigAll: o.sqSigAll ?? false });
+    }
     const sqRing = new Ring(this, caps.maxSendWr, Limits.SQ_WQE_SIZE);
     let rqRing: Ring | undefined;
     try {
       rqRing = new Ring(this, caps.maxRecvWr, Limits.RQ_WQE_SIZE);
       const body = CreateQpRequest.encode({
         pd_handle: pd.handle,
-        send_cq_handle: o.sendCq.handle,
-        recv_cq_handle: o.recvCq.handle,
+        send_cq_handle: sendCq.handle,
+        recv_cq_handle: recvCq.handle,
         qp_type: QpType[o.type],
         sq_sig_all: o.sqSigAll ? 1 : 0,
         sq_page_shift: RING_PAGE_SHIFT,
@@ -665,10 +496,10 @@ export class RdmaContext {
         sq_index_gpa: BigInt(sqRing.indexGpa),
         rq_index_gpa: BigInt(rqRing.indexGpa),
       });
-      const r = await this.driver.command(Command.CREATE_QP, body, [...sqRing.pages, ...rqRing.pages], CreateQpResponse);
+      const r = await this.driver.command(Command.CREATE_QP, body, [...sqRing.pages, ...rqRing.pages], qpResponseLayout(this.driver));
       const got: QpCaps = { maxSendWr: r.max_send_wr, maxRecvWr: r.max_recv_wr, maxSendSge: r.max_send_sge, maxRecvSge: r.max_recv_sge, maxInlineData: r.max_inline_data };
       if (JSON.stringify(got) !== JSON.stringify(caps)) throw new ProtocolError(`CREATE_QP: capabilities in effect ${JSON.stringify(got)} differ from the request`);
-      return new Qp(this, r.qp_handle, r.qp_num, o.type, pd, o.sendCq, o.recvCq, caps, new WorkQueue(sqRing, caps.maxSendWr), new WorkQueue(rqRing, caps.maxRecvWr));
+      return new Qp(this, r.qp_handle, r.qp_num, o.type, pd, sendCq, recvCq, caps, new WorkQueue(sqRing, caps.maxSendWr), new WorkQueue(rqRing, caps.maxRecvWr));
     } catch (e) {
       sqRing.release();
       rqRing?.release();
