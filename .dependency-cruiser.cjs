@@ -6,7 +6,9 @@
 //   vmm-device/virtqueue          split and packed rings (knows no eventfd)
 //   vmm-device/virtio             the virtio device core and the model contract
 //   vmm-device/host               transport-neutral host services over the addon (fd-backed mappings, host ops)
-//   vmm-device/transport/<name>   vhost-user, vfio-user, ...: never each other
+//   vmm-device/transport/<name>   vhost-user, vfio-user, ...: never each other, except that a transport presenting
+//                                 a PCI function uses transport/virtio-pci (the device side of virtio-pci, itself
+//                                 importing no other transport)
 //   vmm-device/verbs              the host verbs interface (the addon behind it)
 //   vmm-device/rdma               the virtio-rdma device model: knows no transport, no socket, no addon
 //   vmm-device/vpc                policy at the queue pair, beside the model
@@ -58,9 +60,16 @@ module.exports = {
     {
       name: 'transports-are-siblings',
       severity: 'error',
-      comment: 'a transport never imports another transport',
+      comment: 'a transport never imports another transport (virtio-pci is the PCI face vfio-user presents)',
       from: { path: '^vmm-device/transport/([^/]+)/' },
-      to: { path: '^vmm-device/transport/', pathNot: '^vmm-device/transport/$1/' },
+      to: { path: '^vmm-device/transport/', pathNot: ['^vmm-device/transport/$1/', '^vmm-device/transport/virtio-pci/'] },
+    },
+    {
+      name: 'virtio-pci-is-transport-neutral',
+      severity: 'error',
+      comment: 'the virtio-pci function knows no transport that presents it (no vfio-user, no addon)',
+      from: { path: '^vmm-device/transport/virtio-pci/' },
+      to: { path: '^vmm-device/(transport/(?!virtio-pci/)|native/|host/)' },
     },
     onlyDown('transport-layer', 'vmm-device/transport/', [
       'vmm-device/abi', 'vmm-device/memory', 'vmm-device/virtqueue', 'vmm-device/virtio', 'vmm-device/host',

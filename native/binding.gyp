@@ -12,12 +12,17 @@
         "src/verbs/init.cc",
         "src/verbs/objects.cc",
         "src/verbs/registry.cc",
-        "src/verbs/wr.cc"
+        "src/verbs/wr.cc",
+        "src/vfio-user/dma_fd.cc",
+        "src/vfio-user/vfio_user.cc"
       ],
-      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "variables": {
+        "vfio_user_prefix": "<!(bash ../scripts/vfio-user/libvfio-user.sh | tail -n 1)"
+      },
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")", "<(vfio_user_prefix)/include"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],
       "cflags_cc": ["-std=c++17", "-Wall", "-Wextra", "-fno-exceptions"],
-      "libraries": ["-libverbs"]
+      "libraries": ["-libverbs", "-L<(vfio_user_prefix)/lib", "-lvfio-user", "-Wl,-rpath,<(vfio_user_prefix)/lib"]
     }
   ]
 }

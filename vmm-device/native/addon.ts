@@ -1,5 +1,6 @@
 // Loads the native addon (native/, built by `npm install`). Its two parts are typed by their own wrappers:
-// vmm-device/native/sys.ts (fds, sockets, mmap, eventfd, poll) and vmm-device/verbs/ (libibverbs).
+// vmm-device/native/sys.ts (fds, sockets, mmap, eventfd, poll), vmm-device/verbs/ (libibverbs) and
+// vmm-device/native/vfio-user.ts (libvfio-user).
 // Nothing outside those wrappers touches the raw addon.
 
 import { createRequire } from 'node:module';
@@ -12,6 +13,8 @@ const ADDON_PATH = path.resolve(here, '../../native/build/Release/vrdma_native.n
 export interface RawAddon {
   sys: Record<string, unknown>;
   verbs: Record<string, unknown>;
+  /** libvfio-user server contexts (vfio-user.ts). */
+  vfioUser: Record<string, unknown>;
 }
 
 let cached: RawAddon | undefined;
