@@ -12,7 +12,9 @@
         "src/verbs/init.cc",
         "src/verbs/objects.cc",
         "src/verbs/registry.cc",
-        "src/verbs/wr.cc"
+        "src/verbs/wr.cc",
+        "src/verbs/mapped.cc",
+        "src/verbs/doorbell.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NODE_ADDON_API_DISABLE_CPP_EXCEPTIONS"],
