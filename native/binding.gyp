@@ -13,6 +13,8 @@
         "src/verbs/objects.cc",
         "src/verbs/registry.cc",
         "src/verbs/wr.cc",
+        "src/verbs/mapped.cc",
+        "src/verbs/doorbell.cc",
         "src/vfio-user/dma_fd.cc",
         "src/vfio-user/vfio_user.cc"
       ],

@@ -38,6 +38,8 @@ import type {
 } from './host-verbs.ts';
 import { VerbsError } from './host-verbs.ts';
 import type { RecvWrList, SendWrList, WcBuffer } from './layout.ts';
+import { NativeDoorbellEngine, hostQueueBuffer, queueFormatOf } from './native-mapped.ts';
+import type { RawMappedVerbs } from './native-mapped.ts';
 
 /** What to tell someone whose machine has no RDMA device. */
 export const NO_RDMA_DEVICE_HINT =
@@ -62,13 +64,13 @@ interface RawAsyncEvent {
 }
 
 /** The addon's verbs part as native/src/verbs/init.cc builds it. */
-interface RawVerbs {
+interface RawVerbs extends RawMappedVerbs {
   listDevices(): DeviceInfo[];
   openDevice(
     name: string,
     onCq: CqEventCallback,
     onAsync: AsyncEventCallback,
-  ): Promise<{ context: number; channelFd: number; asyncFd: number }>;
+  ): Promise<{ context: number; channelFd: number; asyncFd: number; vendorId: number }>;
   closeDevice(ctx: number): Promise<void>;
   queryDevice(ctx: number): Promise<DeviceAttr>;
   queryPort(ctx: number, port: number): Promise<PortAttr>;
@@ -160,6 +162,7 @@ function noDeviceError(e: unknown): unknown {
 interface DeviceState {
   handle: DeviceHandle;
   options: OpenDeviceOptions;
+  vendorId: number;
 }
 
 export class NativeVerbs implements HostVerbs {
@@ -182,7 +185,7 @@ export class NativeVerbs implements HostVerbs {
   }
 
   async openDevice(name: string, options: OpenDeviceOptions = {}): Promise<DeviceHandle> {
-    let opened: { context: number };
+    let opened: { context: number; vendorId: number };
     // Filled in once the device is open; the event callbacks cannot fire before (they need a CQ or QP).
     let state: DeviceState | undefined;
     try {
@@ -198,7 +201,7 @@ export class NativeVerbs implements HostVerbs {
       throw v;
     }
     const handle: DeviceHandle = Object.freeze({ kind: 'device', id: opened.context, name });
-    state = { handle, options };
+    state = { handle, options, vendorId: opened.vendorId };
     this.devices.set(handle.id, state);
     return handle;
   }
@@ -359,21 +362,56 @@ export class NativeVerbs implements HostVerbs {
     return call(() => this.raw.destroyAh(ah.id));
   }
 
-  // Host queue mapping (spec section 13): not implemented by the addon yet; the device offers no mapping.
-  hostQueueFormat(_device: DeviceHandle): number {
-    return 0;
+  // Host queue mapping (spec section 13): native-mapped.ts and native/src/verbs/mapped.h.
+  hostQueueFormat(device: DeviceHandle): number {
+    return queueFormatOf(this.devices.get(device.id)?.vendorId);
   }
 
-  createMappedCq(_device: DeviceHandle, _cqe: number): Promise<MappedCqHandle> {
-    return Promise.reject(new VerbsError('create_mapped_cq', 'EOPNOTSUPP', 'host queue mapping is not implemented'));
+  async createMappedCq(device: DeviceHandle, cqe: number, options: CreateCqOptions = {}): Promise<MappedCqHandle> {
+    const r = await call(() => this.raw.createMappedCq(device.id, cqe, options.compVector));
+    const handle: MappedCqHandle = Object.freeze({
+      kind: 'cq',
+      id: r.cq,
+      cqe: r.cqe,
+      queue: hostQueueBuffer(r.cmdFd, r.queue),
+    });
+    this.cqs.set(handle.id, { handle, onEvent: options.onCompletionEvent });
+    return handle;
   }
 
-  createMappedQp(_pd: PdHandle, _init: QpInitAttr): Promise<MappedQpHandle> {
-    return Promise.reject(new VerbsError('create_mapped_qp', 'EOPNOTSUPP', 'host queue mapping is not implemented'));
+  async createMappedQp(pd: PdHandle, init: QpInitAttr): Promise<MappedQpHandle> {
+    const r = await call(() =>
+      this.raw.createMappedQp(pd.id, {
+        qpType: init.qpType,
+        sendCq: init.sendCq.id,
+        recvCq: init.recvCq.id,
+        maxSendWr: init.maxSendWr,
+        maxRecvWr: init.maxRecvWr,
+        maxSendSge: init.maxSendSge,
+        maxRecvSge: init.maxRecvSge,
+        maxInlineData: init.maxInlineData,
+        sqSigAll: init.sqSigAll === true,
+      }),
+    );
+    const handle: MappedQpHandle = Object.freeze({
+      kind: 'qp',
+      id: r.qp,
+      qpNum: r.qpNum,
+      qpType: init.qpType,
+      cap: Object.freeze(r.cap),
+      sq: hostQueueBuffer(r.cmdFd, r.sq),
+      rq: hostQueueBuffer(r.cmdFd, r.rq),
+    });
+    this.qps.set(handle.id, handle);
+    return handle;
   }
 
-  createDoorbellEngine(_device: DeviceHandle, _options: DoorbellEngineOptions): Promise<DoorbellEngine> {
-    return Promise.reject(new VerbsError('doorbell_engine', 'EOPNOTSUPP', 'host queue mapping is not implemented'));
+  createDoorbellEngine(device: DeviceHandle, options: DoorbellEngineOptions): Promise<DoorbellEngine> {
+    try {
+      return Promise.resolve(NativeDoorbellEngine.create(this.raw, device.id, options, toVerbsError));
+    } catch (e) {
+      return Promise.reject(toVerbsError(e));
+    }
   }
 
   postSend(qp: QpHandle, wrs: SendWrList): void {

@@ -3,7 +3,7 @@
 // The parts: registry.cc (handles), jobs.h (verbs on the thread pool), device.cc and objects.cc (the verbs
 // themselves), events.cc (completion channel and async event watchers), completions.cc (outstanding work and the
 // flush at destroy), wr.cc (the work-request and completion layouts shared with vmm-device/verbs/layout.ts),
-// init.cc (the object JS sees).
+// init.cc (the object JS sees); mapped.cc (CQs and QPs another process maps), doorbell.cc (the doorbell engine).
 #pragma once
 #include <infiniband/verbs.h>
 #include <napi.h>
@@ -19,7 +19,7 @@
 
 namespace vrdma::verbs {
 
-enum class Kind { Context, Pd, Cq, Qp, Mr, Ah };
+enum class Kind { Context, Pd, Cq, Qp, Mr, Ah, Engine };
 
 const char* KindName(Kind k);
 
@@ -37,6 +37,12 @@ struct Entry {
   bool destroying = false;
   // qp
   ibv_qp_type qpType = IBV_QPT_RC;
+  // cq, qp: created for another process to map (mapped.h): `obj` is this addon's own ibv_cq/ibv_qp, which the
+  // provider never saw, so the provider's poll, post and destroy must never be called on it.
+  bool mapped = false;
+  // qp: the doorbell engine (its entry id, 0 for none) and slot this mapped QP is attached to (doorbell.cc)
+  uint32_t engineId = 0;
+  uint32_t engineSlot = 0;
   // mr: the JS memory, held so it cannot be collected while registered
   Napi::Reference<Napi::ArrayBuffer> memory;
   // context

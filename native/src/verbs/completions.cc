@@ -120,6 +120,7 @@ Napi::Value PollCq(const Napi::CallbackInfo& info) {
   const char* verb = "ibv_poll_cq";
   Entry* e = Lookup(StateOf(info), env, verb, info[0], Kind::Cq);
   if (e == nullptr) return env.Undefined();
+  if (e->mapped) return Throw(env, verb, EINVAL, "cq " + std::to_string(e->id) + " is mapped: its owner polls it in place");
   uint8_t* out = nullptr;
   size_t outLen = 0;
   uint64_t max = 0;

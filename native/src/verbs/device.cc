@@ -40,6 +40,8 @@ namespace {
 struct Opened {
   ibv_context* ctx = nullptr;
   ibv_comp_channel* channel = nullptr;
+  // The device's vendor id: what names its provider's queue format (rdma_rxe: 0xFFFFFF, RXE_VENDOR_ID).
+  uint32_t vendorId = 0;
 };
 
 // On the pool: opens device `name` with a completion channel, both event fds non-blocking.
@@ -76,6 +78,8 @@ int OpenOnPool(const std::string& name, Opened& out, std::string& detail) {
     ibv_close_device(out.ctx);
     return err;
   }
+  ibv_device_attr attr;
+  if (ibv_query_device(out.ctx, &attr) == 0) out.vendorId = attr.vendor_id;
   if ((err = SetNonBlocking(out.channel->fd)) != 0 || (err = SetNonBlocking(out.ctx->async_fd)) != 0) {
     detail = "cannot make the event fds non-blocking";
     ibv_destroy_comp_channel(out.channel);
@@ -120,6 +124,7 @@ Napi::Value OpenDevice(const Napi::CallbackInfo& info) {
         o.Set("context", e->id);
         o.Set("channelFd", out.channel->fd);
         o.Set("asyncFd", out.ctx->async_fd);
+        o.Set("vendorId", out.vendorId);
         return o;
       });
 }

@@ -4,6 +4,7 @@
 // destroy (completions.h), the work-request and completion layouts (wr.h).
 #include "../verbs.h"
 
+#include "mapped.h"
 #include "registry.h"
 #include "verbs_api.h"
 #include "wr.h"
@@ -46,6 +47,15 @@ Napi::Object InitVerbs(Napi::Env env) {
   fn("destroyAh", DestroyAh);
   fn("postSend", PostSend);
   fn("postRecv", PostRecv);
+  fn("createMappedCq", CreateMappedCq);
+  fn("createMappedQp", CreateMappedQp);
+  fn("createDoorbellEngine", CreateDoorbellEngine);
+  fn("doorbellAttach", DoorbellAttach);
+  fn("doorbellDetach", DoorbellDetach);
+  fn("doorbellRing", DoorbellRing);
+  fn("doorbellSetWakeFd", DoorbellSetWakeFd);
+  fn("doorbellCounters", DoorbellCounters);
+  fn("doorbellClose", CloseDoorbellEngine);
   fn("parseSendWrsForTest", ParseSendWrsForTest);
   fn("parseRecvWrsForTest", ParseRecvWrsForTest);
   fn("writeWcForTest", WriteWcForTest);

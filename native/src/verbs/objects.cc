@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "jobs.h"
+#include "mapped.h"
 #include "verbs_api.h"
 #include "wr.h"
 
@@ -41,6 +42,7 @@ Napi::Value CreateCq(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value DestroyCq(const Napi::CallbackInfo& info) {
+  if (IsMappedArg(info)) return DestroyMappedCq(info);
   std::shared_ptr<Completions> completions = StateOf(info)->completions;
   return DestroyJob(info, "ibv_destroy_cq", Kind::Cq, [completions](void* o) {
     ibv_cq* cq = static_cast<ibv_cq*>(o);
@@ -87,6 +89,11 @@ Napi::Value CreateQp(const Napi::CallbackInfo& info) {
   if (sendCq == nullptr) return env.Undefined();
   Entry* recvCq = Lookup(st, env, verb, Napi::Number::New(env, recvCqId), Kind::Cq);
   if (recvCq == nullptr) return env.Undefined();
+  // A mapped CQ is written by the host for the guest; a relayed QP's CQs are polled here (spec 13.3).
+  if (sendCq->mapped || recvCq->mapped)
+    return Throw(env, verb, EINVAL,
+                 std::string(sendCq->mapped ? "send" : "recv") + " CQ " +
+                     std::to_string(sendCq->mapped ? sendCqId : recvCqId) + " is a mapped CQ");
   attr->send_cq = static_cast<ibv_cq*>(sendCq->obj);
   attr->recv_cq = static_cast<ibv_cq*>(recvCq->obj);
   uint32_t id = ReserveId(st);
@@ -233,6 +240,7 @@ Napi::Value DestroyQp(const Napi::CallbackInfo& info) {
   uint64_t limitMs = 0;
   if (!ReadUint(info.Env(), "ibv_destroy_qp", "flushLimitMs", info[1], MAX_FLUSH_LIMIT_MS, &limitMs))
     return info.Env().Undefined();
+  if (IsMappedArg(info)) return DestroyMappedQp(info);
   const auto limit = std::chrono::milliseconds(limitMs);
   std::shared_ptr<Completions> completions = StateOf(info)->completions;
   return DestroyJob(info, "ibv_destroy_qp", Kind::Qp, [completions, limit](void* o) {

@@ -4,6 +4,7 @@
 #include <cerrno>
 
 #include "events.h"
+#include "mapped.h"
 
 namespace vrdma::verbs {
 
@@ -15,6 +16,7 @@ const char* KindName(Kind k) {
     case Kind::Qp: return "qp";
     case Kind::Mr: return "mr";
     case Kind::Ah: return "ah";
+    case Kind::Engine: return "doorbell engine";
   }
   return "?";
 }
@@ -94,14 +96,26 @@ void Release(const std::vector<Entry*>& entries) {
 // running on the pool are left to the kernel (the process is ending; touching them would race the job).
 void Cleanup(void* arg) {
   State* st = static_cast<State*>(arg);
-  const Kind order[] = {Kind::Qp, Kind::Ah, Kind::Mr, Kind::Cq, Kind::Pd, Kind::Context};
+  // The doorbell engines stop first: their threads write commands naming QP handles.
+  const Kind order[] = {Kind::Engine, Kind::Qp, Kind::Ah, Kind::Mr, Kind::Cq, Kind::Pd, Kind::Context};
   for (Kind kind : order) {
     std::vector<Entry*> victims;
     for (auto& [id, e] : st->entries)
       if (e->kind == kind && !e->destroying && e->pending == 0) victims.push_back(e.get());
     for (Entry* e : victims) {
+      if (kind == Kind::Engine) {  // its children are the QPs it serves: stopping detaches them
+        StopEngine(st, e);
+        Unregister(st, e);
+        continue;
+      }
       if (e->children > 0) continue;  // a child is busy: leave the parent to the kernel too
+      if (e->mapped) {
+        ReleaseMapped(e);
+        Unregister(st, e);
+        continue;
+      }
       switch (kind) {
+        case Kind::Engine: break;
         case Kind::Qp: ibv_destroy_qp(static_cast<ibv_qp*>(e->obj)); break;
         case Kind::Ah: ibv_destroy_ah(static_cast<ibv_ah*>(e->obj)); break;
         case Kind::Mr: ibv_dereg_mr(static_cast<ibv_mr*>(e->obj)); break;

@@ -215,6 +215,8 @@ Napi::Value PostList(const Napi::CallbackInfo& info, bool send) {
   const char* verb = send ? "ibv_post_send" : "ibv_post_recv";
   Entry* e = Lookup(st, env, verb, info[0], Kind::Qp);
   if (e == nullptr) return env.Undefined();
+  if (e->mapped)
+    return Throw(env, verb, EINVAL, "qp " + std::to_string(e->id) + " is mapped: its owner writes WQEs in place");
   uint8_t* buf = nullptr;
   size_t len = 0;
   uint32_t count = 0;
