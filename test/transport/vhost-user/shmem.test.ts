@@ -29,7 +29,7 @@ async function running(opts: { protocol?: bigint } = {}): Promise<{ r: Rig; page
   const device = new RegionDevice();
   const r = await rig({ device });
   if (opts.protocol === undefined) {
-    await r.fe.init({ queues: 2 });
+    await r.fe.init({ queues: 2, shmem: 'manual' });
   } else {
     await negotiate(r, opts.protocol);
     const [ours, theirs] = host.socketPair();
