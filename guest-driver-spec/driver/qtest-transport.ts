@@ -6,6 +6,10 @@
 // memory ordering as a guest CPU, and the back-end sees the very same pages. (qtest read/write would make every
 // index access a socket round trip, and the driver's memory access is synchronous by design.)
 //
+// Shared memory regions (spec 13.14) are different: they are in a BAR, not in RAM, and what the back-end maps there
+// is only in QEMU's address space, so sharedMemory(shmid) goes through qtest reads and writes at the region's guest
+// physical address (found in the function's VIRTIO_PCI_CAP_SHARED_MEMORY_CFG capabilities).
+//
 // Interrupts: QEMU's vhost-user-device-pci is driven without MSI-X here, so all queues share one INTx line. A
 // waiter for queue q waits a short while for the line, then acknowledges it by reading the ISR and returns;
 // callers re-check their used ring whatever woke them, so an interrupt meant for another queue costs one extra
@@ -25,10 +29,13 @@ import {
   GUEST_RAM_ALLOC_START,
   VIRTIO_MSI_NO_VECTOR,
   VirtioPciDevice,
+  qtestSharedMemoryWindow,
+  sharedMemoryRegions,
   type QemuQtest,
+  type SharedMemoryRegion,
 } from '../qtest/index.ts';
 import { DriverMemory, type AllocatableRange } from './memory.ts';
-import { TransportError, type DriverTransport } from './transport.ts';
+import { TransportError, type DriverTransport, type SharedMemoryWindow } from './transport.ts';
 import { DriverVirtqueue } from './virtqueue.ts';
 
 /** Longest single wait on the shared INTx line before the caller looks at its ring again. */
@@ -80,6 +87,8 @@ export class QtestTransport implements DriverTransport {
   /** RAM added after start (hot-added DIMMs): fd, mapping and memfd inode of each. */
   private readonly addedRam: { fd: number; mapping: ArrayBuffer; ino: number }[] = [];
   private closed = false;
+  /** The function's shared memory regions, read from its capabilities on first use. */
+  private shmRegions: SharedMemoryRegion[] | undefined;
 
   private constructor(
     readonly qemu: QemuQtest,
@@ -208,6 +217,12 @@ export class QtestTransport implements DriverTransport {
     }
     await this.dev.readIsr(); // acknowledges: INTx goes low
     return true;
+  }
+
+  async sharedMemory(shmid: number): Promise<SharedMemoryWindow | undefined> {
+    this.shmRegions ??= await sharedMemoryRegions(this.dev);
+    const region = this.shmRegions.find((r) => r.id === shmid);
+    return region === undefined ? undefined : qtestSharedMemoryWindow(this.qemu.qtest, region);
   }
 
   async close(): Promise<void> {

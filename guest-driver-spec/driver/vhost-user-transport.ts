@@ -9,6 +9,10 @@
 // the front-end's start() sequence, and afterwards reads the back-end's status with GET_STATUS, so a back-end that
 // refuses FEATURES_OK (VHOST_USER_PROTOCOL_F_STATUS) is seen.
 //
+// Shared memory regions (spec 13.14): the front-end asks GET_SHMEM_CONFIG when it creates the device and serves the
+// back-end's SHMEM_MAP/UNMAP by mapping the fds into this process (frontend/shmem.ts), so sharedMemory(shmid) is a
+// window whose loads and stores reach the back-end's pages directly, with a direct view where a mapping is writable.
+//
 // vhost-user has no configuration generation counter: one GET_CONFIG message is answered from one snapshot of the
 // configuration, so the driver reads the fields that must be consistent (gid and mac) in one readConfig call.
 
@@ -18,7 +22,7 @@ import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, hasBit } from '../../v
 import type { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { STATUS_DRIVER_OK, STATUS_FEATURES_OK } from '../../vmm-device/abi/virtio.ts';
 import { DriverMemory, type AllocatableRange } from './memory.ts';
-import { TransportError, type DriverTransport } from './transport.ts';
+import { TransportError, type DriverTransport, type SharedMemoryWindow } from './transport.ts';
 import { DriverVirtqueue } from './virtqueue.ts';
 
 /** Queue size QEMU's generic vhost-user device gives every queue by default (its `vq_size` property). */
@@ -149,6 +153,10 @@ export class VhostUserTransport implements DriverTransport {
 
   async waitInterrupt(index: number, timeoutMs: number): Promise<boolean> {
     return (await this.fe.waitCall(index, timeoutMs)) > 0n;
+  }
+
+  async sharedMemory(shmid: number): Promise<SharedMemoryWindow | undefined> {
+    return this.fe.shmem?.window(shmid);
   }
 
   async close(): Promise<void> {

@@ -10,6 +10,7 @@
 //   await fe.stop();                               // GET_VRING_BASE per queue, SET_STATUS 0
 
 import {
+  BackendRequest,
   FLAG_NEED_REPLY,
   FrontendRequest as R,
   HEADER_SIZE,
@@ -41,6 +42,8 @@ import {
 import type { Watch } from '../../vmm-device/host/host.ts';
 import type { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { GuestRam, type RamRegion } from './guest-ram.ts';
+import { BACKEND_ANSWER_FLAGS, FrontendShmem, wantsAnswer } from './shmem.ts';
+import { SHMEM_CONFIG_SIZE, decodeShmemConfig } from '../../vmm-device/transport/vhost-user/shmem-messages.ts';
 
 /** How long the front-end waits for a reply before giving up (QEMU blocks forever; tests must not). */
 export const REPLY_TIMEOUT_MS = 3000;
@@ -125,6 +128,9 @@ export class VhostUserFrontend {
   backendChannelFd: number | undefined;
   /** RAM regions start() gave the back-end with ADD_MEM_REG on this connection. */
   private readonly regionsAdded = new Set<RamRegion>();
+  /** Shared memory regions (SHMEM negotiated, GET_SHMEM_CONFIG answered) and what the back-end mapped in them. */
+  shmem: FrontendShmem | undefined;
+  private channelWatch: Watch | undefined;
 
   private constructor(
     readonly host: SysHost,
@@ -159,6 +165,8 @@ export class VhostUserFrontend {
         this.eof = true;
         this.watch?.stop();
         this.watch = undefined;
+        // The back-end went away: its shared memory mappings go with it, as QEMU drops them (spec 13.14).
+        this.shmem?.dropAll();
         break;
       }
       this.pendingFds.push(...r.fds);
@@ -329,6 +337,18 @@ export class VhostUserFrontend {
     await this.setStatus(s | bits);
   }
 
+  /** GET_SHMEM_CONFIG: the regions by id, checked as QEMU checks them (size, nregions, page multiples). */
+  async getShmemConfig(): Promise<Map<number, bigint>> {
+    this.send(R.GET_SHMEM_CONFIG);
+    const m = await this.reply(R.GET_SHMEM_CONFIG, SHMEM_CONFIG_SIZE);
+    const regions = decodeShmemConfig(m.payload);
+    if (regions === undefined) throw new FrontendError('GET_SHMEM_CONFIG: nregions disagrees with the sizes');
+    for (const [id, size] of regions) {
+      if (size % BigInt(this.host.pageSize) !== 0n) throw new FrontendError(`GET_SHMEM_CONFIG: region ${id} size ${size} is not a page multiple`);
+    }
+    return regions;
+  }
+
   async getInflightFd(numQueues: number, queueSize: number): Promise<{ desc: InflightDesc; fd: number | undefined }> {
     this.send(R.GET_INFLIGHT_FD, encodeInflight({ mmapSize: 0n, mmapOffset: 0n, numQueues, queueSize }));
     const m = await this.reply(R.GET_INFLIGHT_FD, 24);
@@ -353,7 +373,15 @@ export class VhostUserFrontend {
    * protocol features (all the back-end offers that QEMU knows), queue count, memory slots, the back-end channel,
    * SET_OWNER, then a call and an error eventfd for every queue.
    */
-  async init(opts: { queues: number; backendChannel?: boolean } ): Promise<{ features: bigint; protocolFeatures: bigint; queueNum: number; maxMemSlots: number }> {
+  async init(opts: {
+    queues: number;
+    backendChannel?: boolean;
+    /**
+     * With SHMEM negotiated: 'serve' (default) maps and unmaps what the back-end asks on its channel, as QEMU does;
+     * 'manual' leaves every back-end request to nextBackendRequest/answerBackendRequest.
+     */
+    shmem?: 'serve' | 'manual';
+  }): Promise<{ features: bigint; protocolFeatures: bigint; queueNum: number; maxMemSlots: number }> {
     const features = await this.getFeatures();
     this.backendFeatures = features;
     let queueNum = 1;
@@ -373,6 +401,14 @@ export class VhostUserFrontend {
           await this.request(R.SET_BACKEND_REQ_FD, undefined, [theirs]);
         } finally {
           this.host.close(theirs);
+        }
+      }
+      if (hasBit(this.protocolFeatures, ProtocolFeature.SHMEM)) {
+        // QEMU asks when it creates the device, and sizes the BAR that holds the regions from the answer.
+        this.shmem = new FrontendShmem(await this.getShmemConfig(), this.host.pageSize);
+        if (opts.shmem !== 'manual' && this.backendChannelFd !== undefined) {
+          const fd = this.backendChannelFd;
+          this.channelWatch = this.host.watchReadable(fd, () => this.pumpChannel());
         }
       }
     }
@@ -496,34 +532,57 @@ export class VhostUserFrontend {
 
   private channelBuffered = new Uint8Array(0);
   private channelFds: number[] = [];
+  private readonly channelInbox: ReceivedMessage[] = [];
+  private channelEof = false;
+
+  /**
+   * Reads what the back-end sent on its channel: SHMEM_MAP/UNMAP are served at once when the front-end serves shared
+   * memory (init's `shmem`), everything else waits in the inbox for nextBackendRequest.
+   */
+  private pumpChannel(): void {
+    const fd = this.backendChannelFd;
+    if (fd === undefined || this.channelEof) return;
+    for (;;) {
+      const r = this.host.recv(fd, 4096, MAX_FDS_PER_MESSAGE);
+      if (r.kind === 'again') break;
+      if (r.kind === 'eof') {
+        this.channelEof = true;
+        this.channelWatch?.stop();
+        this.channelWatch = undefined;
+        break;
+      }
+      this.channelFds.push(...r.fds);
+      const joined = new Uint8Array(this.channelBuffered.length + r.bytes.length);
+      joined.set(this.channelBuffered);
+      joined.set(r.bytes, this.channelBuffered.length);
+      this.channelBuffered = joined;
+    }
+    while (this.channelBuffered.length >= HEADER_SIZE) {
+      const header = decodeHeader(this.channelBuffered);
+      if (this.channelBuffered.length < HEADER_SIZE + header.size) break;
+      const payload = this.channelBuffered.slice(HEADER_SIZE, HEADER_SIZE + header.size);
+      this.channelBuffered = this.channelBuffered.slice(HEADER_SIZE + header.size);
+      const fds = this.channelFds;
+      this.channelFds = [];
+      const shm = header.request === BackendRequest.SHMEM_MAP || header.request === BackendRequest.SHMEM_UNMAP;
+      if (shm && this.shmem !== undefined && this.channelWatch !== undefined) {
+        const answer = this.shmem.serve(header.request, payload, fds);
+        if (wantsAnswer(header)) this.host.sendMessage(fd, encodeMessage(header.request, BACKEND_ANSWER_FLAGS, encodeU64(answer)), []);
+      } else {
+        this.channelInbox.push({ header, payload, fds });
+      }
+    }
+  }
 
   /** The next request the back-end sent on its channel (header, payload, fds), or undefined on timeout. */
   async nextBackendRequest(timeoutMs = REPLY_TIMEOUT_MS): Promise<ReceivedMessage | undefined> {
-    const fd = this.backendChannelFd;
-    if (fd === undefined) throw new FrontendError('no back-end channel (init() with backendChannel)');
+    if (this.backendChannelFd === undefined) throw new FrontendError('no back-end channel (init() with backendChannel)');
     const deadline = Date.now() + timeoutMs;
     for (;;) {
-      if (this.channelBuffered.length >= HEADER_SIZE) {
-        const header = decodeHeader(this.channelBuffered);
-        if (this.channelBuffered.length >= HEADER_SIZE + header.size) {
-          const payload = this.channelBuffered.slice(HEADER_SIZE, HEADER_SIZE + header.size);
-          this.channelBuffered = this.channelBuffered.slice(HEADER_SIZE + header.size);
-          const fds = this.channelFds;
-          this.channelFds = [];
-          return { header, payload, fds };
-        }
-      }
-      const r = this.host.recv(fd, 4096, MAX_FDS_PER_MESSAGE);
-      if (r.kind === 'eof') return undefined;
-      if (r.kind === 'data') {
-        this.channelFds.push(...r.fds);
-        const joined = new Uint8Array(this.channelBuffered.length + r.bytes.length);
-        joined.set(this.channelBuffered);
-        joined.set(r.bytes, this.channelBuffered.length);
-        this.channelBuffered = joined;
-        continue;
-      }
-      if (Date.now() >= deadline) return undefined;
+      this.pumpChannel();
+      const m = this.channelInbox.shift();
+      if (m !== undefined) return m;
+      if (this.channelEof || Date.now() >= deadline) return undefined;
       await new Promise((res) => setTimeout(res, 5));
     }
   }
@@ -554,6 +613,11 @@ export class VhostUserFrontend {
     }
     for (const m of this.inbox) for (const fd of m.fds) close(fd);
     for (const fd of this.pendingFds) close(fd);
+    for (const m of this.channelInbox) for (const fd of m.fds) close(fd);
+    for (const fd of this.channelFds) close(fd);
+    this.channelWatch?.stop();
+    this.channelWatch = undefined;
+    this.shmem?.dropAll();
     if (this.backendChannelFd !== undefined) close(this.backendChannelFd);
     close(this.fd);
   }

@@ -17,4 +17,4 @@ export { QtestSplitQueue, type UsedBuffer, MAX_QUEUE_SIZE, MAX_BUFFER_BYTES } fr
 export { QemuQtest, findQemu, type QemuQtestOptions, type QemuExit, DEFAULT_RAM_MIB, MAX_MEMORY_SLOTS } from './qemu.ts';
 export { QmpClient, QmpError, type QmpEvent, type QmpGreeting, QMP_COMMAND_TIMEOUT_MS } from './qmp.ts';
 export { hotAddMemory, queryDimms, type DimmInfo, type HotAddOptions, MAX_DIMM_MIB } from './memory-hotplug.ts';
-export { sharedMemoryRegions, VIRTIO_PCI_CAP_SHARED_MEMORY_CFG, type SharedMemoryRegion } from './shared-memory.ts';
+export { sharedMemoryRegions, qtestSharedMemoryWindow, VIRTIO_PCI_CAP_SHARED_MEMORY_CFG, type SharedMemoryRegion } from './shared-memory.ts';

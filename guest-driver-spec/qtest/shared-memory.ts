@@ -3,6 +3,8 @@
 // a 64-bit offset and length inside it, and the region's id in the capability's `id` byte.
 
 import type { VirtioPciDevice } from './virtio-pci.ts';
+import { MAX_TRANSFER_BYTES, type QtestClient } from './qtest-client.ts';
+import type { SharedMemoryWindow } from '../driver/transport.ts';
 
 export const VIRTIO_PCI_CAP_SHARED_MEMORY_CFG = 8;
 /** struct virtio_pci_cap64: the 16-byte virtio_pci_cap, then offset_hi and length_hi. */
@@ -38,4 +40,46 @@ export async function sharedMemoryRegions(dev: VirtioPciDevice): Promise<SharedM
     regions.push({ id, bar: cap.bar, offset, length, address: BigInt(bar.address) + offset });
   }
   return regions;
+}
+
+/**
+ * A driver's window on one shared memory region through qtest (DriverTransport.sharedMemory): every access is a
+ * qtest read or write at the region's guest physical address, so it reaches what the VMM mapped there, reads 0
+ * where nothing is mapped and drops stores there, exactly as a guest CPU's would. qtest commands run one at a time
+ * in order, so a readU32/writeU32 is ordered against every access before and after it (what 13.4's acquire and
+ * release ask for). There is no direct view: nothing of the region is in this process.
+ */
+export function qtestSharedMemoryWindow(qtest: QtestClient, region: SharedMemoryRegion): SharedMemoryWindow {
+  const check = (what: string, offset: bigint, length: number, align = 1): bigint => {
+    if (!Number.isInteger(length) || length < 0 || offset < 0n || offset + BigInt(length) > region.length) {
+      throw new RangeError(`shared memory region ${region.id}: ${what} [0x${offset.toString(16)}, +${length}) is outside its 0x${region.length.toString(16)} bytes`);
+    }
+    if (offset % BigInt(align) !== 0n) throw new RangeError(`shared memory region ${region.id}: ${what} at 0x${offset.toString(16)} is not ${align}-byte aligned`);
+    return region.address + offset;
+  };
+  return {
+    shmid: region.id,
+    size: region.length,
+    async read(offset, length) {
+      const at = check('read', offset, length);
+      const out = new Uint8Array(length);
+      for (let done = 0; done < length; done += MAX_TRANSFER_BYTES) {
+        const n = Math.min(MAX_TRANSFER_BYTES, length - done);
+        out.set(await qtest.read(at + BigInt(done), n), done);
+      }
+      return out;
+    },
+    async write(offset, bytes) {
+      const at = check('write', offset, bytes.length);
+      for (let done = 0; done < bytes.length; done += MAX_TRANSFER_BYTES) {
+        await qtest.write(at + BigInt(done), bytes.subarray(done, Math.min(bytes.length, done + MAX_TRANSFER_BYTES)));
+      }
+    },
+    async readU32(offset) {
+      return qtest.readl(check('readU32', offset, 4, 4));
+    },
+    async writeU32(offset, value) {
+      await qtest.writel(check('writeU32', offset, 4, 4), value >>> 0);
+    },
+  };
 }

@@ -31,6 +31,8 @@ export class InvertDevice implements VirtioDeviceModel {
   constructor(
     readonly queueCount: number,
     serial: bigint,
+    /** Shared memory regions to declare (spec 13.14: QEMU then asks GET_SHMEM_CONFIG and exposes them in a BAR). */
+    readonly sharedMemoryRegions?: ReadonlyMap<number, bigint>,
   ) {
     const view = new DataView(this.config.buffer);
     view.setUint32(0, INVERT_CONFIG_MAGIC, true);

@@ -41,9 +41,9 @@ export interface Backend {
   close(): void;
 }
 
-export function startBackend(socketPath: string, serial: bigint): Backend {
+export function startBackend(socketPath: string, serial: bigint, regions?: ReadonlyMap<number, bigint>): Backend {
   const log = new RecordingLogger('backend');
-  const device = new InvertDevice(QUEUES, serial);
+  const device = new InvertDevice(QUEUES, serial, regions);
   const server = new VhostUserServer({ path: socketPath, host, model: device, log });
   const requests: FrontendMessage[] = [];
   server.onWire = (e) => {
@@ -96,6 +96,8 @@ export interface QemuRig {
 export interface RigOptions {
   serial?: bigint;
   reconnect?: boolean;
+  /** Shared memory regions the device model declares (id -> bytes). */
+  regions?: ReadonlyMap<number, bigint>;
   /** QEMU's RAM size, a QMP channel, memory slots for hot-added RAM. */
   qemu?: Pick<QemuQtestOptions, 'ramMiB' | 'qmp' | 'hotplug'>;
 }
@@ -103,7 +105,7 @@ export interface RigOptions {
 export async function startRig(options: RigOptions = {}): Promise<QemuRig> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-qemu-test-'));
   const socketPath = path.join(dir, 'vu.sock');
-  const backend = startBackend(socketPath, options.serial ?? 0x1122_3344_5566_7788n);
+  const backend = startBackend(socketPath, options.serial ?? 0x1122_3344_5566_7788n, options.regions);
   let qemu: QemuQtest;
   try {
     qemu = await QemuQtest.start({ ...options.qemu, workDir: dir, args: vhostUserDeviceArgs(socketPath, options) });

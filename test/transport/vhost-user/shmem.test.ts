@@ -29,7 +29,7 @@ async function running(opts: { protocol?: bigint } = {}): Promise<{ r: Rig; page
   const device = new RegionDevice();
   const r = await rig({ device });
   if (opts.protocol === undefined) {
-    await r.fe.init({ queues: 2 });
+    await r.fe.init({ queues: 2, shmem: 'manual' });
   } else {
     await negotiate(r, opts.protocol);
     const [ours, theirs] = host.socketPair();
@@ -302,6 +302,34 @@ t.test('a connection closed by the back-end while a request waits: it rejects sa
   await t.rejects(inFlight, /the connection closed and the VMM dropped every mapping/);
   t.same(shmem.describe(), []);
   t.equal(shmem.counters.dropped, 1);
+  host.close(memfd);
+  t.same(await r.finish(), { watchers: 0, mappings: 0 });
+});
+
+t.test('a map the front-end never answers: rejects after the channel\'s timeout, the range stays reserved until unmapped', async (t) => {
+  const { r, pages } = await running();
+  const shmem = r.session().hostPages.shmem;
+  const memfd = host.memfd('queue-pages', host.pageSize);
+  const map = { shmid: 0, shmOffset: 0n, fd: memfd, fdOffset: 0n, length: PAGE, writable: true };
+  const silent = pages.mapShared(map);
+  const req = await r.fe.nextBackendRequest();
+  for (const fd of req!.fds) host.close(fd);
+  // No answer (a real front-end that hangs): the channel gives up after BACKEND_REPLY_TIMEOUT_MS.
+  await t.rejects(silent, /no answer within \d+ ms; the VMM's state of this range is unknown: it stays reserved until unmapShared/);
+  t.same(shmem.describe().map((e) => e.state), ['uncertain']);
+  t.equal(shmem.counters.failed, 1, 'counted');
+  await t.rejects(pages.mapShared(map), /overlaps .*\(uncertain\)/, 'the range is not handed out again');
+  const unmap = pages.unmapShared(0, 0n, PAGE);
+  const req2 = await r.fe.nextBackendRequest();
+  t.equal(req2?.header.request, BackendRequest.SHMEM_UNMAP);
+  r.fe.answerBackendRequest(BackendRequest.SHMEM_UNMAP, 1n);
+  await t.rejects(unmap, /refused it \(answer 1\)/, 'the front-end never mapped it');
+  t.same(shmem.describe(), [], 'so the range is free again');
+  const again = pages.mapShared(map);
+  const req3 = await r.fe.nextBackendRequest();
+  for (const fd of req3!.fds) host.close(fd);
+  r.fe.answerBackendRequest(BackendRequest.SHMEM_MAP, 0n);
+  await t.resolves(again);
   host.close(memfd);
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });
