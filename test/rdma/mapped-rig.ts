@@ -185,7 +185,7 @@ export interface MappedCqAnswer {
 
 export async function createMappedCq(g: TestGuest, v: Partial<CqReq> = {}): Promise<MappedCqAnswer> {
   const a = await g.cmd(Command.CREATE_CQ, mappedCqRequest(v), [], CreateCqMappedResponse.size);
-  if (a.status !== 0) throw new Error(`CREATE_CQ with MAP: status ${a.status} detail ${a.detail}`);
+  if (a.status !== 0) throw new Error(`CREATE_CQ with MAP: status ${a.status} detail ${a.detail} (${g.log.lines.concat((g.device as unknown as { log: typeof g.log }).log.lines).slice(-3).map((l) => JSON.stringify(l)).join('; ')})`);
   const r = CreateCqMappedResponse.decode(a.body);
   const cq = CreateCqResponse.decode(r.cq);
   return { handle: cq.cq_handle, cqe: cq.cqe_count, queue: QueueMapping.decode(r.queue), mapped: r.mapped };
