@@ -41,6 +41,8 @@ t.test('argument errors exit 2 and name the flag (plain node runs the bin)', asy
     [['--socket', sock, '--device', 'rxe0', '--virtual-ip', '10.0.0.9', '--max-qp', '0'], /--max-qp must be between 1/],
     [['--socket', sock, '--device', 'rxe0', '--virtual-ip', '10.0.0.9', '--max-qp', 'many'], /--max-qp must be a positive integer/],
     [['--socket', sock, '--device', 'rxe0', '--virtual-ip', '10.0.0.9', '--log-level', 'loud'], /--log-level must be debug, info, warn or error/],
+    [['--socket', sock, '--device', 'rxe0', '--virtual-ip', '10.0.0.9', '--host-queue-mapping', 'on'], /--host-queue-mapping must be polled, notify or off/],
+    [['--socket', sock, '--device', 'rxe0', '--virtual-ip', '10.0.0.9', '--max-mapped-queues', '0'], /--max-mapped-queues must be between 1/],
     [['--sockt', sock], /Unknown option '--sockt'/],
     [['--socket'], /--socket/],
     [['positional'], /positional/],

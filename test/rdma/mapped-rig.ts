@@ -185,7 +185,7 @@ export interface MappedCqAnswer {
 
 export async function createMappedCq(g: TestGuest, v: Partial<CqReq> = {}): Promise<MappedCqAnswer> {
   const a = await g.cmd(Command.CREATE_CQ, mappedCqRequest(v), [], CreateCqMappedResponse.size);
-  if (a.status !== 0) throw new Error(`CREATE_CQ with MAP: status ${a.status} detail ${a.detail}`);
+  if (a.status !== 0) throw new Error(`CREATE_CQ with MAP: status ${a.status} detail ${a.detail} (${g.log.lines.concat((g.device as unknown as { log: typeof g.log }).log.lines).slice(-3).map((l) => JSON.stringify(l)).join('; ')})`);
   const r = CreateCqMappedResponse.decode(a.body);
   const cq = CreateCqResponse.decode(r.cq);
   return { handle: cq.cq_handle, cqe: cq.cqe_count, queue: QueueMapping.decode(r.queue), mapped: r.mapped };
@@ -213,10 +213,13 @@ export async function createMappedQp(g: TestGuest, v: Partial<QpReq>): Promise<M
   return decodeQpAnswer(a);
 }
 
+/** A page list of `n` zero entries: framing (spec 7.2 check 4) passes, so the command's own checks are reached. */
+const zeros = (n: number): bigint[] => Array.from({ length: n }, () => 0n);
+
 export function qpCmd(g: TestGuest, v: Partial<QpReq>): Promise<Answer> {
-  return g.cmd(Command.CREATE_QP, mappedQpRequest(v), [], CreateQpMappedResponse.size);
+  return g.cmd(Command.CREATE_QP, mappedQpRequest(v), zeros((v.sq_num_pages ?? 0) + (v.rq_num_pages ?? 0)), CreateQpMappedResponse.size);
 }
 
 export function cqCmd(g: TestGuest, v: Partial<CqReq>): Promise<Answer> {
-  return g.cmd(Command.CREATE_CQ, mappedCqRequest(v), [], CreateCqMappedResponse.size);
+  return g.cmd(Command.CREATE_CQ, mappedCqRequest(v), zeros(v.num_pages ?? 0), CreateCqMappedResponse.size);
 }

@@ -39,6 +39,14 @@ host RDMA device NAME.
   --log-level LEVEL    debug, info, warn or error (default: info)
   --host-dir DIR       the directory the backends of this host share: wire QPN ownership (every RC connection
                        is checked against it) and the host's quota ledger (default: ${defaultHostDir()})
+  --host-queue-mapping MODE
+                       polled (default), notify or off: offer HOST_QUEUE_MAPPING (spec section 13: RC QPs' host queues
+                       mapped into the guest, doorbells executed by a native thread) when the host device has a
+                       mappable queue format and the VMM can map shared memory; polled: the thread watches the
+                       doorbell slots; notify: the guest kicks mapdoorbellq (queue 2 + N) after a store
+  --max-mapped-queues N
+                       mapped queues the guest may hold at once (each CQ 1, each QP 2; default 3072); the shared
+                       memory region is sized for N queues of the largest depth
   --help               this text
 
 Address from a static table (no VPC policy):
@@ -140,6 +148,8 @@ export const FlagsSchema = z
     'max-mr-mib': positiveInt('--max-mr-mib', 1 << 30),
     'host-dir': z.string().min(1, '--host-dir must not be empty').optional(),
     'log-level': z.enum(['debug', 'info', 'warn', 'error'], { error: '--log-level must be debug, info, warn or error' }).default('info'),
+    'host-queue-mapping': z.enum(['polled', 'notify', 'off'], { error: '--host-queue-mapping must be polled, notify or off' }).default('polled'),
+    'max-mapped-queues': positiveInt('--max-mapped-queues', 0xffff_ffff),
     ...observeFlagShape,
   })
   .strict()
@@ -216,6 +226,8 @@ export function parseFlags(argv: readonly string[]): Flags | 'help' {
         'host-id': { type: 'string' },
         'status-socket': { type: 'string' },
         'host-dir': { type: 'string' },
+        'host-queue-mapping': { type: 'string' },
+        'max-mapped-queues': { type: 'string' },
         help: { type: 'boolean' },
         ...OBSERVE_OPTIONS,
       },
@@ -408,7 +420,19 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     checkMappingCeiling({ attr, quotas, policy: controlPlane !== undefined, vmId });
     if (hostDir !== undefined) reservation = await admitVm({ attr, device: flags.device, vmId, hostDir, quotas, policy: controlPlane !== undefined });
     const { nativeAliasMapper } = await import('../host/alias.ts');
-    device = await RdmaDevice.open({ verbs, hostDevice: flags.device, vmId, resolver, quotas, log: deviceLog, aliases: nativeAliasMapper });
+    const { close: closeFd } = await import('../native/sys.ts'); // NOTIFY mode: the lent queue's call fd
+    device = await RdmaDevice.open({
+      verbs,
+      hostDevice: flags.device,
+      vmId,
+      resolver,
+      quotas,
+      log: deviceLog,
+      aliases: nativeAliasMapper,
+      hostQueueMapping: flags['host-queue-mapping'],
+      closeFd,
+      ...(flags['max-mapped-queues'] !== undefined ? { maxMappedQueues: flags['max-mapped-queues'] } : {}),
+    });
     if (vpc !== undefined) detach = vpc.attach(device);
     const vpcName = vpc?.engine.describeVm(vmId)?.vpc ?? flags.vpc ?? DEFAULT_STATIC_VPC;
     observe = await startObservability(flags, device, vpc, vpcName, log.child('observe'), { addressTable: addressTableOf(flags['gid-table'], resolver, vmId), quotas });

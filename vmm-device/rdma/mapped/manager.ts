@@ -207,18 +207,26 @@ export class MappingManager {
    */
   async ensureDoorbells(): Promise<DoorbellEngine> {
     if (this.engine !== undefined && this.doorbellPagesMapped) return this.engine;
+    const epoch = this.epoch;
     if (this.engine === undefined) {
       this.engineStarting ??= this.host.verbs.createDoorbellEngine(this.host.hostDevice, {
         pages: this.plan.doorbellPages,
         wake: this.notifyQueue !== undefined ? 'notify' : 'polled',
       });
+      let engine: DoorbellEngine;
       try {
-        this.engine = await this.engineStarting;
+        engine = await this.engineStarting;
       } catch (e) {
         throw new DoorbellSetupError('host', (e as Error).message);
       } finally {
         this.engineStarting = undefined;
       }
+      if (epoch !== this.epoch) {
+        // A reset came meanwhile: this engine belongs to no activation.
+        await engine.close().catch(() => undefined);
+        throw new DoorbellSetupError('host', 'reset while the doorbell engine started');
+      }
+      this.engine = engine;
       this.takeNotifyQueue();
     }
     const engine = this.engine!;
@@ -230,6 +238,11 @@ export class MappingManager {
       } catch (e) {
         this.host.counters.mapFailures++;
         throw new DoorbellSetupError('transport', (e as Error).message);
+      }
+      if (epoch !== this.epoch) {
+        // The reset did not know of this mapping: undo it here (its engine was closed by the reset).
+        await this.unmapRange(pages, 0n, engine.size, 'doorbell pages');
+        throw new DoorbellSetupError('transport', 'reset while the doorbell pages were mapped');
       }
       this.doorbellPagesMapped = true;
     }
