@@ -40,10 +40,12 @@
 //     loop -> WQE check -> ibv_post_send, and every CQE back the same way). Latency within 1.10x of native needs
 //     the bypass data path the spec reserves (MasQ/HyV map the host queue and doorbell pages into the guest; only
 //     their control path goes through the back-end, which is what their ~1.1x set-up figure measures).
-//   - Set-up: four control commands, each a driver->device round trip (kick, device work, used buffer, interrupt;
-//     through qtest QEMU ~0.5 ms each outside TCG, 0.74 ms per connection through the front-end) on top of the
-//     same four host verbs. Under TCG ~9-10x native; it needs fewer round trips (e.g. create + connect in one
-//     command) and a faster command path to approach 1.1x.
+//   - Set-up: was four control commands, each a driver->device round trip (kick, device work, used buffer,
+//     interrupt; through qtest QEMU ~0.5 ms each outside TCG, 0.74 ms per connection through the front-end) on top
+//     of the same four host verbs, ~9-10x native under TCG. The driver now sends INIT, RTR and RTS as one batch
+//     (driver.commandBatch: three chains, one kick, one wait; the device executes them in order): two round trips
+//     per connection (CREATE_QP, then the batch). What remains is the host verbs themselves (the device calls the
+//     same four) plus two round trips and the device's JavaScript per command (checks, VPC translation at RTR).
 //   - Bandwidth: one doorbell per WQE (as ib_write_bw posts them), each costing more under TCG than rxe's own work
 //     on 64 KiB; the guest sleeps on the completion interrupt when the window is full.
 
