@@ -164,6 +164,13 @@ async function waitCq(cq: MappedCq, count: number, what: string): Promise<WorkCo
   return got;
 }
 
+/** Takes completions until `count` of `opcode` came (others, left by an earlier loop, are taken on the way). */
+async function waitOpcode(cq: MappedCq, opcode: number, count: number, what: string): Promise<void> {
+  for (let seen = 0; seen < count; ) {
+    for (const wc of await waitCq(cq, 1, what)) if (wc.opcode === opcode) seen++;
+  }
+}
+
 /**
  * The reference driver's figures for one round (the JavaScript guest: MappedQp.postSend, MappedCq polling).
  * Runs BEFORE the C loop of the round: the C loop resumes from the queue headers, the driver from its own copies.
@@ -173,6 +180,7 @@ export async function jsDriverRound(t: MappedTestbed, size: number, iters: numbe
   const RX = 0;
   const TX = 4096;
   const writeLat: number[] = [];
+  for (const vm of [a, b]) vm.bytes.fill(0, RX, RX + size);
   for (let i = 0; i < iters; i++) {
     const t0 = process.hrtime.bigint();
     for (const [from, to, k] of [[a, b, 0], [b, a, 1]] as const) {
@@ -180,7 +188,7 @@ export async function jsDriverRound(t: MappedTestbed, size: number, iters: numbe
       from.bytes[TX + size - 1] = mark;
       await from.qp.postSend([{ wrId: BigInt(i), opcode: 'RDMA_WRITE', signaled: true, inline: from.bytes.slice(TX, TX + size), remoteAddr: to.mr.iova + BigInt(RX), rkey: to.mr.rkey }]);
       await waitByte(to.bytes, RX + size - 1, mark, 'js WRITE latency');
-      await waitCq(from.cq, 1, 'js WRITE latency');
+      await waitOpcode(from.cq, WcOpcode.RDMA_WRITE, 1, 'js WRITE latency');
     }
     writeLat.push(Number(process.hrtime.bigint() - t0) / 2000);
   }
@@ -190,21 +198,17 @@ export async function jsDriverRound(t: MappedTestbed, size: number, iters: numbe
     const t0 = process.hrtime.bigint();
     for (const [from, to] of [[a, b], [b, a]] as const) {
       await from.qp.postSend([{ wrId: 2n, opcode: 'SEND', signaled: true, inline: from.bytes.slice(TX, TX + size) }]);
-      let recv = false;
-      while (!recv) {
-        const wcs = await waitCq(to.cq, 1, 'js SEND latency');
-        recv = wcs.some((w) => w.opcode === WcOpcode.RECV);
-      }
+      await waitOpcode(to.cq, WcOpcode.RECV, 1, 'js SEND latency');
       await to.qp.postRecv([{ wrId: 1n, sgList: [to.mr.sge(RX, 4096)] }]);
     }
     sendLat.push(Number(process.hrtime.bigint() - t0) / 2000);
-    for (const vm of [a, b]) await vm.cq.poll(); // the send completions
+    for (const vm of [a, b]) await waitOpcode(vm.cq, WcOpcode.SEND, 1, 'js SEND latency (send completion)');
   }
   const readLat: number[] = [];
   for (let i = 0; i < iters; i++) {
     const t0 = process.hrtime.bigint();
     await a.qp.postSend([{ wrId: 3n, opcode: 'RDMA_READ', signaled: true, sgList: [a.mr.sge(8192, size)], remoteAddr: b.mr.iova, rkey: b.mr.rkey }]);
-    await waitCq(a.cq, 1, 'js READ latency');
+    await waitOpcode(a.cq, WcOpcode.RDMA_READ, 1, 'js READ latency');
     readLat.push(Number(process.hrtime.bigint() - t0) / 1000);
   }
   // Bandwidth: as many 64 KiB WRITEs in flight as the SQ holds, one signaled per BW_SIGNAL_EVERY.
@@ -224,15 +228,12 @@ export async function jsDriverRound(t: MappedTestbed, size: number, iters: numbe
         if (!(e instanceof UsageError) || !e.message.includes('do not fit')) throw e;
         const wcs = await a.cq.poll(); // the SQ is full: take completions and try again
         check(wcs, 'js WRITE bandwidth');
-        done += wcs.length;
+        done += wcs.filter((w) => w.opcode === WcOpcode.RDMA_WRITE).length;
         await yieldToLoop();
       }
     }
   }
-  while (done < signaled) {
-    const wcs = await waitCq(a.cq, 1, 'js WRITE bandwidth');
-    done += wcs.length;
-  }
+  if (done < signaled) await waitOpcode(a.cq, WcOpcode.RDMA_WRITE, signaled - done, 'js WRITE bandwidth');
   const bw = (bwSize * bwIters) / (1 << 20) / (Number(process.hrtime.bigint() - t0) / 1e9);
   return { writeLat, sendLat, readLat, bw };
 }

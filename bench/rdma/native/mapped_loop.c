@@ -39,6 +39,8 @@ typedef struct {
   uint64_t peer_iova;
   uint32_t rkey;
   uint32_t sq_prod, rq_prod, cq_cons, ssn;
+  /* Signaled send WQEs whose completion has not been taken yet. */
+  uint32_t owed;
 } side_t;
 
 static int64_t now_ns(void) {
@@ -78,6 +80,7 @@ static int post_send(side_t *s, uint32_t opcode, uint32_t flags, uint64_t local_
   w->dma.length = len;
   w->dma.resid = len;
   w->ssn = s->ssn++;
+  if (flags & IBV_SEND_SIGNALED) s->owed++;
   s->sq_prod = (s->sq_prod + 1) & s->sq.mask;
   __atomic_store_n(&hdr(&s->sq)->producer_index, s->sq_prod, __ATOMIC_RELEASE);
   __atomic_store_n(s->db, s->sq_prod, __ATOMIC_RELEASE); /* the doorbell slot: the SQ's new producer index */
@@ -112,7 +115,10 @@ static int poll_cq(side_t *s, uint32_t *recvs, uint32_t *sends, uint32_t *bad_st
       rc = -1;
     }
     if (wc->opcode & 128) (*recvs)++;
-    else (*sends)++;
+    else {
+      (*sends)++;
+      if (s->owed > 0) s->owed--;
+    }
     s->cq_cons = (s->cq_cons + 1) & s->cq.mask;
   }
   __atomic_store_n(&hdr(&s->cq)->consumer_index, s->cq_cons, __ATOMIC_RELEASE);
@@ -216,12 +222,27 @@ static outcome_t post_or_drain(side_t *s, uint32_t opcode, uint32_t flags, uint6
   return out;
 }
 
+/* Takes completions until every signaled send WQE of `s` has completed: a loop leaves nothing for the next. */
+static outcome_t drain(side_t *s) {
+  outcome_t out = {0, 0};
+  uint32_t recvs = 0, sends = 0;
+  int64_t deadline = now_ns() + WAIT_NS;
+  while (s->owed > 0) {
+    if (poll_cq(s, &recvs, &sends, &out.status) < 0) FAIL("a completion with an error status");
+    if (now_ns() > deadline) FAIL("signaled send completions missing");
+  }
+  return out;
+}
+
 /* ib_write_lat: each side WRITEs `size` bytes (inline) into the peer's buffer and spins on the last byte of its own. */
 static outcome_t write_lat(side_t *a, side_t *b, uint32_t size, uint32_t iters, double *samples) {
   outcome_t out = {0, 0};
   const uint64_t RX = 0, TX = 4096;
   if (size < 1 || TX + size > a->buf_len || TX + size > b->buf_len) FAIL("size");
   side_t *sides[2] = {a, b};
+  /* Marks start at 1: a byte left by an earlier loop must not look like this loop's first message. */
+  memset(a->buf + RX, 0, size);
+  memset(b->buf + RX, 0, size);
   for (uint32_t i = 0; i < iters; i++) {
     int64_t t0 = now_ns();
     for (int k = 0; k < 2; k++) {
@@ -240,6 +261,7 @@ static outcome_t write_lat(side_t *a, side_t *b, uint32_t size, uint32_t iters, 
     }
     samples[i] = (double)(now_ns() - t0) / 2.0;
   }
+  if ((out = drain(a)).error || (out = drain(b)).error) return out;
   return out;
 }
 
@@ -248,9 +270,13 @@ static outcome_t send_lat(side_t *a, side_t *b, uint32_t size, uint32_t iters, d
   outcome_t out = {0, 0};
   const uint32_t PREPOSTED = 8;
   side_t *sides[2] = {a, b};
-  for (int k = 0; k < 2; k++)
-    for (uint32_t j = 0; j < PREPOSTED; j++)
-      if (post_recv(sides[k], 0, 4096) < 0) FAIL("the RQ is too small for the pre-posted receives");
+  /* Up to PREPOSTED receives outstanding per side (an earlier loop may have left some posted). */
+  for (int k = 0; k < 2; k++) {
+    side_t *s = sides[k];
+    uint32_t cons = __atomic_load_n(&hdr(&s->rq)->consumer_index, __ATOMIC_ACQUIRE) & s->rq.mask;
+    while (((s->rq_prod - cons) & s->rq.mask) < PREPOSTED)
+      if (post_recv(s, 0, 4096) < 0) FAIL("the RQ is too small for the pre-posted receives");
+  }
   for (uint32_t i = 0; i < iters; i++) {
     int64_t t0 = now_ns();
     for (int k = 0; k < 2; k++) {
@@ -263,10 +289,7 @@ static outcome_t send_lat(side_t *a, side_t *b, uint32_t size, uint32_t iters, d
     }
     samples[i] = (double)(now_ns() - t0) / 2.0;
   }
-  /* Leave no receive behind that a later loop would consume: drain the send completions. */
-  uint32_t r = 0, s = 0;
-  poll_cq(a, &r, &s, &out.status);
-  poll_cq(b, &r, &s, &out.status);
+  if ((out = drain(a)).error || (out = drain(b)).error) return out;
   return out;
 }
 
@@ -277,12 +300,7 @@ static outcome_t read_lat(side_t *a, uint32_t size, uint32_t iters, double *samp
     int64_t t0 = now_ns();
     out = post_or_drain(a, IBV_WR_RDMA_READ, IBV_SEND_SIGNALED, 8192, size, 0);
     if (out.error) return out;
-    uint32_t r = 0, s = 0;
-    int64_t deadline = now_ns() + WAIT_NS;
-    while (s == 0) {
-      if (poll_cq(a, &r, &s, &out.status) < 0) FAIL("a completion with an error status");
-      if (now_ns() > deadline) FAIL("no READ completion within the deadline");
-    }
+    if ((out = drain(a)).error) return out; /* the READ is the only signaled WQE owed */
     samples[i] = (double)(now_ns() - t0);
   }
   return out;
@@ -292,20 +310,14 @@ static outcome_t read_lat(side_t *a, uint32_t size, uint32_t iters, double *samp
 static outcome_t write_bw(side_t *a, uint32_t size, uint32_t iters, uint32_t every, double *elapsed) {
   outcome_t out = {0, 0};
   if (size > a->buf_len) FAIL("size");
-  uint32_t signaled = 0, done = 0, r = 0;
+  if ((out = drain(a)).error) return out;
   int64_t t0 = now_ns();
   for (uint32_t i = 0; i < iters; i++) {
-    int last = i + 1 == iters;
-    int sig = last || (i + 1) % every == 0;
-    if (sig) signaled++;
+    int sig = i + 1 == iters || (i + 1) % every == 0;
     out = post_or_drain(a, IBV_WR_RDMA_WRITE, sig ? IBV_SEND_SIGNALED : 0, 0, size, 0);
     if (out.error) return out;
   }
-  int64_t deadline = now_ns() + WAIT_NS;
-  while (done < signaled) {
-    if (poll_cq(a, &r, &done, &out.status) < 0) FAIL("a completion with an error status");
-    if (now_ns() > deadline) FAIL("the last WRITE did not complete within the deadline");
-  }
+  if ((out = drain(a)).error) return out;
   *elapsed = (double)(now_ns() - t0);
   return out;
 }
