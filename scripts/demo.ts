@@ -5,13 +5,18 @@
 // WRITE then READ back, checks every byte, prints a table, releases everything and checks with
 // `rdma resource show` that nothing is left on the host. Exit code 1 when any check fails.
 //
+// RC runs in mapped mode (spec section 13: the host's queues in the guest, no JavaScript of the backend per work
+// request) when the device offers HOST_QUEUE_MAPPING and the transport reaches its shared memory, and on the relay
+// otherwise; a UD row always runs on the relay (section 13.8). Each row says which mode it used.
+//
 // VRDMA_DEMO_TRANSPORT=frontend uses the reference vhost-user front-end instead of QEMU (no QEMU needed).
+// VRDMA_DEMO_MAPPING=off keeps RC on the relay too.
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { AccessFlag, WcOpcode, WcStatus } from '../vmm-device/abi/rdma/index.ts';
-import { RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type WorkCompletion } from '../guest-driver-spec/driver/index.ts';
+import { AccessFlag, Limits, WcOpcode, WcStatus } from '../vmm-device/abi/rdma/index.ts';
+import { DEFAULT_QKEY, MappedCq, RdmaContext, type Cq, type DataPathMode, type GuestBuffer, type MappedQp, type Mr, type Pd, type Qp, type WorkCompletion } from '../guest-driver-spec/driver/index.ts';
 import { attachDevice, Cleanups, type TransportKind } from '../guest-driver-spec/driver/attach.ts';
 import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../vmm-device/verbs/native-verbs.ts';
@@ -36,17 +41,25 @@ const ALL_ACCESS = AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE | AccessFlag
 /** Guest RAM of the front-end variant: one region of 8 MiB. */
 const FRONTEND_RAM_BYTES = 8 << 20;
 
+type AnyCq = Cq | MappedCq;
+type AnyQp = Qp | MappedQp;
+
 interface Vm {
   name: string;
+  device: RdmaDevice;
   ctx: RdmaContext;
   pd: Pd;
-  cq: Cq;
+  /** The RC QPs' CQ: mapped when the device and the transport allow it. */
+  cq: AnyCq;
+  /** A relayed CQ for the UD row (a UD QP is never mapped, and a relayed QP's CQs are relayed: 13.3). */
+  relayCq: Cq;
   buf: GuestBuffer;
   mr: Mr;
 }
 
 interface Row {
   operation: string;
+  mode: DataPathMode;
   count: number;
   bytesVerified: number;
   latenciesUs: number[];
@@ -91,21 +104,28 @@ function rdmaResourcesOfThisProcess(): Record<string, number> {
 }
 
 async function openVm(kind: TransportKind, verbs: NativeVerbs, resolver: StaticAddressResolver, dir: string, name: string): Promise<Vm> {
-  const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper });
+  const mapping = process.env['VRDMA_DEMO_MAPPING'] === 'off' ? 'off' : 'polled';
+  const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper, hostQueueMapping: mapping });
   cleanups.add(`${name} device`, () => device.close());
   const transport = await attachDevice({ kind, model: device, host, dir, name, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES });
   const ctx = await RdmaContext.open(transport);
   cleanups.add(`${name} driver (device reset)`, () => ctx.close());
   const pd = await ctx.allocPd();
-  const cq = await ctx.createCq(64);
+  const relayCq = await ctx.createCq(64);
+  const cq = ctx.driver.mapping !== undefined ? await ctx.createCq(64, { map: true }) : relayCq;
   const buf = ctx.allocBuffer(BUFFER_BYTES);
   const mr = await ctx.regMr(pd, buf, ALL_ACCESS);
-  return { name, ctx, pd, cq, buf, mr };
+  return { name, device, ctx, pd, cq, relayCq, buf, mr };
 }
 
-async function rcPair(a: Vm, b: Vm): Promise<[Qp, Qp]> {
-  const qa = await a.ctx.createQp(a.pd, { type: 'RC', sendCq: a.cq, recvCq: a.cq, maxSendWr: 32, maxRecvWr: 32 });
-  const qb = await b.ctx.createQp(b.pd, { type: 'RC', sendCq: b.cq, recvCq: b.cq, maxSendWr: 32, maxRecvWr: 32 });
+function createRc(vm: Vm): Promise<AnyQp> {
+  const o = { type: 'RC', maxSendWr: 32, maxRecvWr: 32 } as const;
+  return vm.cq instanceof MappedCq ? vm.ctx.createQp(vm.pd, { ...o, sendCq: vm.cq, recvCq: vm.cq }) : vm.ctx.createQp(vm.pd, { ...o, sendCq: vm.cq, recvCq: vm.cq });
+}
+
+async function rcPair(a: Vm, b: Vm): Promise<[AnyQp, AnyQp]> {
+  const qa = await createRc(a);
+  const qb = await createRc(b);
   const access = { accessFlags: ALL_ACCESS };
   await qa.connect({ gid: b.ctx.gid, qpn: qb.qpNum }, access);
   await qb.connect({ gid: a.ctx.gid, qpn: qa.qpNum }, access);
@@ -113,8 +133,8 @@ async function rcPair(a: Vm, b: Vm): Promise<[Qp, Qp]> {
 }
 
 /** Waits for `count` completions and checks they all succeeded with the expected opcodes. */
-async function expectCompletions(vm: Vm, opcodes: number[], what: string): Promise<boolean> {
-  const wcs: WorkCompletion[] = await vm.cq.waitPoll(opcodes.length, WAIT_MS);
+async function expectCompletions(vm: Vm, opcodes: number[], what: string, cq: AnyCq = vm.cq): Promise<boolean> {
+  const wcs: WorkCompletion[] = await cq.waitPoll(opcodes.length, WAIT_MS);
   const ok = wcs.length === opcodes.length && wcs.every((wc) => wc.status === WcStatus.SUCCESS && opcodes.includes(wc.opcode));
   return check(ok, `${what} on ${vm.name}: ${JSON.stringify(wcs.map((wc) => `${wc.opcodeName}:${wc.statusName}`))}`);
 }
@@ -122,8 +142,8 @@ async function expectCompletions(vm: Vm, opcodes: number[], what: string): Promi
 const PING_OFFSET = 0;
 const PONG_OFFSET = 4096;
 
-async function pingPong(a: Vm, b: Vm, qa: Qp, qb: Qp): Promise<void> {
-  const row: Row = { operation: `RC SEND/RECV ping-pong (${PING_BYTES} B each way)`, count: 0, bytesVerified: 0, latenciesUs: [], ok: true };
+async function pingPong(a: Vm, b: Vm, qa: AnyQp, qb: AnyQp): Promise<void> {
+  const row: Row = { operation: `RC SEND/RECV ping-pong (${PING_BYTES} B each way)`, mode: qa.mode, count: 0, bytesVerified: 0, latenciesUs: [], ok: true };
   rows.push(row);
   for (let i = 0; i < PING_PONG_ROUND_TRIPS; i++) {
     const ping = pattern(PING_BYTES, 2 * i);
@@ -148,7 +168,7 @@ async function pingPong(a: Vm, b: Vm, qa: Qp, qb: Qp): Promise<void> {
   }
 }
 
-async function writeThenRead(a: Vm, b: Vm, qa: Qp): Promise<void> {
+async function writeThenRead(a: Vm, b: Vm, qa: AnyQp): Promise<void> {
   const data = pattern(WRITE_READ_BYTES, 99);
   a.buf.write(0, data);
   const remoteOffset = BUFFER_BYTES - WRITE_READ_BYTES;
@@ -157,7 +177,7 @@ async function writeThenRead(a: Vm, b: Vm, qa: Qp): Promise<void> {
   let ok = await expectCompletions(a, [WcOpcode.RDMA_WRITE], 'RDMA WRITE');
   const writeUs = Number(process.hrtime.bigint() - start) / 1000;
   ok = check(equalBytes(b.buf.read(remoteOffset, WRITE_READ_BYTES), data), 'RDMA WRITE: peer memory holds the written bytes') && ok;
-  rows.push({ operation: `RDMA WRITE A -> B (${WRITE_READ_BYTES / 1024} KiB)`, count: ok ? 1 : 0, bytesVerified: ok ? WRITE_READ_BYTES : 0, latenciesUs: [writeUs], ok });
+  rows.push({ operation: `RDMA WRITE A -> B (${WRITE_READ_BYTES / 1024} KiB)`, mode: qa.mode, count: ok ? 1 : 0, bytesVerified: ok ? WRITE_READ_BYTES : 0, latenciesUs: [writeUs], ok });
 
   // READ it back into a zeroed area of A.
   const readOffset = WRITE_READ_BYTES;
@@ -167,7 +187,43 @@ async function writeThenRead(a: Vm, b: Vm, qa: Qp): Promise<void> {
   let readOk = await expectCompletions(a, [WcOpcode.RDMA_READ], 'RDMA READ');
   const readUs = Number(process.hrtime.bigint() - start) / 1000;
   readOk = check(equalBytes(a.buf.read(readOffset, WRITE_READ_BYTES), data), 'RDMA READ: the bytes came back') && readOk;
-  rows.push({ operation: `RDMA READ B -> A (${WRITE_READ_BYTES / 1024} KiB)`, count: readOk ? 1 : 0, bytesVerified: readOk ? WRITE_READ_BYTES : 0, latenciesUs: [readUs], ok: readOk });
+  rows.push({ operation: `RDMA READ B -> A (${WRITE_READ_BYTES / 1024} KiB)`, mode: qa.mode, count: readOk ? 1 : 0, bytesVerified: readOk ? WRITE_READ_BYTES : 0, latenciesUs: [readUs], ok: readOk });
+}
+
+/** UD SEND/RECV on the relay (never mapped: a rxe UD WQE names its own destination, section 13.8). */
+async function udExchange(a: Vm, b: Vm): Promise<void> {
+  const ua = await a.ctx.createQp(a.pd, { type: 'UD', sendCq: a.relayCq, recvCq: a.relayCq });
+  const ub = await b.ctx.createQp(b.pd, { type: 'UD', sendCq: b.relayCq, recvCq: b.relayCq });
+  try {
+    await ua.readyUd();
+    await ub.readyUd();
+    const ah = await a.ctx.createAh(a.pd, { dgid: b.ctx.gid });
+    try {
+      const msg = pattern(PING_BYTES, 7);
+      const at = 2 * WRITE_READ_BYTES;
+      a.buf.write(at, msg);
+      await ub.postRecv([{ wrId: 1n, sgList: [b.mr.sge(at, Limits.GRH_SIZE + PING_BYTES)] }]);
+      const start = process.hrtime.bigint();
+      await ua.postSend([{ wrId: 2n, opcode: 'SEND', signaled: true, sgList: [a.mr.sge(at, PING_BYTES)], ah, remoteQpn: ub.qpNum, remoteQkey: DEFAULT_QKEY }]);
+      let ok = await expectCompletions(b, [WcOpcode.RECV], 'UD receive', b.relayCq);
+      const us = Number(process.hrtime.bigint() - start) / 1000;
+      ok = (await expectCompletions(a, [WcOpcode.SEND], 'UD send', a.relayCq)) && ok;
+      ok = check(equalBytes(b.buf.read(at + Limits.GRH_SIZE, PING_BYTES), msg), 'UD SEND: the datagram after the 40-byte header area') && ok;
+      rows.push({ operation: `UD SEND A -> B (${PING_BYTES} B)`, mode: ua.mode, count: ok ? 1 : 0, bytesVerified: ok ? PING_BYTES : 0, latenciesUs: [us], ok });
+    } finally {
+      await ah.destroy();
+    }
+  } finally {
+    await ua.destroy();
+    await ub.destroy();
+  }
+}
+
+/** The backend's per-QP counters: work requests its JavaScript relayed for mapped QPs (0 when the bypass holds). */
+function relayedForMapped(vms: Vm[]): number {
+  let n = 0;
+  for (const vm of vms) for (const c of vm.device.qpCounters()) if (c.mapped) n += c.relayedWorkRequests;
+  return n;
 }
 
 function percentile(values: number[], p: number): number | undefined {
@@ -182,10 +238,10 @@ function printTable(kind: TransportKind, elapsedS: number): void {
     : 'the reference vhost-user front-end (no QEMU)';
   console.log('');
   console.log(`vrdma demo: two VMs on ${RXE_DEVICE} (soft-RoCE) via ${via}`);
-  const header = ['operation', 'count', 'bytes verified', 'p50 latency', 'result'];
+  const header = ['operation', 'mode', 'count', 'bytes verified', 'p50 latency', 'result'];
   const body = rows.map((r) => {
     const p50 = percentile(r.latenciesUs, 50);
-    return [r.operation, String(r.count), String(r.bytesVerified), p50 === undefined ? '-' : `${(p50 / 1000).toFixed(2)} ms`, r.ok ? 'ok' : 'FAILED'];
+    return [r.operation, r.mode, String(r.count), String(r.bytesVerified), p50 === undefined ? '-' : `${(p50 / 1000).toFixed(2)} ms`, r.ok ? 'ok' : 'FAILED'];
   });
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => row[i]!.length)));
   const line = (cells: string[]): string => '| ' + cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]!) : c.padStart(widths[i]!))).join(' | ') + ' |';
@@ -218,6 +274,15 @@ async function main(): Promise<number> {
     await pingPong(a, b, qa, qb);
     console.log('[demo] RDMA WRITE then READ back...');
     await writeThenRead(a, b, qa);
+    if (qa.mode === 'mapped') {
+      const relayed = relayedForMapped([a, b]);
+      check(relayed === 0, `the backend's JavaScript relayed ${relayed} work requests of mapped QPs`);
+      rows.push({ operation: 'mapped QPs: work requests relayed by the backend', mode: 'mapped', count: relayed, bytesVerified: 0, latenciesUs: [], ok: relayed === 0 });
+    }
+    console.log('[demo] UD SEND on the relay...');
+    await udExchange(a, b);
+    await qa.destroy();
+    await qb.destroy();
   } catch (e) {
     failures.push(`step failed: ${e instanceof Error ? e.stack ?? e.message : String(e)}`);
   } finally {
@@ -229,7 +294,7 @@ async function main(): Promise<number> {
   const left = rdmaResourcesOfThisProcess();
   const leftTotal = Object.values(left).reduce((x, y) => x + y, 0);
   check(leftTotal === 0, `host objects left after release (rdma resource show): ${JSON.stringify(left)}`);
-  rows.push({ operation: 'release: host QP/CQ/MR/PD left', count: leftTotal, bytesVerified: 0, latenciesUs: [], ok: leftTotal === 0 });
+  rows.push({ operation: 'release: host QP/CQ/MR/PD left', mode: 'relay', count: leftTotal, bytesVerified: 0, latenciesUs: [], ok: leftTotal === 0 });
   printTable(kind, (Date.now() - begin) / 1000);
   if (failures.length > 0) {
     console.log(`FAILED (${failures.length}):`);

@@ -40,10 +40,12 @@
 //     loop -> WQE check -> ibv_post_send, and every CQE back the same way). Latency within 1.10x of native needs
 //     the bypass data path the spec reserves (MasQ/HyV map the host queue and doorbell pages into the guest; only
 //     their control path goes through the back-end, which is what their ~1.1x set-up figure measures).
-//   - Set-up: four control commands, each a driver->device round trip (kick, device work, used buffer, interrupt;
-//     through qtest QEMU ~0.5 ms each outside TCG, 0.74 ms per connection through the front-end) on top of the
-//     same four host verbs. Under TCG ~9-10x native; it needs fewer round trips (e.g. create + connect in one
-//     command) and a faster command path to approach 1.1x.
+//   - Set-up: was four control commands, each a driver->device round trip (kick, device work, used buffer,
+//     interrupt; through qtest QEMU ~0.5 ms each outside TCG, 0.74 ms per connection through the front-end) on top
+//     of the same four host verbs, ~9-10x native under TCG. The driver now sends INIT, RTR and RTS as one batch
+//     (driver.commandBatch: three chains, one kick, one wait; the device executes them in order): two round trips
+//     per connection (CREATE_QP, then the batch). What remains is the host verbs themselves (the device calls the
+//     same four) plus two round trips and the device's JavaScript per command (checks, VPC translation at RTR).
 //   - Bandwidth: one doorbell per WQE (as ib_write_bw posts them), each costing more under TCG than rxe's own work
 //     on 64 KiB; the guest sleeps on the completion interrupt when the window is full.
 
@@ -53,7 +55,7 @@ import path from 'node:path';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { AccessFlag, FeatureBit, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
-import { RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr, type WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
+import { MappedCq, RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr, type WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
 import { attachDevice, Cleanups, type TransportKind } from '../../guest-driver-spec/driver/attach.ts';
 import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
@@ -65,6 +67,7 @@ import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts';
 import { mean, median, record, writeResults, type BenchRecord } from '../common/results.ts';
 import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
+import { jsDriverRound, nativeLoopRound, openMappedTestbed, relayedWorkRequests, type MappedFigures, type MappedTestbed } from './mapped.ts';
 
 // ------------------------------------------------------------------------------------------------ parameters
 
@@ -92,9 +95,15 @@ const ROUNDS = positiveInt('VRDMA_BENCH_ROUNDS', 3, 100);
 const SETUP_ITERS = positiveInt('VRDMA_BENCH_SETUP_ITERS', 20, 10_000);
 const LAT_ITERS = positiveInt('VRDMA_BENCH_LAT_ITERS', 500, MAX_ITERS);
 const BW_ITERS = positiveInt('VRDMA_BENCH_BW_ITERS', 1000, MAX_ITERS);
-/** Which device transports to measure: "qemu", "frontend", or both (comma-separated). */
-const TRANSPORTS = (process.env['VRDMA_BENCH_TRANSPORTS'] ?? 'qemu,frontend').split(',').map((s) => s.trim());
-for (const t of TRANSPORTS) if (t !== 'qemu' && t !== 'frontend') throw new Error(`VRDMA_BENCH_TRANSPORTS: unknown transport '${t}'`);
+/**
+ * What to measure (comma-separated): "qemu" and "frontend", the relayed data path through each transport, and
+ * "mapped", the mapped data path (spec 13) through the front-end with the C loop and the JavaScript driver.
+ */
+const TRANSPORTS = (process.env['VRDMA_BENCH_TRANSPORTS'] ?? 'qemu,frontend,mapped').split(',').map((s) => s.trim());
+for (const t of TRANSPORTS) if (t !== 'qemu' && t !== 'frontend' && t !== 'mapped') throw new Error(`VRDMA_BENCH_TRANSPORTS: unknown transport '${t}'`);
+const MAPPED = TRANSPORTS.includes('mapped');
+/** Iterations of the JavaScript driver's mapped-mode loops (it runs ~400x slower than C under TCG). */
+const JS_ITERS = positiveInt('VRDMA_BENCH_JS_ITERS', 50, MAX_ITERS);
 
 const LAT_SIZE = 2;
 const BW_SIZE = 64 * 1024;
@@ -297,32 +306,28 @@ async function waitUntil(done: () => boolean, what: string): Promise<void> {
 
 interface StepTimes {
   create: number[];
-  init: number[];
-  rtr: number[];
-  rts: number[];
+  /** INIT + RTR + RTS: one batch of three MODIFY_QPs through the device (one round trip); three verbs natively. */
+  connect: number[];
   total: number[];
 }
 
-const emptySteps = (): StepTimes => ({ create: [], init: [], rtr: [], rts: [], total: [] });
+const emptySteps = (): StepTimes => ({ create: [], connect: [], total: [] });
 
-/** One connection through the device: CREATE_QP, then MODIFY_QP to INIT, RTR, RTS (guest control commands). */
-async function deviceConnection(t: Testbed, cq: Cq, peer: Qp, out: StepTimes): Promise<void> {
+type SetupCq = Cq | MappedCq;
+
+/** One connection through the device: CREATE_QP, then INIT, RTR, RTS in one batch of guest control commands. */
+async function deviceConnection(t: { a: { ctx: RdmaContext; pd: Pd }; b: { ctx: RdmaContext } }, cq: SetupCq, peer: { qpNum: number }, out: StepTimes): Promise<void> {
   const vm = t.a;
+  const caps = { type: 'RC', maxSendWr: SETUP_QP_DEPTH, maxRecvWr: SETUP_QP_DEPTH, maxSendSge: 1, maxRecvSge: 1, maxInlineData: 0 } as const;
   const t0 = now();
-  const qp = await vm.ctx.createQp(vm.pd, { type: 'RC', sendCq: cq, recvCq: cq, maxSendWr: SETUP_QP_DEPTH, maxRecvWr: SETUP_QP_DEPTH, maxSendSge: 1, maxRecvSge: 1, maxInlineData: 0 });
+  const qp = cq instanceof MappedCq ? await vm.ctx.createQp(vm.pd, { ...caps, sendCq: cq, recvCq: cq }) : await vm.ctx.createQp(vm.pd, { ...caps, sendCq: cq, recvCq: cq });
   const t1 = now();
-  await qp.modify({ state: 'INIT', pkeyIndex: 0, port: PORT, accessFlags: ALL_ACCESS });
+  await qp.connect({ gid: t.b.ctx.gid, qpn: peer.qpNum }, { accessFlags: ALL_ACCESS, pathMtu: Mtu.MTU_1024 });
   const t2 = now();
-  await qp.modify({ state: 'RTR', av: { dgid: t.b.ctx.gid, hopLimit: 64 }, pathMtu: Mtu.MTU_1024, destQpn: peer.qpNum, rqPsn: 0, maxDestRdAtomic: 1, minRnrTimer: 12 });
-  const t3 = now();
-  await qp.modify({ state: 'RTS', sqPsn: 0, timeout: 14, retryCnt: 7, rnrRetry: 7, maxRdAtomic: 1 });
-  const t4 = now();
   await qp.destroy();
   out.create.push(usBetween(t0, t1));
-  out.init.push(usBetween(t1, t2));
-  out.rtr.push(usBetween(t2, t3));
-  out.rts.push(usBetween(t3, t4));
-  out.total.push(usBetween(t0, t4));
+  out.connect.push(usBetween(t1, t2));
+  out.total.push(usBetween(t0, t2));
 }
 
 interface NativeSetup {
@@ -368,7 +373,6 @@ async function nativeConnection(n: NativeSetup, out: StepTimes): Promise<void> {
   const qp = await v.createQp(n.pd, nativeQpInit(n.cq));
   const t1 = now();
   await v.modifyQp(qp, { qpState: QpState.INIT, pkeyIndex: 0, portNum: PORT, qpAccessFlags: Access.LOCAL_WRITE | Access.REMOTE_WRITE | Access.REMOTE_READ });
-  const t2 = now();
   await v.modifyQp(qp, {
     qpState: QpState.RTR,
     pathMtu: Mtu.MTU_1024,
@@ -378,20 +382,19 @@ async function nativeConnection(n: NativeSetup, out: StepTimes): Promise<void> {
     minRnrTimer: 12,
     ahAttr: { portNum: PORT, grh: { dgid: n.gid.gid, sgidIndex: GID_INDEX, hopLimit: 64 } },
   });
-  const t3 = now();
   await v.modifyQp(qp, { qpState: QpState.RTS, sqPsn: 0, timeout: 14, retryCnt: 7, rnrRetry: 7, maxRdAtomic: 1 });
-  const t4 = now();
+  const t2 = now();
   await v.destroyQp(qp);
   out.create.push(usBetween(t0, t1));
-  out.init.push(usBetween(t1, t2));
-  out.rtr.push(usBetween(t2, t3));
-  out.rts.push(usBetween(t3, t4));
-  out.total.push(usBetween(t0, t4));
+  out.connect.push(usBetween(t1, t2));
+  out.total.push(usBetween(t0, t2));
 }
 
 /** One round of the setup comparison: SETUP_ITERS connections each way, in the order `deviceFirst` says. */
-async function setupRound(t: Testbed, native: NativeSetup, deviceFirst: boolean, dev: StepTimes, nat: StepTimes): Promise<void> {
-  const cq = await t.a.ctx.createCq(4 * SETUP_QP_DEPTH);
+async function setupRound(t: { a: { ctx: RdmaContext; pd: Pd }; b: { ctx: RdmaContext; pd: Pd } }, native: NativeSetup, deviceFirst: boolean, dev: StepTimes, nat: StepTimes, map = false): Promise<void> {
+  // Mapped: the QPs made and destroyed are mapped RC QPs (CREATE_QP with MAP, its unmaps at DESTROY_QP) on a mapped
+  // CQ; the peer QP, never used for data, is relayed.
+  const cq = map ? await t.a.ctx.createCq(4 * SETUP_QP_DEPTH, { map: true }) : await t.a.ctx.createCq(4 * SETUP_QP_DEPTH);
   const peerCq = await t.b.ctx.createCq(4 * SETUP_QP_DEPTH);
   const peer = await t.b.ctx.createQp(t.b.pd, { type: 'RC', sendCq: peerCq, recvCq: peerCq, maxSendWr: SETUP_QP_DEPTH, maxRecvWr: SETUP_QP_DEPTH, maxSendSge: 1, maxRecvSge: 1, maxInlineData: 0 });
   try {
@@ -629,7 +632,7 @@ function showOnce(tool: string, output: string): void {
   console.log(`[bench:rdma] ${tool} client output (first run):\n${output.trimEnd()}`);
 }
 
-async function perftestLatency(tool: 'ib_write_lat' | 'ib_send_lat'): Promise<{ typical: number; avg: number }> {
+async function perftestLatency(tool: 'ib_write_lat' | 'ib_send_lat' | 'ib_read_lat'): Promise<{ typical: number; avg: number }> {
   const out = await runPerftest({ tool, device: RXE_DEVICE, gidIndex: GID_INDEX, args: ['-s', String(LAT_SIZE), '-n', String(LAT_ITERS)], timeoutMs: PERFTEST_TIMEOUT_MS });
   showOnce(tool, out.client);
   const r = parseLatency(out.client, LAT_SIZE, LAT_ITERS);
@@ -662,7 +665,56 @@ function describeLatency(name: string, runs: LatencyRun[]): string {
 }
 
 function describeSetup(name: string, s: StepTimes): string {
-  return `${name}: p50 per connection ${p50(s.total)} us (create ${p50(s.create)}, INIT ${p50(s.init)}, RTR ${p50(s.rtr)}, RTS ${p50(s.rts)})`;
+  return `${name}: p50 per connection ${p50(s.total)} us (create ${p50(s.create)}, INIT+RTR+RTS ${p50(s.connect)})`;
+}
+
+interface MappedResults {
+  setupDevice: StepTimes;
+  setupNative: StepTimes;
+  native: MappedFigures[];
+  js: MappedFigures[];
+  relayed: number;
+}
+
+/** The mapped-mode rows: the C loop's against perftest, the JavaScript driver's beside them, and setup. */
+function mappedRecords(m: MappedResults, b: { writeLatBase: number; sendLatBase: number; readLatBase: number; bwBase: number }): BenchRecord[] {
+  if (m.relayed !== 0) throw new Error(`the backend relayed ${m.relayed} work requests of mapped QPs: the mapped rows would not measure the bypass`);
+  const latArgs = `-s ${LAT_SIZE} -n ${LAT_ITERS}`;
+  const via = 'two reference vhost-user front-ends with host queue mapping (POLLED doorbells)';
+  const all = (runs: MappedFigures[], k: 'writeLat' | 'sendLat' | 'readLat') => runs.flatMap((x) => x[k]);
+  console.log('\n[bench:rdma] mapped: where the time goes (medians over all rounds)');
+  console.log('  ' + describeSetup('mapped setup through the device', m.setupDevice));
+  console.log('  ' + describeSetup('setup on native verbs          ', m.setupNative));
+  const rows: BenchRecord[] = [
+    record(
+      'qp_connection_setup_mapped',
+      median(m.setupDevice.total),
+      median(m.setupNative.total),
+      `create QP + INIT + RTR + RTS straight on NativeVerbs (libibverbs) on rxe0, p50 per connection, ${ROUNDS * SETUP_ITERS} connections alternating rounds with ours (a mapped RC QP: CREATE_QP with MAP, then INIT/RTR/RTS in one batch, through ${via}), same run`,
+      'us',
+      'lower',
+    ),
+  ];
+  for (const [who, runs, note] of [
+    ['mapped', m.native, 'guest loop in C over the mapped queues (bench/rdma/native)'],
+    ['mapped_js', m.js, `the JavaScript reference driver (MappedQp/MappedCq), ${JS_ITERS} iterations`],
+  ] as const) {
+    rows.push(
+      record(`rdma_write_latency_${LAT_SIZE}B_${who}`, median(all(runs, 'writeLat')), b.writeLatBase, `${perftestName('ib_write_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 one-way, ${note}, through ${via}`, 'us', 'lower'),
+      record(`send_recv_latency_${LAT_SIZE}B_${who}`, median(all(runs, 'sendLat')), b.sendLatBase, `${perftestName('ib_send_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 one-way, ${note}, through ${via}`, 'us', 'lower'),
+      record(`rdma_read_latency_${LAT_SIZE}B_${who}`, median(all(runs, 'readLat')), b.readLatBase, `${perftestName('ib_read_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 per READ, ${note}, through ${via}`, 'us', 'lower'),
+      record(`rdma_write_bandwidth_64KiB_${who}`, median(runs.map((x) => x.bw)), b.bwBase, `${perftestName('ib_write_bw', `-s ${BW_SIZE} -n ${BW_ITERS}`)} (BW average, median of ${ROUNDS} runs); ours: ${note}, VM A -> VM B through ${via}`, 'MiB/s', 'higher'),
+    );
+  }
+  return rows;
+}
+
+function readResults(file: string): BenchRecord[] {
+  try {
+    return JSON.parse(fs.readFileSync(file, 'utf8')) as BenchRecord[];
+  } catch {
+    return [];
+  }
 }
 
 async function main(): Promise<number> {
@@ -674,10 +726,13 @@ async function main(): Promise<number> {
   const probe = new Probe();
   const deviceVerbs = probedVerbs(nativeVerbs, probe);
   const native = await openNativeSetup(nativeVerbs);
-  const kinds = TRANSPORTS as TransportKind[];
+  const kinds = TRANSPORTS.filter((k) => k !== 'mapped') as TransportKind[];
   const testbeds = new Map<TransportKind, Testbed>();
   const results = new Map<TransportKind, TransportResults>();
-  const base = { writeLat: [] as { typical: number; avg: number }[], sendLat: [] as { typical: number; avg: number }[], bw: [] as number[] };
+  const base = { writeLat: [] as { typical: number; avg: number }[], sendLat: [] as { typical: number; avg: number }[], readLat: [] as { typical: number; avg: number }[], bw: [] as number[] };
+  const mapped = { setupDevice: emptySteps(), setupNative: emptySteps(), native: [] as MappedFigures[], js: [] as MappedFigures[], relayed: 0 };
+  let mappedBed: MappedTestbed | undefined;
+  const mappedDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-bench-mapped-'));
   let releaseErrors: string[] = [];
   try {
     for (const kind of kinds) {
@@ -685,7 +740,27 @@ async function main(): Promise<number> {
       testbeds.set(kind, await openTestbed(kind, deviceVerbs));
       results.set(kind, { setupDevice: emptySteps(), setupNative: emptySteps(), writeLat: [], sendLat: [], bw: [] });
     }
+    if (MAPPED) {
+      console.log('[bench:rdma] opening two VMs (front-end, mapped mode)...');
+      mappedBed = await openMappedTestbed({ verbs: nativeVerbs, host, dir: mappedDir, table: ADDRESS_TABLE, rxeDevice: RXE_DEVICE });
+    }
     for (let r = 0; r < ROUNDS; r++) {
+      if (mappedBed !== undefined) {
+        const m = mappedBed;
+        await setupRound(m, native, r % 2 === 0, mapped.setupDevice, mapped.setupNative, true);
+        const js = await jsDriverRound(m, LAT_SIZE, JS_ITERS);
+        const c = nativeLoopRound(m, LAT_SIZE, LAT_ITERS + LAT_WARMUP, BW_SIZE, BW_ITERS, LAT_WARMUP);
+        mapped.js.push(js);
+        mapped.native.push(c);
+        mapped.relayed = relayedWorkRequests(m);
+        console.log(
+          `[bench:rdma] round ${r + 1}/${ROUNDS} mapped: setup p50 device ${p50(mapped.setupDevice.total)} us, native ${p50(mapped.setupNative.total)} us; ` +
+            `C loop: WRITE lat p50 ${p50(c.writeLat)} us, SEND lat p50 ${p50(c.sendLat)} us, READ lat p50 ${p50(c.readLat)} us, WRITE bw ${fmt(c.bw)} MiB/s; ` +
+            `JS driver: WRITE ${p50(js.writeLat)} us, SEND ${p50(js.sendLat)} us, READ ${p50(js.readLat)} us, bw ${fmt(js.bw)} MiB/s; ` +
+            `work requests relayed by the backend for mapped QPs: ${mapped.relayed}`,
+        );
+        base.readLat.push(await perftestLatency('ib_read_lat'));
+      }
       for (const kind of kinds) {
         const t = testbeds.get(kind)!;
         const res = results.get(kind)!;
@@ -708,6 +783,8 @@ async function main(): Promise<number> {
     }
   } finally {
     for (const t of testbeds.values()) releaseErrors = releaseErrors.concat(await t.close());
+    if (mappedBed !== undefined) releaseErrors = releaseErrors.concat(await mappedBed.close());
+    fs.rmSync(mappedDir, { recursive: true, force: true });
     await native.close();
   }
   if (releaseErrors.length > 0) throw new Error(`release failed:\n${releaseErrors.join('\n')}`);
@@ -761,7 +838,10 @@ async function main(): Promise<number> {
       ),
     );
   }
-  writeResults(RESULTS, records);
+  if (MAPPED) records.push(...mappedRecords(mapped, { writeLatBase, sendLatBase, readLatBase: median(base.readLat.map((x) => x.typical)), bwBase }));
+  // A run of a subset (VRDMA_BENCH_TRANSPORTS) replaces its own rows and keeps the file's others.
+  const kept = readResults(RESULTS).filter((old) => !records.some((r) => r.metric === old.metric));
+  writeResults(RESULTS, [...kept, ...records]);
   console.log(JSON.stringify(records, null, 2));
   console.log(`[bench:rdma] wrote ${RESULTS}`);
   return 0;

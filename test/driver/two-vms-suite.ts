@@ -70,6 +70,8 @@ export interface VmPair {
 export interface PairOptions {
   /** Per-VM quotas of both devices (the negative tests use a small QP limit). */
   quotas?: Partial<DeviceQuotas>;
+  /** Host queue mapping of both devices (spec 13; default off). */
+  hostQueueMapping?: 'off' | 'polled' | 'notify';
 }
 
 /** Opens two VMs over `kind`, each with its own device instance on the shared rxe0. */
@@ -92,6 +94,7 @@ export async function openPair(kind: TransportKind, options: PairOptions = {}): 
       log: new RecordingLogger(vmId),
       aliases: nativeAliasMapper,
       ...(options.quotas !== undefined ? { quotas: options.quotas } : {}),
+      ...(options.hostQueueMapping !== undefined ? { hostQueueMapping: options.hostQueueMapping } : {}),
     });
     cleanups.push(() => device.close());
     const socketPath = path.join(dir, `${vmId}.sock`);

@@ -111,7 +111,9 @@ export async function createMappedQp(driver: VirtioRdmaDriver, o: MappedQpOption
     for (const k of Object.keys(caps) as (keyof QpCaps)[]) {
       if (got[k] < caps[k]) throw new ProtocolError(`CREATE_QP: ${k} ${got[k]} in effect, ${caps[k]} asked`);
     }
-    const sendBytes = RxeSendWqe.DMA_DATA + Math.max(caps.maxSendSge * RXE_SGE_SIZE, caps.maxInlineData);
+    // A slot must hold a WQE with every SGE the QP allows; inline data is bounded by the slot when posted (rxe's
+    // own slots also hold max_inline_data bytes, a host that gives less only caps what the guest may inline).
+    const sendBytes = RxeSendWqe.DMA_DATA + caps.maxSendSge * RXE_SGE_SIZE;
     const recvBytes = RxeRecvWqe.DMA_SGE + caps.maxRecvSge * RXE_SGE_SIZE;
     const sq = await RxeQueue.open(driver.transport, QueueMapping.decode(r.sq), caps.maxSendWr + 1, sendBytes, `QP ${qp.qp_handle} SQ`);
     const rq = await RxeQueue.open(driver.transport, QueueMapping.decode(r.rq), caps.maxRecvWr + 1, recvBytes, `QP ${qp.qp_handle} RQ`);
