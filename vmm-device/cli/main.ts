@@ -34,6 +34,8 @@ Serves a virtio-rdma device (virtio ID 42) to QEMU over a vhost-user socket, per
 host RDMA device NAME.
 
   --socket PATH        vhost-user socket to listen on (its folder must exist)
+  --transport KIND     vhost-user (default: QEMU with the project's edits) or vfio-user (any QEMU >= 10.1,
+                       unmodified: -device vfio-user-pci,socket=PATH; the whole PCI function is served here)
   --device NAME        host RDMA device, e.g. rxe0
   --vm-id ID           this VM's id in the address table or the VPC policy (default without VPC: vm0)
   --log-level LEVEL    debug, info, warn or error (default: info)
@@ -107,6 +109,7 @@ export const FlagsSchema = z
       .refine((p) => existsSync(path.dirname(path.resolve(p))) && statSync(path.dirname(path.resolve(p))).isDirectory(), {
         message: '--socket: its folder does not exist',
       }),
+    transport: z.enum(['vhost-user', 'vfio-user'], { error: '--transport must be vhost-user or vfio-user' }).default('vhost-user'),
     device: z
       .string({ error: '--device is required: the host RDMA device (e.g. rxe0)' })
       .regex(/^[A-Za-z0-9_.-]{1,64}$/, '--device must be an RDMA device name such as rxe0'),
@@ -210,6 +213,7 @@ export function parseFlags(argv: readonly string[]): Flags | 'help' {
       allowPositionals: false,
       options: {
         socket: { type: 'string' },
+        transport: { type: 'string' },
         device: { type: 'string' },
         'vm-id': { type: 'string' },
         'gid-table': { type: 'string' },
@@ -443,13 +447,23 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
       const view = (vm: string | undefined) => (backend !== undefined ? backend.status(vm) : { vm: dev.vmId, pid: process.pid, counters: dev.counters });
       status = await serveStatus(flags['status-socket'], view, log.child('status'), (trigger) => obs.dump(trigger));
     }
-    const { VhostUserServer } = await import('../transport/vhost-user/server.ts');
     const { SysHost } = await import('../host/sys-host.ts');
-    const server = new VhostUserServer({ path: flags.socket, host: new SysHost(), model: observe.model, log: log.child('vhost-user') });
-    observe.attachServer(server);
-    server.listen();
+    let server: { close(): void };
+    if (flags.transport === 'vfio-user') {
+      const { VfioUserServer } = await import('../transport/vfio-user/server.ts');
+      const vfu = new VfioUserServer({ path: flags.socket, host: new SysHost(), model: observe.model, log: log.child('vfio-user') });
+      vfu.listen();
+      server = vfu;
+    } else {
+      const { VhostUserServer } = await import('../transport/vhost-user/server.ts');
+      const vhu = new VhostUserServer({ path: flags.socket, host: new SysHost(), model: observe.model, log: log.child('vhost-user') });
+      observe.attachServer(vhu);
+      vhu.listen();
+      server = vhu;
+    }
     log.log('info', 'serving', {
       socket: flags.socket,
+      transport: flags.transport,
       device: flags.device,
       vm: vmId,
       gid: Buffer.from(device.config.gid).toString('hex'),

@@ -67,7 +67,14 @@ export interface VfioUserContext {
 interface RawVfioUser {
   Context: new (socketPath: string, callbacks: VfioUserCallbacks) => VfioUserContext;
   CONFIG_SPACE_SIZE: number;
+  STALL_TIMEOUT_MS: number;
 }
+
+/**
+ * Longest a client may stall attach() or run(): libvfio-user reads VERSION and message bodies and sends replies
+ * blocking, on the JS thread; a client silent mid-message (or not reading) is interrupted after this and dropped.
+ */
+export const STALL_TIMEOUT_MS = 1000;
 
 /** The size of a conventional PCI function's config space as libvfio-user keeps it. */
 export const CONFIG_SPACE_SIZE = 256;
@@ -76,6 +83,6 @@ export const CONFIG_SPACE_SIZE = 256;
 export function createVfioUserContext(socketPath: string, callbacks: VfioUserCallbacks): VfioUserContext {
   const raw = loadAddon().vfioUser as unknown as RawVfioUser | undefined;
   if (raw?.Context === undefined) throw new Error('the native addon has no vfioUser part: rebuild it (npm install)');
-  if (raw.CONFIG_SPACE_SIZE !== CONFIG_SPACE_SIZE) throw new Error('native addon constants differ from vmm-device/native/vfio-user.ts: rebuild the addon');
+  if (raw.CONFIG_SPACE_SIZE !== CONFIG_SPACE_SIZE || raw.STALL_TIMEOUT_MS !== STALL_TIMEOUT_MS) throw new Error('native addon constants differ from vmm-device/native/vfio-user.ts: rebuild the addon');
   return new raw.Context(socketPath, callbacks);
 }
