@@ -89,8 +89,8 @@ timeout --kill-after=5 "$timeout_s" "$qemu" \
 qemu_rc=$?
 set -e
 boot_ms=$(ms_since "$t_boot")
-tr -d '\r' <"$run/console" | grep '^VRDMA-GUEST: ' || true
-if ! grep -q '^VRDMA-GUEST: result ok' <(tr -d '\r' <"$run/console"); then
+tr -d '\r' <"$run/console" | grep -o 'VRDMA-GUEST: .*' || true
+if ! grep -q 'VRDMA-GUEST: result ok' <(tr -d '\r' <"$run/console"); then
   echo "--- console (last 60 lines)"; tr -d '\r' <"$run/console" | tail -n 60
   echo "--- qemu stderr"; cat "$run/qemu.stderr"
   echo "--- backend log (last 40 lines)"; tail -n 40 "$run/backend.log"
