@@ -73,6 +73,10 @@ $ipr addr add "$ip/24" dev veth0 || say "address-failed"
 sleep 2
 dmesg | grep 'bound to' | sed 's/^/VRDMA-GUEST: dmesg /'
 gids load
+# The verbs self-test (test/linux-guest/selftest): it runs while it loads and logs one line per step.
+insmod /modules/vrdma_selftest.ko || say "selftest-insmod-failed"
+rmmod vrdma_selftest
+dmesg | sed -n 's/.*VRDMA-SELFTEST: /VRDMA-GUEST: selftest /p'
 rmmod virtio_rdma || { say "unload-failed"; finish fail; }
 left=$(ls /sys/class/infiniband 2>/dev/null | wc -l)
 say "unloaded devices-left $left"

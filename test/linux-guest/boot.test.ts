@@ -11,7 +11,7 @@ t.setTimeout(600_000);
 
 const VIRTUAL_GID = '0000:0000:0000:0000:0000:ffff:0a4d:0005'; // ::ffff:10.77.0.5, boot.sh's --virtual-ip
 
-t.test('virtio_rdma registers a RoCE ib_device with the virtual GID, unloads and reloads', async (t) => {
+t.test('virtio_rdma registers a RoCE ib_device with the virtual GID, serves every control verb and a relayed RDMA WRITE, unloads and reloads', async (t) => {
   const r = await runScript('boot.sh', ['--timeout', '300']);
   const lines = r.stdout.split('\n').filter((l) => l.startsWith('VRDMA-GUEST: ')).map((l) => l.slice('VRDMA-GUEST: '.length));
   const value = (key: string): string | undefined => lines.find((l) => l.startsWith(`${key} `))?.slice(key.length + 1);
@@ -26,6 +26,16 @@ t.test('virtio_rdma registers a RoCE ib_device with the virtual GID, unloads and
     t.ok(gids.some((l) => l === `${phase}-gid 1 ${VIRTUAL_GID} RoCE v2 veth0`),
       `${phase}: the GID table holds the virtual GID as RoCE v2 on the netdev of the virtual MAC (${gids.join('; ')})`);
   }
+  // The verbs self-test (test/linux-guest/selftest) in the guest: every control verb, and one RDMA WRITE through
+  // the guest's rings, doorbell, CQE ring and completion event (the double completes it without moving bytes).
+  const steps = ['create-pd', 'create-cq', 'create-qp', 'busy-pd-is-EBUSY', 'reset-to-rts-is-EINVAL', 'virtual-gid',
+    'connect-rc', 'query-qp', 'reg-user-mr', 'create-ah', 'destroy-ah', 'arm-cq', 'post-send', 'poll-cq',
+    'completion-event', 'dereg-mr', 'destroy-qp', 'destroy-cq', 'destroy-pd'];
+  for (const step of steps) {
+    const v = value(`selftest ${step}`);
+    t.match(v ?? 'missing', /^ok\b/, `self-test ${step}: ${v ?? 'missing'}`);
+  }
+  t.match(value('selftest done') ?? 'missing', /^ok 0 failures/, 'self-test: no failure');
   t.match(value('mac') ?? '', /^02:00:0a:4d:00:05$/, 'the driver read the virtual MAC from the configuration');
   t.equal(value('unloaded'), 'devices-left 0', 'rmmod leaves no ib_device');
   t.equal(value('kernel-warnings'), '0', 'no BUG, WARNING or Oops in the kernel log');
