@@ -63,6 +63,22 @@ static unsigned int vrdma_features[] = {
 	VIRTIO_RDMA_F_RC, VIRTIO_RDMA_F_UD, VIRTIO_RDMA_F_ATOMIC, VIRTIO_RDMA_F_IMMEDIATE, VIRTIO_RDMA_F_INLINE,
 };
 
+/*
+ * VIRTIO_F_RING_PACKED "may be negotiated and changes nothing" (spec 4), and the virtio core accepts it when the
+ * device offers it. A device whose vhost-user back-end cannot restore a packed ring's state is still usable with
+ * split rings: packed_ring=0 declines the feature.
+ */
+static bool packed_ring = true;
+module_param(packed_ring, bool, 0444);
+MODULE_PARM_DESC(packed_ring, "accept VIRTIO_F_RING_PACKED when the device offers it (default: yes)");
+
+static int vrdma_validate(struct virtio_device *vdev)
+{
+	if (!packed_ring)
+		__virtio_clear_bit(vdev, VIRTIO_F_RING_PACKED);
+	return 0;
+}
+
 static const struct virtio_device_id vrdma_id_table[] = {
 	{ VIRTIO_ID_RDMA_DEVICE, VIRTIO_DEV_ANY_ID },
 	{ 0 },
@@ -146,7 +162,9 @@ static int vrdma_probe(struct virtio_device *vdev)
 	dev->f_atomic = virtio_has_feature(vdev, VIRTIO_RDMA_F_ATOMIC);
 	dev->f_imm = virtio_has_feature(vdev, VIRTIO_RDMA_F_IMMEDIATE);
 	dev->f_inline = virtio_has_feature(vdev, VIRTIO_RDMA_F_INLINE);
+	dev_dbg(&vdev->dev, "features negotiated; reading the configuration\n");
 	vrdma_read_config(dev);
+	dev_dbg(&vdev->dev, "configuration read; setting up the queues\n");
 
 	ret = vrdma_find_vqs(dev);
 	if (ret)
@@ -158,6 +176,7 @@ static int vrdma_probe(struct virtio_device *vdev)
 	ret = vrdma_event_init(dev); /* event buffers right after DRIVER_OK (spec 6, step 3) */
 	if (ret)
 		goto err_reset;
+	dev_dbg(&vdev->dev, "DRIVER_OK; event buffers posted; QUERY_DEVICE\n");
 	ret = vrdma_load_device_attr(dev);
 	if (ret)
 		goto err_reset;
@@ -240,6 +259,7 @@ static struct virtio_driver vrdma_driver = {
 	.driver.name = KBUILD_MODNAME,
 	.driver.owner = THIS_MODULE,
 	.id_table = vrdma_id_table,
+	.validate = vrdma_validate,
 	.probe = vrdma_probe,
 	.remove = vrdma_remove,
 	.config_changed = vrdma_config_changed,

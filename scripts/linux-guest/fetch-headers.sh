@@ -13,6 +13,13 @@
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 
+# Cached: answered before apt or the lock is touched (callers in the test host see /var/cache read-only).
+pinned_headers=$LG_CACHE/headers/$LG_PINNED_RELEASE/usr/src/linux-headers-$LG_PINNED_RELEASE
+if [ -f "$LG_CACHE/headers/$LG_PINNED_RELEASE/.complete" ] && [ -f "$pinned_headers/Makefile" ]; then
+  printf '%s\n' "$pinned_headers"
+  exit 0
+fi
+
 abi=$LG_PINNED_ABI
 if ! lg_apt_has "linux-headers-$abi-$LG_FLAVOUR"; then
   current=$(lg_current_abi)

@@ -1,0 +1,44 @@
+// Boot test of the Linux guest driver, CONTROL PATH ONLY: Debian's kernel boots under the patched QEMU with the
+// virtio-rdma device served over vhost-user by the backend with its verbs double (test/cli/fake-backend.ts; real
+// verbs need rxe0, which only the test host has). What runs for real: QEMU, the vhost-user protocol, the backend's
+// device model and control queue, the guest kernel, the RDMA core and virtio_rdma. scripts/linux-guest/boot.sh
+// prints the guest's findings as "VRDMA-GUEST: key value" lines.
+
+import t from 'tap';
+import { runScript } from './run-script.ts';
+
+t.setTimeout(600_000);
+
+const VIRTUAL_GID = '0000:0000:0000:0000:0000:ffff:0a4d:0005'; // ::ffff:10.77.0.5, boot.sh's --virtual-ip
+
+t.test('virtio_rdma registers a RoCE ib_device with the virtual GID, serves every control verb and a relayed RDMA WRITE, unloads and reloads', async (t) => {
+  const r = await runScript('boot.sh', ['--timeout', '300']);
+  const lines = r.stdout.split('\n').filter((l) => l.startsWith('VRDMA-GUEST: ')).map((l) => l.slice('VRDMA-GUEST: '.length));
+  const value = (key: string): string | undefined => lines.find((l) => l.startsWith(`${key} `))?.slice(key.length + 1);
+  t.equal(r.code, 0, `boot.sh exits 0 (${r.elapsedMs} ms)${r.code === 0 ? '' : `\n${r.stdout.slice(-4000)}\n${r.stderr.slice(-2000)}`}`);
+  t.equal(value('result'), 'ok', 'the guest ran every check and powered off');
+  for (const phase of ['load', 'reload']) {
+    t.equal(value(`${phase}-ibdev`), 'virtio_rdma0', `${phase}: /sys/class/infiniband/virtio_rdma0 exists`);
+    t.equal(value(`${phase}-node-type`), '1: CA', `${phase}: a channel adapter`);
+    t.equal(value(`${phase}-port-state`), '4: ACTIVE', `${phase}: port 1 ACTIVE (QUERY_PORT)`);
+    t.equal(value(`${phase}-link-layer`), 'Ethernet', `${phase}: RoCE`);
+    const gids = lines.filter((l) => l.startsWith(`${phase}-gid `));
+    t.ok(gids.some((l) => l === `${phase}-gid 1 ${VIRTUAL_GID} RoCE v2 veth0`),
+      `${phase}: the GID table holds the virtual GID as RoCE v2 on the netdev of the virtual MAC (${gids.join('; ')})`);
+  }
+  // The verbs self-test (test/linux-guest/selftest) in the guest: every control verb, and one RDMA WRITE through
+  // the guest's rings, doorbell, CQE ring and completion event (the double completes it without moving bytes).
+  const steps = ['create-pd', 'create-cq', 'create-qp', 'busy-pd-is-EBUSY', 'reset-to-rts-is-EINVAL', 'virtual-gid',
+    'connect-rc', 'query-qp', 'reg-user-mr', 'create-ah', 'destroy-ah', 'arm-cq', 'post-send', 'poll-cq',
+    'completion-event', 'dereg-mr', 'destroy-qp', 'destroy-cq', 'destroy-pd'];
+  for (const step of steps) {
+    const v = value(`selftest ${step}`);
+    t.match(v ?? 'missing', /^ok\b/, `self-test ${step}: ${v ?? 'missing'}`);
+  }
+  t.match(value('selftest done') ?? 'missing', /^ok 0 failures/, 'self-test: no failure');
+  t.match(value('mac') ?? '', /^02:00:0a:4d:00:05$/, 'the driver read the virtual MAC from the configuration');
+  t.equal(value('unloaded'), 'devices-left 0', 'rmmod leaves no ib_device');
+  t.equal(value('kernel-warnings'), '0', 'no BUG, WARNING or Oops in the kernel log');
+  t.notOk(lines.some((l) => /insmod-failed|unload-failed|no-ib-device/.test(l)), 'no step failed');
+  t.comment(`measured: ${lines.find((l) => l.startsWith('init ')) ?? ''}; ${/boot-ms \d+/.exec(r.stdout)?.[0] ?? ''}`);
+});
