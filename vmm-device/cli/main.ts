@@ -425,8 +425,12 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     if (hostDir !== undefined) reservation = await admitVm({ attr, device: flags.device, vmId, hostDir, quotas, policy: controlPlane !== undefined });
     const { nativeAliasMapper } = await import('../host/alias.ts');
     const { close: closeFd } = await import('../native/sys.ts'); // NOTIFY mode: the lent queue's call fd
+    // The host's answers to the device's verbs go on a tape that every recording carries, so that a replay over the
+    // test double answers with this host's QPNs, keys and attributes (observe/verbs-tape.ts). Control path only.
+    const { RecordingVerbs, VerbsTape } = await import('../observe/verbs-tape.ts');
+    const tape = new VerbsTape();
     device = await RdmaDevice.open({
-      verbs,
+      verbs: new RecordingVerbs(verbs, tape),
       hostDevice: flags.device,
       vmId,
       resolver,
@@ -439,7 +443,13 @@ export async function run(argv: readonly string[], io: RunIo = { out: (s) => pro
     });
     if (vpc !== undefined) detach = vpc.attach(device);
     const vpcName = vpc?.engine.describeVm(vmId)?.vpc ?? flags.vpc ?? DEFAULT_STATIC_VPC;
-    observe = await startObservability(flags, device, vpc, vpcName, log.child('observe'), { addressTable: addressTableOf(flags['gid-table'], resolver, vmId), quotas });
+    observe = await startObservability(flags, device, vpc, vpcName, log.child('observe'), {
+      addressTable: addressTableOf(flags['gid-table'], resolver, vmId),
+      quotas,
+      tape,
+      hostQueueMapping: flags['host-queue-mapping'],
+      ...(flags['max-mapped-queues'] !== undefined ? { maxMappedQueues: flags['max-mapped-queues'] } : {}),
+    });
     if (flags['status-socket'] !== undefined) {
       const backend = vpc;
       const dev = device;

@@ -14,6 +14,7 @@ import type { VpcBackend } from '../vpc/backend.ts';
 import { BackendMetrics } from '../observe/metrics.ts';
 import { isLoopback, serveMetrics, type MetricsServer } from '../observe/http.ts';
 import { observeModel } from '../observe/observed-model.ts';
+import type { VerbsTape } from '../observe/verbs-tape.ts';
 import { DEFAULT_FLIGHT_EVENTS, FlightRecorder, MAX_FLIGHT_EVENTS, NO_RECORDER, writeJsonAtomic } from '../observe/recorder.ts';
 import type { SessionCounters } from '../transport/vhost-user/session.ts';
 import type { WireEvent } from '../transport/vhost-user/connection.ts';
@@ -136,7 +137,7 @@ export async function startObservability(
   vpc: VpcBackend | undefined,
   vpcName: string,
   log: Logger,
-  replayContext: { addressTable: GidTableEntry[]; quotas: Partial<DeviceQuotas> },
+  replayContext: { addressTable: GidTableEntry[]; quotas: Partial<DeviceQuotas>; tape?: VerbsTape; hostQueueMapping?: string; maxMappedQueues?: number },
 ): Promise<Observability> {
   const capacity = flags['flight-events'] ?? DEFAULT_FLIGHT_EVENTS;
   const recorder =
@@ -144,6 +145,7 @@ export async function startObservability(
       ? new FlightRecorder({
           capacity: Math.max(1, capacity),
           recordAll: flags.record !== undefined,
+          ...(replayContext.tape === undefined ? {} : { tape: replayContext.tape }),
           device: {
             vm: device.vmId,
             hostDevice: flags.device,
@@ -152,6 +154,8 @@ export async function startObservability(
             // What a replay builds the same device from (vmm-device/observe/replay.ts).
             addressTable: replayContext.addressTable,
             quotas: Object.fromEntries(Object.entries(replayContext.quotas).map(([k, v]) => [k, typeof v === 'bigint' ? v.toString() : v])),
+            ...(replayContext.hostQueueMapping === undefined ? {} : { hostQueueMapping: replayContext.hostQueueMapping }),
+            ...(replayContext.maxMappedQueues === undefined ? {} : { maxMappedQueues: replayContext.maxMappedQueues }),
           },
         })
       : undefined;

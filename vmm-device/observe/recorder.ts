@@ -6,6 +6,7 @@
 
 import fs from 'node:fs';
 import RingBuffer from 'ringbufferjs';
+import type { TapeDump, VerbsTape } from './verbs-tape.ts';
 import { HEADER_SIZE, decodeHeader, decodeInflight, FrontendRequest as R, requestName } from '../transport/vhost-user/messages.ts';
 
 export const SESSION_FORMAT = 'vrdma-session/1';
@@ -120,6 +121,8 @@ export interface SessionFixture {
   exchange: { format: 'vrdma-vhost-user-exchange/1'; name: string; description: string; device: Record<string, unknown>; steps: unknown[] };
   /** Every event in order (messages included). */
   events: FixtureEvent[];
+  /** The host's answers to the device's verbs (observe/verbs-tape.ts): what makes a replay's host values the recording's. */
+  hostVerbs?: TapeDump;
 }
 
 export function exchangeSteps(events: readonly FixtureEvent[]): unknown[] {
@@ -132,7 +135,7 @@ export function exchangeSteps(events: readonly FixtureEvent[]): unknown[] {
   return steps;
 }
 
-export function buildFixture(name: string, trigger: string, device: Record<string, unknown>, stamped: readonly StampedEvent[], dropped: number): SessionFixture {
+export function buildFixture(name: string, trigger: string, device: Record<string, unknown>, stamped: readonly StampedEvent[], dropped: number, hostVerbs?: TapeDump): SessionFixture {
   const events = stamped.map(toFixtureEvent);
   const description = `${trigger}: ${events.length} events of device ${String(device['vm'] ?? '?')} (${dropped} older events not kept)`;
   return {
@@ -144,6 +147,7 @@ export function buildFixture(name: string, trigger: string, device: Record<strin
     dropped,
     exchange: { format: 'vrdma-vhost-user-exchange/1', name, description: `vhost-user messages of ${name}`, device, steps: exchangeSteps(events) },
     events,
+    ...(hostVerbs === undefined ? {} : { hostVerbs }),
   };
 }
 
@@ -155,6 +159,8 @@ export interface FlightRecorderOptions {
   /** Describes the device in dumps (vm id, host device, features offered). */
   device: Record<string, unknown>;
   now?: () => number;
+  /** The host's answers to the device's verbs, written into every fixture (a replay answers with them). */
+  tape?: VerbsTape;
 }
 
 /** One device's recorder. */
@@ -165,6 +171,7 @@ export class FlightRecorder implements EventRecorder {
   private allDropped = 0;
   readonly device: Record<string, unknown>;
   private readonly now: () => number;
+  private readonly tape: VerbsTape | undefined;
   /** Dumps written (metrics). */
   dumps = 0;
 
@@ -175,6 +182,7 @@ export class FlightRecorder implements EventRecorder {
     this.all = opts.recordAll === true ? [] : undefined;
     this.device = opts.device;
     this.now = opts.now ?? Date.now;
+    this.tape = opts.tape;
   }
 
   /** Takes `e` over (stamps it in place: no copy on the data path). */
@@ -197,13 +205,13 @@ export class FlightRecorder implements EventRecorder {
   /** The last N events as a fixture. */
   window(name: string, trigger: string): SessionFixture {
     const events = this.ring.size() === 0 ? [] : this.ring.peekN(this.ring.size());
-    return buildFixture(name, trigger, this.device, events, this.seq - events.length);
+    return buildFixture(name, trigger, this.device, events, this.seq - events.length, this.tape?.dump());
   }
 
   /** The whole session (with --record). */
   session(name: string): SessionFixture | undefined {
     if (this.all === undefined) return undefined;
-    return buildFixture(name, 'record', this.device, this.all, this.allDropped);
+    return buildFixture(name, 'record', this.device, this.all, this.allDropped, this.tape?.dump());
   }
 
   /** Writes the window to `path` (atomically: a reader never sees half a file). */

@@ -6,11 +6,14 @@
 // What a recording holds and what it cannot: the chains' readable bytes and the answers, not the rest of guest
 // memory (CQ and QP rings, MR contents). Control requests and events replay exactly; the data path reads work
 // requests from QP rings the recording does not have, so doorbell answers are compared but expected to differ
-// unless the recording had none. Host values (QPNs, keys) come from the test double: a recording over real verbs
-// differs there, and the differences say so field by field (hex offsets).
+// unless the recording had none. Host values (QPNs, keys, attributes) come from the recording's tape of host
+// answers (verbs-tape.ts) when it has one; without it they come from the test double, and a recording over real
+// verbs differs there (the differences say where, by byte offset).
 
 import { FakeVerbs, FakeAliasMapper } from '../verbs/fake-verbs.ts';
 import { hostAttrOf } from '../verbs/host-verbs.ts';
+import { ReplayingVerbs } from './verbs-tape.ts';
+import type { HostPageMapper } from '../virtio/device.ts';
 import { RdmaDevice } from '../rdma/rdma-device.ts';
 import { StaticAddressResolver, type GidTableEntry } from '../rdma/address-resolver.ts';
 import type { DeviceQuotas } from '../rdma/limits.ts';
@@ -132,6 +135,16 @@ class DriverRing {
   }
 }
 
+function acceptingMapper(regions: ReadonlyMap<number, bigint>): HostPageMapper {
+  return {
+    capabilities: () => ({ queueNotifier: false, sharedMemory: regions, missing: [] }),
+    mapQueueNotifier: () => Promise.resolve(),
+    unmapQueueNotifier: () => Promise.resolve(),
+    mapShared: () => Promise.resolve(),
+    unmapShared: () => Promise.resolve(),
+  };
+}
+
 function splitSizes(size: number) {
   return { desc: 16 * size, avail: 6 + 2 * size, used: 6 + 8 * size };
 }
@@ -203,7 +216,24 @@ export async function replaySession(f: SessionFixture, opts: ReplayOptions = {})
   // The backend reads the host's limits once before its device opens (cli/admission.ts): the same calls here, so
   // that the test double numbers the objects that follow (handles, QPNs, keys) as the recording's backend did.
   await hostAttrOf(verbs, 'fake0');
-  const model = await RdmaDevice.open({ verbs, hostDevice: 'fake0', vmId, resolver: new StaticAddressResolver(table), quotas, log, aliases: new FakeAliasMapper() });
+  // The recording's host answers, when it has them: the replay's QPNs, keys and attributes are the recording's.
+  const replaying = f.hostVerbs === undefined ? undefined : new ReplayingVerbs(verbs, f.hostVerbs);
+  const mode = device['hostQueueMapping'];
+  const maxMapped = device['maxMappedQueues'];
+  const model = await RdmaDevice.open({
+    verbs: replaying ?? verbs,
+    hostDevice: 'fake0',
+    vmId,
+    resolver: new StaticAddressResolver(table),
+    quotas,
+    log,
+    aliases: new FakeAliasMapper(),
+    ...(mode === 'polled' || mode === 'notify' || mode === 'off' ? { hostQueueMapping: mode } : {}),
+    ...(typeof maxMapped === 'number' ? { maxMappedQueues: maxMapped } : {}),
+  });
+  // Mapped queues (spec 13) are mapped by the VMM, which a replay has none of: every mapping is confirmed, as the
+  // recording's VMM confirmed it (a refusal there shows in the recorded answer, and then differs here).
+  const hostPages = acceptingMapper(model.sharedMemoryRegions ?? new Map());
   const report: ReplayReport = { chains: 0, answersCompared: 0, differences: [], skipped: [] };
   const recordedUsed = new Map<number, Used[]>();
   for (const e of events) if (e.kind === 'used') recordedUsed.set(e.queue, [...(recordedUsed.get(e.queue) ?? []), e]);
@@ -223,6 +253,7 @@ export async function replaySession(f: SessionFixture, opts: ReplayOptions = {})
       interrupt: () => undefined,
       queueBroken: (i, e) => broken.push(`queue ${i} broken: ${e.message}`),
       deviceFailed: (e) => broken.push(`device failed: ${e.message}`),
+      hostPages,
       log,
     });
     const after = events.indexOf(act);
@@ -265,6 +296,7 @@ export async function replaySession(f: SessionFixture, opts: ReplayOptions = {})
       collect();
     }
   } finally {
+    replaying?.stopFollowing();
     model.reset();
     await model.close();
   }
@@ -287,6 +319,7 @@ export async function replaySession(f: SessionFixture, opts: ReplayOptions = {})
       report.differences.push({ queue: q, answer: k, what: 'an answer the recording does not have', expected: '(none)', actual: Buffer.from(act2[k]!.written).toString('hex') });
     }
   }
+  if (replaying !== undefined) for (const m of replaying.mismatches) report.skipped.push(`host answers: ${m}`);
   // NEEDS_RESET must come (or not) as in the recording.
   const recordedBroken = events.filter((e) => e.kind === 'broken' || e.kind === 'failed').map((e) => (e.kind === 'broken' ? `queue ${e.queue} broken: ${e.error}` : e.kind === 'failed' ? `device failed: ${e.error}` : ''));
   if (recordedBroken.join('\n') !== broken.join('\n')) {
