@@ -37,6 +37,8 @@ export const ShmemAnswer = {
   NO_MAPPING: 9n,
   /** A back-end request the front-end does not serve. */
   UNSUPPORTED: 10n,
+  /** MAX_FRONTEND_SHMEM_MAPPINGS live mappings already. */
+  TOO_MANY: 11n,
 } as const;
 export type ShmemAnswerName = keyof typeof ShmemAnswer;
 
@@ -134,7 +136,7 @@ export class FrontendShmem {
     if (m.fdOffset + m.len > MAX_U64 || m.fdOffset + m.len > BigInt(Number.MAX_SAFE_INTEGER)) return this.refuse('OUT_OF_RANGE');
     const list = this.maps.get(m.shmid) ?? [];
     if (list.some((x) => x.offset < m.shmOffset + m.len && m.shmOffset < x.offset + x.length)) return this.refuse('OVERLAP');
-    if (this.mappingCount >= MAX_FRONTEND_SHMEM_MAPPINGS) return this.refuse('OUT_OF_RANGE');
+    if (this.mappingCount >= MAX_FRONTEND_SHMEM_MAPPINGS) return this.refuse('TOO_MANY');
     const fd = fds[0]!;
     let stat: fs.Stats;
     try {
