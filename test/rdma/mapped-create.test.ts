@@ -283,3 +283,25 @@ t.test('without HOST_QUEUE_MAPPING negotiated map_flags is reserved and ignored,
   t.equal(mapper.live.size, 0, 'nothing mapped');
 });
 
+
+t.test('through the virtio core: FEATURES_OK with HOST_QUEUE_MAPPING kept only over a transport that maps the region', async (t) => {
+  const { VirtioDeviceCore } = await import('../../vmm-device/virtio/core.ts');
+  const { STATUS_ACKNOWLEDGE: ACK, STATUS_DRIVER: DRV, STATUS_FEATURES_OK: FOK } = await import('../../vmm-device/abi/virtio.ts');
+  const { RecordingMapper } = await import('./mapped-rig.ts');
+  const d = await open(t, { mode: 'polled' });
+  const negotiate = (core: InstanceType<typeof VirtioDeviceCore>, features: bigint): number => {
+    core.setStatus(0);
+    core.setStatus(ACK);
+    core.setStatus(ACK | DRV);
+    core.setDriverFeatures(features);
+    core.setStatus(ACK | DRV | FOK);
+    return core.deviceStatus & FOK;
+  };
+  const f = ALL_FEATURES | MAPPING;
+  const bare = new VirtioDeviceCore(d, { interrupt: () => undefined, configInterrupt: () => undefined }, new RecordingLogger('core'));
+  t.equal(negotiate(bare, f), 0, 'a transport without a mapper: refused');
+  t.equal(negotiate(bare, ALL_FEATURES), FOK, 'without the bit: accepted');
+  const mapper = new RecordingMapper([], d.sharedMemoryRegions!.get(0)!);
+  const mapping = new VirtioDeviceCore(d, { interrupt: () => undefined, configInterrupt: () => undefined, hostPages: mapper }, new RecordingLogger('core'));
+  t.equal(negotiate(mapping, f), FOK, 'a transport exposing the region: accepted');
+});

@@ -348,3 +348,25 @@ t.test('the region allocators: first fit, merged free extents, bounded slots', a
   t.equal(s.alloc(), 0, 'the lowest free slot');
   t.throws(() => s.release(5), RangeError);
 });
+
+t.test('a hostile guest after DESTROY_QP: stale doorbell stores, records for the destroyed QP, its old range', async (t) => {
+  const rig = await mappedRig();
+  const { g, verbs, mapper } = rig;
+  t.teardown(() => mapper.dropAll());
+  const { qp, slot, cq, pd } = await objects(rig, { connect: true });
+  const engine = verbs.engines.at(-1)!;
+  t.equal((await g.destroy(Command.DESTROY_QP, qp.handle)).status, Status.OK);
+  t.throws(() => mapper.read(qp.sq.offset, 4), /nothing mapped/, 'the destroyed SQ range reaches no host memory any more');
+  const store = new Uint8Array([9, 0, 0, 0]);
+  mapper.write(qp.doorbellOffset, store); // the doorbell pages stay mapped: a store into a freed slot
+  t.equal(engine.scan(), 0, 'a store into a freed slot executes nothing');
+  g.postEventBuffers(4);
+  await g.ring([{ handle: qp.handle, type: DoorbellType.SQ }]);
+  const [e] = await g.waitEvents(1);
+  t.same([e!.type, e!.detail], [EventType.DOORBELL_ERROR, DoorbellErrorReason.UNKNOWN_HANDLE], 'a record for the destroyed QP: UNKNOWN_HANDLE');
+  // The slot is given to the next QP: the stale value is taken as acted on, so no spurious doorbell.
+  const qp2 = await createMappedQp(g, { pd_handle: pd, send_cq_handle: cq.handle, recv_cq_handle: cq.handle });
+  t.equal(Number(qp2.doorbellOffset / 8n), slot, 'the same slot');
+  t.equal(engine.scan(), 0, 'the old store does not ring the new QP');
+  t.equal(g.broken.length + g.failures.length, 0, 'the device never needed a reset');
+});
