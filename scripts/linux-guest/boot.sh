@@ -65,40 +65,97 @@ fi
 
 run=$(mktemp -d "${TMPDIR:-/tmp}/vrdma-linux-guest-boot.XXXXXX")
 backend_pid=
-cleanup() {
+qemu_pid=
+stop_backend() {
   [ -n "$backend_pid" ] && kill "$backend_pid" 2>/dev/null && wait "$backend_pid" 2>/dev/null
+  backend_pid=
+}
+cleanup() {
+  [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null
+  stop_backend
   rm -rf "$run"
 }
 trap cleanup EXIT
-# The backend, with the verbs double (the control path only, see above).
-(cd "$LG_PROJECT_ROOT" && exec node --import tsx test/cli/fake-backend.ts --socket "$run/vm0.sock" --device fake0 \
-  --vm-id vm0 --virtual-ip "$VIRTUAL_IP" --host-dir "$run" --log-level "$backend_level") >"$run/backend.log" 2>&1 &
-backend_pid=$!
-for _ in $(seq 1 600); do [ -S "$run/vm0.sock" ] && break; kill -0 "$backend_pid" 2>/dev/null || break; sleep 0.1; done
-[ -S "$run/vm0.sock" ] || { cat "$run/backend.log" >&2; lg_die "the backend did not listen on $run/vm0.sock"; }
-lg_log "backend listening after $(ms_since "$t_start") ms"
+
+# A known freeze, not of this driver's making: in about one boot in three here, the backend logs "device started"
+# (at the module's load or at its reload) and then answers no vhost-user message (its reply to SET_VRING_ENABLE
+# goes out only when QEMU is killed), QEMU waits for it holding its big lock, and the guest stops in insmod. When
+# the console, once the RDMA core is loaded, stays silent for FREEZE_S, the boot is abandoned and started once
+# more, and the output says so ("boot-retries 1"): the test counts retries, so the freeze stays visible.
+FREEZE_S=75
+MAX_BOOTS=2
+
+# boot_once N: a fresh backend and QEMU; the console in $run/console.N. Returns 0 done, 1 failed, 2 froze.
+boot_once() {
+  local n=$1 console=$run/console.$1 waited=0 t_mods=
+  rm -f "$run/vm0.sock"
+  mkdir -p "$run/host.$n"
+  # The backend, with the verbs double (the control path only, see above).
+  (cd "$LG_PROJECT_ROOT" && exec node --import tsx test/cli/fake-backend.ts --socket "$run/vm0.sock" --device fake0 \
+    --vm-id vm0 --virtual-ip "$VIRTUAL_IP" --host-dir "$run/host.$n" --log-level "$backend_level") >"$run/backend.log.$n" 2>&1 &
+  backend_pid=$!
+  for _ in $(seq 1 600); do [ -S "$run/vm0.sock" ] && break; kill -0 "$backend_pid" 2>/dev/null || break; sleep 0.1; done
+  [ -S "$run/vm0.sock" ] || { cat "$run/backend.log.$n" >&2; lg_die "the backend did not listen on $run/vm0.sock"; }
+  lg_log "boot $n: backend listening after $(ms_since "$t_start") ms"
+  timeout --kill-after=5 "$timeout_s" "$qemu" \
+    -machine q35,memory-backend=mem -accel tcg,thread=multi -cpu max -smp 2 -m 512M \
+    -object memory-backend-memfd,id=mem,size=512M,share=on \
+    -L /usr/share/seabios -L /usr/share/qemu \
+    -nographic -nic none -no-reboot \
+    -kernel "$rxe/vmlinux" -initrd "$initrd" \
+    -append "console=ttyS0 loglevel=$loglevel panic=-1 mitigations=off cryptomgr.notests lsm=capability audit=0 vrdma.ip=$VIRTUAL_IP $packed_arg $debug_arg" \
+    -chardev "socket,id=vu,path=$run/vm0.sock" \
+    -device vhost-user-device-pci,chardev=vu,virtio-id=42,num_vqs=3,vq_size=256,config_size=128,page-per-vq=on \
+    </dev/null >"$console" 2>"$run/qemu.stderr.$n" &
+  qemu_pid=$!
+  local size=0 now
+  while kill -0 "$qemu_pid" 2>/dev/null; do
+    sleep 1
+    if [ -z "$t_mods" ]; then
+      grep -q 'VRDMA-GUEST: core-modules-loaded' "$console" && t_mods=$SECONDS
+      continue
+    fi
+    now=$(stat -c %s "$console")
+    [ "$now" != "$size" ] && { size=$now; t_mods=$SECONDS; continue; }
+    if [ $((SECONDS - t_mods)) -ge "$FREEZE_S" ]; then
+      kill "$qemu_pid" 2>/dev/null
+      wait "$qemu_pid" 2>/dev/null
+      qemu_pid=
+      stop_backend
+      return 2
+    fi
+  done
+  wait "$qemu_pid"
+  qemu_rc=$?
+  qemu_pid=
+  stop_backend
+  grep -q 'VRDMA-GUEST: result ok' <(tr -d '\r' <"$console") && return 0
+  return 1
+}
 
 t_boot=$(date +%s%N)
-set +e
-timeout --kill-after=5 "$timeout_s" "$qemu" \
-  -machine q35,memory-backend=mem -accel tcg,thread=multi -cpu max -smp 2 -m 512M \
-  -object memory-backend-memfd,id=mem,size=512M,share=on \
-  -L /usr/share/seabios -L /usr/share/qemu \
-  -nographic -nic none -no-reboot \
-  -kernel "$rxe/vmlinux" -initrd "$initrd" \
-  -append "console=ttyS0 loglevel=$loglevel panic=-1 mitigations=off cryptomgr.notests lsm=capability audit=0 vrdma.ip=$VIRTUAL_IP $packed_arg $debug_arg" \
-  -chardev "socket,id=vu,path=$run/vm0.sock" \
-  -device vhost-user-device-pci,chardev=vu,virtio-id=42,num_vqs=3,vq_size=256,config_size=128,page-per-vq=on \
-  </dev/null >"$run/console" 2>"$run/qemu.stderr"
-qemu_rc=$?
-set -e
+retries=0
+for ((boot = 1; boot <= MAX_BOOTS; boot++)); do
+  t_boot=$(date +%s%N)
+  set +e
+  boot_once "$boot"
+  status=$?
+  set -e
+  [ "$status" -ne 2 ] && break
+  lg_log "boot $boot: the guest froze (console silent for $FREEZE_S s after the RDMA core loaded; the known backend freeze)"
+  echo "boot-froze $boot"
+  tail -n 5 "$run/backend.log.$boot" | sed 's/^/backend: /'
+  retries=$((retries + 1))
+done
 boot_ms=$(ms_since "$t_boot")
-tr -d '\r' <"$run/console" | grep -o 'VRDMA-GUEST: .*' || true
-if ! grep -q 'VRDMA-GUEST: result ok' <(tr -d '\r' <"$run/console"); then
-  echo "--- console (last 60 lines)"; tr -d '\r' <"$run/console" | tail -n 60
-  echo "--- qemu stderr"; cat "$run/qemu.stderr"
-  echo "--- backend log (last 40 lines)"; tail -n 40 "$run/backend.log"
-  lg_log "guest boot: FAILED (QEMU exit $qemu_rc) after $boot_ms ms"
+echo "boot-retries $retries"
+last=$((boot > MAX_BOOTS ? MAX_BOOTS : boot))
+tr -d '\r' <"$run/console.$last" | grep -o 'VRDMA-GUEST: .*' || true
+if [ "$status" -ne 0 ]; then
+  echo "--- console (last 60 lines)"; tr -d '\r' <"$run/console.$last" | tail -n 60
+  echo "--- qemu stderr"; cat "$run/qemu.stderr.$last"
+  echo "--- backend log (last 40 lines)"; tail -n 40 "$run/backend.log.$last"
+  lg_log "guest boot: FAILED after $boot_ms ms"
   exit 1
 fi
 lg_log "guest boot, checks and power-off: $boot_ms ms; whole run $(ms_since "$t_start") ms"
