@@ -101,7 +101,7 @@ async function openA(): Promise<VuVm> {
       await vm.transport.close().catch(() => undefined);
       server.close();
       await device.close();
-      ram.release();
+      vm.ram.release(); // the RAM of the last connection (the accept case reconnects with new RAM)
       rmSync(dir, { recursive: true, force: true });
     },
   };
@@ -298,8 +298,9 @@ t.test('EMFILE at accept: the VMM reconnects while no fd is left, then is served
     const reopened = await pending.opening;
     if (reopened instanceof Error) throw reopened;
     a.transport = reopened;
-    a.ram.release();
+    const oldRam = a.ram;
     a.ram = ram;
+    oldRam.release();
     t.pass('the reconnecting VMM is served once fds are available again');
     // A's new driver session works: objects and traffic with B, exactly once.
     a.ctx = await RdmaContext.open(reopened);
