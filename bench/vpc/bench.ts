@@ -45,6 +45,8 @@ const CONNECTIONS_PER_ROUND = envInt('VRDMA_BENCH_CONNECTIONS', 10);
 const TEARDOWNS = envInt('VRDMA_BENCH_TEARDOWNS', 5);
 const RULES = 1000;
 const WAIT_MS = 30_000;
+/** Request timeout of the bench's own etcd writer. */
+const WRITER_TIMEOUT_MS = 30_000;
 const INIT = S.STATE | S.PKEY_INDEX | S.PORT | S.ACCESS_FLAGS;
 const RTR = S.STATE | S.AV | S.PATH_MTU | S.DEST_QPN | S.RQ_PSN | S.MAX_DEST_RD_ATOMIC | S.MIN_RNR_TIMER;
 const RTS = S.STATE | S.SQ_PSN | S.TIMEOUT | S.RETRY_CNT | S.RNR_RETRY | S.MAX_QP_RD_ATOMIC;
@@ -193,7 +195,9 @@ async function main(): Promise<void> {
     const cluster = await EtcdCluster.start(1);
     try {
       const prefix = '/vrdma/vpc/';
-      const writer = new EtcdClient({ endpoints: cluster.endpoints, log });
+      // The writer waits longer than the default 2 s: etcd shares the TCG test host with the bench and can be slow
+      // to commit a 1,000-rule VPC; the backend under test keeps its defaults.
+      const writer = new EtcdClient({ endpoints: cluster.endpoints, log, requestTimeoutMs: WRITER_TIMEOUT_MS });
       await publishPolicy(writer, prefix, benchPolicy(true));
       const eb = await VpcBackend.start({ controlPlane: { kind: 'etcd', endpoints: cluster.endpoints, prefix }, hostId: 'host-1', log });
       const sides = { a: await side(verbs, 'a1', eb.resolver, eb.deviceQuotasOf('a1'), 5), b: await side(verbs, 'a2', eb.resolver, eb.deviceQuotasOf('a2'), 6) };

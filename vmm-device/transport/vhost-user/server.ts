@@ -14,6 +14,11 @@ import { shmemConfigReply } from './shmem.ts';
 
 /** Pending connections the kernel queues while one is being served. */
 export const LISTEN_BACKLOG = 4;
+/**
+ * Pause before watching the listening socket again after accept() failed (EMFILE/ENFILE: no fd left). The socket
+ * stays readable while the connection waits, and the watch is level-triggered: retrying at once would spin.
+ */
+export const ACCEPT_RETRY_MS = 100;
 
 export interface ServerOptions {
   path: string;
@@ -26,7 +31,10 @@ export interface ServerOptions {
 export class VhostUserServer {
   private listenFd: number | undefined;
   private listenWatch: Watch | undefined;
+  private acceptRetry: NodeJS.Timeout | undefined;
   private current: VhostUserConnection | undefined;
+  /** accept() failures (each followed by an ACCEPT_RETRY_MS pause). */
+  acceptFailures = 0;
   /** Counters summed over every connection served. */
   readonly counters: SessionCounters = newCounters();
   connectionsServed = 0;
@@ -60,7 +68,9 @@ export class VhostUserServer {
     try {
       fd = this.opts.host.accept(this.listenFd);
     } catch (e) {
-      this.opts.log.log('error', 'accept failed', { error: (e as Error).message });
+      this.acceptFailures++;
+      this.opts.log.log('error', 'accept failed', { error: (e as Error).message, retryInMs: ACCEPT_RETRY_MS, failures: this.acceptFailures });
+      this.pauseAccepting();
       return;
     }
     if (fd === undefined) return;
@@ -82,8 +92,23 @@ export class VhostUserServer {
     this.onSession?.(session);
   }
 
+  /** Stops watching the listening socket for ACCEPT_RETRY_MS, then watches it (and accepts) again. */
+  private pauseAccepting(): void {
+    this.listenWatch?.stop();
+    this.listenWatch = undefined;
+    if (this.acceptRetry !== undefined) return;
+    this.acceptRetry = setTimeout(() => {
+      this.acceptRetry = undefined;
+      if (this.listenFd === undefined) return; // closed meanwhile
+      this.listenWatch = this.opts.host.watchReadable(this.listenFd, () => this.acceptPending());
+      this.acceptPending();
+    }, ACCEPT_RETRY_MS);
+  }
+
   /** Closes the current connection (if any) and stops listening. */
   close(): void {
+    if (this.acceptRetry !== undefined) clearTimeout(this.acceptRetry);
+    this.acceptRetry = undefined;
     this.current?.close('server shutting down');
     this.listenWatch?.stop();
     this.listenWatch = undefined;
