@@ -14,6 +14,7 @@
         "src/verbs/registry.cc",
         "src/verbs/wr.cc",
         "src/vfio-user/dma_fd.cc",
+        "src/vfio-user/stall_timer.cc",
         "src/vfio-user/vfio_user.cc"
       ],
       "variables": {

@@ -166,3 +166,18 @@ t.test('QEMU killed: the server resets the device, releases guest memory and ser
   await roundTrip(t, second.dev, queues[0]!, Uint8Array.of(0x55));
   t.equal(rig.server.counters.connections, 2, 'two clients served by one server');
 });
+
+t.test('the server restarted on the same socket path: the QEMU that lost it sees the function gone, a new QEMU is served', async (t) => {
+  const rig = startServer(t);
+  const first = await startQemu(t, rig);
+  await bringUp(first.dev, first.qemu);
+  rig.server.close();
+  t.notOk(fs.existsSync(rig.socketPath), 'the socket file went with the server');
+  const restarted = startServer(t, rig.dir);
+  t.equal(restarted.socketPath, rig.socketPath, 'the same path');
+  const second = await startQemu(t, restarted);
+  const queues = await bringUp(second.dev, second.qemu);
+  await roundTrip(t, second.dev, queues[1]!, Uint8Array.of(0xaa, 0x55));
+  t.equal(restarted.server.counters.connections, 1);
+  await first.qemu.stop(); // QEMU 11.1 keeps running without its server; it is stopped here, not awaited as an exit
+});
