@@ -7,7 +7,7 @@
 // Checked per answer (rdma-rig): tag echoed, status of the spec's set, no body on failure, used <= writable; per
 // input: no device failure, every host object released by reset, nothing read or written outside guest memory.
 import { COMMANDS } from '../../../vmm-device/abi/rdma/index.ts';
-import { ByteReader, countInput } from './harness.ts';
+import { ByteReader, HEAP_CHECK_EVERY_SLOW, countInput } from './harness.ts';
 import { MAX_PART, Rig } from './rdma-rig.ts';
 
 const NAME = 'control';
@@ -16,7 +16,7 @@ export const MAX_OPS = 12;
 const CODES = [...COMMANDS.keys()];
 
 export async function fuzz(data: Buffer): Promise<void> {
-  countInput(NAME);
+  countInput(NAME, HEAP_CHECK_EVERY_SLOW);
   const rig = await Rig.open();
   try {
     const r = new ByteReader(data);

@@ -8,7 +8,7 @@
 // Checked as in every RDMA target (rdma-rig.ts), plus: the CQ's producer index only moves forward by at most its
 // depth per buffer.
 import { DoorbellRecord, Limits } from '../../../vmm-device/abi/rdma/index.ts';
-import { ByteReader, countInput, invariant } from './harness.ts';
+import { ByteReader, HEAP_CHECK_EVERY_SLOW, countInput, invariant } from './harness.ts';
 import { Rig } from './rdma-rig.ts';
 
 const NAME = 'doorbell';
@@ -16,7 +16,7 @@ export const MAX_BUFFERS = 8;
 export const MAX_RECORDS = 16;
 
 export async function fuzz(data: Buffer): Promise<void> {
-  countInput(NAME);
+  countInput(NAME, HEAP_CHECK_EVERY_SLOW);
   const rig = await Rig.open();
   try {
     const { cq, qp } = await rig.connectedQp();

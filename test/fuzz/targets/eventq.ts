@@ -18,7 +18,7 @@ import {
   QpAttrMask,
   QpState,
 } from '../../../vmm-device/abi/rdma/index.ts';
-import { ByteReader, countInput, invariant } from './harness.ts';
+import { ByteReader, HEAP_CHECK_EVERY_SLOW, countInput, invariant } from './harness.ts';
 import { Rig, qpAttr } from './rdma-rig.ts';
 
 const NAME = 'eventq';
@@ -27,7 +27,7 @@ export const MAX_OPS = 16;
 export const MAX_CHAINS = 20;
 
 export async function fuzz(data: Buffer): Promise<void> {
-  countInput(NAME);
+  countInput(NAME, HEAP_CHECK_EVERY_SLOW);
   const rig = await Rig.open();
   try {
     const { cq, qp } = await rig.connectedQp();

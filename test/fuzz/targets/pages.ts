@@ -14,7 +14,7 @@ import {
   HandleResponse,
   Status,
 } from '../../../vmm-device/abi/rdma/index.ts';
-import { ByteReader, countInput } from './harness.ts';
+import { ByteReader, HEAP_CHECK_EVERY_SLOW, countInput } from './harness.ts';
 import { PAGE, REGION_SIZE, Rig } from './rdma-rig.ts';
 
 const NAME = 'pages';
@@ -41,7 +41,7 @@ function pageAddress(rig: Rig, r: ByteReader): bigint {
 }
 
 export async function fuzz(data: Buffer): Promise<void> {
-  countInput(NAME);
+  countInput(NAME, HEAP_CHECK_EVERY_SLOW);
   const rig = await Rig.open();
   try {
     const r = new ByteReader(data);

@@ -8,7 +8,7 @@
 // Checked as in every RDMA target (rdma-rig.ts), plus: completions never outnumber the WQEs posted, and the
 // consumer indices the device publishes never pass the producer indices.
 import { DoorbellRecord, DoorbellType, Limits } from '../../../vmm-device/abi/rdma/index.ts';
-import { ByteReader, countInput, invariant } from './harness.ts';
+import { ByteReader, HEAP_CHECK_EVERY_SLOW, countInput, invariant } from './harness.ts';
 import { Rig } from './rdma-rig.ts';
 
 const NAME = 'wqe';
@@ -18,7 +18,7 @@ const SEND_SGE0 = Limits.SQ_WQE_SIZE - Limits.SQ_WQE_MAX_SGE * 16;
 const RECV_SGE0 = Limits.RQ_WQE_SIZE - Limits.RQ_WQE_MAX_SGE * 16;
 
 export async function fuzz(data: Buffer): Promise<void> {
-  countInput(NAME);
+  countInput(NAME, HEAP_CHECK_EVERY_SLOW);
   const rig = await Rig.open();
   try {
     const { cq, qp, mr } = await rig.connectedQp();
