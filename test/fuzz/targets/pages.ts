@@ -88,7 +88,7 @@ export async function fuzz(data: Buffer): Promise<void> {
           iova: r.u64(),
           length,
           page_shift: shift,
-          total_pages: (r.u8() & 0x80) !== 0 ? r.u32() : claimed + (r.u8() % 3),
+          total_pages: (r.u8() & 0x80) !== 0 ? r.u32() : (claimed + (r.u8() % 3)) >>> 0,
           num_pages: claimed,
         });
         a = await rig.cmd(Command.REG_MR, body, pages);
