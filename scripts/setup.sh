@@ -96,7 +96,15 @@ ensure_native() {
   native_stamp_write
 }
 
+# The fuzzing engine's native addon (Jazzer.js on Debian's libFuzzer; scripts/fuzz/build.sh says why), built or found
+# in its cache before `npm ci`, whose install of @jazzer.js/fuzzer then takes it as a local prebuild.
+ensure_fuzz_engine() {
+  npm_config_jazzer_js_fuzzer_local_prebuilds=$(bash scripts/fuzz/build.sh)
+  export npm_config_jazzer_js_fuzzer_local_prebuilds
+}
+
 ensure_apt
+ensure_fuzz_engine
 ensure_npm
 ensure_native
 # The Linux guest driver: Debian's kernel headers fetched and guest-driver-spec/linux/ built, both cached (a cached

@@ -103,6 +103,24 @@ else
   echo "not ok - layers"
 fi
 
+# Coverage-guided fuzzing (test/fuzz/targets, scripts/fuzz/run.sh): every target briefly, on a full run only. Each
+# target counts as one test: passed when libFuzzer ran it for its time without a finding.
+FUZZ_SECONDS_PER_TARGET=20
+if [ "$#" -eq 0 ]; then
+  echo "=== fuzz (each target for ${FUZZ_SECONDS_PER_TARGET} s)"
+  log=$(mktemp)
+  bash scripts/fuzz/run.sh --seconds "$FUZZ_SECONDS_PER_TARGET" 2>&1 | tee "$log"
+  summary=$(grep -E '^[0-9]+ passed, [0-9]+ failed$' "$log" | tail -n 1)
+  if [ -z "$summary" ]; then
+    echo "fuzz step printed no summary: counted as failed"
+    failed=$((failed + 1))
+  else
+    passed=$((passed + $(echo "$summary" | cut -d' ' -f1)))
+    failed=$((failed + $(echo "$summary" | cut -d' ' -f3)))
+  fi
+  rm -f "$log"
+fi
+
 # Test files are `*.test.ts` (other .ts files under test/ are helpers). Those under test/rxe/, and those named
 # rxe-*.test.ts anywhere, need real verbs and run in the test host; test/multihost/multi-host.test.ts runs in its own
 # step (two test hosts); every other one runs here.
