@@ -16,6 +16,7 @@
         "src/verbs/mapped.cc",
         "src/verbs/doorbell.cc",
         "src/vfio-user/dma_fd.cc",
+        "src/vfio-user/stall_timer.cc",
         "src/vfio-user/vfio_user.cc"
       ],
       "variables": {

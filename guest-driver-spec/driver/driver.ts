@@ -202,7 +202,12 @@ export class VirtioRdmaDriver {
     }
     await transport.writeDriverFeatures(features);
     await transport.setStatus(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-    if (((await transport.getStatus()) & STATUS_FEATURES_OK) === 0) return fail('the device refused FEATURES_OK');
+    if (((await transport.getStatus()) & STATUS_FEATURES_OK) === 0) {
+      // Section 13.16: a device refuses FEATURES_OK with HOST_QUEUE_MAPPING when its transport cannot map after all
+      // (a VMM without the shared memory region). Start over without it (virtio: reset, negotiate again): relayed.
+      if ((features & mapBit) !== 0n) return VirtioRdmaDriver.open(transport, { ...options, withoutFeatures: (options.withoutFeatures ?? 0n) | mapBit });
+      return fail('the device refused FEATURES_OK');
+    }
     const config = await readConfig(transport);
     checkConfig(config);
 

@@ -225,10 +225,14 @@ export class PciFunction {
     return this.bars.find((b) => b.index === index);
   }
 
-  /** Places every memory BAR in [window.next, window.end) (naturally aligned) and every I/O BAR likewise. */
-  async placeBars(memWindow: AddressWindow, ioWindow: AddressWindow): Promise<void> {
+  /**
+   * Places every BAR naturally aligned: I/O BARs in the I/O window, 64-bit memory BARs in the 64-bit window when
+   * one is given (as firmware puts large 64-bit BARs above 4 GiB: a shared memory region of many GiB cannot fit
+   * below), every other memory BAR in the 32-bit window.
+   */
+  async placeBars(memWindow: AddressWindow, ioWindow: AddressWindow, mem64Window?: AddressWindow): Promise<void> {
     for (const bar of this.bars) {
-      const window = bar.kind === 'io' ? ioWindow : memWindow;
+      const window = bar.kind === 'io' ? ioWindow : bar.kind === 'mem64' && mem64Window !== undefined ? mem64Window : memWindow;
       const address = window.take(bar.size, bar.size);
       const offset = PCI_BAR0 + 4 * bar.index;
       await this.write32(offset, Number(BigInt(address) & 0xffff_ffffn));

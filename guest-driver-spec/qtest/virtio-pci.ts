@@ -26,6 +26,12 @@ import type { GuestRam } from './guest-ram.ts';
 import { QtestSplitQueue } from './split-queue.ts';
 
 export const VIRTIO_PCI_VENDOR_ID = 0x1af4;
+/**
+ * The default window of 64-bit memory BARs, [256 GiB, 512 GiB): QEMU's x86 machines put the whole PCI address
+ * space under system memory, so any bus address above RAM and the hot-plug area decodes; a 40-bit guest reaches it.
+ */
+export const DEFAULT_MEM64_WINDOW_START = 0x40_0000_0000;
+export const DEFAULT_MEM64_WINDOW_END = 0x80_0000_0000;
 /** Modern virtio-pci device IDs are 0x1040 + virtio device ID. */
 export const VIRTIO_PCI_MODERN_DEVICE_ID_BASE = 0x1040;
 
@@ -95,6 +101,8 @@ export interface ProbeOptions {
   /** Bus addresses for memory BARs; default [0xe000_0000, 0xfe00_0000) inside the `pc` PCI hole. */
   memWindow?: AddressWindow;
   ioWindow?: AddressWindow;
+  /** Where 64-bit memory BARs go; by default [256 GiB, 512 GiB), above any RAM or hot-plug area a test gives QEMU. */
+  mem64Window?: AddressWindow;
   /** Route INTx to this ISA IRQ and intercept the I/O APIC (default DEFAULT_INTX_IRQ); false: no interrupts. */
   intxIrq?: number | false;
 }
@@ -155,6 +163,7 @@ export class VirtioPciDevice {
     await pci.placeBars(
       options.memWindow ?? new AddressWindow(0xe000_0000, 0xfe00_0000),
       options.ioWindow ?? new AddressWindow(0xc000, 0xf000),
+      options.mem64Window ?? new AddressWindow(DEFAULT_MEM64_WINDOW_START, DEFAULT_MEM64_WINDOW_END),
     );
     await pci.enable(PCI_COMMAND_MEMORY | PCI_COMMAND_IO | PCI_COMMAND_MASTER);
 

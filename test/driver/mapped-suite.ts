@@ -111,10 +111,21 @@ export function registerMappedExchangeTests(t: Test, pairOf: () => Promise<VmPai
       t.same(b.vm.buf.read(16384, 952), small.subarray(2048), 'second receive SGE');
 
       const inline = pattern(48, 3);
-      await qa.postSend([{ wrId: 3n, opcode: 'SEND', signaled: true, inline }]);
-      t.match(await a.cq.waitPoll(1, WAIT_MS), [{ wrId: 3n, status: WcStatus.SUCCESS }]);
-      t.match(await b.cq.waitPoll(1, WAIT_MS), [{ wrId: 102n, byteLen: 48 }]);
-      t.same(b.vm.buf.read(20_000, 48), inline, 'inline bytes');
+      if (qa.caps.maxInlineData >= inline.length) {
+        await qa.postSend([{ wrId: 3n, opcode: 'SEND', signaled: true, inline }]);
+        t.match(await a.cq.waitPoll(1, WAIT_MS), [{ wrId: 3n, status: WcStatus.SUCCESS }]);
+        t.match(await b.cq.waitPoll(1, WAIT_MS), [{ wrId: 102n, byteLen: 48 }]);
+        t.same(b.vm.buf.read(20_000, 48), inline, 'inline bytes');
+      } else {
+        // The device did not offer INLINE (max_inline_data 0 in its configuration): the driver refuses inline data
+        // before anything reaches the queue, and the QP goes on working.
+        await t.rejects(qa.postSend([{ wrId: 3n, opcode: 'SEND', signaled: true, inline }]), { name: 'UsageError' }, `inline data refused: max_inline_data ${qa.caps.maxInlineData}`);
+        a.vm.buf.write(0, inline);
+        await qa.postSend([{ wrId: 3n, opcode: 'SEND', signaled: true, sgList: [a.vm.mr.sge(0, 48)] }]);
+        t.match(await a.cq.waitPoll(1, WAIT_MS), [{ wrId: 3n, status: WcStatus.SUCCESS }]);
+        t.match(await b.cq.waitPoll(1, WAIT_MS), [{ wrId: 102n, byteLen: 48 }]);
+        t.same(b.vm.buf.read(20_000, 48), inline, 'the same bytes by an SGE after the refusal');
+      }
       t.equal(relayedForMapped(pair), 0, "the backend's JavaScript relayed no work request of a mapped QP");
       t.ok(pair.a.device.qpCounters().some((c) => c.mapped && c.doorbellsExecuted > 0n), 'the doorbell thread executed the SQ doorbells');
     });

@@ -129,7 +129,12 @@ class Engine {
     s.attached = true;
     s.qpHandle = qpHandle;
     s.qpEntry = qpEntry;
-    s.last = Value(i);
+    // A slot is reused by later QPs: what the last one stored (its final SQ producer index) could equal the new
+    // QP's first store and hide that doorbell. The slot starts at 0, as the new queue's producer index does.
+    // The engine maps the pages read-only, so the reset goes through the memfd (the same page-cache page).
+    const uint32_t zero = 0;
+    const off_t at = static_cast<off_t>(i) * DOORBELL_SLOT_BYTES;
+    s.last = pwrite(memfd_, &zero, sizeof zero, at) == static_cast<ssize_t>(sizeof zero) ? 0 : Value(i);
     s.executed.store(0);
     s.refused.store(0);
     attached_.push_back(i);

@@ -14,9 +14,7 @@
 
 #include <errno.h>
 #include <string.h>
-#include <signal.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 // The library's headers are C11: their _Static_assert is C++'s static_assert.
@@ -29,6 +27,7 @@ extern "C" {
 #include <string>
 
 #include "dma_fd.h"
+#include "stall_timer.h"
 
 namespace vrdma {
 namespace {
@@ -37,15 +36,6 @@ namespace {
 constexpr uint64_t kMaxSafeInteger = (uint64_t{1} << 53) - 1;
 // libvfio-user's standard config space size for a conventional PCI function.
 constexpr uint32_t kConfigSpaceSize = 256;
-// libvfio-user reads a client's VERSION message (inside attach()) and each message body with blocking receives on
-// the JS thread, and sends replies blocking: a client that connects and says nothing, sends half a message or
-// stops reading would stall the whole event loop. A per-thread timer armed around attach() and run() interrupts
-// such a call (the signal's handler does nothing and is installed without SA_RESTART, so the blocked recvmsg or
-// sendmsg returns EINTR); the client is then dropped. AF_UNIX accepted sockets inherit no SO_RCVTIMEO from the
-// listener, hence the timer.
-constexpr int kStallTimeoutMs = 1000;
-// The real-time signal of that timer (Node and libuv use none of the real-time signals).
-int StallSignal() { return SIGRTMIN + 7; }
 // Largest register access handed to JS in one call (libvfio-user bounds REGION_READ/WRITE by its max transfer).
 constexpr size_t kMaxAccessBytes = 1 << 20;
 
@@ -83,7 +73,7 @@ class Context : public Napi::ObjectWrap<Context> {
       return;
     }
     env_ = env;
-    if (!CreateStallTimer()) {
+    if (!stall_.Create()) {
       ThrowErrno(env, "timer_create", errno);
       return;
     }
@@ -99,7 +89,6 @@ class Context : public Napi::ObjectWrap<Context> {
     // Garbage collected without destroy(): no JS may run from here.
     js_ok_ = false;
     if (ctx_ != nullptr) vfu_destroy_ctx(ctx_);
-    if (has_stall_timer_) timer_delete(stall_timer_);
   }
 
  private:
@@ -108,31 +97,7 @@ class Context : public Napi::ObjectWrap<Context> {
   Napi::ObjectReference callbacks_;
   // False once a callback threw (the exception is pending until run() returns) or while tearing down.
   bool js_ok_ = true;
-  timer_t stall_timer_{};
-  bool has_stall_timer_ = false;
-
-  static void OnStallSignal(int) {}
-
-  bool CreateStallTimer() {
-    struct sigaction sa = {};
-    sa.sa_handler = OnStallSignal;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = 0;  // no SA_RESTART: the blocked call returns EINTR
-    if (sigaction(StallSignal(), &sa, nullptr) != 0) return false;
-    struct sigevent sev = {};
-    sev.sigev_notify = SIGEV_THREAD_ID;
-    sev.sigev_signo = StallSignal();
-    sev._sigev_un._tid = gettid();  // sigev_notify_thread_id, which this glibc does not name
-    has_stall_timer_ = timer_create(CLOCK_MONOTONIC, &sev, &stall_timer_) == 0;
-    return has_stall_timer_;
-  }
-
-  void ArmStallTimer(bool on) {
-    if (!has_stall_timer_) return;
-    struct itimerspec its = {};
-    if (on) its.it_value = {kStallTimeoutMs / 1000, (kStallTimeoutMs % 1000) * 1000000L};
-    timer_settime(stall_timer_, 0, &its, nullptr);
-  }
+  StallTimer stall_;  // bounds how long a stalled client can block attach() and run()
 
   static Context* Of(vfu_ctx_t* ctx) { return static_cast<Context*>(vfu_get_private(ctx)); }
 
@@ -395,10 +360,10 @@ class Context : public Napi::ObjectWrap<Context> {
     Napi::Env env = info.Env();
     if (!Live(env)) return Napi::Value();
     js_ok_ = true;
-    ArmStallTimer(true);
+    stall_.Arm(true);
     const int rc = vfu_attach_ctx(ctx_);
     const int err = errno;
-    ArmStallTimer(false);
+    stall_.Arm(false);
     if (rc == 0) return Napi::Boolean::New(env, true);
     if (env.IsExceptionPending()) return Napi::Value();
     // EINTR: the client stalled during the VERSION exchange; libvfio-user closed it. Wait for the next one.
@@ -419,10 +384,10 @@ class Context : public Napi::ObjectWrap<Context> {
     Napi::Env env = info.Env();
     if (!Live(env)) return Napi::Value();
     js_ok_ = true;
-    ArmStallTimer(true);
+    stall_.Arm(true);
     int n = vfu_run_ctx(ctx_);
     int err = errno;
-    ArmStallTimer(false);
+    stall_.Arm(false);
     if (env.IsExceptionPending()) return Napi::Value();
     if (n >= 0) return Napi::Number::New(env, n);
     if (err == EINTR) {
@@ -452,8 +417,6 @@ class Context : public Napi::ObjectWrap<Context> {
     js_ok_ = false;  // the JS side releases its own state; no callback runs during the teardown
     vfu_destroy_ctx(ctx_);
     ctx_ = nullptr;
-    if (has_stall_timer_) timer_delete(stall_timer_);
-    has_stall_timer_ = false;
     return env.Undefined();
   }
 };
@@ -464,7 +427,7 @@ Napi::Object InitVfioUser(Napi::Env env) {
   Napi::Object exports = Napi::Object::New(env);
   exports.Set("Context", Context::Define(env));
   exports.Set("CONFIG_SPACE_SIZE", Napi::Number::New(env, kConfigSpaceSize));
-  exports.Set("STALL_TIMEOUT_MS", Napi::Number::New(env, kStallTimeoutMs));
+  exports.Set("STALL_TIMEOUT_MS", Napi::Number::New(env, StallTimer::kTimeoutMs));
   return exports;
 }
 

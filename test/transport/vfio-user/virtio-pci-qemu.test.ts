@@ -22,6 +22,7 @@ import {
   VirtioPciDevice,
   type QtestSplitQueue,
 } from '../../../guest-driver-spec/qtest/index.ts';
+import { hotAddMemory } from '../../../guest-driver-spec/qtest/memory-hotplug.ts';
 import { INVERT_CONFIG_MAGIC, INVERT_F_TEST, InvertDevice } from '../../../guest-driver-spec/qtest/rig/invert-device.ts';
 import { SysHost } from '../../../vmm-device/host/sys-host.ts';
 import { createLogger } from '../../../vmm-device/util/log.ts';
@@ -165,4 +166,35 @@ t.test('QEMU killed: the server resets the device, releases guest memory and ser
   const queues = await bringUp(second.dev, second.qemu);
   await roundTrip(t, second.dev, queues[0]!, Uint8Array.of(0x55));
   t.equal(rig.server.counters.connections, 2, 'two clients served by one server');
+});
+
+t.test('the server restarted on the same socket path: the QEMU that lost it sees the function gone, a new QEMU is served', async (t) => {
+  const rig = startServer(t);
+  const first = await startQemu(t, rig);
+  await bringUp(first.dev, first.qemu);
+  rig.server.close();
+  t.notOk(fs.existsSync(rig.socketPath), 'the socket file went with the server');
+  const restarted = startServer(t, rig.dir);
+  t.equal(restarted.socketPath, rig.socketPath, 'the same path');
+  const second = await startQemu(t, restarted);
+  const queues = await bringUp(second.dev, second.qemu);
+  await roundTrip(t, second.dev, queues[1]!, Uint8Array.of(0xaa, 0x55));
+  t.equal(restarted.server.counters.connections, 1);
+  await first.qemu.stop(); // QEMU 11.1 keeps running without its server; it is stopped here, not awaited as an exit
+});
+
+t.test('RAM hot-added while the device runs arrives as DMA_MAP: the model hears of the new map, the queues go on', async (t) => {
+  const rig = startServer(t);
+  const qemu = await QemuQtest.start({ binary: qemuBinary, workDir: rig.dir, args: vfioUserArgs(rig.socketPath), qmp: true, hotplug: { slots: 2, maxMiB: 512 } });
+  t.teardown(() => qemu.stop());
+  const dev = await VirtioPciDevice.probe(qemu.qtest, { virtioId: 42 });
+  const queues = await bringUp(dev, qemu);
+  await until(() => rig.device.activations === 1, 'activation');
+  const maps = rig.server.counters.dmaMaps;
+  const dimm = await hotAddMemory(qemu.qmp!, { id: 'dimm0', sizeMiB: 64 });
+  await until(() => rig.server.fn.guestMemory.findRegion(dimm.gpa) !== undefined, 'the DIMM in guest memory');
+  t.ok(rig.server.counters.dmaMaps > maps, 'a DMA_MAP for the DIMM');
+  t.ok(rig.device.memoryMaps.length >= 1, 'the running model was told of the new map (memoryChanged)');
+  t.ok(rig.device.memoryMaps.at(-1)!.findRegion(dimm.gpa) !== undefined, 'and the map it got has the DIMM');
+  await roundTrip(t, dev, queues[0]!, Uint8Array.of(4, 2));
 });
