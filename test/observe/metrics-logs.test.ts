@@ -111,6 +111,13 @@ t.test('/metrics of a real backend process after real work; JSON log lines', asy
   const modify = histogramSeries(r.body, 'vrdma_control_request_duration_seconds', { ...vm, command: 'MODIFY_QP', status: 'OK' });
   t.ok(modify!.count >= 3, 'the MODIFY_QPs of the connection (INIT, RTR, RTS)');
   t.ok(fams.some((f) => f.name === 'vrdma_process_resident_memory_bytes'), 'process metrics');
+  // The data path per QP: the relay handled the SENDs; the QP is relayed, so no doorbell went through the engine.
+  const perQp = { ...vm, qp: String(qp.handle) };
+  t.equal(value(fams, 'vrdma_qp_relayed_work_requests_total', perQp), SENDS, 'the relayed SENDs of the QP');
+  t.equal(value(fams, 'vrdma_qp_doorbells_total', { ...perQp, result: 'executed' }), 0);
+  t.equal(value(fams, 'vrdma_qp_doorbells_total', { ...perQp, result: 'refused' }), 0);
+  t.equal(value(fams, 'vrdma_qp_series_omitted', vm), 0);
+  for (const name of ['vrdma_queue_map_failures_total', 'vrdma_queue_unmap_failures_total', 'vrdma_queues_mapped_total']) t.equal(value(fams, name, vm), 0, `${name} (no mapping offered)`);
 
   const notFound = await fetch(`http://127.0.0.1:${port}/other`);
   t.equal(notFound.status, 404);
@@ -118,6 +125,9 @@ t.test('/metrics of a real backend process after real work; JSON log lines', asy
   t.equal(post.status, 405);
 
   await qp.destroy();
+  const afterDestroy = parse((await scrape(port)).body);
+  t.equal(value(afterDestroy, 'vrdma_qp_relayed_work_requests_total', perQp), undefined, 'the destroyed QP\'s series is gone');
+  t.equal(value(afterDestroy, 'vrdma_qp_doorbells_total', { ...perQp, result: 'executed' }), undefined);
   await mr.dereg();
   await cq.destroy();
   await pd.dealloc();
@@ -162,7 +172,7 @@ t.test('--metrics: loopback unless allowed, HOST:PORT checked, naming the flag',
   const b = startBackend([...base, '--metrics', '0.0.0.0:0', '--metrics-allow-remote', '--log-format', 'human']);
   t.teardown(() => b.stop());
   const line = await b.line((l) => /^info vrdma-backend: serving /.test(l), 'the human serving line');
-  t.match(line, /socket="[^"]+x\.sock" device="fake0" vm="vm-a" .*metrics="0\.0\.0\.0:\d+"/, 'the human format: key=value');
+  t.match(line, /socket="[^"]+x\.sock" transport="vhost-user" device="fake0" vm="vm-a" .*metrics="0\.0\.0\.0:\d+"/, 'the human format: key=value');
   const port = Number(/metrics="0\.0\.0\.0:(\d+)"/.exec(line)![1]);
   const r = await scrape(port);
   t.equal(r.status, 200);
@@ -254,4 +264,26 @@ t.test('etcd control plane: connected, revisions, disconnects and catch-ups as g
   t.equal(value(fams, 'vrdma_etcd_disconnects_total', {}), 1);
   t.equal(value(fams, 'vrdma_policy_version', {}), 1, 'the last known policy stays in force');
   t.equal(await b.stop(), 0);
+});
+
+t.test('per-QP series are capped per VM (MAX_QP_SERIES_PER_VM), the rest counted as omitted', async (t) => {
+  // Reaching the cap through a guest means hundreds of CREATE_QPs; the cap is the metrics' own logic, so a device
+  // source listing more live QPs than the cap stands in for the device here.
+  const { BackendMetrics, MAX_QP_SERIES_PER_VM } = await import('../../vmm-device/observe/metrics.ts');
+  const n = MAX_QP_SERIES_PER_VM + 7;
+  const qps = Array.from({ length: n }, (_, i) => ({ handle: n - i, qpNum: 100 + i, mapped: true, relayedWorkRequests: i, doorbellsExecuted: BigInt(2 * i), doorbellsRefused: 1n }));
+  const device = { vmId: 'vm-x', counters: { commands: {}, errors: {}, mapFailures: 2, unmapFailures: 1, queuesMapped: 5 }, pds: new Map(), cqs: new Map(), qps: new Map(), mrs: new Map(), ahs: new Map(), mrBytes: 0n, qpCounters: () => qps };
+  const m = new BackendMetrics({ devices: () => [{ device: device as never, vpc: 'blue', queues: () => [], server: { counters: { messages: 0, kicks: 0, droppedKicks: 0, interrupts: 0, badMessages: {} } as never, connectionsServed: 0 } }] });
+  const fams = parse(await m.text());
+  const series = fams.find((f) => f.name === 'vrdma_qp_relayed_work_requests_total')!.metrics;
+  t.equal(series.length, MAX_QP_SERIES_PER_VM, 'capped');
+  t.equal(value(fams, 'vrdma_qp_series_omitted', { vm: 'vm-x' }), 7);
+  t.equal(value(fams, 'vrdma_qp_relayed_work_requests_total', { vm: 'vm-x', qp: '1' }), n - 1, 'lowest handles kept');
+  t.equal(value(fams, 'vrdma_qp_relayed_work_requests_total', { vm: 'vm-x', qp: String(n) }), undefined, 'highest handle left out');
+  t.equal(value(fams, 'vrdma_qp_doorbells_total', { vm: 'vm-x', qp: '1', result: 'executed' }), 2 * (n - 1));
+  t.equal(value(fams, 'vrdma_qp_doorbells_total', { vm: 'vm-x', qp: '1', result: 'refused' }), 1);
+  t.equal(fams.find((f) => f.name === 'vrdma_qp_doorbells_total')!.metrics.length, 2 * MAX_QP_SERIES_PER_VM);
+  t.equal(value(fams, 'vrdma_queue_map_failures_total', { vm: 'vm-x' }), 2);
+  t.equal(value(fams, 'vrdma_queue_unmap_failures_total', { vm: 'vm-x' }), 1);
+  t.equal(value(fams, 'vrdma_queues_mapped_total', { vm: 'vm-x' }), 5);
 });

@@ -26,8 +26,17 @@ export interface BackendProcess {
   stop(): Promise<number>;
 }
 
-export function startBackend(args: string[]): BackendProcess {
-  const child = spawn(process.execPath, ['--import', 'tsx', entry, ...args], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
+export interface StartOptions {
+  /** The script to run instead of the FakeVerbs process (the package's bin for real verbs), run with plain node. */
+  bin?: string;
+  /** Longest wait for a line (default WAIT_MS; the soft-RoCE test host needs minutes for a cold start). */
+  waitMs?: number;
+}
+
+export function startBackend(args: string[], opts: StartOptions = {}): BackendProcess {
+  const argv = opts.bin !== undefined ? [opts.bin, ...args] : ['--import', 'tsx', entry, ...args];
+  const waitMs = opts.waitMs ?? WAIT_MS;
+  const child = spawn(process.execPath, argv, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
   const lines: string[] = [];
   const waiters: { pred: (l: string) => boolean; resolve: (l: string) => void }[] = [];
   let partial = '';
@@ -54,7 +63,7 @@ export function startBackend(args: string[]): BackendProcess {
       const seen = lines.find(pred);
       if (seen !== undefined) return Promise.resolve(seen);
       return new Promise((resolve, reject) => {
-        const timer = setTimeout(() => reject(new Error(`backend: no ${what} within ${WAIT_MS} ms; stderr:\n${lines.join('\n')}`)), WAIT_MS);
+        const timer = setTimeout(() => reject(new Error(`backend: no ${what} within ${waitMs} ms; stderr:\n${lines.join('\n')}`)), waitMs);
         waiters.push({ pred, resolve: (l) => (clearTimeout(timer), resolve(l)) });
         void exited.then((code) => reject(new Error(`backend exited (${code}) before ${what}; stderr:\n${lines.join('\n')}`)));
       });

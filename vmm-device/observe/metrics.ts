@@ -15,6 +15,13 @@ import type { ControlAnswer } from './observed-model.ts';
 /** Control latency buckets, seconds: from a fake-verbs answer (tens of microseconds) to a slow rxe CREATE_QP. */
 export const CONTROL_LATENCY_BUCKETS = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
 const QUEUE_NAMES = ['control', 'event', 'doorbell'];
+/**
+ * Per-QP series exported per VM. QPs are the one label that grows with the guest (tens of thousands per VM are
+ * allowed): past this many, the QPs with the highest handles are left out of the per-QP families (counted in
+ * vrdma_qp_series_omitted); the device-wide families still count them. Series of destroyed QPs go at the next
+ * scrape (the values are read from the live QPs only).
+ */
+export const MAX_QP_SERIES_PER_VM = 256;
 
 /** One served device, as the metrics see it. */
 export interface ObservedDevice {
@@ -110,6 +117,28 @@ export class BackendMetrics {
     });
     readGauge(r, 'vrdma_queue_broken', '1 when the queue was broken by a driver error (NEEDS_RESET)', ['vm', 'queue'], (set) => {
       for (const d of devs()) d.queues().forEach((q, i) => q !== undefined && set({ vm: d.device.vmId, queue: QUEUE_NAMES[i] ?? String(i) }, q.broken === undefined ? 0 : 1));
+    });
+    deviceCounter('vrdma_queue_map_failures_total', 'Host queue mappings (spec 13) the VMM refused', (d) => d.counters.mapFailures);
+    deviceCounter('vrdma_queue_unmap_failures_total', 'Host queue unmappings (spec 13) not confirmed by the VMM', (d) => d.counters.unmapFailures);
+    deviceCounter('vrdma_queues_mapped_total', 'Host queues (spec 13) mapped into the guest', (d) => d.counters.queuesMapped);
+    // The data path per QP (RdmaDevice.qpCounters), bounded: at most MAX_QP_SERIES_PER_VM QPs per VM, lowest handles first.
+    const perQp = () =>
+      devs().map((d) => {
+        const all = d.device.qpCounters().sort((a, b) => a.handle - b.handle);
+        return { vm: d.device.vmId, shown: all.slice(0, MAX_QP_SERIES_PER_VM), omitted: Math.max(0, all.length - MAX_QP_SERIES_PER_VM) };
+      });
+    readCounter(r, 'vrdma_qp_relayed_work_requests_total', 'Work requests the relay handled, per QP (handle)', ['vm', 'qp'], (set) => {
+      for (const v of perQp()) for (const q of v.shown) set({ vm: v.vm, qp: String(q.handle) }, q.relayedWorkRequests);
+    });
+    readCounter(r, 'vrdma_qp_doorbells_total', 'Doorbells of a mapped QP the engine executed or the host refused, per QP (handle)', ['vm', 'qp', 'result'], (set) => {
+      for (const v of perQp())
+        for (const q of v.shown) {
+          set({ vm: v.vm, qp: String(q.handle), result: 'executed' }, Number(q.doorbellsExecuted));
+          set({ vm: v.vm, qp: String(q.handle), result: 'refused' }, Number(q.doorbellsRefused));
+        }
+    });
+    readGauge(r, 'vrdma_qp_series_omitted', `Live QPs left out of the per-QP families (more than ${MAX_QP_SERIES_PER_VM} in the VM)`, ['vm'], (set) => {
+      for (const v of perQp()) set({ vm: v.vm }, v.omitted);
     });
     const sessionCounter = (name: string, help: string, pick: (c: SessionCounters) => number) =>
       readCounter(r, name, help, ['vm'], (set) => {
