@@ -108,8 +108,16 @@ export class QemuQtest {
     this.ram = new GuestRam(ramBytes);
     this.stderrText = stderrSoFar();
     child.stderr?.on('data', (chunk: Buffer) => this.appendStderr(chunk.toString()));
-    void exited.then((info) => (this.exitInfo = info));
+    void exited.then((info) => {
+      this.exitInfo = info;
+      // A QEMU that ends on its own (an abort, an assertion, a refused request it treats as fatal) shows up in a
+      // test as a bare ECONNRESET on the qtest socket: say what QEMU said.
+      if (!this.stopping) {
+        process.stderr.write(`[qtest] QEMU ${child.pid ?? '?'} exited on its own (code ${info.code}, signal ${info.signal}); its stderr:\n${this.stderrText}\n`);
+      }
+    });
   }
+  private stopping = false;
 
   private appendStderr(text: string): void {
     this.stderrText = (this.stderrText + text).slice(-MAX_STDERR_CHARS);
@@ -232,6 +240,7 @@ export class QemuQtest {
 
   /** Ends QEMU: SIGTERM, then SIGKILL if it is still there after STOP_TIMEOUT_MS. Safe to call twice. */
   async stop(): Promise<QemuExit> {
+    this.stopping = true;
     this.qtest.close();
     this.qmp?.close();
     if (this.running) {

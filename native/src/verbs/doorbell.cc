@@ -203,6 +203,10 @@ class Engine {
   void Run() {
     uint64_t lastActivity = NowNs();
     int64_t sleepNs = 0;
+    // Notify mode scans only when kicked (or after acting, until nothing changes): a wake of the control eventfd
+    // (attach, detach, a new wake fd) only makes the thread re-read its state, so a store without a kick stays
+    // unseen, as spec 13.6 says.
+    bool scan = true;
     while (!stop_.load(std::memory_order_relaxed)) {
       int wakeFd;
       bool acted;
@@ -211,7 +215,7 @@ class Engine {
         std::lock_guard<std::mutex> lock(mu_);
         for (int fd : retired_) close(fd);
         retired_.clear();
-        acted = Pass();
+        acted = scan && Pass();
         wakeFd = wakeFd_;
       }
       if (acted) {
@@ -233,14 +237,17 @@ class Engine {
       }
       pollfd fds[2] = {{ctlFd_, POLLIN, 0}, {wakeFd, POLLIN, 0}};
       int n = ppoll(fds, wakeFd >= 0 ? 2 : 1, timeout, nullptr);
+      bool kicked = false;
       if (n > 0) {
         if (fds[0].revents & POLLIN) Drain(ctlFd_);
         // Drained before the scan: a kick that follows a store is never lost.
         if (wakeFd >= 0 && (fds[1].revents & POLLIN)) {
           std::lock_guard<std::mutex> lock(mu_);
           if (wakeFd == wakeFd_) Drain(wakeFd);
+          kicked = true;
         }
       }
+      scan = !notify_ || kicked;
     }
   }
 
