@@ -77,13 +77,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# A known freeze, not of this driver's making: in about one boot in three here, the backend logs "device started"
-# (at the module's load or at its reload) and then answers no vhost-user message (its reply to SET_VRING_ENABLE
-# goes out only when QEMU is killed), QEMU waits for it holding its big lock, and the guest stops in insmod. When
-# the console, once the RDMA core is loaded, stays silent for FREEZE_S, the boot is abandoned and started once
-# more, and the output says so ("boot-retries 1"): the test counts retries, so the freeze stays visible.
+# A freeze once seen in about one boot in three: the backend logged "device started" and then answered no
+# vhost-user message, QEMU waited for the SET_VRING_ENABLE reply holding its big lock, and the guest stopped in
+# insmod. The cause was the backend's bounded read loop leaving a complete message undispatched with the socket
+# empty (fixed in vmm-device/transport/vhost-user/connection.ts; test/transport/vhost-user/message-burst.test.ts).
+# The watch stays: a console silent for FREEZE_S once the RDMA core is loaded ends the boot as frozen ("boot-froze"),
+# which the test counts as a failure, with the backend's log.
 FREEZE_S=75
-MAX_BOOTS=2
+MAX_BOOTS=1
 
 # boot_once N: a fresh backend and QEMU; the console in $run/console.N. Returns 0 done, 1 failed, 2 froze.
 boot_once() {
@@ -142,7 +143,7 @@ for ((boot = 1; boot <= MAX_BOOTS; boot++)); do
   status=$?
   set -e
   [ "$status" -ne 2 ] && break
-  lg_log "boot $boot: the guest froze (console silent for $FREEZE_S s after the RDMA core loaded; the known backend freeze)"
+  lg_log "boot $boot: the guest froze (console silent for $FREEZE_S s after the RDMA core loaded)"
   echo "boot-froze $boot"
   tail -n 5 "$run/backend.log.$boot" | sed 's/^/backend: /'
   retries=$((retries + 1))

@@ -40,10 +40,9 @@ t.test('virtio_rdma registers a RoCE ib_device with the virtual GID, serves ever
   t.equal(value('unloaded'), 'devices-left 0', 'rmmod leaves no ib_device');
   t.equal(value('kernel-warnings'), '0', 'no BUG, WARNING or Oops in the kernel log');
   t.notOk(lines.some((l) => /insmod-failed|unload-failed|no-ib-device/.test(l)), 'no step failed');
-  // A known freeze of the backend (scripts/linux-guest/boot.sh: no vhost-user reply after "device started") makes
-  // boot.sh boot a second time; more than that is a failure, and each retry is reported here.
-  const retries = Number(/boot-retries (\d+)/.exec(r.stdout)?.[1] ?? 'NaN');
-  t.ok(retries <= 1, `at most one boot abandoned to the known backend freeze (${retries})`);
-  if (retries > 0) t.comment(`boot ${retries} froze (known backend freeze) and was retried`);
+  // The freeze once seen here (no vhost-user reply after "device started", fixed in the connection's read loop) is
+  // still watched for by boot.sh: a frozen boot is reported, never retried.
+  const froze = Number(/boot-retries (\d+)/.exec(r.stdout)?.[1] ?? 'NaN');
+  t.equal(froze, 0, 'no boot froze');
   t.comment(`measured: ${lines.find((l) => l.startsWith('init ')) ?? ''}; ${/boot-ms \d+/.exec(r.stdout)?.[0] ?? ''}`);
 });
