@@ -117,3 +117,36 @@ t.test('a map QEMU refuses rejects in the model and maps nothing; a disconnect d
   t.equal(await w.readU32(0n), 0, 'the guest reads 0 there');
   t.ok(rig.qemu.running, 'QEMU is running');
 });
+
+t.test('many map/unmap cycles at reused offsets, read-only and writable, the guest reading between them: QEMU stays up', async (t) => {
+  // The mapped data path maps and unmaps rxe queues at reused offsets for every QP a guest creates and destroys.
+  // QEMU's first SHMEM edit let the device own each mapping's memory region and freed the mapping after an RCU
+  // grace period; a FlatView released later still reached the freed region, and QEMU aborted in free() after a few
+  // cycles ("munmap_chunk(): invalid pointer"). Each mapping's region now owns itself and goes with its last reference.
+  const { rig, transport, pages } = await bringUp(t);
+  const memfd = host.memfd('vrdma-shmem-cycles', 4 * host.pageSize);
+  const backend = host.mmapShared(memfd, 4 * host.pageSize, 0);
+  t.teardown(() => {
+    host.munmap(backend);
+    host.close(memfd);
+  });
+  const words = new DataView(backend);
+  for (let p = 0; p < 4; p++) words.setUint32(p * host.pageSize, 0x1000 + p, true);
+  const w = (await transport.sharedMemory(0))!;
+  const CYCLES = 40;
+  let seen = 0;
+  for (let i = 0; i < CYCLES; i++) {
+    const page = BigInt(i % 4);
+    const at = (BigInt(i % 3) * 2n) * PAGE; // three offsets, reused
+    const length = (i % 2 === 0 ? 1n : 2n) * PAGE;
+    const fdOffset = page * PAGE > 4n * PAGE - length ? 0n : page * PAGE;
+    await pages.mapShared({ shmid: 0, shmOffset: at, fd: memfd, fdOffset, length, writable: i % 5 !== 0 });
+    if ((await w.readU32(at)) === 0x1000 + Number(fdOffset / PAGE)) seen++;
+    await pages.unmapShared(0, at, length);
+    if (!rig.qemu.running) break;
+  }
+  t.equal(seen, CYCLES, `the guest read the mapped page in each of ${CYCLES} cycles`);
+  await until(() => qemuMappingsOf(rig.qemu.pid, 'vrdma-shmem-cycles') === 0, 'QEMU to munmap every mapping');
+  t.equal(await w.readU32(0n), 0, 'nothing mapped at the end');
+  t.ok(rig.qemu.running, 'QEMU is running');
+});
