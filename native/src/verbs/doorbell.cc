@@ -243,8 +243,11 @@ class Engine {
         // Drained before the scan: a kick that follows a store is never lost.
         if (wakeFd >= 0 && (fds[1].revents & POLLIN)) {
           std::lock_guard<std::mutex> lock(mu_);
-          if (wakeFd == wakeFd_) Drain(wakeFd);
-          kicked = true;
+          // A kick of a wake fd replaced meanwhile is not a doorbell of this engine any more.
+          if (wakeFd == wakeFd_) {
+            Drain(wakeFd);
+            kicked = true;
+          }
         }
       }
       scan = !notify_ || kicked;
