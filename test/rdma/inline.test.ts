@@ -161,28 +161,39 @@ t.test('refused with LOC_QP_OP_ERR, never posted: too long for the QP, RDMA_READ
   }
 });
 
-t.test('read once: a guest rewriting the WQE after the doorbell cannot change what the host is given', async (t) => {
-  const { g, cq, qp, posted, verbs } = await setup(t);
-  const original = pattern(64, 5);
+t.test('read once: a guest rewriting the WQE right after the device read it cannot change what is checked or posted', async (t) => {
+  const { g, cq, qp, posted, verbs } = await setup(t, { qpInline: 16 });
+  const original = pattern(16, 5);
   const slot = sqSlot(qp, 0);
   writeInline(qp, { wrId: 1n, opcode: SendOpcode.SEND, data: original });
-  // A second vCPU rewrites the WQE while the device works on it: at the host's post, before native code would parse
-  // the list, the ring holds other bytes, a longer inline_length and another opcode.
-  const post = verbs.postSend.bind(verbs);
+  // A second vCPU rewrites the WQE the instant the device has read it: another opcode (READ, which may not carry
+  // inline data), an inline_length above the QP's 16 and other bytes. A device that read any of it again (to check
+  // or to post) would refuse the WQE or post other bytes.
+  const memory = g.mem.memory;
+  const read = memory.read.bind(memory);
   let rewrites = 0;
+  memory.read = (gpa: number, dest: Uint8Array) => {
+    read(gpa, dest);
+    if (gpa === slot && dest.length === Limits.SQ_WQE_SIZE && rewrites === 0) {
+      const w = SendWqe.decode(dest);
+      memory.write(slot, SendWqe.encode({ ...w, opcode: SendOpcode.RDMA_READ, inline_length: 64, payload: new Uint8Array(64).fill(0xee) }));
+      rewrites++;
+    }
+  };
+  // And once more at the host's post, before the host would take the list.
+  const post = verbs.postSend.bind(verbs);
   verbs.postSend = (h, wrs) => {
-    const w = SendWqe.decode(g.mem.read(slot, Limits.SQ_WQE_SIZE));
-    g.mem.write(slot, SendWqe.encode({ ...w, opcode: SendOpcode.RDMA_WRITE, inline_length: 64, payload: new Uint8Array(64).fill(0xee) }));
+    memory.write(slot + 64, new Uint8Array(64).fill(0xdd));
     rewrites++;
     post(h, wrs);
   };
   await g.ring([{ handle: qp.handle, type: DoorbellType.SQ }]);
   const [c] = await cq.waitFor(1);
-  t.same([c!.wr_id, c!.status, c!.opcode], [1n, WcStatus.SUCCESS, WcOpcode.SEND]);
-  t.equal(rewrites, 1, 'the guest rewrote the WQE during the post');
+  t.same([c!.wr_id, c!.status, c!.opcode], [1n, WcStatus.SUCCESS, WcOpcode.SEND], 'checked as written: a valid inline SEND');
+  t.equal(rewrites, 2, 'the guest rewrote the WQE after the read and during the post');
   t.equal(posted.length, 1);
   t.equal(posted[0]!.opcode, WrOpcode.SEND, 'the opcode the device checked');
-  t.same(Buffer.from(posted[0]!.inline!), Buffer.from(original), 'the bytes the device read, not the rewritten ones');
+  t.same(Buffer.from(posted[0]!.inline!), Buffer.from(original), 'the 16 bytes the device read, not the rewritten ones');
   // Ringing again without a new producer_index takes nothing: the rewritten WQE is never read.
   await g.ring([{ handle: qp.handle, type: DoorbellType.SQ }]);
   await new Promise((r) => setTimeout(r, 20));
