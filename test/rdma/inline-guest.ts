@@ -53,7 +53,19 @@ export async function createInlineQp(
 /** Writes an inline send WQE: payload = `data` (zero-padded to 64 bytes), inline_length = data.length unless given. */
 export function writeInline(
   qp: GuestQp,
-  w: { wrId: bigint; opcode: number; data: Uint8Array; inlineLength?: number; remoteAddr?: bigint; rkey?: number; imm?: number; numSge?: number },
+  w: {
+    wrId: bigint;
+    opcode: number;
+    data: Uint8Array;
+    inlineLength?: number;
+    remoteAddr?: bigint;
+    rkey?: number;
+    imm?: number;
+    numSge?: number;
+    /** UD: the AH handle and the destination QPN. */
+    ah?: number;
+    remoteQpn?: number;
+  },
 ): void {
   const payload = new Uint8Array(Limits.SQ_WQE_MAX_INLINE);
   payload.set(w.data.subarray(0, Limits.SQ_WQE_MAX_INLINE));
@@ -66,6 +78,9 @@ export function writeInline(
     remote_addr: w.remoteAddr ?? 0n,
     rkey: w.rkey ?? 0,
     imm_data: w.imm ?? 0,
+    ah_handle: w.ah ?? 0,
+    remote_qpn: w.remoteQpn ?? 0,
+    remote_qkey: 0x1111,
     payload,
   });
 }

@@ -9,12 +9,15 @@ import t from 'tap';
 import type { Test } from 'tap';
 import {
   Command,
+  CreateAhRequest,
   CreateQpRequest,
   DoorbellType,
   FeatureBit,
+  HandleResponse,
   Limits,
   QpAttrMask,
   QpState,
+  QpType,
   SendOpcode,
   SendWqe,
   Status,
@@ -210,4 +213,39 @@ t.test('an inline send of the whole 64 bytes leaves the MRs alone: no lkey is lo
   const [c] = await cq.waitFor(1);
   t.equal(c!.status, WcStatus.SUCCESS);
   t.equal(posted.length, 1);
+});
+
+t.test('UD: an inline SEND_WITH_IMM reaches the host with its AH and destination; above the QP max refused', async (t) => {
+  const verbs = new FakeVerbs({ maxInlineData: 64 });
+  const posted: DecodedSendWr[] = [];
+  verbs.onPostSend = (_qp, wrs) => posted.push(...wrs);
+  const g = await TestGuest.open({ verbs, features: INLINE_FEATURES });
+  t.teardown(() => g.device.close());
+  const pd = await g.createPd();
+  const cq = await g.createCq(16);
+  const { qp } = await createInlineQp(g, pd, cq, 24, { qpType: QpType.UD });
+  t.equal(g.device.qps.get(qp.handle)!.host.cap.maxInlineData, 24, 'the host UD QP was created with 24');
+  for (const [mask, attr] of [
+    [S.STATE | S.PKEY_INDEX | S.PORT | S.QKEY, { qp_state: 1, port_num: 1, qkey: 0x1111 }],
+    [S.STATE, { qp_state: 2 }],
+    [S.STATE | S.SQ_PSN, { qp_state: 3 }],
+  ] as const) {
+    const a = await g.modifyQp(qp.handle, mask, attr);
+    t.equal(a.status, Status.OK);
+  }
+  const ahBody = CreateAhRequest.encode({ pd_handle: pd, flow_label: 0, port_num: 1, sgid_index: 0, hop_limit: 64, traffic_class: 0, sl: 0, dgid: gidFromIpv4('192.168.7.2') });
+  const ah = HandleResponse.decode(await g.ok(Command.CREATE_AH, ahBody)).handle;
+  const data = pattern(24, 8);
+  writeInline(qp, { wrId: 1n, opcode: SendOpcode.SEND_WITH_IMM, data, imm: 5, ah, remoteQpn: 0x77 });
+  writeInline(qp, { wrId: 2n, opcode: SendOpcode.SEND, data: pattern(25, 9), ah, remoteQpn: 0x77 });
+  await g.ring([{ handle: qp.handle, type: DoorbellType.SQ }]);
+  const cqes = await cq.waitFor(2);
+  t.same(cqes.map((c) => [c.wr_id, c.status]), [
+    [1n, WcStatus.SUCCESS],
+    [2n, WcStatus.LOC_QP_OP_ERR],
+  ], '24 bytes sent, 25 refused');
+  t.equal(posted.length, 1, 'only the first reached the host');
+  const w = posted[0]!;
+  t.same([w.opcode, w.ahId, w.remoteQpn, w.remoteQkey, w.immData], [WrOpcode.SEND_WITH_IMM, g.device.ahs.get(ah)!.host.id, 0x77, g.device.address.qkey, 5], 'UD fields: host AH, QPN, the VPC Q_Key');
+  t.same(Buffer.from(w.inline!), Buffer.from(data), '24 inline bytes, every byte');
 });
