@@ -258,6 +258,9 @@ export interface CreateQpOptions<C = Cq> extends Partial<QpCaps> {
 }
 
 
+/** Opcodes that may carry inline data (section 10.3). */
+const INLINE_OPCODES = new Set<SendWr['opcode']>(['SEND', 'SEND_WITH_IMM', 'RDMA_WRITE', 'RDMA_WRITE_WITH_IMM']);
+
 /** Encodes one send WQE (section 10.3). Exported for encoding tests. */
 export function encodeSendWqe(wr: SendWr): Uint8Array {
   const sges = wr.sgList ?? [];
@@ -267,6 +270,7 @@ export function encodeSendWqe(wr: SendWr): Uint8Array {
   let inlineLength = 0;
   if (wr.inline !== undefined) {
     if (sges.length > 0) throw new UsageError('a WQE carries inline data or SGEs, not both');
+    if (!INLINE_OPCODES.has(wr.opcode)) throw new UsageError(`${wr.opcode} cannot carry inline data`);
     if (wr.inline.byteLength > Limits.SQ_WQE_MAX_INLINE) throw new UsageError(`inline data of ${wr.inline.byteLength} bytes (at most ${Limits.SQ_WQE_MAX_INLINE})`);
     flags |= SendFlag.INLINE;
     payload = new Uint8Array(64);
@@ -332,6 +336,11 @@ export class Qp extends QpBase {
    * (section 10.2 and 10.6). Throws before writing anything if the ring has no room for all of them.
    */
   async postSend(wrs: readonly SendWr[]): Promise<void> {
+    for (const wr of wrs) {
+      // The device would complete it with LOC_QP_OP_ERR and move the QP to ERR (section 10.8): refuse it here.
+      const n = wr.inline?.byteLength ?? 0;
+      if (n > this.caps.maxInlineData) throw new UsageError(`inline data of ${n} bytes (at most ${this.caps.maxInlineData} in this QP)`);
+    }
     const wqes = wrs.map(encodeSendWqe);
     this.post(this.sq, wqes, 'SQ');
     await this.ctx.driver.doorbell([{ handle: this.handle, type: DoorbellType.SQ }]);

@@ -53,9 +53,26 @@ export const MAX_PAGES_PER_COMMAND = 512;
 /** READ/atomic depth offered at most (rxe offers 128; a guest needs far fewer). */
 const MAX_RD_ATOM = 16;
 
-/** Feature bits this device offers (spec section 4): no INLINE (host verbs carry no inline data), one doorbell queue. */
+/** Feature bits this device always offers (spec section 4); one doorbell queue (no MULTI_DOORBELL). */
 export const OFFERED_FEATURES =
   (1n << BigInt(FeatureBit.RC)) | (1n << BigInt(FeatureBit.UD)) | (1n << BigInt(FeatureBit.ATOMIC)) | (1n << BigInt(FeatureBit.IMMEDIATE));
+
+/** The feature bits offered with a configuration: INLINE exactly when `max_inline_data` is above 0 (spec 4.2). */
+export function offeredFeatures(config: { max_inline_data: number } | undefined): bigint {
+  return OFFERED_FEATURES | ((config?.max_inline_data ?? 0) > 0 ? 1n << BigInt(FeatureBit.INLINE) : 0n);
+}
+
+/**
+ * `max_inline_data` of the configuration: the spec's SQ_WQE_MAX_INLINE, or less when the host takes less. The host's
+ * capacity (DeviceAttr.maxInlineData) is what NativeVerbs learned by creating an RC and a UD QP asking for it, since
+ * ibv_query_device reports no inline limit; a host QP created with the guest's max_inline_data then always exists,
+ * and the relay posts each inline WQE's bytes with IBV_SEND_INLINE. A host that reports none (undefined, 0) gets
+ * no INLINE: the device has no other way to send bytes that live in no registered MR.
+ */
+export function maxInlineData(host: DeviceAttr): number {
+  const h = host.maxInlineData ?? 0;
+  return Number.isInteger(h) && h > 0 ? Math.min(Limits.SQ_WQE_MAX_INLINE, h) : 0;
+}
 
 export type DeviceConfigValue = ReturnType<typeof DeviceConfig.decode>;
 
@@ -89,7 +106,7 @@ export function computeConfig(host: DeviceAttr, port: PortAttr, quotas: DeviceQu
     max_cqe: maxCqe,
     max_send_sge: Math.min(Limits.SQ_WQE_MAX_SGE, host.maxSge),
     max_recv_sge: Math.min(Limits.RQ_WQE_MAX_SGE, host.maxSge),
-    max_inline_data: 0,
+    max_inline_data: maxInlineData(host),
     max_mr_size: maxMrSize,
     page_size_mask: PAGE_SIZE_MASK,
     max_mr_pages: maxMrPages,

@@ -27,7 +27,7 @@ import type { DataPath, DataPathHost } from './data-path.ts';
 import { DoorbellQueue } from './doorbells.ts';
 import { EventQueue } from './event-queue.ts';
 import { HandleTable } from './handle-table.ts';
-import { computeConfig, DEFAULT_QUOTAS, OFFERED_FEATURES, type DeviceConfigValue, type DeviceQuotas } from './limits.ts';
+import { computeConfig, DEFAULT_QUOTAS, offeredFeatures, type DeviceConfigValue, type DeviceQuotas } from './limits.ts';
 import { capToMappings, MappingBudget, withMappingBudget } from './mapping-budget.ts';
 import { trackQpCall, type Ah, type Cq, type Mr, type Pd, type Qp } from './objects.ts';
 import { RelayDataPath } from './relay.ts';
@@ -115,7 +115,7 @@ export class RdmaDevice implements VirtioDeviceModel, CommandContext {
   private readonly mappingOptions: Pick<RdmaDeviceOptions, 'hostQueueMapping' | 'maxMappedQueues' | 'unmapTimeoutMs' | 'closeFd'>;
 
   get deviceFeatures(): bigint {
-    return OFFERED_FEATURES | (this.mapping !== undefined ? HOST_QUEUE_MAPPING_BIT : 0n);
+    return offeredFeatures(this.config) | (this.mapping !== undefined ? HOST_QUEUE_MAPPING_BIT : 0n);
   }
   get queueCount(): number {
     return this.mapping?.plan.doorbellMode === DoorbellMode.NOTIFY ? QUEUE_COUNT + 1 : QUEUE_COUNT;

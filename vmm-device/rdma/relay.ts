@@ -47,6 +47,9 @@ const SEND_OPCODES: Record<number, number> = {
   [SendOpcode.ATOMIC_FETCH_AND_ADD]: WrOpcode.ATOMIC_FETCH_AND_ADD,
 };
 
+/** Opcodes that may carry inline data (spec 10.3): they send local bytes; READ and atomics write local memory. */
+const INLINE_OPCODES = new Set<number>([SendOpcode.SEND, SendOpcode.SEND_WITH_IMM, SendOpcode.RDMA_WRITE, SendOpcode.RDMA_WRITE_WITH_IMM]);
+
 /** Host completion statuses the spec's WcStatus table carries with the same number; the rest are GENERAL_ERR. */
 const GUEST_WC_STATUSES = new Set<number>(Object.values(WcStatus));
 
@@ -249,23 +252,35 @@ export class RelayDataPath implements DataPath {
     const hostOp = SEND_OPCODES[op];
     const dev = this.host;
     if (hostOp === undefined) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
-    if ((wqe.flags & ~(SendFlag.SIGNALED | SendFlag.SOLICITED | SendFlag.FENCE)) !== 0) throw new WqeError(WcStatus.LOC_QP_OP_ERR); // INLINE is not offered
+    if ((wqe.flags & ~(SendFlag.SIGNALED | SendFlag.SOLICITED | SendFlag.FENCE | SendFlag.INLINE)) !== 0) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
+    const inline = (wqe.flags & SendFlag.INLINE) !== 0;
     const withImm = op === SendOpcode.RDMA_WRITE_WITH_IMM || op === SendOpcode.SEND_WITH_IMM;
     const atomic = op === SendOpcode.ATOMIC_CMP_AND_SWP || op === SendOpcode.ATOMIC_FETCH_AND_ADD;
     if (withImm && !dev.hasFeature(FeatureBit.IMMEDIATE)) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
     if (atomic && !dev.hasFeature(FeatureBit.ATOMIC)) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
     if (qp.qpType === QpType.UD && op !== SendOpcode.SEND && op !== SendOpcode.SEND_WITH_IMM) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
-    if (wqe.num_sge > qp.maxSendSge) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
-    const sges = decodeSges(wqe.payload, wqe.num_sge);
-    if (atomic && (sges.length !== 1 || sges[0]!.length !== 8 || wqe.remote_addr % 8n !== 0n)) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
-    const localWrite = op === SendOpcode.RDMA_READ || atomic;
-    const sgList = this.checkSges(qp, sges, localWrite ? AccessFlag.LOCAL_WRITE : 0);
-    const total = sges.reduce((n, s) => n + s.length, 0);
-    if (total > dev.maxMsgSize) throw new WqeError(WcStatus.LOC_LEN_ERR);
     let hostFlags = HostSendFlags.SIGNALED; // every host send is tracked by its completion
     if ((wqe.flags & SendFlag.SOLICITED) !== 0) hostFlags |= HostSendFlags.SOLICITED;
     if ((wqe.flags & SendFlag.FENCE) !== 0) hostFlags |= HostSendFlags.FENCE;
-    const wr: SendWr = { wrId: 0, opcode: hostOp, sendFlags: hostFlags, sgList };
+    const wr: SendWr = { wrId: 0, opcode: hostOp, sendFlags: hostFlags };
+    let total: number;
+    if (inline) {
+      // Spec 10.3: the payload holds inline_length bytes (num_sge is ignored). `wqe` is the device's private copy
+      // of the WQE (takeSends read it once), and SendWrList.push copies these bytes into the host list: the guest
+      // cannot change what is posted, and no MR is involved (the host copies inline data at ibv_post_send).
+      if (!dev.hasFeature(FeatureBit.INLINE) || !INLINE_OPCODES.has(op)) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
+      if (wqe.inline_length > qp.maxInlineData || wqe.inline_length > Limits.SQ_WQE_MAX_INLINE) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
+      wr.inline = wqe.payload.subarray(0, wqe.inline_length);
+      total = wqe.inline_length;
+    } else {
+      if (wqe.num_sge > qp.maxSendSge) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
+      const sges = decodeSges(wqe.payload, wqe.num_sge);
+      if (atomic && (sges.length !== 1 || sges[0]!.length !== 8 || wqe.remote_addr % 8n !== 0n)) throw new WqeError(WcStatus.LOC_QP_OP_ERR);
+      const localWrite = op === SendOpcode.RDMA_READ || atomic;
+      wr.sgList = this.checkSges(qp, sges, localWrite ? AccessFlag.LOCAL_WRITE : 0);
+      total = sges.reduce((n, s) => n + s.length, 0);
+    }
+    if (total > dev.maxMsgSize) throw new WqeError(WcStatus.LOC_LEN_ERR);
     if (withImm) wr.immData = wqe.imm_data;
     if (op === SendOpcode.RDMA_WRITE || op === SendOpcode.RDMA_WRITE_WITH_IMM || op === SendOpcode.RDMA_READ || atomic) {
       wr.remoteAddr = wqe.remote_addr;

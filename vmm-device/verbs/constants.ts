@@ -109,6 +109,8 @@ export const MAX_WRS_PER_POST = 1024;
 export const MAX_SGE_PER_WR = 32;
 /** Completions in one poll call. */
 export const MAX_WC_PER_POLL = 4096;
+/** Inline bytes in one send work request (SendWr.inline). */
+export const MAX_INLINE_PER_WR = 1024;
 
 /**
  * How long destroying a QP with work outstanding waits for the host's flush completions (every receive and

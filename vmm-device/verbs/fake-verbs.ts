@@ -4,7 +4,8 @@
 // It models the object lifecycle exactly as NativeVerbs enforces it (EBADF for a destroyed or wrong-kind handle,
 // EBUSY for a parent with children, the same errno names), QP states for posting, and completions: a signaled send
 // WR completes at once with SUCCESS (or an injected status), a receive WR waits until the QP enters ERR or is
-// destroyed and is then flushed (WR_FLUSH_ERR). It moves NO data: tests of data movement run against rxe.
+// destroyed and is then flushed (WR_FLUSH_ERR). It moves NO data: tests of data movement run against rxe. What a
+// caller posts can be watched (onPostSend): a test sees the work requests as the host would have taken them.
 //
 // Failures are injected per verb name (the libibverbs function: 'ibv_create_qp', 'ibv_reg_mr', ...).
 
@@ -13,7 +14,7 @@ import { QpState, QpType, SendFlags, WcOpcode, WcStatus, WrOpcode } from './cons
 import type * as hv from './host-verbs.ts';
 import { VerbsError } from './host-verbs.ts';
 import { decodeRecvWrs, decodeSendWrs } from './layout.ts';
-import type { RecvWrList, SendWrList, WcBuffer, WorkCompletion } from './layout.ts';
+import type { DecodedSendWr, RecvWrList, SendWrList, WcBuffer, WorkCompletion } from './layout.ts';
 import type { AliasMapper, AliasPiece } from '../memory/alias.ts';
 import { FakeDoorbellEngine, FakeQueueBuffer } from './fake-mapped.ts';
 
@@ -88,6 +89,12 @@ export interface FakeVerbsConfig {
   maxCqe?: number;
   /** HostQueueFormat reported by hostQueueFormat (default 1, RXE: the double makes rxe-shaped buffers). */
   hostQueueFormat?: number;
+  /**
+   * Inline capacity reported by queryDevice (DeviceAttr.maxInlineData) and enforced as rxe does: createQp refuses
+   * a larger cap.max_inline_data with EINVAL, postSend an inline WR longer than the QP's with EINVAL. Default 0, a
+   * host without inline data (the device then does not offer INLINE).
+   */
+  maxInlineData?: number;
 }
 
 /** Legal modify_qp state transitions (IB spec 10.3.1), RESET and ERR reachable from every state. */
@@ -100,6 +107,9 @@ const TRANSITIONS: Record<number, readonly number[]> = {
   [QpState.SQE]: [QpState.RTS],
   [QpState.ERR]: [],
 };
+
+/** Opcodes that may carry inline data (they send local bytes; READ and atomics write local memory). */
+const INLINE_OPCODES = new Set<number>([WrOpcode.SEND, WrOpcode.SEND_WITH_IMM, WrOpcode.RDMA_WRITE, WrOpcode.RDMA_WRITE_WITH_IMM]);
 
 const SEND_OPCODE_TO_WC: Record<number, number> = {
   [WrOpcode.RDMA_WRITE]: WcOpcode.RDMA_WRITE,
@@ -120,6 +130,8 @@ export class FakeVerbs implements hv.HostVerbs {
   private readonly completionStatuses: number[] = [];
   /** Every verb called, in order (name only): lets a test assert what the code under test did. */
   readonly calls: string[] = [];
+  /** Called with the work requests of each postSend the double accepts, as native code would parse them. */
+  onPostSend: ((qp: hv.QpHandle, wrs: DecodedSendWr[]) => void) | undefined;
 
   constructor(config: FakeVerbsConfig = {}) {
     this.config = {
@@ -131,6 +143,7 @@ export class FakeVerbs implements hv.HostVerbs {
       maxQpWr: config.maxQpWr ?? 4096,
       maxCqe: config.maxCqe ?? 65536,
       hostQueueFormat: config.hostQueueFormat ?? 1,
+      maxInlineData: config.maxInlineData ?? 0,
     };
   }
 
@@ -321,6 +334,7 @@ export class FakeVerbs implements hv.HostVerbs {
       maxAh: 1024,
       maxPkeys: 64,
       physPortCnt: 1,
+      maxInlineData: c.maxInlineData,
     };
   }
 
@@ -415,6 +429,8 @@ export class FakeVerbs implements hv.HostVerbs {
       throw new VerbsError(verb, 'EINVAL', `qpType ${init.qpType} is not RC (2) or UD (4)`);
     if (init.maxSendWr > this.config.maxQpWr || init.maxRecvWr > this.config.maxQpWr)
       throw new VerbsError(verb, 'EINVAL', `more than ${this.config.maxQpWr} work requests`);
+    if (init.maxInlineData > this.config.maxInlineData)
+      throw new VerbsError(verb, 'EINVAL', `max_inline_data ${init.maxInlineData} above the device's ${this.config.maxInlineData}`);
     if (this.count('qp') >= this.config.maxQp) throw new VerbsError(verb, 'ENOMEM', 'Cannot allocate memory');
     const parents = init.sendCq.id === init.recvCq.id ? [pd.id, init.sendCq.id] : [pd.id, init.sendCq.id, init.recvCq.id];
     const qp = this.add<FakeQp>({
@@ -582,25 +598,36 @@ export class FakeVerbs implements hv.HostVerbs {
     const list = decodeSendWrs(wrs.bytes, wrs.count);
     if (q.state !== QpState.RTS && q.state !== QpState.SQD && q.state !== QpState.ERR)
       throw new VerbsError(verb, 'EINVAL', 'work request 0 and later not posted', 0);
-    for (let i = 0; i < list.length; i++) {
-      const wr = list[i]!;
-      if (q.handle.qpType === QpType.UD) {
-        if (wr.opcode !== WrOpcode.SEND && wr.opcode !== WrOpcode.SEND_WITH_IMM)
-          throw new VerbsError(verb, 'EINVAL', `work request ${i} and later not posted`, i);
-        this.lookup(verb, 'ah', wr.ahId);
-      }
-      const wcOpcode = SEND_OPCODE_TO_WC[wr.opcode];
-      if (wcOpcode === undefined) throw new VerbsError(verb, 'EINVAL', `work request ${i} and later not posted`, i);
-      const status =
-        q.state === QpState.ERR ? WcStatus.WR_FLUSH_ERR : (this.completionStatuses.shift() ?? WcStatus.SUCCESS);
-      if (q.sqSigAll || (wr.sendFlags & SendFlags.SIGNALED) !== 0 || status !== WcStatus.SUCCESS) {
-        const bytes = wr.sgList.reduce((s, g) => s + g.length, 0);
-        this.pushCompletion(q.sendCq, this.wc(q, wr.wrId, status, wcOpcode, bytes), false);
-      }
-      if (status !== WcStatus.SUCCESS && q.state !== QpState.ERR) {
-        q.state = QpState.ERR; // an error completion moves an RC QP to ERR, which flushes what is queued
-        this.flushReceives(q);
-      }
+    let taken = 0;
+    try {
+      for (; taken < list.length; taken++) this.takeSend(verb, q, list[taken]!, taken);
+    } finally {
+      if (taken > 0) this.onPostSend?.(qp, list.slice(0, taken));
+    }
+  }
+
+  /** One send WR of postSend (work request `i` of the list): refused with badWrIndex i, or completed at once. */
+  private takeSend(verb: FakeVerbName, q: FakeQp, wr: DecodedSendWr, i: number): void {
+    if (q.handle.qpType === QpType.UD) {
+      if (wr.opcode !== WrOpcode.SEND && wr.opcode !== WrOpcode.SEND_WITH_IMM)
+        throw new VerbsError(verb, 'EINVAL', `work request ${i} and later not posted`, i);
+      this.lookup(verb, 'ah', wr.ahId);
+    }
+    const wcOpcode = SEND_OPCODE_TO_WC[wr.opcode];
+    if (wcOpcode === undefined) throw new VerbsError(verb, 'EINVAL', `work request ${i} and later not posted`, i);
+    // rxe's provider: inline data longer than the QP's max_inline_data, or on an opcode that reads or fetches,
+    // refuses the post.
+    if (wr.inline !== undefined && (wr.inline.length > q.handle.cap.maxInlineData || !INLINE_OPCODES.has(wr.opcode)))
+      throw new VerbsError(verb, 'EINVAL', `work request ${i} and later not posted`, i);
+    const status =
+      q.state === QpState.ERR ? WcStatus.WR_FLUSH_ERR : (this.completionStatuses.shift() ?? WcStatus.SUCCESS);
+    if (q.sqSigAll || (wr.sendFlags & SendFlags.SIGNALED) !== 0 || status !== WcStatus.SUCCESS) {
+      const bytes = wr.inline?.length ?? wr.sgList.reduce((s, g) => s + g.length, 0);
+      this.pushCompletion(q.sendCq, this.wc(q, wr.wrId, status, wcOpcode, bytes), false);
+    }
+    if (status !== WcStatus.SUCCESS && q.state !== QpState.ERR) {
+      q.state = QpState.ERR; // an error completion moves an RC QP to ERR, which flushes what is queued
+      this.flushReceives(q);
     }
   }
 

@@ -175,6 +175,11 @@ export interface DeviceAttr {
   maxAh: number;
   maxPkeys: number;
   physPortCnt: number;
+  /**
+   * The largest inline payload (64, 32, 16 or 8 bytes) an RC and a UD QP of this device can be created with, 0 for
+   * none: ibv_device_attr carries no inline limit, so NativeVerbs learns it by creating throwaway QPs.
+   */
+  maxInlineData?: number;
 }
 
 export interface PortAttr {

@@ -5,6 +5,10 @@
 //     0 wr_id u64 | 8 opcode u32 | 12 send_flags u32 | 16 num_sge u32 | 20 imm_data u32 (host order; the rkey to
 //     invalidate for SEND_WITH_INV) | 24 remote_addr u64 | 32 rkey u32 | 36 ah handle u32 (UD) |
 //     40 compare_add u64 | 48 swap u64 | 56 remote_qpn u32 | 60 remote_qkey u32
+//   inline send WR (SendFlags.INLINE in send_flags): the header with num_sge = 1, then one SGE {addr 0, length =
+//     the inline byte count (at most MAX_INLINE_PER_WR), lkey 0}, then those bytes, unpadded. The bytes travel in
+//     the list itself: native code points the host SGE at them for ibv_post_send, which copies inline data before
+//     it returns, so no caller ever hands native code an address for inline data.
 //   recv WR: 16-byte header (0 wr_id u64 | 8 num_sge u32 | 12 reserved), then num_sge SGEs
 //   SGE: 0 addr u64 | 8 length u32 | 12 lkey u32
 //   work completion, 48 bytes: 0 wr_id u64 | 8 status u32 | 12 opcode u32 | 16 vendor_err u32 | 20 byte_len u32 |
@@ -13,6 +17,7 @@
 // All little-endian (the host's order: x86-64 and arm64 Linux).
 
 import {
+  MAX_INLINE_PER_WR,
   MAX_SGE_PER_WR,
   MAX_WC_PER_POLL,
   MAX_WRS_PER_POST,
@@ -20,6 +25,7 @@ import {
   SEND_WR_HEADER_BYTES,
   SGE_BYTES,
   WC_BYTES,
+  SendFlags,
 } from './constants.ts';
 
 const TWO_POW_32 = 0x1_0000_0000;
@@ -42,6 +48,11 @@ export interface SendWr {
   /** SendFlags bits. */
   sendFlags?: number;
   sgList?: readonly Sge[];
+  /**
+   * Inline data, instead of sgList: encoding copies these bytes into the list and sets SendFlags.INLINE (which
+   * must not be set without them); ibv_post_send copies them into the host's WQE, so no MR is involved.
+   */
+  inline?: Uint8Array;
   /** Immediate data (host order) for *_WITH_IMM; the rkey to invalidate for SEND_WITH_INV. */
   immData?: number;
   /** RDMA and atomic target. */
@@ -75,7 +86,10 @@ export interface DecodedSendWr {
   swap: bigint;
   remoteQpn: number;
   remoteQkey: number;
+  /** Empty for an inline work request. */
   sgList: { addr: bigint; length: number; lkey: number }[];
+  /** The inline bytes (a copy), when sendFlags has INLINE. */
+  inline?: Uint8Array;
 }
 
 export interface DecodedRecvWr {
@@ -174,20 +188,29 @@ const NO_SGES: readonly Sge[] = [];
 /** A list of send work requests in the native layout. Reusable: clear() and push() again, or post it again. */
 export class SendWrList extends LayoutBuffer {
   constructor(initialCapacity = 16) {
-    super(initialCapacity * (SEND_WR_HEADER_BYTES + 2 * SGE_BYTES), MAX_WRS_PER_POST * (SEND_WR_HEADER_BYTES + MAX_SGE_PER_WR * SGE_BYTES));
+    const largestWr = SEND_WR_HEADER_BYTES + Math.max(MAX_SGE_PER_WR * SGE_BYTES, SGE_BYTES + MAX_INLINE_PER_WR);
+    super(initialCapacity * (SEND_WR_HEADER_BYTES + 2 * SGE_BYTES), MAX_WRS_PER_POST * largestWr);
   }
 
   push(wr: SendWr): this {
     const sgList = wr.sgList ?? NO_SGES;
     checkSgeCount(sgList);
+    const inline = wr.inline;
+    const flags = checkU32('sendFlags', wr.sendFlags);
+    if (inline !== undefined) {
+      if (sgList.length > 0) throw new WrLayoutError('a work request carries inline data or SGEs, not both');
+      if (inline.length > MAX_INLINE_PER_WR) throw new WrLayoutError(`${inline.length} inline bytes, more than ${MAX_INLINE_PER_WR}`);
+    } else if ((flags & SendFlags.INLINE) !== 0) {
+      throw new WrLayoutError('SendFlags.INLINE without inline data');
+    }
     const mark = this.used;
-    const off = this.reserve(SEND_WR_HEADER_BYTES + sgList.length * SGE_BYTES);
+    const off = this.reserve(SEND_WR_HEADER_BYTES + (inline !== undefined ? SGE_BYTES + inline.length : sgList.length * SGE_BYTES));
     const v = this.view;
     try {
       writeU64(v, off, 'wrId', wr.wrId);
       v.setUint32(off + 8, checkU32('opcode', wr.opcode), true);
-      v.setUint32(off + 12, checkU32('sendFlags', wr.sendFlags), true);
-      v.setUint32(off + 16, sgList.length, true);
+      v.setUint32(off + 12, inline !== undefined ? (flags | SendFlags.INLINE) >>> 0 : flags, true);
+      v.setUint32(off + 16, inline !== undefined ? 1 : sgList.length, true);
       v.setUint32(off + 20, checkU32('immData', wr.immData), true);
       writeU64(v, off + 24, 'remoteAddr', wr.remoteAddr);
       v.setUint32(off + 32, checkU32('rkey', wr.rkey), true);
@@ -196,7 +219,15 @@ export class SendWrList extends LayoutBuffer {
       writeU64(v, off + 48, 'swap', wr.swap);
       v.setUint32(off + 56, checkU32('remoteQpn', wr.remoteQpn), true);
       v.setUint32(off + 60, checkU32('remoteQkey', wr.remoteQkey), true);
-      this.writeSges(off + SEND_WR_HEADER_BYTES, sgList);
+      if (inline !== undefined) {
+        const rec = off + SEND_WR_HEADER_BYTES;
+        v.setBigUint64(rec, 0n, true);
+        v.setUint32(rec + 8, inline.length, true);
+        v.setUint32(rec + 12, 0, true);
+        this.bytesArr.set(inline, rec + SGE_BYTES);
+      } else {
+        this.writeSges(off + SEND_WR_HEADER_BYTES, sgList);
+      }
     } catch (e) {
       this.used = mark; // a rejected WR leaves the list as it was
       throw e;
@@ -244,6 +275,37 @@ function viewOf(bytes: Uint8Array): DataView {
   return new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
 }
 
+/** The header fields of the send WR at `off`. */
+function sendHeader(v: DataView, off: number): Omit<DecodedSendWr, 'sgList' | 'inline'> {
+  return {
+    wrId: v.getBigUint64(off, true),
+    opcode: v.getUint32(off + 8, true),
+    sendFlags: v.getUint32(off + 12, true),
+    immData: v.getUint32(off + 20, true),
+    remoteAddr: v.getBigUint64(off + 24, true),
+    rkey: v.getUint32(off + 32, true),
+    ahId: v.getUint32(off + 36, true),
+    compareAdd: v.getBigUint64(off + 40, true),
+    swap: v.getBigUint64(off + 48, true),
+    remoteQpn: v.getUint32(off + 56, true),
+    remoteQkey: v.getUint32(off + 60, true),
+  };
+}
+
+/** An inline send WR at `off` with the checks native code makes; returns it and the offset after it. */
+function decodeInlineSendWr(v: DataView, bytes: Uint8Array, off: number, i: number, numSge: number): [DecodedSendWr, number] {
+  const rec = off + SEND_WR_HEADER_BYTES;
+  if (numSge !== 1) throw new WrLayoutError(`inline work request ${i} has num_sge ${numSge}, not 1`);
+  if (rec + SGE_BYTES > bytes.length) throw new WrLayoutError(`inline work request ${i} runs past the end`);
+  if (v.getBigUint64(rec, true) !== 0n || v.getUint32(rec + 12, true) !== 0)
+    throw new WrLayoutError(`inline work request ${i} names memory (its addr and lkey must be 0)`);
+  const length = v.getUint32(rec + 8, true);
+  if (length > MAX_INLINE_PER_WR) throw new WrLayoutError(`inline work request ${i} has ${length} bytes`);
+  const data = rec + SGE_BYTES;
+  if (data + length > bytes.length) throw new WrLayoutError(`inline work request ${i} has bytes past the end`);
+  return [{ ...sendHeader(v, off), sgList: [], inline: bytes.slice(data, data + length) }, data + length];
+}
+
 /** Reads a send list back (the test double's and the layout tests' view of what native code parses). */
 export function decodeSendWrs(bytes: Uint8Array, count: number): DecodedSendWr[] {
   const v = viewOf(bytes);
@@ -252,23 +314,17 @@ export function decodeSendWrs(bytes: Uint8Array, count: number): DecodedSendWr[]
   for (let i = 0; i < count; i++) {
     if (off + SEND_WR_HEADER_BYTES > bytes.length) throw new WrLayoutError(`work request ${i} runs past the end`);
     const numSge = v.getUint32(off + 16, true);
+    const sendFlags = v.getUint32(off + 12, true);
+    if ((sendFlags & SendFlags.INLINE) !== 0) {
+      const [wr, next] = decodeInlineSendWr(v, bytes, off, i, numSge);
+      out.push(wr);
+      off = next;
+      continue;
+    }
     if (numSge > MAX_SGE_PER_WR) throw new WrLayoutError(`work request ${i} has ${numSge} SGEs`);
     if (off + SEND_WR_HEADER_BYTES + numSge * SGE_BYTES > bytes.length)
       throw new WrLayoutError(`the SGEs of work request ${i} run past the end`);
-    out.push({
-      wrId: v.getBigUint64(off, true),
-      opcode: v.getUint32(off + 8, true),
-      sendFlags: v.getUint32(off + 12, true),
-      immData: v.getUint32(off + 20, true),
-      remoteAddr: v.getBigUint64(off + 24, true),
-      rkey: v.getUint32(off + 32, true),
-      ahId: v.getUint32(off + 36, true),
-      compareAdd: v.getBigUint64(off + 40, true),
-      swap: v.getBigUint64(off + 48, true),
-      remoteQpn: v.getUint32(off + 56, true),
-      remoteQkey: v.getUint32(off + 60, true),
-      sgList: readSges(v, off + SEND_WR_HEADER_BYTES, numSge),
-    });
+    out.push({ ...sendHeader(v, off), sgList: readSges(v, off + SEND_WR_HEADER_BYTES, numSge) });
     off += SEND_WR_HEADER_BYTES + numSge * SGE_BYTES;
   }
   return out;

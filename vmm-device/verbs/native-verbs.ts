@@ -3,6 +3,7 @@
 import { loadAddon } from '../native/addon.ts';
 import {
   FLUSH_LIMIT_MS,
+  MAX_INLINE_PER_WR,
   MAX_SGE_PER_WR,
   MAX_WC_PER_POLL,
   MAX_WRS_PER_POST,
@@ -113,6 +114,7 @@ const EXPECTED_LIMITS: Record<string, number> = {
   MAX_WRS_PER_POST,
   MAX_SGE_PER_WR,
   MAX_WC_PER_POLL,
+  MAX_INLINE_PER_WR,
 };
 
 let rawVerbs: RawVerbs | undefined;

@@ -6,6 +6,7 @@
 #include "events.h"
 #include "jobs.h"
 #include "verbs_api.h"
+#include "wr.h"
 
 namespace vrdma::verbs {
 
@@ -156,10 +157,21 @@ Napi::Value CloseDevice(const Napi::CallbackInfo& info) {
 Napi::Value QueryDevice(const Napi::CallbackInfo& info) {
   VERB_ON("ibv_query_device", Kind::Context, e);
   ibv_context* ctx = static_cast<ibv_context*>(e->obj);
-  return RunJob<ibv_device_attr>(
-      env, verb, {e}, [ctx](ibv_device_attr& a, std::string&) { return ibv_query_device(ctx, &a); },
-      [](Napi::Env env, ibv_device_attr& a) -> Napi::Value {
+  struct Attr {
+    ibv_device_attr a;
+    uint32_t maxInline = 0;
+  };
+  return RunJob<Attr>(
+      env, verb, {e},
+      [ctx](Attr& out, std::string&) {
+        int rc = ibv_query_device(ctx, &out.a);
+        if (rc == 0) out.maxInline = ProbeMaxInline(ctx);  // ibv_device_attr has no inline limit (wr.h)
+        return rc;
+      },
+      [](Napi::Env env, Attr& out) -> Napi::Value {
+        const ibv_device_attr& a = out.a;
         Napi::Object o = Napi::Object::New(env);
+        o.Set("maxInlineData", out.maxInline);
         o.Set("fwVer", a.fw_ver);
         o.Set("nodeGuid", Hex64(a.node_guid));
         o.Set("sysImageGuid", Hex64(a.sys_image_guid));

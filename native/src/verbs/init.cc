@@ -67,6 +67,7 @@ Napi::Object InitVerbs(Napi::Env env) {
   limits.Set("MAX_WRS_PER_POST", MAX_WRS_PER_POST);
   limits.Set("MAX_SGE_PER_WR", MAX_SGE_PER_WR);
   limits.Set("MAX_WC_PER_POLL", MAX_WC_PER_POLL);
+  limits.Set("MAX_INLINE_PER_WR", MAX_INLINE_PER_WR);
   o.Set("limits", limits);
   return o;
 }

@@ -80,6 +80,30 @@ bool ParseSges(Napi::Env env, State* st, const char* verb, const uint8_t* buf, s
   return true;
 }
 
+// Appends the inline bytes of send work request `index` (the record at `*off`: one SGE {addr 0, length, lkey 0},
+// then `length` bytes) as one host SGE pointing into `buf`, and moves `*off` past them. The bytes stay where they
+// are: `buf` lives until ibv_post_send, which copies inline data before it returns. Returns false after throwing.
+bool ParseInline(Napi::Env env, State* st, const char* verb, const uint8_t* buf, size_t len, uint32_t index,
+                 uint32_t numSge, size_t* off) {
+  auto refuse = [&](const std::string& why) {
+    Throw(env, verb, EINVAL, "inline work request " + std::to_string(index) + " " + why);
+    return false;
+  };
+  if (numSge != 1) return refuse("has num_sge " + std::to_string(numSge) + ", not 1");
+  if (len - *off < SGE_BYTES) return refuse("runs past the end of the buffer");
+  const uint8_t* q = buf + *off;
+  uint32_t length = LoadU32(q + 8);
+  if (LoadU64(q) != 0 || LoadU32(q + 12) != 0) return refuse("names memory (its addr and lkey must be 0)");
+  if (length > MAX_INLINE_PER_WR)
+    return refuse("has " + std::to_string(length) + " bytes, more than " + std::to_string(MAX_INLINE_PER_WR));
+  *off += SGE_BYTES;
+  if (len - *off < length) return refuse("has bytes past the end of the buffer");
+  st->sgeStart[index] = st->sges.size();
+  st->sges.push_back(ibv_sge{static_cast<uint64_t>(reinterpret_cast<uintptr_t>(buf + *off)), length, 0});
+  *off += length;
+  return true;
+}
+
 // The header of work request `index` at `off`, or nullptr after throwing when the buffer ends before it does.
 const uint8_t* WrHeader(Napi::Env env, const char* verb, const uint8_t* buf, size_t len, size_t off, uint32_t index,
                         size_t headerBytes) {
@@ -146,7 +170,10 @@ bool ParseSendList(Napi::Env env, State* st, const char* verb, const uint8_t* bu
       wr.wr.rdma.rkey = rkey;
     }
     off += SEND_WR_HEADER_BYTES;
-    if (!ParseSges(env, st, verb, buf, len, i, numSge, &off)) return false;
+    bool inlined = (wr.send_flags & IBV_SEND_INLINE) != 0;
+    if (inlined ? !ParseInline(env, st, verb, buf, len, i, numSge, &off)
+                : !ParseSges(env, st, verb, buf, len, i, numSge, &off))
+      return false;
     wr.num_sge = static_cast<int>(numSge);
   }
   LinkList(st, st->sendWrs, count);
@@ -243,6 +270,40 @@ Napi::Value PostList(const Napi::CallbackInfo& info, bool send) {
 }  // namespace
 
 Napi::Value PostSend(const Napi::CallbackInfo& info) { return PostList(info, true); }
+
+uint32_t ProbeMaxInline(ibv_context* ctx) {
+  ibv_pd* pd = ibv_alloc_pd(ctx);
+  if (pd == nullptr) return 0;
+  uint32_t found = 0;
+  ibv_cq* cq = ibv_create_cq(ctx, 1, nullptr, nullptr, 0);
+  if (cq != nullptr) {
+    for (uint32_t want = INLINE_PROBE_MAX; want >= INLINE_PROBE_MIN && found == 0; want /= 2) {
+      bool all = true;
+      for (ibv_qp_type type : {IBV_QPT_RC, IBV_QPT_UD}) {
+        ibv_qp_init_attr attr;
+        memset(&attr, 0, sizeof attr);
+        attr.send_cq = cq;
+        attr.recv_cq = cq;
+        attr.qp_type = type;
+        attr.cap.max_send_wr = 1;
+        attr.cap.max_recv_wr = 1;
+        attr.cap.max_send_sge = 1;
+        attr.cap.max_recv_sge = 1;
+        attr.cap.max_inline_data = want;
+        ibv_qp* qp = ibv_create_qp(pd, &attr);
+        if (qp == nullptr) {
+          all = false;
+          break;
+        }
+        ibv_destroy_qp(qp);
+      }
+      if (all) found = want;
+    }
+    ibv_destroy_cq(cq);
+  }
+  ibv_dealloc_pd(pd);
+  return found;
+}
 Napi::Value PostRecv(const Napi::CallbackInfo& info) { return PostList(info, false); }
 
 // ---------------------------------------------------------------------------------------------- layout self-test
@@ -295,7 +356,14 @@ Napi::Value ParseSendWrsForTest(const Napi::CallbackInfo& info) {
       o.Set("remoteAddr", Napi::BigInt::New(env, static_cast<uint64_t>(wr->wr.rdma.remote_addr)));
       o.Set("rkey", wr->wr.rdma.rkey);
     }
-    o.Set("sgList", SgesToJs(env, wr->sg_list, wr->num_sge));
+    if ((wr->send_flags & IBV_SEND_INLINE) != 0) {
+      // The SGE points into the list buffer: report its bytes (what ibv_post_send would copy), no addresses.
+      const ibv_sge& g = wr->sg_list[0];
+      o.Set("inline", Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(g.addr)), g.length));
+      o.Set("sgList", Napi::Array::New(env, 0));
+    } else {
+      o.Set("sgList", SgesToJs(env, wr->sg_list, wr->num_sge));
+    }
     arr.Set(i, o);
   }
   return arr;

@@ -91,7 +91,8 @@ async function createQp(ctx: CommandContext, body: Uint8Array): Promise<Uint8Arr
         maxRecvWr: r.max_recv_wr,
         maxSendSge: Math.max(1, r.max_send_sge),
         maxRecvSge: Math.max(1, r.max_recv_sge),
-        maxInlineData: 0,
+        // The relay posts inline WQEs with IBV_SEND_INLINE: the host QP takes what the guest's may carry.
+        maxInlineData: r.max_inline_data,
       }),
   );
   ctx.checkGeneration(gen, () => ctx.verbs.destroyQp(host));
