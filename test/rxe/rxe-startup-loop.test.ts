@@ -115,7 +115,7 @@ function startOnce(vmId: string, n: number): Promise<StartResult> {
         exitTimer = setTimeout(() => child.kill('SIGKILL'), EXIT_TIMEOUT_MS);
       }
     });
-    child.on('exit', (code, signal) => {
+    child.on('exit', async (code, signal) => {
       clearTimeout(serveTimer);
       if (exitTimer !== undefined) clearTimeout(exitTimer);
       const seconds = Math.round(((served ? servedAt : Date.now()) - began) / 1000);
@@ -123,7 +123,7 @@ function startOnce(vmId: string, n: number): Promise<StartResult> {
       // SIGKILL is this file's own (a time-out); any other signal is the backend's death.
       const crash =
         signal !== null && signal !== 'SIGKILL'
-          ? crashReport({ pid, signal, exe: process.execPath, coreDir, cwd: root, keepCore: keptCoreDir !== undefined })
+          ? await crashReport({ pid, signal, exe: process.execPath, coreDir, cwd: root, keepCore: keptCoreDir !== undefined })
           : '';
       resolve({ served, code, signal, stderr, pid, leftOnHost, seconds, crash });
     });
