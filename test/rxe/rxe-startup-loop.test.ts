@@ -7,7 +7,10 @@
 // Sized for CI by a time budget (see DEFAULT_BUDGET_S); VRDMA_STARTUP_LOOP_STARTS and VRDMA_STARTUP_LOOP_BUDGET_S
 // raise it for a hunt. Every backend runs with core dumps on (fixture/crash-report.ts: the core pattern points into
 // this file's folder, or VRDMA_STARTUP_LOOP_CORE_DIR, e.g. a run.sh --out folder, which keeps the cores): a start
-// that dies of a signal reports the kernel's fault line and gdb's backtrace of its core in the failure.
+// that dies of a signal reports the kernel's fault line and gdb's backtrace of its core in the failure. A hunt is then
+// one command (the cores and their .bt.txt come back in ./cores):
+//   VRDMA_STARTUP_LOOP_STARTS=200 VRDMA_STARTUP_LOOP_BUDGET_S=600 VRDMA_STARTUP_LOOP_CORE_DIR=$PWD/cores \
+//     bash scripts/rxe/run.sh --out $PWD/cores -- npx tap --jobs=1 --timeout=1500 test/rxe/rxe-startup-loop.test.ts
 import t from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
