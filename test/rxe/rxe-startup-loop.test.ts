@@ -5,8 +5,12 @@
 // "serving" and to exit 0 on SIGTERM: no signal, no other exit code, nothing left on rxe0.
 //
 // Sized for CI by a time budget (see DEFAULT_BUDGET_S); VRDMA_STARTUP_LOOP_STARTS and VRDMA_STARTUP_LOOP_BUDGET_S
-// raise it for a hunt (with core dumps on: `ulimit -c unlimited` and /proc/sys/kernel/core_pattern pointing into a
-// run.sh --out folder).
+// raise it for a hunt. Every backend runs with core dumps on (fixture/crash-report.ts: the core pattern points into
+// this file's folder, or VRDMA_STARTUP_LOOP_CORE_DIR, e.g. a run.sh --out folder, which keeps the cores): a start
+// that dies of a signal reports the kernel's fault line and gdb's backtrace of its core in the failure. A hunt is then
+// one command (the cores and their .bt.txt come back in ./cores):
+//   VRDMA_STARTUP_LOOP_STARTS=200 VRDMA_STARTUP_LOOP_BUDGET_S=600 VRDMA_STARTUP_LOOP_CORE_DIR=$PWD/cores \
+//     bash scripts/rxe/run.sh --out $PWD/cores -- npx tap --jobs=1 --timeout=1500 test/rxe/rxe-startup-loop.test.ts
 import t from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -14,6 +18,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { RXE_DEVICE, rdmaResourcesOf, requireTestHost } from './fixture/harness.ts';
+import { collectCoresIn, crashReport, withCoreDumps } from './fixture/crash-report.ts';
 
 requireTestHost();
 
@@ -56,6 +61,10 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..')
 const bin = path.join(root, 'bin/vrdma-backend.js');
 const dir = mkdtempSync(path.join(tmpdir(), 'vrdma-startup-'));
 t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+const keptCoreDir = process.env['VRDMA_STARTUP_LOOP_CORE_DIR'];
+const coreDir = keptCoreDir ?? path.join(dir, 'cores');
+const restoreCorePattern = collectCoresIn(coreDir);
+if (restoreCorePattern !== undefined) t.teardown(restoreCorePattern);
 
 const table = path.join(dir, 'gid-table.json');
 writeFileSync(
@@ -77,6 +86,8 @@ interface StartResult {
   leftOnHost: string;
   /** Seconds from spawn to "serving" (or to its end). */
   seconds: number;
+  /** For a death by signal: the kernel's fault line and gdb's backtrace of the core (crash-report.ts). */
+  crash: string;
 }
 
 /** Starts one backend, waits for "serving" (or its end), stops it with SIGTERM and waits for its exit. */
@@ -86,7 +97,8 @@ function startOnce(vmId: string, n: number): Promise<StartResult> {
   return new Promise((resolve) => {
     const began = Date.now();
     let servedAt = 0;
-    const child = spawn(process.execPath, args, { cwd: root, stdio: ['ignore', 'ignore', 'pipe'] });
+    const [sh, ...shArgs] = withCoreDumps([process.execPath, ...args]);
+    const child = spawn(sh!, shArgs, { cwd: root, stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     let served = false;
     let leftOnHost = '';
@@ -106,11 +118,17 @@ function startOnce(vmId: string, n: number): Promise<StartResult> {
         exitTimer = setTimeout(() => child.kill('SIGKILL'), EXIT_TIMEOUT_MS);
       }
     });
-    child.on('exit', (code, signal) => {
+    child.on('exit', async (code, signal) => {
       clearTimeout(serveTimer);
       if (exitTimer !== undefined) clearTimeout(exitTimer);
       const seconds = Math.round(((served ? servedAt : Date.now()) - began) / 1000);
-      resolve({ served, code, signal, stderr, pid: child.pid ?? -1, leftOnHost, seconds });
+      const pid = child.pid ?? -1;
+      // SIGKILL is this file's own (a time-out); any other signal is the backend's death.
+      const crash =
+        signal !== null && signal !== 'SIGKILL'
+          ? await crashReport({ pid, signal, exe: process.execPath, coreDir, cwd: root, keepCore: keptCoreDir !== undefined })
+          : '';
+      resolve({ served, code, signal, stderr, pid, leftOnHost, seconds, crash });
     });
   });
 }
@@ -140,8 +158,10 @@ t.test(`up to ${starts} backend starts in ${budgetS} s (${CONCURRENT} at a time,
       if (!ok)
         failures.push(
           `start ${done + i} (pid ${r.pid}${load !== undefined ? ', under load' : ''}, after ${r.seconds} s): served=${r.served} code=${r.code} ` +
-            `signal=${r.signal}${r.leftOnHost !== '' ? ` left on rxe0: ${r.leftOnHost}` : ''}; stderr: ${r.stderr.trim().slice(-800) || '(empty)'}`,
+            `signal=${r.signal}${r.leftOnHost !== '' ? ` left on rxe0: ${r.leftOnHost}` : ''}; stderr: ${r.stderr.trim().slice(-800) || '(empty)'}` +
+            (r.crash !== '' ? `\n${r.crash}` : ''),
         );
+      if (r.crash !== '') t.comment(`start ${done + i} (pid ${r.pid}) died of ${r.signal}:\n${r.crash}`);
     }
     done += batch;
     t.comment(`pair ${pair}${load !== undefined ? ' (under load)' : ''}: ${results.map((r) => `pid ${r.pid} ${r.served ? 'served' : 'did not serve'} in ${r.seconds} s, exit ${r.signal ?? r.code}`).join('; ')}`);
