@@ -164,10 +164,24 @@ async function waitCq(cq: MappedCq, count: number, what: string): Promise<WorkCo
   return got;
 }
 
-/** Takes completions until `count` of `opcode` came (others, left by an earlier loop, are taken on the way). */
+/**
+ * Completions taken from a CQ while waiting for another opcode. A VM's one CQ carries its sends and its receives:
+ * waiting for a RECV can take the VM's own SEND completion first, which a later wait for SEND must still find.
+ */
+const pending = new WeakMap<MappedCq, WorkCompletion[]>();
+
+/** Takes completions until `count` of `opcode` came; completions of other opcodes are kept for later waits. */
 async function waitOpcode(cq: MappedCq, opcode: number, count: number, what: string): Promise<void> {
+  const kept = pending.get(cq) ?? [];
+  pending.set(cq, kept);
   for (let seen = 0; seen < count; ) {
-    for (const wc of await waitCq(cq, 1, what)) if (wc.opcode === opcode) seen++;
+    const at = kept.findIndex((wc) => wc.opcode === opcode);
+    if (at >= 0) {
+      kept.splice(at, 1);
+      seen++;
+      continue;
+    }
+    kept.push(...(await waitCq(cq, 1, what)));
   }
 }
 
