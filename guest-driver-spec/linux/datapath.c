@@ -62,6 +62,11 @@ static int vrdma_build_send(struct vrdma_qp *qp, const struct ib_send_wr *wr, st
 	if (wr->send_flags & IB_SEND_INLINE) {
 		u32 len = 0;
 
+		/* Inline data only for SEND and WRITE (spec 10.3); the device would fail the WQE (LOC_QP_OP_ERR). */
+		if (wr->opcode != IB_WR_SEND && wr->opcode != IB_WR_SEND_WITH_IMM &&
+		    wr->opcode != IB_WR_RDMA_WRITE && wr->opcode != IB_WR_RDMA_WRITE_WITH_IMM)
+			return -EINVAL;
+
 		/* Kernel SGE addresses are kernel virtual addresses here (virtual DMA device, main.c). */
 		for (i = 0; i < wr->num_sge; i++) {
 			if (wr->sg_list[i].length > qp->max_inline - len)
