@@ -12,7 +12,7 @@
 
 import { FakeVerbs, FakeAliasMapper } from '../verbs/fake-verbs.ts';
 import { hostAttrOf } from '../verbs/host-verbs.ts';
-import { ReplayingVerbs } from './verbs-tape.ts';
+import { ReplayingVerbs, type TapeDump } from './verbs-tape.ts';
 import type { HostPageMapper } from '../virtio/device.ts';
 import { RdmaDevice } from '../rdma/rdma-device.ts';
 import { StaticAddressResolver, type GidTableEntry } from '../rdma/address-resolver.ts';
@@ -145,6 +145,13 @@ function acceptingMapper(regions: ReadonlyMap<number, bigint>): HostPageMapper {
   };
 }
 
+/** The inline capacity the recording's host reported (its first queryDevice answer on the tape), else 0. */
+function recordedInlineCapacity(tape: TapeDump | undefined): number {
+  const answer = tape?.entries.find((e) => e.call === 'queryDevice' && e.ok !== undefined)?.ok;
+  const v = answer !== null && typeof answer === 'object' ? (answer as Record<string, unknown>)['maxInlineData'] : undefined;
+  return typeof v === 'number' && Number.isInteger(v) && v >= 0 ? v : 0;
+}
+
 function splitSizes(size: number) {
   return { desc: 16 * size, avail: 6 + 2 * size, used: 6 + 8 * size };
 }
@@ -211,7 +218,9 @@ export async function replaySession(f: SessionFixture, opts: ReplayOptions = {})
     });
   });
 
-  const verbs = new FakeVerbs();
+  // The double must accept what the recording's host accepted: its inline capacity (DeviceAttr.maxInlineData) is the
+  // one the recorded host reported, so that QPs created with inline data are created here too.
+  const verbs = new FakeVerbs({ maxInlineData: recordedInlineCapacity(f.hostVerbs) });
   const log = opts.log ?? new RecordingLogger('replay');
   // The backend reads the host's limits once before its device opens (cli/admission.ts): the same calls here, so
   // that the test double numbers the objects that follow (handles, QPNs, keys) as the recording's backend did.
