@@ -512,8 +512,26 @@ async function main(): Promise<number> {
     write();
     if (d.stoppedByBudget) break;
   }
-  write();
+  write(extrapolation(steps));
   return 0;
+}
+
+/** When the largest step did not reach MAX_QPS_PER_VM: its per-pair figures carried linearly to it, labelled so. */
+function extrapolation(steps: Record<string, unknown>[]): Record<string, unknown> {
+  const last = steps.at(-1) as undefined | { qps_per_vm_done: number; device: { setup_qps_per_s: number; phases: Record<string, number> }; native: { setup_qps_per_s: number }; memory: { per_qp: Record<string, number> } };
+  if (last === undefined || last.qps_per_vm_done >= MAX_QPS_PER_VM) return {};
+  const qps = 2 * MAX_QPS_PER_VM;
+  const perQpDestroyS = (last.device.phases['per_qp_destroy_ms'] ?? 0) / 1000;
+  return {
+    extrapolation: {
+      label: `EXTRAPOLATED, not measured: ${MAX_QPS_PER_VM} QPs per VM from the largest step run (${last.qps_per_vm_done} per VM), linear in N at that step's per-QP figures`,
+      device_setup_s: round(qps / last.device.setup_qps_per_s),
+      device_destroy_s: round(qps * perQpDestroyS),
+      native_setup_s: round(qps / last.native.setup_qps_per_s),
+      rss_bytes: round(qps * (last.memory.per_qp['rss_bytes'] ?? 0)),
+      mappings: round(qps * (last.memory.per_qp['mappings'] ?? 0)),
+    },
+  };
 }
 
 /** The region the device would declare for 16,384 QPs per VM, with this bench's depths and with the default quotas. */
