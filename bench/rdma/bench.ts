@@ -57,7 +57,7 @@ import { fileURLToPath } from 'node:url';
 import { AccessFlag, FeatureBit, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 import { MappedCq, RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr, type WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
 import { attachDevice, Cleanups, type TransportKind } from '../../guest-driver-spec/driver/attach.ts';
-import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
+import { RdmaDevice, StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { Access, GidType, Mtu, QpState, QpType, WcOpcode as HostWcOpcode } from '../../vmm-device/verbs/constants.ts';
 import type { CqHandle, DeviceHandle, GidEntry, HostVerbs, PdHandle, QpHandle } from '../../vmm-device/verbs/host-verbs.ts';
@@ -67,28 +67,11 @@ import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts';
 import { mean, median, record, writeResults, type BenchRecord } from '../common/results.ts';
 import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
+import { ADDRESS_TABLE, GID_INDEX, PORT, RXE_DEVICE, positiveInt } from '../common/test-host.ts';
 import { jsDriverRound, nativeLoopRound, openMappedTestbed, relayedWorkRequests, type MappedFigures, type MappedTestbed } from './mapped.ts';
 
 // ------------------------------------------------------------------------------------------------ parameters
 
-const RXE_DEVICE = 'rxe0';
-/** rxe0's netdev address inside the test host (scripts/rxe/guest.sh). */
-const RXE_HOST_IP = '10.233.0.1';
-/** The RoCE v2 GID of rxe0 that perftest (-x) and the native baseline use; the device picks its own the same way. */
-const GID_INDEX = 1;
-const PORT = 1;
-const ADDRESS_TABLE: GidTableEntry[] = [
-  { vmId: 'vm-a', vpc: 'bench', virtualIp: '192.168.9.1', hostIp: RXE_HOST_IP },
-  { vmId: 'vm-b', vpc: 'bench', virtualIp: '192.168.9.2', hostIp: RXE_HOST_IP },
-];
-
-function positiveInt(name: string, fallback: number, max: number): number {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return fallback;
-  const n = Number(raw);
-  if (!Number.isInteger(n) || n < 1 || n > max) throw new Error(`${name}=${raw}: a whole number from 1 to ${max}`);
-  return n;
-}
 
 const MAX_ITERS = 1_000_000;
 const ROUNDS = positiveInt('VRDMA_BENCH_ROUNDS', 3, 100);

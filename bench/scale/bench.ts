@@ -28,7 +28,7 @@ import { fileURLToPath } from 'node:url';
 import { AccessFlag, HostQueueFormat, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 import { RdmaContext, type GuestBuffer, type MappedCq, type MappedQp, type Mr, type Pd } from '../../guest-driver-spec/driver/index.ts';
 import { attachDevice, Cleanups } from '../../guest-driver-spec/driver/attach.ts';
-import { DEFAULT_QUOTAS, RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
+import { DEFAULT_QUOTAS, RdmaDevice, StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
 import { DEFAULT_MAX_MAPPED_QUEUES, planMapping, type MappingPlan } from '../../vmm-device/rdma/mapped/plan.ts';
 import { countMappings, MappingBudget, readMaxMapCount } from '../../vmm-device/rdma/mapping-budget.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
@@ -37,28 +37,13 @@ import type { CqHandle, QpHandle } from '../../vmm-device/verbs/host-verbs.ts';
 import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
+import { ADDRESS_TABLE, GID_INDEX, PORT, RXE_DEVICE, positiveInt } from '../common/test-host.ts';
 import { record, round, type BenchRecord } from '../common/results.ts';
 
 // ------------------------------------------------------------------------------------------------ parameters
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const RESULTS = path.resolve(here, '../../bench-results/scale.json');
-const RXE_DEVICE = 'rxe0';
-const RXE_HOST_IP = '10.233.0.1';
-const GID_INDEX = 1;
-const PORT = 1;
-const ADDRESS_TABLE: GidTableEntry[] = [
-  { vmId: 'vm-a', vpc: 'bench', virtualIp: '192.168.9.1', hostIp: RXE_HOST_IP },
-  { vmId: 'vm-b', vpc: 'bench', virtualIp: '192.168.9.2', hostIp: RXE_HOST_IP },
-];
-
-function positiveInt(name: string, fallback: number, max: number): number {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return fallback;
-  const n = Number(raw);
-  if (!Number.isInteger(n) || n < 1 || n > max) throw new Error(`${name}=${raw}: a whole number from 1 to ${max}`);
-  return n;
-}
 
 /** rxe's host-wide QP limit is 65,536; two VMs of this many stay inside it with room for the native baseline. */
 const MAX_QPS_PER_VM = 16_384;
