@@ -26,25 +26,10 @@ import {
   CqErrorReason,
 } from '../../vmm-device/abi/rdma/index.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
-import { gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
-import { PAGE, TestGuest, waitFor, type GuestCq, type GuestMr, type GuestQp } from './guest.ts';
+import { PAGE, TestGuest, connectRc, waitFor, type GuestCq, type GuestMr, type GuestQp } from './guest.ts';
 
 const S = QpAttrMask;
 
-async function connect(g: TestGuest, qp: GuestQp): Promise<void> {
-  const steps: [number, Parameters<TestGuest['modifyQp']>[2]][] = [
-    [S.STATE | S.PKEY_INDEX | S.PORT | S.ACCESS_FLAGS, { qp_state: 1, port_num: 1, qp_access_flags: 7 }],
-    [
-      S.STATE | S.AV | S.PATH_MTU | S.DEST_QPN | S.RQ_PSN | S.MAX_DEST_RD_ATOMIC | S.MIN_RNR_TIMER,
-      { qp_state: 2, path_mtu: 1, dest_qp_num: 0x42, max_dest_rd_atomic: 1, min_rnr_timer: 1, hop_limit: 64, dgid: gidFromIpv4('192.168.7.2') },
-    ],
-    [S.STATE | S.SQ_PSN | S.TIMEOUT | S.RETRY_CNT | S.RNR_RETRY | S.MAX_QP_RD_ATOMIC, { qp_state: 3, timeout: 14, retry_cnt: 7, rnr_retry: 7, max_rd_atomic: 1 }],
-  ];
-  for (const [mask, attr] of steps) {
-    const a = await g.modifyQp(qp.handle, mask, attr);
-    if (a.status !== Status.OK) throw new Error(`modify failed ${a.status} ${a.detail}`);
-  }
-}
 
 interface Setup {
   g: TestGuest;
@@ -63,7 +48,7 @@ async function setup(t: Test, opts: { cqDepth?: number; sqSigAll?: number; conne
   const cq = await g.createCq(opts.cqDepth ?? 16);
   const qp = await g.createQp(pd, cq, cq, 2, 16, opts.sqSigAll ?? 0);
   const mr = await g.regMr(pd, 2 * PAGE, AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE | AccessFlag.REMOTE_READ);
-  if (opts.connect !== false) await connect(g, qp);
+  if (opts.connect !== false) await connectRc(g, qp);
   return { g, verbs, pd, cq, qp, mr };
 }
 
@@ -102,7 +87,7 @@ t.test('send WQEs posted before RTS are taken at the transition', async (t) => {
   qp.writeSend({ wr_id: 5n, opcode: SendOpcode.SEND, flags: SendFlag.SIGNALED, sges: [{ addr: mr.iova, length: 8, lkey: mr.lkey }] });
   await g.ring([{ handle: qp.handle, type: DoorbellType.SQ }]);
   t.equal(qp.sqConsumer, 0, 'not taken in INIT');
-  await connect(g, qp);
+  await connectRc(g, qp);
   t.same((await cq.waitFor(1)).map((c) => c.wr_id), [5n]);
 });
 

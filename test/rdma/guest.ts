@@ -29,13 +29,14 @@ import {
   encodeSges,
   ringPages,
   Status,
+  QpAttrMask,
   type SgeValue,
 } from '../../vmm-device/abi/rdma/index.ts';
 import { SplitDriver, TestGuestMemory } from '../../guest-driver-spec/testkit/index.ts';
 import { SplitQueue } from '../../vmm-device/virtqueue/index.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import type { HostVerbs } from '../../vmm-device/verbs/host-verbs.ts';
-import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
+import { RdmaDevice, StaticAddressResolver, gidFromIpv4, type GidTableEntry } from '../../vmm-device/rdma/index.ts';
 import type { RdmaDeviceOptions } from '../../vmm-device/rdma/rdma-device.ts';
 import type { HostPageMapper, QueueOffload } from '../../vmm-device/virtio/device.ts';
 import { F_VERSION_1 } from '../../vmm-device/abi/virtio.ts';
@@ -455,6 +456,26 @@ export function qpAttr(v: Partial<ReturnType<typeof QpAttr.decode>>): ReturnType
 }
 
 /** Polls `check` on the event loop until it returns a value, or fails after ANSWER_TIMEOUT_MS. */
+/**
+ * Takes an RC QP of the guest to RTS with fixed attributes (destination QPN 0x42 at 192.168.7.2, MTU 256, all
+ * access rights); every MODIFY_QP must answer OK.
+ */
+export async function connectRc(g: TestGuest, qp: GuestQp): Promise<void> {
+  const S = QpAttrMask;
+  const steps: [number, Parameters<TestGuest['modifyQp']>[2]][] = [
+    [S.STATE | S.PKEY_INDEX | S.PORT | S.ACCESS_FLAGS, { qp_state: 1, port_num: 1, qp_access_flags: 7 }],
+    [
+      S.STATE | S.AV | S.PATH_MTU | S.DEST_QPN | S.RQ_PSN | S.MAX_DEST_RD_ATOMIC | S.MIN_RNR_TIMER,
+      { qp_state: 2, path_mtu: 1, dest_qp_num: 0x42, max_dest_rd_atomic: 1, min_rnr_timer: 1, hop_limit: 64, dgid: gidFromIpv4('192.168.7.2') },
+    ],
+    [S.STATE | S.SQ_PSN | S.TIMEOUT | S.RETRY_CNT | S.RNR_RETRY | S.MAX_QP_RD_ATOMIC, { qp_state: 3, timeout: 14, retry_cnt: 7, rnr_retry: 7, max_rd_atomic: 1 }],
+  ];
+  for (const [mask, attr] of steps) {
+    const a = await g.modifyQp(qp.handle, mask, attr);
+    if (a.status !== Status.OK) throw new Error(`modify failed ${a.status} ${a.detail}`);
+  }
+}
+
 export async function waitFor<T>(check: () => T | undefined, what: string, timeoutMs = ANSWER_TIMEOUT_MS): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {

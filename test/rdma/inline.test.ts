@@ -28,7 +28,7 @@ import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { SendFlags, WrOpcode } from '../../vmm-device/verbs/constants.ts';
 import type { DecodedSendWr } from '../../vmm-device/verbs/layout.ts';
 import { gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
-import { ALL_FEATURES, TestGuest, type GuestCq, type GuestQp } from './guest.ts';
+import { ALL_FEATURES, TestGuest, connectRc, type GuestCq, type GuestQp } from './guest.ts';
 import { INLINE_FEATURES, createInlineQp, sqSlot, writeInline } from './inline-guest.ts';
 
 const S = QpAttrMask;
@@ -38,20 +38,6 @@ function pattern(n: number, seed: number): Uint8Array {
   return Uint8Array.from({ length: n }, (_, i) => (i * 7 + seed * 13 + 1) & 0xff);
 }
 
-async function connect(g: TestGuest, qp: GuestQp): Promise<void> {
-  const steps: [number, Parameters<TestGuest['modifyQp']>[2]][] = [
-    [S.STATE | S.PKEY_INDEX | S.PORT | S.ACCESS_FLAGS, { qp_state: 1, port_num: 1, qp_access_flags: 7 }],
-    [
-      S.STATE | S.AV | S.PATH_MTU | S.DEST_QPN | S.RQ_PSN | S.MAX_DEST_RD_ATOMIC | S.MIN_RNR_TIMER,
-      { qp_state: 2, path_mtu: 1, dest_qp_num: 0x42, max_dest_rd_atomic: 1, min_rnr_timer: 1, hop_limit: 64, dgid: gidFromIpv4('192.168.7.2') },
-    ],
-    [S.STATE | S.SQ_PSN | S.TIMEOUT | S.RETRY_CNT | S.RNR_RETRY | S.MAX_QP_RD_ATOMIC, { qp_state: 3, timeout: 14, retry_cnt: 7, rnr_retry: 7, max_rd_atomic: 1 }],
-  ];
-  for (const [mask, attr] of steps) {
-    const a = await g.modifyQp(qp.handle, mask, attr);
-    if (a.status !== Status.OK) throw new Error(`modify failed ${a.status} ${a.detail}`);
-  }
-}
 
 interface Setup {
   g: TestGuest;
@@ -71,7 +57,7 @@ async function setup(t: Test, o: { host?: number; qpInline?: number; features?: 
   const pd = await g.createPd();
   const cq = await g.createCq(16);
   const { qp } = await createInlineQp(g, pd, cq, o.qpInline ?? 64);
-  await connect(g, qp);
+  await connectRc(g, qp);
   return { g, verbs, cq, qp, posted };
 }
 

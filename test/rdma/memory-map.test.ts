@@ -11,7 +11,6 @@ import {
   Command,
   CqErrorReason,
   EventType,
-  QpAttrMask,
   QpFatalReason,
   QpState,
   RegMrRequest,
@@ -25,12 +24,10 @@ import {
 } from '../../vmm-device/abi/rdma/index.ts';
 import { GuestMemory, type MemoryRegionSpec } from '../../vmm-device/memory/guest-memory.ts';
 import { FakeAliasMapper, FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
-import { gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
-import { PAGE, TestGuest, waitFor, type GuestQp } from './guest.ts';
+import { PAGE, TestGuest, connectRc, waitFor, type GuestQp } from './guest.ts';
 
 const EXTRA_GPA = 0x2000_0000;
 const EXTRA_SIZE = 1 << 20;
-const S = QpAttrMask;
 
 function specsOf(memory: GuestMemory): MemoryRegionSpec[] {
   return memory.regionList.map((r) => ({ guestPhysAddr: r.guestPhysAddr, size: r.size, userAddr: r.userAddr, buffer: r.buffer, bufferOffset: r.bufferOffset }));
@@ -75,20 +72,6 @@ async function open(t: Test, aliases = new FakeAliasMapper()): Promise<{ g: Test
   return { g, verbs, aliases };
 }
 
-async function connect(g: TestGuest, qp: GuestQp): Promise<void> {
-  const steps: [number, Parameters<TestGuest['modifyQp']>[2]][] = [
-    [S.STATE | S.PKEY_INDEX | S.PORT | S.ACCESS_FLAGS, { qp_state: 1, port_num: 1, qp_access_flags: 7 }],
-    [
-      S.STATE | S.AV | S.PATH_MTU | S.DEST_QPN | S.RQ_PSN | S.MAX_DEST_RD_ATOMIC | S.MIN_RNR_TIMER,
-      { qp_state: 2, path_mtu: 1, dest_qp_num: 0x42, max_dest_rd_atomic: 1, min_rnr_timer: 1, hop_limit: 64, dgid: gidFromIpv4('192.168.7.2') },
-    ],
-    [S.STATE | S.SQ_PSN | S.TIMEOUT | S.RETRY_CNT | S.RNR_RETRY | S.MAX_QP_RD_ATOMIC, { qp_state: 3, timeout: 14, retry_cnt: 7, rnr_retry: 7, max_rd_atomic: 1 }],
-  ];
-  for (const [mask, attr] of steps) {
-    const a = await g.modifyQp(qp.handle, mask, attr);
-    if (a.status !== Status.OK) throw new Error(`modify failed ${a.status} ${a.detail}`);
-  }
-}
 
 function eventsOf(events: { type: number; handle: number; detail: number }[]): [number, number, number][] {
   return events.map((e) => [e.type, e.handle, e.detail]);
@@ -105,8 +88,8 @@ t.test('REM_MEM_REG of the region holding a live CQ ring: CQ_ERROR and QP_FATAL 
   const qp = await g.createQp(pd, cq, cq);
   const qp2 = await g.createQp(pd, other, other);
   const mr = await g.regMr(pd, PAGE, AccessFlag.LOCAL_WRITE);
-  await connect(g, qp);
-  await connect(g, qp2);
+  await connectRc(g, qp);
+  await connectRc(g, qp2);
   const sge = { addr: mr.iova, length: 64, lkey: mr.lkey };
   qp.writeSend({ wr_id: 1n, opcode: SendOpcode.SEND, flags: SendFlag.SIGNALED, sges: [sge] });
   await g.ring([{ handle: qp.handle, type: DoorbellType.SQ }]);
@@ -152,7 +135,7 @@ t.test('a QP whose SQ ring leaves guest RAM: QP_FATAL RING_UNREADABLE; its rings
   g.pageSource = extra.alloc;
   const qp = await g.createQp(pd, cq, cq);
   g.pageSource = undefined;
-  await connect(g, qp);
+  await connectRc(g, qp);
   removeRegion(g, EXTRA_GPA);
   detach(extra.buffer);
   await g.ring([{ handle: qp.handle, type: DoorbellType.SQ }, { handle: qp.handle, type: DoorbellType.RQ }]);
@@ -171,7 +154,7 @@ t.test('without memoryChanged a detached ring reaches the guard: NEEDS_RESET thr
   g.pageSource = undefined;
   const qp = await g.createQp(pd, cq, cq);
   const mr = await g.regMr(pd, PAGE, AccessFlag.LOCAL_WRITE);
-  await connect(g, qp);
+  await connectRc(g, qp);
   // A transport that unmaps without telling the model (the bug the guard is the last line against).
   detach(extra.buffer);
   qp.writeSend({ wr_id: 1n, opcode: SendOpcode.SEND, flags: SendFlag.SIGNALED, sges: [{ addr: mr.iova, length: 8, lkey: mr.lkey }] });
@@ -189,8 +172,8 @@ t.test('an MR whose pages leave guest RAM is deregistered on the host; its PD\'s
   const cq = await g.createCq();
   const qp = await g.createQp(pd, cq, cq);
   const qpOther = await g.createQp(pd2, cq, cq);
-  await connect(g, qp);
-  await connect(g, qpOther);
+  await connectRc(g, qp);
+  await connectRc(g, qpOther);
   const extra = hotAdd(g);
   // Two scattered pages in the new region: an aliased registration.
   const a = extra.alloc(1);
@@ -210,7 +193,7 @@ t.test('an MR whose pages leave guest RAM is deregistered on the host; its PD\'s
   t.equal(g.device.qps.get(qpOther.handle)!.state, QpState.RTS, 'a QP of another PD is untouched');
   // A WQE naming the lost MR's lkey: LOC_PROT_ERR on a QP of its PD.
   const qp3 = await g.createQp(pd, cq, cq);
-  await connect(g, qp3);
+  await connectRc(g, qp3);
   qp3.writeSend({ wr_id: 9n, opcode: SendOpcode.SEND, flags: SendFlag.SIGNALED, sges: [{ addr: 0x5000_0000n, length: 8, lkey: mr.lkey }] });
   await g.ring([{ handle: qp3.handle, type: DoorbellType.SQ }]);
   const cqes = await cq.waitFor(1);
@@ -231,8 +214,8 @@ t.test('SET_MEM_TABLE replacing a region at the same addresses: rings continue o
   const mrHere = await g.regMr(pd2, PAGE, AccessFlag.LOCAL_WRITE);
   const qp = await g.createQp(pd, cq, cq);
   const qp2 = await g.createQp(pd2, cq, cq);
-  await connect(g, qp);
-  await connect(g, qp2);
+  await connectRc(g, qp);
+  await connectRc(g, qp2);
   // The same region again, in new memory with the same contents (what a new SET_MEM_TABLE maps).
   const copy = extra.buffer.slice(0);
   setMemory(g, specsOf(g.mem.memory).map((s) => (s.guestPhysAddr === EXTRA_GPA ? { ...s, buffer: copy } : s)));
