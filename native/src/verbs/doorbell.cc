@@ -123,21 +123,24 @@ class Engine {
     return lock;
   }
 
-  // Caller holds the lock.
-  void Attach(uint32_t i, uint32_t qpHandle, uint32_t qpEntry) {
-    Slot& s = slots_[i];
-    s.attached = true;
-    s.qpHandle = qpHandle;
-    s.qpEntry = qpEntry;
+  // Caller holds the lock. 0, or the errno of the slot's reset (the slot is then left detached).
+  int Attach(uint32_t i, uint32_t qpHandle, uint32_t qpEntry) {
     // A slot is reused by later QPs: what the last one stored (its final SQ producer index) could equal the new
     // QP's first store and hide that doorbell. The slot starts at 0, as the new queue's producer index does.
     // The engine maps the pages read-only, so the reset goes through the memfd (the same page-cache page).
     const uint32_t zero = 0;
     const off_t at = static_cast<off_t>(i) * DOORBELL_SLOT_BYTES;
-    s.last = pwrite(memfd_, &zero, sizeof zero, at) == static_cast<ssize_t>(sizeof zero) ? 0 : Value(i);
+    errno = 0;
+    if (pwrite(memfd_, &zero, sizeof zero, at) != static_cast<ssize_t>(sizeof zero)) return errno != 0 ? errno : EIO;
+    Slot& s = slots_[i];
+    s.attached = true;
+    s.qpHandle = qpHandle;
+    s.qpEntry = qpEntry;
+    s.last = 0;
     s.executed.store(0);
     s.refused.store(0);
     attached_.push_back(i);
+    return 0;
   }
 
   void Detach(uint32_t i) {
@@ -331,7 +334,8 @@ Napi::Value DoorbellAttach(const Napi::CallbackInfo& info) {
   auto lock = engine->Lock();
   if (engine->slot(slot).attached)
     return Throw(env, verb, EBUSY, "slot " + std::to_string(slot) + " is attached to another QP");
-  engine->Attach(slot, static_cast<ibv_qp*>(qp->obj)->handle, qp->id);
+  if (int rc = engine->Attach(slot, static_cast<ibv_qp*>(qp->obj)->handle, qp->id); rc != 0)
+    return Throw(env, verb, rc, "resetting slot " + std::to_string(slot) + " failed");
   qp->engineId = e->id;
   qp->engineSlot = slot;
   e->children++;  // the engine cannot close while serving a QP without detaching it (done by close itself)
