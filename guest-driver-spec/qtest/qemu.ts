@@ -90,6 +90,8 @@ export interface QemuExit {
 export class QemuQtest {
   private stderrText = '';
   private exitInfo: QemuExit | undefined;
+  /** stop() was called: an exit from then on is ours, not QEMU's own. */
+  private stopping = false;
   readonly exited: Promise<QemuExit>;
   readonly ram: GuestRam;
 
@@ -117,7 +119,6 @@ export class QemuQtest {
       }
     });
   }
-  private stopping = false;
 
   private appendStderr(text: string): void {
     this.stderrText = (this.stderrText + text).slice(-MAX_STDERR_CHARS);
