@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * The relayed data path of version 1 (spec 10) for kernel consumers: post_send and post_recv write WQEs into the
- * rings, store-release producer_index, then ring one doorbell record for the whole batch.
+ * rings, store-release producer_index, then ring one doorbell record for the whole batch. For a user QP the
+ * provider does the writing and these only ring the doorbell.
  */
 #include <linux/string.h>
 #include "virtio_rdma.h"
@@ -101,6 +102,13 @@ int vrdma_post_send(struct ib_qp *ibqp, const struct ib_send_wr *wr, const struc
 		*bad_wr = wr;
 		return -EINVAL;
 	}
+	if (qp->user) { /* the provider wrote the WQEs and producer_index: only the doorbell (virtio_rdma_abi.h) */
+		if (wr) { /* ib_uverbs would have translated it with user addresses: the rings are the provider's */
+			*bad_wr = wr;
+			return -EINVAL;
+		}
+		return vrdma_ring_doorbell(to_vdev(ibqp->device), qp->handle, VRDMA_DB_SQ);
+	}
 	spin_lock_irqsave(&qp->sq_lock, flags);
 	prod = le32_to_cpu(qp->sq_index->producer_index);
 	for (; wr; wr = wr->next) {
@@ -146,6 +154,13 @@ int vrdma_post_recv(struct ib_qp *ibqp, const struct ib_recv_wr *wr, const struc
 	if (qp->state == IB_QPS_RESET) {
 		*bad_wr = wr;
 		return -EINVAL;
+	}
+	if (qp->user) { /* as in post_send */
+		if (wr) {
+			*bad_wr = wr;
+			return -EINVAL;
+		}
+		return vrdma_ring_doorbell(to_vdev(ibqp->device), qp->handle, VRDMA_DB_RQ);
 	}
 	spin_lock_irqsave(&qp->rq_lock, flags);
 	prod = le32_to_cpu(qp->rq_index->producer_index);

@@ -1,11 +1,50 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Completion queues (spec 8.7 to 8.9, 10.5, 10.7) for kernel consumers: the CQE ring and its index block live in
- * kernel memory; poll_cq reads CQEs the device wrote, req_notify_cq arms with a doorbell record.
+ * Completion queues (spec 8.7 to 8.9, 10.5, 10.7): the CQE ring and its index block live in guest kernel memory;
+ * for a kernel consumer poll_cq reads CQEs the device wrote, for a user one the provider does (umap.c maps them);
+ * req_notify_cq arms both with a doorbell record.
  */
 #include <linux/slab.h>
 #include <linux/log2.h>
 #include "virtio_rdma.h"
+
+/* Before CREATE_CQ succeeded, or after DESTROY_CQ: the device no longer touches ring or index (spec 8.8). */
+static void vrdma_cq_free_mem(struct vrdma_cq *cq)
+{
+	if (cq->umap_ring)
+		vrdma_umap_remove(cq->umap_ring); /* the entry frees the ring */
+	else
+		vrdma_ring_free(&cq->ring);
+	if (cq->umap_index)
+		vrdma_umap_remove(cq->umap_index);
+	else if (cq->user)
+		free_pages_exact(cq->index, PAGE_SIZE);
+	else
+		kfree(cq->index);
+	cq->umap_ring = cq->umap_index = NULL;
+	cq->index = NULL;
+}
+
+/* A user CQ: ring and index page mapped for the provider, offsets in the response (virtio_rdma_abi.h). */
+static int vrdma_cq_expose(struct vrdma_cq *cq, struct ib_udata *udata)
+{
+	struct ib_ucontext *uctx = &rdma_udata_to_drv_context(udata, struct vrdma_ucontext, ib)->ib;
+	struct virtio_rdma_create_cq_resp resp = {};
+	u64 off;
+
+	cq->umap_ring = vrdma_umap_insert(uctx, cq->ring.buf, cq->ring.bytes, &off);
+	if (!cq->umap_ring)
+		return -ENOMEM;
+	resp.ring_offset = off;
+	cq->umap_index = vrdma_umap_insert(uctx, cq->index, PAGE_SIZE, &off);
+	if (!cq->umap_index)
+		return -ENOMEM;
+	resp.index_offset = off;
+	resp.ring_bytes = cq->ring.bytes;
+	resp.cqe_count = cq->ring.depth;
+	resp.cq_handle = cq->handle;
+	return ib_copy_to_udata(udata, &resp, sizeof(resp));
+}
 
 int vrdma_create_cq(struct ib_cq *ibcq, const struct ib_cq_init_attr *attr, struct ib_udata *udata)
 {
@@ -14,27 +53,31 @@ int vrdma_create_cq(struct ib_cq *ibcq, const struct ib_cq_init_attr *attr, stru
 	u32 limit = min_t(u32, dev->attr_cache.max_cqe, VRDMA_KERNEL_MAX_CQE), depth, num_pages;
 	struct vrdma_create_cq_req req = {};
 	struct vrdma_create_cq_resp r;
+	struct vrdma_handle d;
 	__le64 *pages;
 	int ret;
 
-	if (udata)
-		return -EOPNOTSUPP; /* user CQs come with the rdma-core provider's ABI (next step) */
+	if (udata && udata->outlen < sizeof(struct virtio_rdma_create_cq_resp))
+		return -EINVAL; /* a provider of another ABI: it could not find the rings */
 	if (attr->flags || attr->cqe < 1)
 		return -EINVAL;
 	depth = roundup_pow_of_two(attr->cqe);
 	if (depth > limit)
 		return -EINVAL;
 	spin_lock_init(&cq->lock);
-	cq->index = kzalloc(sizeof(*cq->index), GFP_KERNEL); /* zeroed before CREATE_CQ names it (spec 8.17) */
+	cq->user = udata;
+	/* Zeroed before CREATE_CQ names it (spec 8.17); a page of its own when user space maps it. */
+	cq->index = udata ? alloc_pages_exact(PAGE_SIZE, GFP_KERNEL | __GFP_ZERO) :
+			    kzalloc(sizeof(*cq->index), GFP_KERNEL);
 	if (!cq->index)
 		return -ENOMEM;
 	ret = vrdma_ring_alloc(&cq->ring, depth, VRDMA_CQE_SIZE);
 	if (ret)
-		goto err_index;
+		goto err_mem;
 	pages = vrdma_ring_pages(&cq->ring, &num_pages);
 	if (!pages) {
 		ret = -ENOMEM;
-		goto err_ring;
+		goto err_mem;
 	}
 	req.cqe_count = cpu_to_le32(depth);
 	req.page_shift = VRDMA_PAGE_SHIFT;
@@ -43,22 +86,26 @@ int vrdma_create_cq(struct ib_cq *ibcq, const struct ib_cq_init_attr *attr, stru
 	ret = vrdma_cmd(dev, VRDMA_CMD_CREATE_CQ, &req, sizeof(req), pages, num_pages, &r, sizeof(r));
 	kfree(pages);
 	if (ret)
-		goto err_ring;
+		goto err_mem;
 	cq->handle = le32_to_cpu(r.cq_handle);
 	cq->ib.cqe = depth;
+	d.handle = r.cq_handle;
 	ret = xa_insert(&dev->cqs, cq->handle, cq, GFP_KERNEL);
-	if (ret) { /* the device gave a handle still in use here: it broke spec 7.6 */
-		struct vrdma_handle d = { .handle = r.cq_handle };
-
-		vrdma_cmd(dev, VRDMA_CMD_DESTROY_CQ, &d, sizeof(d), NULL, 0, NULL, 0);
-		goto err_ring;
+	if (ret) /* the device gave a handle still in use here: it broke spec 7.6 */
+		goto err_destroy;
+	if (udata) {
+		ret = vrdma_cq_expose(cq, udata);
+		if (ret) {
+			xa_erase(&dev->cqs, cq->handle);
+			goto err_destroy;
+		}
 	}
 	return 0;
 
-err_ring:
-	vrdma_ring_free(&cq->ring);
-err_index:
-	kfree(cq->index);
+err_destroy:
+	vrdma_cmd(dev, VRDMA_CMD_DESTROY_CQ, &d, sizeof(d), NULL, 0, NULL, 0);
+err_mem:
+	vrdma_cq_free_mem(cq);
 	return ret;
 }
 
@@ -74,8 +121,7 @@ int vrdma_destroy_cq(struct ib_cq *ibcq, struct ib_udata *udata)
 	xa_erase(&dev->cqs, cq->handle);
 	flush_work(&dev->event_work); /* a handler that already looked the CQ up has finished */
 	/* After the response the device never touches the ring or index again (spec 8.8). */
-	vrdma_ring_free(&cq->ring);
-	kfree(cq->index);
+	vrdma_cq_free_mem(cq);
 	return 0;
 }
 

@@ -141,15 +141,6 @@ static int vrdma_del_gid(const struct ib_gid_attr *attr, void **context)
 	return 0;
 }
 
-static int vrdma_alloc_ucontext(struct ib_ucontext *uctx, struct ib_udata *udata)
-{
-	return 0;
-}
-
-static void vrdma_dealloc_ucontext(struct ib_ucontext *uctx)
-{
-}
-
 static void vrdma_get_dev_fw_str(struct ib_device *ib, char *str)
 {
 	snprintf(str, IB_FW_VERSION_NAME_MAX, "virtio-rdma v1");
@@ -158,7 +149,7 @@ static void vrdma_get_dev_fw_str(struct ib_device *ib, char *str)
 const struct ib_device_ops vrdma_dev_ops = {
 	.owner = THIS_MODULE,
 	.driver_id = RDMA_DRIVER_UNKNOWN,
-	.uverbs_abi_ver = 1,
+	.uverbs_abi_ver = VIRTIO_RDMA_ABI_VERSION,
 
 	.query_device = vrdma_query_device,
 	.query_port = vrdma_query_port,
@@ -170,6 +161,8 @@ const struct ib_device_ops vrdma_dev_ops = {
 	.get_dev_fw_str = vrdma_get_dev_fw_str,
 	.alloc_ucontext = vrdma_alloc_ucontext,
 	.dealloc_ucontext = vrdma_dealloc_ucontext,
+	.mmap = vrdma_mmap,
+	.mmap_free = vrdma_mmap_free,
 
 	.alloc_pd = vrdma_alloc_pd,
 	.dealloc_pd = vrdma_dealloc_pd,

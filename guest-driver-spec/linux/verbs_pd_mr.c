@@ -174,7 +174,14 @@ int vrdma_create_ah(struct ib_ah *ibah, struct rdma_ah_init_attr *init, struct i
 	if (ret)
 		return ret;
 	to_vah(ibah)->handle = le32_to_cpu(r.handle);
-	return 0;
+	if (udata && udata->outlen) { /* the provider puts the device's handle in UD send WQEs (spec 10.3) */
+		struct virtio_rdma_create_ah_resp resp = { .ah_handle = to_vah(ibah)->handle };
+
+		ret = ib_copy_to_udata(udata, &resp, min_t(size_t, sizeof(resp), udata->outlen));
+		if (ret)
+			vrdma_destroy_handle(dev, VRDMA_CMD_DESTROY_AH, to_vah(ibah)->handle);
+	}
+	return ret;
 }
 
 int vrdma_destroy_ah(struct ib_ah *ibah, u32 flags)

@@ -1,18 +1,80 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Queue pairs (spec 8.10 to 8.13) for kernel consumers: SQ and RQ rings and their index blocks in kernel memory.
+ * Queue pairs (spec 8.10 to 8.13): SQ and RQ rings and their index blocks in guest kernel memory, mapped into the
+ * process for a user QP (umap.c, virtio_rdma_abi.h).
  * QP states, attribute mask bits, access flags and MTUs have the verbs API's values (checked in main.c).
  */
 #include <linux/slab.h>
 #include <linux/log2.h>
 #include "virtio_rdma.h"
 
+/* Before CREATE_QP succeeded, or after DESTROY_QP: the device no longer touches rings or indexes (spec 8.13). */
 static void vrdma_qp_free_rings(struct vrdma_qp *qp)
 {
-	vrdma_ring_free(&qp->sq);
-	vrdma_ring_free(&qp->rq);
-	kfree(qp->sq_index);
-	kfree(qp->rq_index);
+	if (qp->umap_sq)
+		vrdma_umap_remove(qp->umap_sq); /* the entries free what they map */
+	else
+		vrdma_ring_free(&qp->sq);
+	if (qp->umap_rq)
+		vrdma_umap_remove(qp->umap_rq);
+	else
+		vrdma_ring_free(&qp->rq);
+	if (qp->user) {
+		if (qp->umap_index)
+			vrdma_umap_remove(qp->umap_index);
+		else if (qp->index_page)
+			free_pages_exact(qp->index_page, PAGE_SIZE);
+	} else {
+		kfree(qp->sq_index);
+		kfree(qp->rq_index);
+	}
+	qp->umap_sq = qp->umap_rq = qp->umap_index = NULL;
+	qp->index_page = NULL;
+	qp->sq_index = qp->rq_index = NULL;
+}
+
+/* Index blocks are zeroed before CREATE_QP names them (spec 8.17): one page for both when user space maps them. */
+static int vrdma_qp_alloc_index(struct vrdma_qp *qp)
+{
+	if (!qp->user) {
+		qp->sq_index = kzalloc(sizeof(*qp->sq_index), GFP_KERNEL);
+		qp->rq_index = kzalloc(sizeof(*qp->rq_index), GFP_KERNEL);
+		return qp->sq_index && qp->rq_index ? 0 : -ENOMEM;
+	}
+	qp->index_page = alloc_pages_exact(PAGE_SIZE, GFP_KERNEL | __GFP_ZERO);
+	if (!qp->index_page)
+		return -ENOMEM;
+	qp->sq_index = qp->index_page + VIRTIO_RDMA_SQ_INDEX_OFFSET;
+	qp->rq_index = qp->index_page + VIRTIO_RDMA_RQ_INDEX_OFFSET;
+	return 0;
+}
+
+/* A user QP: both rings and the index page mapped for the provider, offsets in the response (virtio_rdma_abi.h). */
+static int vrdma_qp_expose(struct vrdma_qp *qp, struct ib_udata *udata)
+{
+	struct ib_ucontext *uctx = &rdma_udata_to_drv_context(udata, struct vrdma_ucontext, ib)->ib;
+	struct virtio_rdma_create_qp_resp resp = {};
+	u64 off;
+
+	qp->umap_sq = vrdma_umap_insert(uctx, qp->sq.buf, qp->sq.bytes, &off);
+	if (!qp->umap_sq)
+		return -ENOMEM;
+	resp.sq_offset = off;
+	qp->umap_rq = vrdma_umap_insert(uctx, qp->rq.buf, qp->rq.bytes, &off);
+	if (!qp->umap_rq)
+		return -ENOMEM;
+	resp.rq_offset = off;
+	qp->umap_index = vrdma_umap_insert(uctx, qp->index_page, PAGE_SIZE, &off);
+	if (!qp->umap_index)
+		return -ENOMEM;
+	resp.index_offset = off;
+	resp.sq_bytes = qp->sq.bytes;
+	resp.rq_bytes = qp->rq.bytes;
+	resp.sq_depth = qp->sq.depth;
+	resp.rq_depth = qp->rq.depth;
+	resp.qp_handle = qp->handle;
+	resp.max_inline_data = qp->max_inline;
+	return ib_copy_to_udata(udata, &resp, sizeof(resp));
 }
 
 static int vrdma_qp_depth(u32 wanted, u32 limit, u32 *depth)
@@ -32,8 +94,8 @@ int vrdma_create_qp(struct ib_qp *ibqp, struct ib_qp_init_attr *init, struct ib_
 	__le64 *sq_pages = NULL, *rq_pages = NULL, *pages = NULL;
 	int ret;
 
-	if (udata)
-		return -EOPNOTSUPP; /* user QPs come with the rdma-core provider's ABI (next step) */
+	if (udata && udata->outlen < sizeof(struct virtio_rdma_create_qp_resp))
+		return -EINVAL; /* a provider of another ABI: it could not find the rings */
 	switch (init->qp_type) {
 	case IB_QPT_RC: qp->type = VRDMA_QPT_RC; break;
 	case IB_QPT_UD: qp->type = VRDMA_QPT_UD; break;
@@ -55,11 +117,9 @@ int vrdma_create_qp(struct ib_qp *ibqp, struct ib_qp_init_attr *init, struct ib_
 	qp->max_send_sge = init->cap.max_send_sge;
 	qp->max_recv_sge = init->cap.max_recv_sge;
 	qp->max_inline = init->cap.max_inline_data;
-	/* Index blocks are zeroed before CREATE_QP names them, one per queue (spec 8.17). */
-	qp->sq_index = kzalloc(sizeof(*qp->sq_index), GFP_KERNEL);
-	qp->rq_index = kzalloc(sizeof(*qp->rq_index), GFP_KERNEL);
-	ret = -ENOMEM;
-	if (!qp->sq_index || !qp->rq_index)
+	qp->user = udata;
+	ret = vrdma_qp_alloc_index(qp);
+	if (ret)
 		goto err;
 	ret = vrdma_ring_alloc(&qp->sq, sq_depth, VRDMA_SQ_WQE_SIZE);
 	if (!ret)
@@ -102,7 +162,12 @@ int vrdma_create_qp(struct ib_qp *ibqp, struct ib_qp_init_attr *init, struct ib_
 	init->cap.max_send_wr = sq_depth;
 	init->cap.max_recv_wr = rq_depth;
 	ret = xa_insert(&dev->qps, qp->handle, qp, GFP_KERNEL);
-	if (ret) { /* the device gave a handle still in use here: it broke spec 7.6 */
+	if (!ret && udata) {
+		ret = vrdma_qp_expose(qp, udata);
+		if (ret)
+			xa_erase(&dev->qps, qp->handle);
+	}
+	if (ret) { /* xa_insert: the device gave a handle still in use here, it broke spec 7.6 */
 		struct vrdma_handle d = { .handle = r.qp_handle };
 		struct vrdma_destroy_qp_resp dr;
 

@@ -11,7 +11,9 @@
 #include <linux/netdevice.h>
 #include <rdma/ib_verbs.h>
 #include <rdma/ib_umem.h>
+#include <rdma/uverbs_ioctl.h>
 #include "spec.h"
+#include "virtio_rdma_abi.h"
 
 /*
  * Limits of this driver (named, so a reader sees every bound in one place).
@@ -68,6 +70,17 @@ struct vrdma_pd { struct ib_pd ib; u32 handle; };
 struct vrdma_ah { struct ib_ah ib; u32 handle; };
 struct vrdma_ucontext { struct ib_ucontext ib; };
 
+/*
+ * Memory of a user queue (ring or index page) exposed with an rdma_user_mmap entry. The entry owns it: the memory
+ * is freed in mmap_free, once the object was destroyed (entry removed) and no mmap() is in progress; pages a
+ * process still maps stay alive by their page references (vm_insert_page) until munmap.
+ */
+struct vrdma_umap {
+	struct rdma_user_mmap_entry rdma;
+	void *buf;
+	size_t bytes;
+};
+
 /* A ring in kernel memory: physically contiguous, described to the device as 4 KiB pages. */
 struct vrdma_ring {
 	void *buf;
@@ -81,6 +94,8 @@ struct vrdma_cq {
 	struct vrdma_ring ring;
 	struct vrdma_queue_index *index;
 	spinlock_t lock;
+	bool user; /* ring and index page mapped by a process (the index is then a page of its own) */
+	struct vrdma_umap *umap_ring, *umap_index; /* user CQs only */
 };
 
 struct vrdma_qp {
@@ -93,6 +108,9 @@ struct vrdma_qp {
 	spinlock_t sq_lock, rq_lock;
 	enum ib_qp_state state;
 	u8 sgid_index; /* the core GID table's index the consumer gave with AV (the device's is always 0) */
+	bool user; /* rings in user space: post_send / post_recv with no WR are the provider's doorbells */
+	void *index_page; /* user QPs: the page holding both index blocks */
+	struct vrdma_umap *umap_sq, *umap_rq, *umap_index;
 };
 
 struct vrdma_mr { struct ib_mr ib; u32 handle; struct ib_umem *umem; };
@@ -124,6 +142,14 @@ int vrdma_ring_doorbell(struct vrdma_dev *dev, u32 handle, u8 type);
 int vrdma_ring_alloc(struct vrdma_ring *ring, u32 depth, u32 entry_size);
 void vrdma_ring_free(struct vrdma_ring *ring);
 __le64 *vrdma_ring_pages(const struct vrdma_ring *ring, u32 *count);
+
+/* umap.c: user mappings of rings and index pages */
+struct vrdma_umap *vrdma_umap_insert(struct ib_ucontext *uctx, void *buf, size_t bytes, u64 *offset);
+void vrdma_umap_remove(struct vrdma_umap *umap);
+int vrdma_mmap(struct ib_ucontext *uctx, struct vm_area_struct *vma);
+void vrdma_mmap_free(struct rdma_user_mmap_entry *entry);
+int vrdma_alloc_ucontext(struct ib_ucontext *uctx, struct ib_udata *udata);
+void vrdma_dealloc_ucontext(struct ib_ucontext *uctx);
 
 /* verbs_device.c */
 extern const struct ib_device_ops vrdma_dev_ops;
