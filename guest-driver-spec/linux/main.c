@@ -13,6 +13,7 @@
 #include <linux/virtio_ids.h>
 #include <linux/etherdevice.h>
 #include <linux/rtnetlink.h>
+#include <rdma/ib_user_verbs.h>
 #include "virtio_rdma.h"
 
 /* The spec's tables, pinned: a wrong field width would silently shift every later field. */
@@ -193,6 +194,13 @@ static int vrdma_probe(struct virtio_device *vdev)
 	dev->ib.node_guid = dev->cfg.node_guid; /* kept as the wire bytes, like sys_image_guid */
 	strscpy(dev->ib.node_desc, "virtio-rdma", sizeof(dev->ib.node_desc));
 	dev->ib.dev.parent = &vdev->dev;
+	/*
+	 * The uverbs data-path commands the core gates by this mask: POST_SEND / POST_RECV without a WR are a user
+	 * QP's doorbells and REQ_NOTIFY_CQ arms a user CQ (virtio_rdma_abi.h); without them ib_uverbs answers
+	 * EOPNOTSUPP. POLL_CQ stays off: the provider polls the mapped CQE ring itself.
+	 */
+	dev->ib.uverbs_cmd_mask |= BIT_ULL(IB_USER_VERBS_CMD_POST_SEND) | BIT_ULL(IB_USER_VERBS_CMD_POST_RECV) |
+				   BIT_ULL(IB_USER_VERBS_CMD_REQ_NOTIFY_CQ);
 
 	rtnl_lock();
 	for_each_netdev(&init_net, ndev)
