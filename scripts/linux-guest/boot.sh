@@ -30,6 +30,16 @@ t_start=$(date +%s%N)
 ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
 ko=$(bash "$LG_SCRIPTS_DIR/build.sh" | tail -n 1)
 selftest=$(bash "$LG_SCRIPTS_DIR/build.sh" "$LG_PROJECT_ROOT/test/linux-guest/selftest" | tail -n 1)
+provider=$(bash "$LG_SCRIPTS_DIR/provider.sh" | tail -n 1)
+[ -f "$provider" ] || lg_die "no libibverbs provider (scripts/linux-guest/provider.sh printed '$provider')"
+# The user-space check (test/linux-guest/user-verbs.c) against this machine's libibverbs, the one the guest runs.
+user_verbs=$LG_CACHE/user-verbs/$(sha256sum "$LG_PROJECT_ROOT/test/linux-guest/user-verbs.c" | cut -c1-16)/user-verbs
+if [ ! -x "$user_verbs" ]; then
+  mkdir -p "$(dirname "$user_verbs")"
+  gcc -O2 -Wall -Werror -o "$user_verbs.new" "$LG_PROJECT_ROOT/test/linux-guest/user-verbs.c" -libverbs \
+    || lg_die "user-verbs.c does not build (libibverbs-dev?)"
+  mv "$user_verbs.new" "$user_verbs"
+fi
 rxe=$(bash "$LG_PROJECT_ROOT/scripts/rxe/build.sh" | tail -n 1)
 qemu=$(bash "$LG_PROJECT_ROOT/scripts/qemu/build.sh" | tail -n 1)
 [ -x "$qemu" ] || lg_die "no patched QEMU (scripts/qemu/build.sh printed '$qemu')"
@@ -38,7 +48,7 @@ lg_log "module, kernel and QEMU ready in $(ms_since "$t_start") ms"
 
 # The initramfs: the test host's modules (virtio, ib_core, ib_uverbs, veth; not rdma_rxe), virtio_rdma.ko, the
 # verbs self-test (test/linux-guest/selftest: PD, CQ, QPs, MRs, AH, one RDMA WRITE) and guest-init.sh as /init. Cached by the hash of its inputs.
-inputs=$(cat "$ko" "$selftest" "$rxe/initrd.gz" "$LG_SCRIPTS_DIR/guest-init.sh" "$LG_SCRIPTS_DIR/boot.sh" | sha256sum | cut -c1-16)
+inputs=$(cat "$ko" "$selftest" "$provider" "$user_verbs" "$rxe/initrd.gz" "$LG_SCRIPTS_DIR/guest-init.sh" "$LG_SCRIPTS_DIR/boot.sh" | sha256sum | cut -c1-16)
 initrd=$LG_CACHE/guest/$inputs/initrd.gz
 if [ ! -f "$initrd" ]; then
   lg_lock
@@ -50,10 +60,15 @@ if [ ! -f "$initrd" ]; then
   cp "$ko" "$work/modules/virtio_rdma.ko"
   cp "$selftest" "$work/modules/vrdma_selftest.ko"
   install -m 0755 "$LG_SCRIPTS_DIR/guest-init.sh" "$work/init"
-  # iproute2's ip with its libraries: busybox's ip cannot create a veth pair.
-  mkdir -p "$work/sbin"
+  # iproute2's ip with its libraries: busybox's ip cannot create a veth pair. User space: this machine's unmodified
+  # ibv_devinfo and the user-verbs check with libibverbs (Debian 12's), the provider and its libibverbs config
+  # line, so that the tools find the device with no environment variable.
+  mkdir -p "$work/sbin" "$work/usr/bin" "$work/usr/lib/virtio_rdma" "$work/etc/libibverbs.d"
   cp /sbin/ip "$work/sbin/ip"
-  for lib in $(ldd /sbin/ip | grep -o '/[^ ]*'); do
+  cp /usr/bin/ibv_devinfo "$user_verbs" "$work/usr/bin/"
+  cp "$provider" "$work/usr/lib/virtio_rdma/"
+  echo 'driver /usr/lib/virtio_rdma/libvirtio_rdma' >"$work/etc/libibverbs.d/virtio_rdma.driver"
+  for lib in $(ldd /sbin/ip /usr/bin/ibv_devinfo "$user_verbs" "$provider" | grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
     mkdir -p "$work$(dirname "$lib")"
     cp -L "$lib" "$work$lib"
   done

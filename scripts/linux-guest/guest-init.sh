@@ -4,7 +4,7 @@
 # table holds the device's virtual GID once a netdev carries the virtual MAC and address; unloads and reloads the
 # module; powers off. Every finding is one "VRDMA-GUEST: key value" line on the console, read by boot.sh.
 /bin/busybox --install -s /bin
-export PATH=/bin
+export PATH=/bin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -77,6 +77,13 @@ gids load
 insmod /modules/vrdma_selftest.ko || say "selftest-insmod-failed"
 rmmod vrdma_selftest
 dmesg | sed -n 's/.*VRDMA-SELFTEST: /VRDMA-GUEST: selftest /p'
+# User space through libibverbs and the provider (/etc/libibverbs.d/virtio_rdma.driver, boot.sh): the unmodified
+# ibv_devinfo, then test/linux-guest/user-verbs.c (an RC QP on itself: RDMA WRITE, CQE, completion event).
+mkdir -p /tmp
+ibv_devinfo -v -d "$dev" >/tmp/devinfo 2>&1
+say "devinfo-rc $?"
+sed 's/^/VRDMA-GUEST: devinfo /' /tmp/devinfo
+VERBS_LOG_LEVEL=4 timeout 120 user-verbs "$dev" 1 2>&1 | sed 's/^VRDMA-USER: /VRDMA-GUEST: user /'
 rmmod virtio_rdma || { say "unload-failed"; finish fail; }
 left=$(ls /sys/class/infiniband 2>/dev/null | wc -l)
 say "unloaded devices-left $left"
