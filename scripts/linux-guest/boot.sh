@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Boot test of the Linux guest driver, CONTROL PATH ONLY: Debian's 6.1.0-56 kernel (the test host's, cached by
-# scripts/rxe/build.sh) boots under this machine's patched QEMU (scripts/qemu/build.sh) with a tiny initramfs
-# that loads virtio_rdma (scripts/linux-guest/guest-init.sh). The device is QEMU's vhost-user-device-pci with
-# virtio ID 42, served by the project's backend over vhost-user -- with its verbs double (test/cli/fake-backend.ts)
-# in place of a host RNIC, so the control path (features, config, control queue, events, the ib_device and its
-# GIDs, every control verb, unload and reload) is real; the data path runs through the guest's rings, doorbells,
-# CQEs and completion events, but the double moves no payload. Real verbs need rxe0, which only exists in
+# Boot test of the Linux guest driver: Debian's 6.1.0-56 kernel (the test host's, cached by scripts/rxe/build.sh)
+# boots under this machine's patched QEMU (scripts/qemu/build.sh) with a tiny initramfs that loads virtio_rdma
+# (scripts/linux-guest/guest-init.sh). The device is QEMU's vhost-user-device-pci with virtio ID 42, served by the
+# project's backend over vhost-user -- with its verbs double (test/linux-guest/loopback-backend.ts, FakeVerbs whose
+# RC SENDs complete the peer QP's receive) in place of a host RNIC, so the control path (features, config, control
+# queue, events, the ib_device and its GIDs, every control verb, unload and reload) is real, and the data path runs
+# through the guest's rings, doorbells, CQEs and completion events, kernel and user space (the rdma-core provider,
+# scripts/linux-guest/provider.sh), but the double moves no payload. Real verbs need rxe0, which only exists in
 # the soft-RoCE test host, where a nested TCG guest takes minutes to boot (shared/research/rxe-vm.md).
 # Prints the guest's "VRDMA-GUEST:" lines and the timings; exit 0 only when the guest reported "result ok".
 # Usage: boot.sh [--timeout S]
@@ -65,10 +66,10 @@ if [ ! -f "$initrd" ]; then
   # line, so that the tools find the device with no environment variable.
   mkdir -p "$work/sbin" "$work/usr/bin" "$work/usr/lib/virtio_rdma" "$work/etc/libibverbs.d"
   cp /sbin/ip "$work/sbin/ip"
-  cp /usr/bin/ibv_devinfo "$user_verbs" "$work/usr/bin/"
+  cp /usr/bin/ibv_devinfo /usr/bin/ibv_rc_pingpong "$user_verbs" "$work/usr/bin/"
   cp "$provider" "$work/usr/lib/virtio_rdma/"
   echo 'driver /usr/lib/virtio_rdma/libvirtio_rdma' >"$work/etc/libibverbs.d/virtio_rdma.driver"
-  for lib in $(ldd /sbin/ip /usr/bin/ibv_devinfo "$user_verbs" "$provider" | grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
+  for lib in $(ldd /sbin/ip /usr/bin/ibv_devinfo /usr/bin/ibv_rc_pingpong "$user_verbs" "$provider" | grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
     mkdir -p "$work$(dirname "$lib")"
     cp -L "$lib" "$work$lib"
   done
@@ -106,8 +107,9 @@ boot_once() {
   local n=$1 console=$run/console.$1 waited=0 t_mods=
   rm -f "$run/vm0.sock"
   mkdir -p "$run/host.$n"
-  # The backend, with the verbs double (the control path only, see above).
-  (cd "$LG_PROJECT_ROOT" && exec node --import tsx test/cli/fake-backend.ts --socket "$run/vm0.sock" --device fake0 \
+  # The backend, with the verbs double (no payload moves, see above); its RC SENDs complete the peer QP's receive
+  # (test/linux-guest/loopback-backend.ts), so two processes of the guest can run ibv_rc_pingpong.
+  (cd "$LG_PROJECT_ROOT" && exec node --import tsx test/linux-guest/loopback-backend.ts --socket "$run/vm0.sock" --device fake0 \
     --vm-id vm0 --virtual-ip "$VIRTUAL_IP" --host-dir "$run/host.$n" --log-level "$backend_level") >"$run/backend.log.$n" 2>&1 &
   backend_pid=$!
   for _ in $(seq 1 600); do [ -S "$run/vm0.sock" ] && break; kill -0 "$backend_pid" 2>/dev/null || break; sleep 0.1; done

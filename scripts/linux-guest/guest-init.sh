@@ -84,6 +84,18 @@ ibv_devinfo -v -d "$dev" >/tmp/devinfo 2>&1
 say "devinfo-rc $?"
 sed 's/^/VRDMA-GUEST: devinfo /' /tmp/devinfo
 VERBS_LOG_LEVEL=4 timeout 120 user-verbs "$dev" 1 2>&1 | sed 's/^VRDMA-USER: /VRDMA-GUEST: user /'
+# Two-sided: the unmodified ibv_rc_pingpong, server and client in this guest, exchanging QP numbers over lo. The
+# backend's double completes a SEND's receive on the peer QP but moves no payload, hence no -c (buffer check).
+$ipr link set lo up
+timeout 120 ibv_rc_pingpong -d "$dev" -g 1 -n 10 -s 64 >/tmp/pp-server 2>&1 &
+pp_server=$!
+sleep 2
+timeout 120 ibv_rc_pingpong -d "$dev" -g 1 -n 10 -s 64 127.0.0.1 >/tmp/pp-client 2>&1
+say "pingpong-client-rc $?"
+wait $pp_server
+say "pingpong-server-rc $?"
+sed 's/^/VRDMA-GUEST: pingpong-server /' /tmp/pp-server
+sed 's/^/VRDMA-GUEST: pingpong-client /' /tmp/pp-client
 rmmod virtio_rdma || { say "unload-failed"; finish fail; }
 left=$(ls /sys/class/infiniband 2>/dev/null | wc -l)
 say "unloaded devices-left $left"

@@ -56,6 +56,16 @@ t.test('virtio_rdma registers a RoCE ib_device with the virtual GID, serves ever
     t.match(v ?? 'missing', /^ok\b/, `user-space ${step}: ${v ?? 'missing'}`);
   }
   t.match(value('user done') ?? 'missing', /^ok 0 failures/, 'user space: no failure');
+  // The unmodified ibv_rc_pingpong, server and client in the guest: two contexts, two RC QPs connected over the
+  // virtual GID, SENDs and receives through the provider's rings. The backend's double (loopback-backend.ts)
+  // completes each SEND's receive on the peer QP without moving the payload, so the tool runs without -c.
+  const pp = lines.filter((l) => l.startsWith('pingpong-')).join('\n');
+  t.equal(value('pingpong-server-rc'), '0', `ibv_rc_pingpong server exits 0\n${pp}`);
+  t.equal(value('pingpong-client-rc'), '0', 'ibv_rc_pingpong client exits 0');
+  for (const side of ['server', 'client']) {
+    t.match(pp, new RegExp(`^pingpong-${side}\\s+local address:.*GID ::ffff:10\\.77\\.0\\.5$`, 'm'), `${side}: its QP on the virtual GID`);
+    t.match(pp, new RegExp(`^pingpong-${side} 10 iters in `, 'm'), `${side}: 10 round trips completed`);
+  }
   t.match(value('mac') ?? '', /^02:00:0a:4d:00:05$/, 'the driver read the virtual MAC from the configuration');
   t.equal(value('unloaded'), 'devices-left 0', 'rmmod leaves no ib_device');
   t.equal(value('kernel-warnings'), '0', 'no BUG, WARNING or Oops in the kernel log');
