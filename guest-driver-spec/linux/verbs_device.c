@@ -170,6 +170,7 @@ const struct ib_device_ops vrdma_dev_ops = {
 	.reg_user_mr = vrdma_reg_user_mr,
 	.dereg_mr = vrdma_dereg_mr,
 	.create_ah = vrdma_create_ah,
+	.create_user_ah = vrdma_create_ah, /* ib_uverbs' CREATE_AH needs it; udata carries the handle back */
 	.destroy_ah = vrdma_destroy_ah,
 	.create_cq = vrdma_create_cq,
 	.destroy_cq = vrdma_destroy_cq,

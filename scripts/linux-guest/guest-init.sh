@@ -11,7 +11,8 @@ mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
 
 say() { echo "VRDMA-GUEST: $*"; }
-finish() { say "result $1"; echo o >/proc/sysrq-trigger; sleep 10; }
+# The pause lets the console drain the result line before the kernel prints its power-off lines over it.
+finish() { say "result $1"; sleep 1; echo o >/proc/sysrq-trigger; sleep 10; }
 uptime_s() { cut -d' ' -f1 /proc/uptime; }
 
 say "init $(uptime_s)"
@@ -87,15 +88,19 @@ VERBS_LOG_LEVEL=4 timeout 120 user-verbs "$dev" 1 2>&1 | sed 's/^VRDMA-USER: /VR
 # Two-sided: the unmodified ibv_rc_pingpong, server and client in this guest, exchanging QP numbers over lo. The
 # backend's double completes a SEND's receive on the peer QP but moves no payload, hence no -c (buffer check).
 $ipr link set lo up
-timeout 120 ibv_rc_pingpong -d "$dev" -g 1 -n 10 -s 64 >/tmp/pp-server 2>&1 &
-pp_server=$!
-sleep 2
-timeout 120 ibv_rc_pingpong -d "$dev" -g 1 -n 10 -s 64 127.0.0.1 >/tmp/pp-client 2>&1
-say "pingpong-client-rc $?"
-wait $pp_server
-say "pingpong-server-rc $?"
-sed 's/^/VRDMA-GUEST: pingpong-server /' /tmp/pp-server
-sed 's/^/VRDMA-GUEST: pingpong-client /' /tmp/pp-client
+# pingpong KIND TOOL: server and client of TOOL, their exit codes and output as "KIND-..." lines.
+pingpong() {
+  timeout 120 "$2" -d "$dev" -g 1 -n 10 -s 64 >/tmp/pp-server 2>&1 &
+  pp_server=$!
+  sleep 2
+  timeout 120 "$2" -d "$dev" -g 1 -n 10 -s 64 127.0.0.1 >/tmp/pp-client 2>&1
+  say "$1-client-rc $?"
+  wait $pp_server
+  say "$1-server-rc $?"
+  sed "s/^/VRDMA-GUEST: $1-server /" /tmp/pp-server
+  sed "s/^/VRDMA-GUEST: $1-client /" /tmp/pp-client
+}
+pingpong pingpong ibv_rc_pingpong
 rmmod virtio_rdma || { say "unload-failed"; finish fail; }
 left=$(ls /sys/class/infiniband 2>/dev/null | wc -l)
 say "unloaded devices-left $left"

@@ -50,7 +50,7 @@ t.test('virtio_rdma registers a RoCE ib_device with the virtual GID, serves ever
   // test/linux-guest/user-verbs.c: the provider's data path (mapped rings, doorbells through the module, the CQE
   // ring, the completion channel) with an RC QP connected to itself.
   for (const step of ['open', 'query-gid', 'alloc-pd', 'reg-mr', 'create-cq', 'create-qp', 'modify-init', 'post-recv',
-    'modify-rtr', 'modify-rts', 'arm-cq', 'post-send', 'completion-event', 'poll-cq', 'destroy-qp', 'destroy-cq',
+    'modify-rtr', 'modify-rts', 'create-ah', 'destroy-ah', 'arm-cq', 'post-send', 'completion-event', 'poll-cq', 'destroy-qp', 'destroy-cq',
     'dereg-mr', 'dealloc-pd']) {
     const v = value(`user ${step}`);
     t.match(v ?? 'missing', /^ok\b/, `user-space ${step}: ${v ?? 'missing'}`);

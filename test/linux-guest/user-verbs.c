@@ -97,6 +97,18 @@ int main(int argc, char **argv)
 	a.max_rd_atomic = 1;
 	CHECK("modify-rts", !ibv_modify_qp(qp, &a, IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY |
 					   IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC), "%s", "");
+	{
+		/* An AH through ib_uverbs' CREATE_AH (the module's create_user_ah), then gone again. */
+		struct ibv_ah_attr ah_attr = { .is_global = 1, .port_num = 1 };
+		struct ibv_ah *ah;
+
+		ah_attr.grh.dgid = gid;
+		ah_attr.grh.sgid_index = gid_index;
+		ah_attr.grh.hop_limit = 1;
+		ah = ibv_create_ah(pd, &ah_attr);
+		CHECK("create-ah", ah, "to the virtual GID");
+		CHECK("destroy-ah", !ibv_destroy_ah(ah), "%s", "");
+	}
 	CHECK("arm-cq", !ibv_req_notify_cq(cq, 0), "%s", "");
 	{
 		struct ibv_sge sge = { .addr = (uintptr_t)buf, .length = 64, .lkey = mr->lkey };
