@@ -14,6 +14,7 @@ cd "$root"
 #   VPC control-plane tests:      etcd-server (real etcd on loopback)
 #   vfio-user:                    libjson-c-dev libcmocka-dev (libvfio-user's build), debootstrap (the chroot of
 #                                 the unmodified QEMU: scripts/vfio-user/)
+#   Linux guest's provider:       cmake libnl-3-dev libnl-route-3-dev (rdma-core's tree: scripts/linux-guest/provider.sh)
 APT_PACKAGES=(
   g++ make python3 pkgconf libibverbs-dev
   rdma-core ibverbs-providers ibverbs-utils perftest iproute2
@@ -21,6 +22,7 @@ APT_PACKAGES=(
   dpkg-dev libglib2.0-dev libpixman-1-dev zlib1g-dev ninja-build
   etcd-server
   libjson-c-dev libcmocka-dev debootstrap
+  cmake libnl-3-dev libnl-route-3-dev
 )
 # Packages that only bookworm-backports has in a new enough version (QEMU 10 needs meson >= 1.5).
 BACKPORTS_PACKAGES=(meson)
