@@ -128,6 +128,43 @@ function memory(): Memory {
   return { rss: m.rss, heapUsed: m.heapUsed, external: m.external, arrayBuffers: m.arrayBuffers, mappings: countMappings() };
 }
 
+/**
+ * CPU seconds (user + system) of this process's threads named `comm` (/proc/self/task/<tid>/stat fields 14 and 15,
+ * in clock ticks of 100 Hz): the doorbell engines' threads ('vrdma-doorbell'), whose polled passes scan every
+ * attached slot, so their share of the test host's 2 vCPUs is measured beside the set-up rate.
+ */
+function threadCpuSeconds(comm: string): number {
+  let ticks = 0;
+  try {
+    for (const tid of fs.readdirSync('/proc/self/task')) {
+      try {
+        if (fs.readFileSync(`/proc/self/task/${tid}/comm`, 'utf8').trim() !== comm) continue;
+        const stat = fs.readFileSync(`/proc/self/task/${tid}/stat`, 'utf8');
+        const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+        ticks += Number(f[11]) + Number(f[12]);
+      } catch {
+        /* the thread ended meanwhile */
+      }
+    }
+  } catch {
+    return 0;
+  }
+  return ticks / 100;
+}
+
+/** One progress point of a step's set-up (every PROGRESS_EVERY pairs): the rate curve of the record. */
+interface Progress {
+  pairs: number;
+  setup_s: number;
+  /** Seconds the last PROGRESS_EVERY pairs took, and what they cost in CPU: the whole process, the doorbell threads. */
+  window_s: number;
+  window_qps_per_s: number;
+  window_process_cpu_s: number;
+  window_doorbell_threads_cpu_s: number;
+  rss_mib: number;
+  mappings: number;
+}
+
 function perQp(before: Memory, after: Memory, qps: number): Record<string, number> {
   const d = (k: keyof Memory) => round((after[k] - before[k]) / Math.max(1, qps));
   return { rss_bytes: d('rss'), heap_used_bytes: d('heapUsed'), external_bytes: d('external'), mappings: d('mappings') };
@@ -188,6 +225,7 @@ interface DeviceStep {
   samples: { checked: number; ok: number };
   memory: { before: Memory; afterSetup: Memory; afterDestroy: Memory };
   plan: MappingPlan;
+  progress: Progress[];
   sharedMemoryRegions: Record<string, string>;
   config: { max_qp: number; max_cq: number; max_qp_wr: number; max_cqe: number; max_mapped_queues: number };
   relayedWorkRequests: number;
@@ -235,6 +273,8 @@ async function deviceStep(verbs: NativeVerbs, n: number): Promise<DeviceStep> {
     const pairs: Pair[] = [];
     const cqs: MappedCq[] = [];
     const t0 = now();
+    const progress: Progress[] = [];
+    let window = { t: t0, cpu: process.cpuUsage(), doorbell: threadCpuSeconds('vrdma-doorbell') };
     let stoppedByBudget = false;
     let aCq: MappedCq | undefined;
     let bCq: MappedCq | undefined;
@@ -261,7 +301,25 @@ async function deviceStep(verbs: NativeVerbs, n: number): Promise<DeviceStep> {
       });
       if ((i + 1) % PROGRESS_EVERY === 0) {
         const s = secondsSince(t0);
-        console.log(`[bench:scale] N=${n}: ${i + 1} pairs set up in ${s.toFixed(1)} s (${((2 * (i + 1)) / s).toFixed(2)} QPs/s), rss ${(process.memoryUsage().rss / 2 ** 20).toFixed(0)} MiB, mappings ${countMappings()}`);
+        const cpu = process.cpuUsage(window.cpu);
+        const doorbell = threadCpuSeconds('vrdma-doorbell');
+        const w = secondsSince(window.t);
+        const point: Progress = {
+          pairs: i + 1,
+          setup_s: round(s),
+          window_s: round(w),
+          window_qps_per_s: round((2 * PROGRESS_EVERY) / w),
+          window_process_cpu_s: round((cpu.user + cpu.system) / 1e6),
+          window_doorbell_threads_cpu_s: round(doorbell - window.doorbell),
+          rss_mib: Math.round(process.memoryUsage().rss / 2 ** 20),
+          mappings: countMappings(),
+        };
+        progress.push(point);
+        window = { t: now(), cpu: process.cpuUsage(), doorbell };
+        console.log(
+          `[bench:scale] N=${n}: ${i + 1} pairs set up in ${s.toFixed(1)} s (${((2 * (i + 1)) / s).toFixed(2)} QPs/s; last ${PROGRESS_EVERY}: ${point.window_qps_per_s} QPs/s, ` +
+            `CPU ${point.window_process_cpu_s} s of which doorbell threads ${point.window_doorbell_threads_cpu_s} s), rss ${point.rss_mib} MiB, mappings ${point.mappings}`,
+        );
       }
     }
     const setupSeconds = secondsSince(t0);
@@ -292,6 +350,7 @@ async function deviceStep(verbs: NativeVerbs, n: number): Promise<DeviceStep> {
       samples,
       memory: { before, afterSetup, afterDestroy },
       plan,
+      progress,
       sharedMemoryRegions: Object.fromEntries([...(regions ?? new Map<number, bigint>())].map(([id, bytes]) => [String(id), bytes.toString()])),
       config: { max_qp: c.max_qp, max_cq: c.max_cq, max_qp_wr: c.max_qp_wr, max_cqe: c.max_cqe, max_mapped_queues: c.max_mapped_queues ?? 0 },
       relayedWorkRequests: relayed,
@@ -478,6 +537,7 @@ async function main(): Promise<number> {
         plan: Object.fromEntries(Object.entries(d.plan).map(([k, v]) => [k, typeof v === 'bigint' ? v.toString() : v])),
       },
       where_the_time_goes: whereTheTimeGoes(d, nat),
+      progress: d.progress,
     };
     steps.push(step);
     records.push(

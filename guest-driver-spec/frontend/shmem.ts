@@ -7,11 +7,15 @@
 // Every refusal has its own non-zero answer (ShmemAnswer), so a test can tell them apart; the back-end only needs
 // "non-zero". A refusal changes nothing. When the back-end disconnects every mapping is dropped: munmap detaches
 // the buffers, so a view the driver still holds becomes empty instead of pointing at freed memory.
+//
+// The mappings of a region sit in a RangeIndex (sorted, binary search): a VM with host queue mapping holds ~2 per
+// mapped QP, and a scan of them per map, unmap or window access made a set-up of N QPs cost O(N^2).
 
 import fs from 'node:fs';
 import { mmap, munmap } from '../../vmm-device/native/sys.ts';
 import { BackendRequest, VHOST_USER_VERSION, FLAG_NEED_REPLY, type MessageHeader } from '../../vmm-device/transport/vhost-user/messages.ts';
 import { SHMEM_MAP_F_WRITABLE, SHMEM_MAP_SIZE } from '../../vmm-device/transport/vhost-user/shmem-messages.ts';
+import { RangeIndex } from '../../vmm-device/util/range-index.ts';
 import type { SharedMemoryWindow } from '../driver/transport.ts';
 
 /** The front-end's answers to SHMEM_MAP / SHMEM_UNMAP: 0 done, anything else refused (and why). */
@@ -64,7 +68,9 @@ export interface FrontendShmemCounters {
 const MAX_U64 = 2n ** 64n;
 
 export class FrontendShmem {
-  private readonly maps = new Map<number, Mapping[]>();
+  private readonly maps = new Map<number, RangeIndex<Mapping>>();
+  /** Live mappings over all regions (MAX_FRONTEND_SHMEM_MAPPINGS bounds it). */
+  private live = 0;
   readonly counters: FrontendShmemCounters = { mapped: 0, unmapped: 0, refused: {}, dropped: 0 };
 
   constructor(
@@ -75,13 +81,11 @@ export class FrontendShmem {
 
   /** The live mappings of region `shmid` (tests, diagnostics). */
   mappings(shmid: number): { offset: bigint; length: bigint; writable: boolean }[] {
-    return (this.maps.get(shmid) ?? []).map((m) => ({ offset: m.offset, length: m.length, writable: m.writable }));
+    return (this.maps.get(shmid)?.toArray() ?? []).map((m) => ({ offset: m.offset, length: m.length, writable: m.writable }));
   }
 
   get mappingCount(): number {
-    let n = 0;
-    for (const list of this.maps.values()) n += list.length;
-    return n;
+    return this.live;
   }
 
   private refuse(name: ShmemAnswerName): bigint {
@@ -134,9 +138,9 @@ export class FrontendShmem {
     if (bad !== undefined) return this.refuse(bad);
     if (m.fdOffset % BigInt(this.pageSize) !== 0n) return this.refuse('UNALIGNED');
     if (m.fdOffset + m.len > MAX_U64 || m.fdOffset + m.len > BigInt(Number.MAX_SAFE_INTEGER)) return this.refuse('OUT_OF_RANGE');
-    const list = this.maps.get(m.shmid) ?? [];
-    if (list.some((x) => x.offset < m.shmOffset + m.len && m.shmOffset < x.offset + x.length)) return this.refuse('OVERLAP');
-    if (this.mappingCount >= MAX_FRONTEND_SHMEM_MAPPINGS) return this.refuse('TOO_MANY');
+    let list = this.maps.get(m.shmid);
+    if (list?.overlapping(m.shmOffset, m.len) !== undefined) return this.refuse('OVERLAP');
+    if (this.live >= MAX_FRONTEND_SHMEM_MAPPINGS) return this.refuse('TOO_MANY');
     const fd = fds[0]!;
     let stat: fs.Stats;
     try {
@@ -152,9 +156,9 @@ export class FrontendShmem {
     } catch {
       return this.refuse('MMAP_FAILED');
     }
-    list.push({ offset: m.shmOffset, length: m.len, buffer, writable });
-    list.sort((a, b) => (a.offset < b.offset ? -1 : 1));
-    this.maps.set(m.shmid, list);
+    if (list === undefined) this.maps.set(m.shmid, (list = new RangeIndex()));
+    list.insert({ offset: m.shmOffset, length: m.len, buffer, writable });
+    this.live++;
     this.counters.mapped++;
     return ShmemAnswer.OK;
   }
@@ -165,11 +169,12 @@ export class FrontendShmem {
     if ((m.flags & ~SHMEM_MAP_F_WRITABLE) !== 0n) return this.refuse('UNKNOWN_FLAGS');
     const bad = this.checkRange(m.shmid, m.shmOffset, m.len);
     if (bad !== undefined) return this.refuse(bad);
-    const list = this.maps.get(m.shmid) ?? [];
-    const i = list.findIndex((x) => x.offset === m.shmOffset && x.length === m.len);
-    if (i < 0) return this.refuse('NO_MAPPING');
-    const [gone] = list.splice(i, 1);
-    munmap(gone!.buffer);
+    const list = this.maps.get(m.shmid);
+    const gone = list?.exact(m.shmOffset, m.len);
+    if (list === undefined || gone === undefined) return this.refuse('NO_MAPPING');
+    list.remove(gone);
+    this.live--;
+    munmap(gone.buffer);
     this.counters.unmapped++;
     return ShmemAnswer.OK;
   }
@@ -178,20 +183,19 @@ export class FrontendShmem {
   dropAll(): number {
     let n = 0;
     for (const list of this.maps.values()) {
-      for (const m of list) munmap(m.buffer);
-      n += list.length;
+      const all = list.clear();
+      for (const m of all) munmap(m.buffer);
+      n += all.length;
     }
     this.maps.clear();
+    this.live = 0;
     this.counters.dropped += n;
     return n;
   }
 
   /** The mapping holding byte `offset` of region `shmid`, or undefined. */
   private at(shmid: number, offset: bigint): Mapping | undefined {
-    for (const m of this.maps.get(shmid) ?? []) {
-      if (offset >= m.offset && offset < m.offset + m.length) return m;
-    }
-    return undefined;
+    return this.maps.get(shmid)?.containing(offset);
   }
 
   /** The driver's window on region `shmid`, or undefined when there is no such region. */
@@ -214,7 +218,7 @@ export class FrontendShmem {
         if (m !== undefined) {
           n = Math.min(length - done, Number(m.offset + m.length - here));
         } else {
-          const next = (this.maps.get(shmid) ?? []).find((x) => x.offset > here);
+          const next = this.maps.get(shmid)?.after(here);
           n = next === undefined ? length - done : Math.min(length - done, Number(next.offset - here));
         }
         visit(m, m === undefined ? 0 : Number(here - m.offset), done, n);

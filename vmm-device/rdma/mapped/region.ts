@@ -4,7 +4,9 @@
 //
 // Layout of region REGION_SHMID: the doorbell pages first (offset 0, `doorbellPages` pages of 512 slots), then the
 // queue area, page granular. Ranges are allocated first fit from a list of free extents kept sorted and merged, so
-// its length never exceeds the live ranges + 1: every operation is bounded by max_mapped_queues.
+// its length never exceeds the live ranges + 1: every operation is bounded by max_mapped_queues. A release finds its
+// place by binary search; an allocation takes the first extent large enough (while the region fills from its start,
+// as a set-up does, that is the first extent: O(1)).
 
 import { MappingLimits } from '../../abi/rdma/index.ts';
 
@@ -54,8 +56,15 @@ export class RangeAllocator {
   release(r: RegionRange): void {
     const end = r.offset + r.length;
     if (r.offset < this.base || end > this.base + this.size) throw new RangeError(`range ${r.offset}+${r.length} is outside the region`);
+    // The first free extent at or after r (binary search: a guest destroying in any order fragments the list up to
+    // its live ranges + 1, ~34,000 at 16,384 mapped QPs, and a scan per destroy would cost O(n)).
     let i = 0;
-    while (i < this.free.length && this.free[i]!.offset < r.offset) i++;
+    let hi = this.free.length;
+    while (i < hi) {
+      const mid = (i + hi) >>> 1;
+      if (this.free[mid]!.offset < r.offset) i = mid + 1;
+      else hi = mid;
+    }
     const prev = this.free[i - 1];
     const next = this.free[i];
     if ((prev !== undefined && prev.offset + prev.length > r.offset) || (next !== undefined && end > next.offset)) {

@@ -8,12 +8,15 @@
 // A range is reserved from the moment its SHMEM_MAP is sent, so two overlapping maps in flight cannot both go out.
 // When the connection goes away the VMM drops every mapping (spec 13.14); the mapper forgets them too, and every
 // request still in flight rejects: the model learns it through the promises it holds, never through a throw.
+// The account is a RangeIndex per region (binary search): a device with host queue mapping holds ~2 mappings per
+// mapped QP, and a scan of them per request made a set-up of N QPs cost O(N^2).
 
 import type { HostPageCapabilities, SharedMapping } from '../../virtio/device.ts';
 import type { BackendChannel } from './backend-channel.ts';
 import { ShmemRefusedError } from './backend-channel.ts';
 import { FrontendRequest, ProtocolFeature, SUPPORTED_PROTOCOL_FEATURES, VhostUserProtocolError, bit, type MessageHeader } from './messages.ts';
 import { MAX_SHMEM_REGIONS, checkGetShmemConfig, encodeShmemConfig, type ShmemMapRequest } from './shmem-messages.ts';
+import { RangeIndex } from '../../util/range-index.ts';
 
 /** What shared memory needs negotiated: SHMEM itself, the channel, fds on it, and an answer to every request. */
 export const SHMEM_FEATURES = ['SHMEM', 'BACKEND_REQ', 'BACKEND_SEND_FD', 'REPLY_ACK'] as const;
@@ -95,7 +98,10 @@ interface Entry {
 /** The mapper's account of one region's ranges. */
 export class VhostUserShmem {
   readonly counters: ShmemCounters = { mapped: 0, unmapped: 0, refusedLocally: 0, refusedByFrontend: 0, failed: 0, dropped: 0 };
-  private readonly entries: Entry[] = [];
+  /** Region id -> its ranges (mapped, being mapped or unmapped, uncertain). */
+  private readonly entries = new Map<number, RangeIndex<Entry>>();
+  /** Ranges held over all regions (MAX_SHMEM_MAPPINGS bounds it). */
+  private held = 0;
   private outstanding = 0;
   /** Bumped when the connection goes away: answers to requests sent before it are not believed. */
   private epoch = 0;
@@ -120,7 +126,7 @@ export class VhostUserShmem {
 
   /** The live (or pending) mappings, for tests and diagnostics. */
   describe(): { shmid: number; offset: bigint; length: bigint; state: State }[] {
-    return this.entries.map((e) => ({ shmid: e.shmid, offset: e.offset, length: e.length, state: e.state }));
+    return [...this.entries.values()].flatMap((index) => index.toArray().map((e) => ({ shmid: e.shmid, offset: e.offset, length: e.length, state: e.state })));
   }
 
   private refuse(why: string): Promise<never> {
@@ -150,12 +156,15 @@ export class VhostUserShmem {
     if (m.fdOffset < 0n || m.fdOffset % BigInt(this.env.pageSize) !== 0n) return this.refuse(`${what}: fd offset 0x${m.fdOffset.toString(16)} is not a multiple of the page size`);
     if (m.fdOffset + m.length > 2n ** 64n) return this.refuse(`${what}: fd offset + length wraps past 2^64`);
     if (!Number.isInteger(m.fd) || m.fd < 0) return this.refuse(`${what}: fd ${m.fd} is not a file descriptor`);
-    const clash = this.entries.find((e) => e.shmid === m.shmid && e.offset < m.shmOffset + m.length && m.shmOffset < e.offset + e.length);
+    let index = this.entries.get(m.shmid);
+    const clash = index?.overlapping(m.shmOffset, m.length);
     if (clash !== undefined) return this.refuse(`${what}: overlaps [0x${clash.offset.toString(16)}, +0x${clash.length.toString(16)}) (${clash.state})`);
-    if (this.entries.length >= MAX_SHMEM_MAPPINGS) return this.refuse(`${what}: ${this.entries.length} mappings already (at most ${MAX_SHMEM_MAPPINGS})`);
+    if (this.held >= MAX_SHMEM_MAPPINGS) return this.refuse(`${what}: ${this.held} mappings already (at most ${MAX_SHMEM_MAPPINGS})`);
 
     const entry: Entry = { shmid: m.shmid, offset: m.shmOffset, length: m.length, fdOffset: m.fdOffset, writable: m.writable, state: 'mapping' };
-    this.entries.push(entry);
+    if (index === undefined) this.entries.set(m.shmid, (index = new RangeIndex()));
+    index.insert(entry);
+    this.held++;
     const req: ShmemMapRequest = { shmid: m.shmid, fdOffset: m.fdOffset, shmOffset: m.shmOffset, len: m.length, writable: m.writable };
     await this.send(entry, (ch) => ch.shmemMap(req, m.fd), 'live');
   }
@@ -164,7 +173,7 @@ export class VhostUserShmem {
     const what = `SHMEM_UNMAP of region ${shmid} [0x${shmOffset.toString(16)}, +0x${length.toString(16)})`;
     const bad = this.checkRange(what, shmid, shmOffset, length);
     if (bad !== undefined) return this.refuse(bad);
-    const entry = this.entries.find((e) => e.shmid === shmid && e.offset === shmOffset && e.length === length);
+    const entry = this.entries.get(shmid)?.exact(shmOffset, length);
     if (entry === undefined) return this.refuse(`${what}: names no mapping (an unmap names exactly one earlier mapping)`);
     if (entry.state === 'mapping' || entry.state === 'unmapping') return this.refuse(`${what}: the mapping is still ${entry.state === 'mapping' ? 'being mapped' : 'being unmapped'}`);
     const wasUncertain = entry.state === 'uncertain';
@@ -174,7 +183,7 @@ export class VhostUserShmem {
       await this.send(entry, (ch) => ch.shmemUnmap(req), undefined);
     } catch (e) {
       // An uncertain range the front-end refuses to unmap was never mapped: it is free either way.
-      if (wasUncertain && e instanceof ShmemRefusedError && this.entries.includes(entry)) this.forget(entry);
+      if (wasUncertain && e instanceof ShmemRefusedError) this.forget(entry);
       throw e;
     }
   }
@@ -225,16 +234,17 @@ export class VhostUserShmem {
   }
 
   private forget(entry: Entry): void {
-    const i = this.entries.indexOf(entry);
-    if (i >= 0) this.entries.splice(i, 1);
+    // Only this very entry: after a dropAll another one may hold its range.
+    if (this.entries.get(entry.shmid)?.remove(entry) === true) this.held--;
   }
 
   /** The connection went away: the VMM dropped every mapping (spec 13.14). Requests in flight reject. */
   dropAll(): number {
     this.epoch++;
-    const n = this.entries.length;
+    const n = this.held;
     this.counters.dropped += n;
-    this.entries.length = 0;
+    this.entries.clear();
+    this.held = 0;
     return n;
   }
 }
