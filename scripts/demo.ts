@@ -10,6 +10,9 @@
 // otherwise; a UD row always runs on the relay (section 13.8). Each row says which mode it used.
 //
 // VRDMA_DEMO_TRANSPORT=frontend uses the reference vhost-user front-end instead of QEMU (no QEMU needed).
+// VRDMA_DEMO_TRANSPORT=vfio-user (or VRDMA_TRANSPORT=vfio-user) serves each device over vfio-user to an UNMODIFIED
+// QEMU (vfio-user-pci; $VRDMA_STOCK_QEMU, set by scripts/demo.sh): no patched QEMU; RC runs on the relay (no host
+// queue mapping over vfio-user, spec 13.2).
 // VRDMA_DEMO_MAPPING=off keeps RC on the relay too.
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
@@ -17,7 +20,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { AccessFlag, Limits, WcOpcode, WcStatus } from '../vmm-device/abi/rdma/index.ts';
 import { DEFAULT_QKEY, MappedCq, RdmaContext, type Cq, type DataPathMode, type GuestBuffer, type MappedQp, type Mr, type Pd, type Qp, type WorkCompletion } from '../guest-driver-spec/driver/index.ts';
-import { attachDevice, Cleanups, type TransportKind } from '../guest-driver-spec/driver/attach.ts';
+import { attachDevice, Cleanups, findStockQemu, qemuVersion, type TransportKind } from '../guest-driver-spec/driver/attach.ts';
 import { RdmaDevice, StaticAddressResolver, type GidTableEntry } from '../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../vmm-device/verbs/native-verbs.ts';
 import { SysHost } from '../vmm-device/host/sys-host.ts';
@@ -235,7 +238,9 @@ function percentile(values: number[], p: number): number | undefined {
 function printTable(kind: TransportKind, elapsedS: number): void {
   const via = kind === 'qemu'
     ? 'two real QEMU processes (qtest, vhost-user-device-pci, virtio ID 42)'
-    : 'the reference vhost-user front-end (no QEMU)';
+    : kind === 'vfio-user'
+      ? `two unmodified QEMU processes over vfio-user (qtest, vfio-user-pci; ${qemuVersion(findStockQemu())})`
+      : 'the reference vhost-user front-end (no QEMU)';
   console.log('');
   console.log(`vrdma demo: two VMs on ${RXE_DEVICE} (soft-RoCE) via ${via}`);
   const header = ['operation', 'mode', 'count', 'bytes verified', 'p50 latency', 'result'];
@@ -248,7 +253,7 @@ function printTable(kind: TransportKind, elapsedS: number): void {
   console.log(line(header));
   console.log('|' + widths.map((w) => '-'.repeat(w + 2)).join('|') + '|');
   for (const row of body) console.log(line(row));
-  console.log(`total ${elapsedS.toFixed(1)} s (latencies include the driver's qtest/vhost-user round trips under TCG)`);
+  console.log(`total ${elapsedS.toFixed(1)} s (latencies include the driver's qtest/${kind === 'vfio-user' ? 'vfio-user' : 'vhost-user'} round trips under TCG)`);
 }
 
 async function main(): Promise<number> {
@@ -256,7 +261,8 @@ async function main(): Promise<number> {
     console.error('scripts/demo.ts runs inside the soft-RoCE test host: npm run demo');
     return 2;
   }
-  const kind: TransportKind = process.env['VRDMA_DEMO_TRANSPORT'] === 'frontend' ? 'frontend' : 'qemu';
+  const asked = process.env['VRDMA_DEMO_TRANSPORT'] ?? (process.env['VRDMA_TRANSPORT'] === 'vfio-user' ? 'vfio-user' : undefined);
+  const kind: TransportKind = asked === 'frontend' || asked === 'vfio-user' ? asked : 'qemu';
   const begin = Date.now();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-demo-'));
   const verbs = new NativeVerbs();

@@ -21,7 +21,8 @@ import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { InvertDevice } from '../../guest-driver-spec/qtest/rig/invert-device.ts';
 import { NOTIFY_OFFSET } from '../../vmm-device/transport/virtio-pci/layout.ts';
 import { Cmd, RawClient, cat, u32s, u64 } from '../../test/transport/vfio-user/raw-client.ts';
-import { percentile, record, writeResults, type BenchRecord } from '../common/results.ts';
+import { percentile, record, type BenchRecord } from '../common/results.ts';
+import { mergeResults } from './merge.ts';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 const ITERS = Number(process.env['VRDMA_BENCH_ITERS'] ?? 300);
@@ -103,7 +104,7 @@ try {
       'the whole control round trip over vfio-user (p50, same run): the share one trapped doorbell store costs', 'us', 'lower'),
   );
   const file = path.join(root, 'bench-results/vfio-user.json');
-  writeResults(file, records);
+  mergeResults(file, records); // the data-path records (data-path.ts) stay
   for (const r of records) console.log(`${r.metric}: ${r.ours} ${r.unit} vs ${r.baseline} (${r.baseline_name}) ratio ${r.ratio}`);
   console.log(`wrote ${file}`);
 } finally {

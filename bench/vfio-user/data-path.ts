@@ -1,0 +1,255 @@
+// The relayed data path over vfio-user against vhost-user, in the same test-host run (bash bench/vfio-user/run.sh
+// --data-path starts the soft-RoCE test host and runs this inside it): two VMs over vfio-user (the unmodified QEMU
+// 11.1.3, vfio-user-pci) and two over vhost-user (the project's patched QEMU 10.0, vhost-user-device-pci), each VM
+// a device instance over NativeVerbs on the one rxe0, the reference driver through qtest. Per transport:
+//   - RDMA WRITE latency, 2 bytes, ping-pong as ib_write_lat (each side watches the last byte of its buffer), one
+//     way = half a round trip; p50;
+//   - RDMA WRITE bandwidth, 64 KiB per work request, a window of TX_DEPTH in flight, every SIGNAL_EVERY-th signaled.
+// Rounds alternate the transports (vfio-user first in odd rounds) so that a change of machine load hits both.
+// Neither transport maps host queues here (vfio-user cannot; vhost-user's mapping is off) so both rows measure the
+// relay, and the difference is the transport: over vfio-user every doorbell is a trapped BAR write that QEMU
+// forwards as a vfio-user REGION_WRITE message (no ioeventfd), over vhost-user it is an ioeventfd kick.
+// Adds its records to bench-results/vfio-user.json, keeping the control round-trip ones (bench.ts).
+//   VRDMA_BENCH_ROUNDS (default 2), VRDMA_BENCH_LAT_ITERS (default 40), VRDMA_BENCH_BW_ITERS (default 64)
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { setImmediate as yieldToLoop } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+import { AccessFlag, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
+import { RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr } from '../../guest-driver-spec/driver/index.ts';
+import { attachDevice, Cleanups, findStockQemu, qemuVersion } from '../../guest-driver-spec/driver/attach.ts';
+import { findQemu } from '../../guest-driver-spec/qtest/index.ts';
+import { RdmaDevice, StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
+import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
+import { SysHost } from '../../vmm-device/host/sys-host.ts';
+import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
+import { RecordingLogger } from '../../vmm-device/util/log.ts';
+import { RXE_DEVICE, RXE_HOST_IP, positiveInt } from '../common/test-host.ts';
+import type { GidTableEntry } from '../../vmm-device/rdma/index.ts';
+import { median, percentile, record, type BenchRecord } from '../common/results.ts';
+import { mergeResults } from './merge.ts';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const ROUNDS = positiveInt('VRDMA_BENCH_ROUNDS', 2, 100);
+const LAT_ITERS = positiveInt('VRDMA_BENCH_LAT_ITERS', 40, 100_000);
+const LAT_WARMUP = 5;
+const BW_ITERS = positiveInt('VRDMA_BENCH_BW_ITERS', 64, 100_000);
+const LAT_SIZE = 2;
+const BW_SIZE = 64 * 1024;
+const TX_DEPTH = 16;
+const SIGNAL_EVERY = 8;
+const BUFFER_BYTES = 4 * BW_SIZE;
+const SEND_AT = 0;
+const RECV_AT = 4096;
+/** Under TCG on a loaded machine a completion or a written byte still comes within this. */
+const WAIT_MS = 60_000;
+const ALL_ACCESS = AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE | AccessFlag.REMOTE_READ;
+
+type Kind = 'vfio-user' | 'qemu';
+/** Four VMs in one VPC, all on this rxe0: two per transport, all open at once (distinct names and addresses). */
+const vmName = (kind: Kind, side: 'a' | 'b'): string => `${kind === 'qemu' ? 'vhost' : 'vfio'}-${side}`;
+const TABLE: GidTableEntry[] = (['vfio-user', 'qemu'] as const).flatMap((kind, k) =>
+  (['a', 'b'] as const).map((side, s) => ({ vmId: vmName(kind, side), vpc: 'bench', virtualIp: `192.168.9.${1 + 2 * k + s}`, hostIp: RXE_HOST_IP })),
+);
+const host = new SysHost();
+const now = (): bigint => process.hrtime.bigint();
+
+interface Vm {
+  ctx: RdmaContext;
+  pd: Pd;
+  buf: GuestBuffer;
+  mr: Mr;
+}
+
+interface Testbed {
+  a: Vm;
+  b: Vm;
+  close(): Promise<string[]>;
+}
+
+async function openTestbed(kind: Kind, verbs: NativeVerbs, resolver: StaticAddressResolver): Promise<Testbed> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `vrdma-bench-vfu-${kind}-`));
+  const cleanups = new Cleanups();
+  const close = async (): Promise<string[]> => {
+    const errors = await cleanups.runAll();
+    fs.rmSync(dir, { recursive: true, force: true });
+    return errors;
+  };
+  const openVm = async (name: string): Promise<Vm> => {
+    // Mapping off on both: the relayed path is what is compared (vfio-user never offers it anyway).
+    const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper, hostQueueMapping: 'off' });
+    cleanups.add(`${name} device`, () => device.close());
+    const transport = await attachDevice({ kind, model: device, host, dir, name, cleanups, frontendRamBytes: 0 });
+    const ctx = await RdmaContext.open(transport);
+    cleanups.add(`${name} driver (device reset)`, () => ctx.close());
+    const pd = await ctx.allocPd();
+    const buf = ctx.allocBuffer(BUFFER_BYTES);
+    const mr = await ctx.regMr(pd, buf, ALL_ACCESS);
+    return { ctx, pd, buf, mr };
+  };
+  try {
+    return { a: await openVm(vmName(kind, 'a')), b: await openVm(vmName(kind, 'b')), close };
+  } catch (e) {
+    await close();
+    throw e;
+  }
+}
+
+interface Pair {
+  qa: Qp;
+  qb: Qp;
+  cqa: Cq;
+  cqb: Cq;
+  release(): Promise<void>;
+}
+
+async function rcPair(t: Testbed): Promise<Pair> {
+  const make = async (vm: Vm): Promise<{ qp: Qp; cq: Cq }> => {
+    const cq = await vm.ctx.createCq(2 * TX_DEPTH);
+    const qp = await vm.ctx.createQp(vm.pd, { type: 'RC', sendCq: cq, recvCq: cq, maxSendWr: TX_DEPTH, maxRecvWr: 4, maxSendSge: 1, maxRecvSge: 1 });
+    return { qp, cq };
+  };
+  const A = await make(t.a);
+  const B = await make(t.b);
+  await A.qp.connect({ gid: t.b.ctx.gid, qpn: B.qp.qpNum }, { accessFlags: ALL_ACCESS });
+  await B.qp.connect({ gid: t.a.ctx.gid, qpn: A.qp.qpNum }, { accessFlags: ALL_ACCESS });
+  return {
+    qa: A.qp,
+    qb: B.qp,
+    cqa: A.cq,
+    cqb: B.cq,
+    release: async () => {
+      await A.qp.destroy();
+      await B.qp.destroy();
+      await A.cq.destroy();
+      await B.cq.destroy();
+    },
+  };
+}
+
+async function waitUntil(done: () => boolean, what: string): Promise<void> {
+  const deadline = Date.now() + WAIT_MS;
+  while (!done()) {
+    if (Date.now() > deadline) throw new Error(`${what}: nothing within ${WAIT_MS} ms`);
+    await yieldToLoop();
+  }
+}
+
+/** One-way RDMA WRITE latencies (us): A writes B's slot, B sees the byte change and writes A's; half the round. */
+async function writeLatency(t: Testbed): Promise<number[]> {
+  const pair = await rcPair(t);
+  try {
+    const sides = [
+      { vm: t.a, qp: pair.qa, cq: pair.cqa, peer: t.b, owed: 0 },
+      { vm: t.b, qp: pair.qb, cq: pair.cqb, peer: t.a, owed: 0 },
+    ];
+    // One WRITE in SIGNAL_EVERY is signaled (as ib_write_lat does), so the send queue's slots come back.
+    const take = (s: (typeof sides)[number]): void => {
+      for (const wc of s.cq.poll()) {
+        if (wc.status !== WcStatus.SUCCESS) throw new Error(`WRITE latency: ${wc.opcodeName} ${wc.statusName}`);
+        s.owed--;
+      }
+    };
+    for (const s of sides) s.vm.buf.fill(0, RECV_AT, LAT_SIZE);
+    const samples: number[] = [];
+    for (let i = 0; i < LAT_WARMUP + LAT_ITERS; i++) {
+      const value = (i % 255) + 1;
+      const start = now();
+      for (const s of sides) {
+        const payload = new Uint8Array(LAT_SIZE);
+        payload[LAT_SIZE - 1] = value;
+        s.vm.buf.write(SEND_AT, payload);
+        const signaled = i % SIGNAL_EVERY === SIGNAL_EVERY - 1;
+        if (signaled) s.owed++;
+        await s.qp.postSend([{ wrId: BigInt(i), opcode: 'RDMA_WRITE', signaled, sgList: [s.vm.mr.sge(SEND_AT, LAT_SIZE)], remoteAddr: s.peer.mr.iova + BigInt(RECV_AT), rkey: s.peer.mr.rkey }]);
+        await waitUntil(() => s.peer.buf.read(RECV_AT + LAT_SIZE - 1, 1)[0] === value, `WRITE ${i}`);
+      }
+      if (i >= LAT_WARMUP) samples.push(Number(now() - start) / 1000 / 2);
+      // Outside the timed part: a signaled WRITE's completion is taken before the next group, so the send queue
+      // (TX_DEPTH > SIGNAL_EVERY) never fills.
+      for (const s of sides) {
+        await waitUntil(() => {
+          take(s);
+          return s.owed <= 0;
+        }, 'WRITE latency: the signaled completion');
+      }
+    }
+    return samples;
+  } finally {
+    await pair.release();
+  }
+}
+
+/** MiB/s of BW_ITERS 64 KiB WRITEs A -> B, TX_DEPTH in flight; the guest sleeps on the CQ when the window is full. */
+async function writeBandwidth(t: Testbed): Promise<number> {
+  const pair = await rcPair(t);
+  try {
+    const total = Math.ceil(BW_ITERS / SIGNAL_EVERY) * SIGNAL_EVERY;
+    const wr = (i: number): SendWr => ({
+      wrId: BigInt(i),
+      opcode: 'RDMA_WRITE',
+      signaled: i % SIGNAL_EVERY === SIGNAL_EVERY - 1,
+      sgList: [t.a.mr.sge(0, BW_SIZE)],
+      remoteAddr: t.b.mr.iova + BigInt(BW_SIZE),
+      rkey: t.b.mr.rkey,
+    });
+    let posted = 0;
+    let completed = 0;
+    const start = now();
+    while (completed < total) {
+      while (posted < total && posted - completed < TX_DEPTH) await pair.qa.postSend([wr(posted++)]);
+      let wcs = pair.cqa.poll();
+      if (wcs.length === 0) wcs = await pair.cqa.waitPoll(1, WAIT_MS);
+      if (wcs.length === 0) throw new Error(`bandwidth run stalled at ${completed}/${total} WRITEs`);
+      for (const wc of wcs) if (wc.status !== WcStatus.SUCCESS) throw new Error(`WRITE bandwidth: ${wc.opcodeName} ${wc.statusName}`);
+      completed += wcs.length * SIGNAL_EVERY;
+    }
+    return (total * BW_SIZE) / (Number(now() - start) / 1e9) / 2 ** 20;
+  } finally {
+    await pair.release();
+  }
+}
+
+async function main(): Promise<number> {
+  if (process.env['VRDMA_IN_TEST_HOST'] !== '1') {
+    console.error('bench/vfio-user/data-path.ts runs inside the soft-RoCE test host: bash bench/vfio-user/run.sh --data-path');
+    return 2;
+  }
+  const stock = qemuVersion(findStockQemu());
+  const patched = qemuVersion(await findQemu());
+  console.log(`[bench:vfio-user data path] vfio-user: ${stock}; vhost-user: ${patched}; ${ROUNDS} round(s), ${LAT_ITERS} latency iterations, ${BW_ITERS} x 64 KiB`);
+  const verbs = new NativeVerbs();
+  const lat: Record<Kind, number[]> = { 'vfio-user': [], qemu: [] };
+  const bw: Record<Kind, number[]> = { 'vfio-user': [], qemu: [] };
+  const beds: Partial<Record<Kind, Testbed>> = {};
+  try {
+    const resolver = new StaticAddressResolver(TABLE);
+    for (const kind of ['vfio-user', 'qemu'] as const) beds[kind] = await openTestbed(kind, verbs, resolver);
+    for (let r = 0; r < ROUNDS; r++) {
+      const order: Kind[] = r % 2 === 0 ? ['vfio-user', 'qemu'] : ['qemu', 'vfio-user'];
+      for (const kind of order) {
+        const l = await writeLatency(beds[kind]!);
+        lat[kind].push(...l);
+        const b = await writeBandwidth(beds[kind]!);
+        bw[kind].push(b);
+        console.log(`round ${r + 1} ${kind === 'qemu' ? 'vhost-user' : kind}: WRITE 2 B one-way p50 ${percentile(l, 50).toFixed(0)} us, 64 KiB WRITE ${b.toFixed(2)} MiB/s`);
+      }
+    }
+  } finally {
+    for (const bed of Object.values(beds)) for (const e of await bed.close()) console.error(e);
+  }
+  const base = `over vhost-user (the project's QEMU 10.0, vhost-user-device-pci, relayed path), same test-host run, rounds alternated`;
+  const records: BenchRecord[] = [
+    record('relayed_write_latency_2b_p50_vfio_user', percentile(lat['vfio-user'], 50), percentile(lat.qemu, 50), `the same RDMA WRITE 2 B ping-pong (one way, p50) ${base}`, 'us', 'lower'),
+    record('relayed_write_latency_2b_p99_vfio_user', percentile(lat['vfio-user'], 99), percentile(lat.qemu, 99), `the same RDMA WRITE 2 B ping-pong (one way, p99) ${base}`, 'us', 'lower'),
+    record('relayed_write_bw_64k_vfio_user', median(bw['vfio-user']), median(bw.qemu), `the same 64 KiB RDMA WRITE stream (median of rounds) ${base}`, 'MiB/s', 'higher'),
+  ];
+  const file = path.join(root, 'bench-results/vfio-user.json');
+  mergeResults(file, records);
+  for (const r of records) console.log(`${r.metric}: ${r.ours} ${r.unit} vs ${r.baseline} ratio ${r.ratio}`);
+  console.log(`wrote ${file}`);
+  return 0;
+}
+
+process.exitCode = await main();
