@@ -141,6 +141,13 @@ export function checkFds(target: string): void {
 /** Accesses outside guest memory that any GuestMemory attempted since the last assertNoOutsideAccess(). */
 const outsideAccesses: string[] = [];
 let audited = false;
+/** While set (after a device reset), every GuestMemory access is recorded here: the device must not touch the guest. */
+let quiescent: string[] | undefined;
+
+/** Starts (a list) or stops (undefined) recording every GuestMemory access as one made after a reset. */
+export function quiesceGuestMemory(into: string[] | undefined): void {
+  quiescent = into;
+}
 
 /**
  * Makes every GuestMemory of this process record reads and writes outside its regions before failing them as usual
@@ -153,13 +160,20 @@ export function auditGuestMemory(): void {
   const proto = GuestMemory.prototype;
   const read = proto.read;
   const write = proto.write;
+  const contiguous = proto.contiguous;
   proto.read = function (this: GuestMemory, gpa: number, dest: Uint8Array): void {
+    quiescent?.push(`read [0x${gpa.toString(16)}, +${dest.length})`);
     if (!this.isValidRange(gpa, dest.length)) outsideAccesses.push(`read [0x${gpa.toString(16)}, +${dest.length})`);
     read.call(this, gpa, dest);
   };
   proto.write = function (this: GuestMemory, gpa: number, src: Uint8Array): void {
+    quiescent?.push(`write [0x${gpa.toString(16)}, +${src.length})`);
     if (!this.isValidRange(gpa, src.length)) outsideAccesses.push(`write [0x${gpa.toString(16)}, +${src.length})`);
     write.call(this, gpa, src);
+  };
+  proto.contiguous = function (this: GuestMemory, gpa: number, len: number): Uint8Array | undefined {
+    quiescent?.push(`view [0x${gpa.toString(16)}, +${len})`);
+    return contiguous.call(this, gpa, len);
   };
 }
 

@@ -1,13 +1,19 @@
-// The RDMA device as the fuzz targets drive it: RdmaDevice over FakeVerbs, activated with control, event and
-// doorbell split queues laid out by the driver-side kit in ArrayBuffer guest memory (test/rdma/guest.ts), one fresh
-// device per input. Waits are event-loop turns, not timers (FakeVerbs completes within a few turns), and every
-// wait is bounded: a request the device neither answers nor refuses (by breaking the queue) is a finding.
+// The RDMA device as the fuzz targets drive it: one RdmaDevice over FakeVerbs per process, with control, event and
+// doorbell split queues laid out by the driver-side kit in ArrayBuffer guest memory. Each input is one life of the
+// device between two virtio resets, as a guest lives it after a reboot: the rig zeroes guest RAM, lays the queues
+// out again (same seed, same layout: an input replays alone as it ran in the campaign) and activates the device;
+// at the end it resets the device. Building the device once (host device open, /proc read for the mapping budget,
+// 2 MiB of guest RAM) instead of per input is most of the speed; the reset is the real guest action and must leave
+// nothing behind, which finish() asserts on every input, so the campaign fuzzes reset too.
+// Waits are event-loop turns, not timers (FakeVerbs completes within a few turns), and every wait is bounded: a
+// request the device neither answers nor refuses (by breaking the queue) is a finding.
 // finish() checks, after every input: the device reported no failure of its own (deviceFailed: what no driver
-// action may cause), reset releases every host object it created (FakeVerbs' live object counts), close releases
-// the rest, and no guest memory access fell outside the guest's regions.
-import { TestGuest, GuestCq, GuestQp, PAGE, pageList, qpAttr, type GuestMr } from '../../rdma/guest.ts';
+// action may cause); after reset: every host object it created is released (FakeVerbs' live object counts, MR
+// aliases), it holds no QP, it touches guest memory no more (no read or write through GuestMemory, no byte of the
+// zeroed RAM written, guard bytes intact); and no guest memory access of the input fell outside the guest's regions.
+import { PAGE, TABLE, pageList, qpAttr, type GuestMr } from '../../rdma/guest.ts';
 import { FakeAliasMapper, FakeVerbs } from '../../../vmm-device/verbs/fake-verbs.ts';
-import { gidFromIpv4 } from '../../../vmm-device/rdma/index.ts';
+import { RdmaDevice, StaticAddressResolver, gidFromIpv4 } from '../../../vmm-device/rdma/index.ts';
 import {
   AccessFlag,
   COMMANDS,
@@ -28,7 +34,8 @@ import {
   encodeRequest,
   ringPages,
 } from '../../../vmm-device/abi/rdma/index.ts';
-import { FuzzInvariantError, assertNoOutsideAccess, auditGuestMemory, invariant } from './harness.ts';
+import { FuzzInvariantError, assertNoOutsideAccess, auditGuestMemory, invariant, quietLogger } from './harness.ts';
+import { FuzzCq, FuzzGuest, FuzzQp, asKitGuest } from './rdma-guest.ts';
 
 /** Bytes of each of the guest's two RAM regions. */
 export const REGION_SIZE = 1 << 20;
@@ -36,6 +43,9 @@ export const REGION_SIZE = 1 << 20;
 export const MAX_TURNS = 2_000;
 /** Largest readable or writable part a target builds (the kit allocates them from guest memory). */
 export const MAX_PART = 8 << 10;
+
+/** Event-loop turns after a reset during which the device must leave guest memory alone (finish). */
+export const RESET_QUIET_TURNS = 4;
 
 export const turn = (): Promise<void> => new Promise((resolve) => setImmediate(resolve));
 
@@ -47,19 +57,39 @@ export interface Answer {
 }
 
 export class Rig {
+  private static shared: Promise<Rig> | undefined;
   private tag = 1n;
+  /** Status and detail of every control answer of this input (the test checks an input answers alike after others). */
+  answers: number[] = [];
   private constructor(
     readonly verbs: FakeVerbs,
     readonly aliases: FakeAliasMapper,
-    readonly g: TestGuest,
+    readonly g: FuzzGuest,
   ) {}
 
+  /** The process's rig, reactivated for a new input (a fresh driver over zeroed RAM, the device after a reset). */
   static async open(): Promise<Rig> {
+    Rig.shared ??= Rig.create();
+    const rig = await Rig.shared;
+    rig.tag = 1n;
+    rig.answers = [];
+    rig.g.start();
+    return rig;
+  }
+
+  private static async create(): Promise<Rig> {
     auditGuestMemory();
     const verbs = new FakeVerbs();
     const aliases = new FakeAliasMapper();
-    const g = await TestGuest.open({ verbs, aliases, regionSize: REGION_SIZE });
-    return new Rig(verbs, aliases, g);
+    const device = await RdmaDevice.open({
+      verbs,
+      hostDevice: 'fake0',
+      vmId: 'vm-a',
+      resolver: new StaticAddressResolver(TABLE),
+      log: quietLogger,
+      aliases,
+    });
+    return new Rig(verbs, aliases, new FuzzGuest(device, REGION_SIZE));
   }
 
   /**
@@ -111,6 +141,7 @@ export class Rig {
     if (r === undefined) return undefined;
     invariant(r.used >= CtrlResponseHeader.size, `control: answer of ${r.used} bytes has no header`);
     const h = CtrlResponseHeader.decode(r.written);
+    this.answers.push(h.status, h.detail);
     invariant(h.tag === tag, `control: answer tag ${h.tag} for request ${tag}`);
     invariant(h.status >= 0 && h.status <= Status.DEVICE_ERROR, `control: status ${h.status} outside the spec's set`);
     invariant(h.status === Status.OK || r.used === CtrlResponseHeader.size, `control: failed answer carries a body`);
@@ -153,7 +184,7 @@ export class Rig {
    * PD, CQ, an RC QP brought to RTS, and an MR of two pages: the valid state the WQE and doorbell targets start from.
    * The same requests as test/rdma/guest.ts sends, waited for with event-loop turns instead of its 1 ms timers.
    */
-  async connectedQp(depth = 16): Promise<{ pd: number; cq: GuestCq; qp: GuestQp; mr: GuestMr }> {
+  async connectedQp(depth = 16): Promise<{ pd: number; cq: FuzzCq; qp: FuzzQp; mr: GuestMr }> {
     const { g } = this;
     const pd = HandleResponse.decode(await this.ok(Command.CREATE_PD, new Uint8Array(0))).handle;
     const cqPages = ringPages(depth, Limits.CQE_SIZE, 12);
@@ -161,7 +192,7 @@ export class Rig {
     const cqIndex = g.allocPages(1);
     const cqBody = CreateCqRequest.encode({ cqe_count: depth, page_shift: 12, num_pages: cqPages, index_gpa: BigInt(cqIndex) });
     const cqHandle = CreateCqResponse.decode(await this.ok(Command.CREATE_CQ, cqBody, pageList(cqRing, cqPages))).cq_handle;
-    const cq = new GuestCq(g, cqHandle, depth, cqRing, cqIndex);
+    const cq = new FuzzCq(asKitGuest(g), cqHandle, depth, cqRing, cqIndex);
     const sqPages = ringPages(depth, Limits.SQ_WQE_SIZE, 12);
     const rqPages = ringPages(depth, Limits.RQ_WQE_SIZE, 12);
     const sq = g.allocPages(sqPages);
@@ -186,7 +217,7 @@ export class Rig {
       rq_index_gpa: BigInt(idx + 64),
     });
     const q = CreateQpResponse.decode(await this.ok(Command.CREATE_QP, qpBody, [...pageList(sq, sqPages), ...pageList(rq, rqPages)]));
-    const qp = new GuestQp(g, q.qp_handle, q.qp_num, depth, sq, rq, idx, idx + 64);
+    const qp = new FuzzQp(asKitGuest(g), q.qp_handle, q.qp_num, depth, sq, rq, idx, idx + 64);
     const mrPages = 2;
     const mrGpa = g.allocPages(mrPages);
     const iova = 0x7f00_0000_0000n;
@@ -209,22 +240,27 @@ export class Rig {
     return { pd, cq, qp, mr };
   }
 
-  /** The checks every input ends with; always closes the device. */
+  /**
+   * The checks every input ends with, then the device's reset and what the reset must leave: no host object, no QP,
+   * no access to guest memory from then on (the driver side touches nothing until the next open()).
+   */
   async finish(target: string): Promise<void> {
     const { g, verbs } = this;
     try {
       invariant(g.failures.length === 0, `${target}: device failure without a host cause: ${g.failures[0]?.message}`);
-      g.device.reset();
-      await g.device.settled();
-      const live = verbs.liveObjects();
-      const left = Object.entries(live).filter(([kind, n]) => kind !== 'device' && n > 0);
-      invariant(left.length === 0, `${target}: host objects left after reset: ${JSON.stringify(left)}`);
-      invariant(this.aliases.live === 0, `${target}: ${this.aliases.live} MR aliases left mapped after reset`);
     } finally {
-      await g.device.close();
+      g.stop();
     }
-    const live = Object.values(verbs.liveObjects()).reduce((a, b) => a + b, 0);
-    invariant(live === 0, `${target}: ${live} host objects left after close`);
+    await g.device.settled();
+    const live = verbs.liveObjects();
+    const left = Object.entries(live).filter(([kind, n]) => kind !== 'device' && n > 0);
+    invariant(left.length === 0, `${target}: host objects left after reset: ${JSON.stringify(left)}`);
+    invariant(this.aliases.live === 0, `${target}: ${this.aliases.live} MR aliases left mapped after reset`);
+    invariant(g.device.qpCounters().length === 0 && !g.device.isActive, `${target}: the device kept QPs or stayed active after reset`);
+    // Late work of the reset input (a completion, an event flush) gets these turns to show itself.
+    await this.idle(RESET_QUIET_TURNS);
+    const after = g.accessesAfterReset();
+    invariant(after.length === 0, `${target}: the device touched guest memory after reset: ${after.join('; ')}`);
     assertNoOutsideAccess(target);
   }
 }
