@@ -18,6 +18,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { record, type BenchRecord } from '../common/results.ts';
+import { snapshot, splitSince, type SchedSplit } from './schedstat.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { Access, Mtu, QpState, QpType, SendFlags, WrOpcode } from '../../vmm-device/verbs/constants.ts';
 import type { DoorbellEngine, MappedQpHandle } from '../../vmm-device/verbs/host-verbs.ts';
@@ -87,14 +88,19 @@ function once(ring: (value: number) => void, wrId: bigint): number {
   return Number(t1 - t0);
 }
 
-async function measure(ring: (value: number) => void, gapMs: number): Promise<{ medianUs: number; p90Us: number }> {
+/** Per case: the scheduler's view of the engine thread and the main thread, per doorbell (schedstat.ts). */
+const sched: Record<string, SchedSplit> = {};
+
+async function measure(ring: (value: number) => void, gapMs: number, name: string): Promise<{ medianUs: number; p90Us: number }> {
   const samples: number[] = [];
+  const before = snapshot();
   for (let i = 0; i < WARMUP + ITERS; i++) {
     const ns = once(ring, BigInt(i + 1));
     if (i >= WARMUP) samples.push(ns);
     if (gapMs > 0) await sleep(gapMs);
     else if (i % 32 === 31) await sleep(0); // let timers run now and then
   }
+  sched[name] = splitSince(before, WARMUP + ITERS);
   samples.sort((x, y) => x - y);
   const at = (q: number) => Math.round(samples[Math.floor(q * (samples.length - 1))]! / 10) / 100;
   return { medianUs: at(0.5), p90Us: at(0.9) };
@@ -123,9 +129,9 @@ async function withEngine<T>(wake: 'polled' | 'notify', body: (e: DoorbellEngine
 const results: Record<string, unknown> = { iterations: ITERS, idleGapMs: IDLE_GAP_MS };
 const lat: Record<string, { medianUs: number; p90Us: number }> = {};
 await withEngine('polled', async (e, page) => {
-  lat['direct'] = await measure(() => e.ring(0), 0);
-  lat['polled-hot'] = await measure((value) => page.ring(0, value), 0);
-  lat['polled-idle'] = await measure((value) => page.ring(0, value), IDLE_GAP_MS);
+  lat['direct'] = await measure(() => e.ring(0), 0, 'direct');
+  lat['polled-hot'] = await measure((value) => page.ring(0, value), 0, 'polled-hot');
+  lat['polled-idle'] = await measure((value) => page.ring(0, value), IDLE_GAP_MS, 'polled-idle');
   results['idleCpuPercentPolled'] = await idleCpuPercent();
 });
 const kick = eventfdCreate(0, { nonblock: true });
@@ -134,16 +140,19 @@ await withEngine('notify', async (e, page) => {
   lat['notify'] = await measure((value) => {
     page.ring(0, value);
     eventfdWrite(kick, 1n);
-  }, 0);
+  }, 0, 'notify');
   lat['notify-idle'] = await measure((value) => {
     page.ring(0, value);
     eventfdWrite(kick, 1n);
-  }, IDLE_GAP_MS);
+  }, IDLE_GAP_MS, 'notify-idle');
   results['idleCpuPercentNotify'] = await idleCpuPercent();
 });
 // Measured last: at the start the process is still compiling (tsx, V8), which an idle engine would be charged for.
 results['idleCpuPercentNoEngine'] = await idleCpuPercent();
 results['latency'] = lat;
+// Per doorbell (us; idle cases include the gap): time the engine thread and the guest's (main) thread spent on a CPU
+// and runnable but waiting for one. Waiting is where a hand-off loses its time when the CPUs are shared.
+results['schedPerDoorbell'] = sched;
 const base = lat['direct']!.medianUs;
 results['medianHandOffUs'] = Object.fromEntries(Object.entries(lat).map(([k, x]) => [k, Math.round((x.medianUs - base) * 100) / 100]));
 const baselineName = `the same 2-byte RC WRITE (JavaScript guest side, mapped rxe queues on rxe0) with its doorbell executed by the measuring thread itself (engine.ring(): POST_SEND, no hand-off), p50 of ${ITERS}, same run`;

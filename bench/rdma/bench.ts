@@ -69,6 +69,7 @@ import { mean, median, record, writeResults, type BenchRecord } from '../common/
 import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
 import { ADDRESS_TABLE, GID_INDEX, PORT, RXE_DEVICE, positiveInt } from '../common/test-host.ts';
 import { DEFAULT_HOST_QUEUE_MAPPING } from '../../vmm-device/cli/main.ts';
+import { describeSplit } from '../doorbell/schedstat.ts';
 import { jsDriverRound, nativeLoopRound, openMappedTestbed, relayedWorkRequests, type MappedFigures, type MappedTestbed } from './mapped.ts';
 
 // ------------------------------------------------------------------------------------------------ parameters
@@ -779,6 +780,7 @@ async function main(): Promise<number> {
             (js === undefined ? '' : `JS driver: WRITE ${p50(js.writeLat)} us, SEND ${p50(js.sendLat)} us, READ ${p50(js.readLat)} us, bw ${fmt(js.bw)} MiB/s; `) +
             `work requests relayed by the backend for mapped QPs: ${mapped.relayed}`,
         );
+        for (const [loopName, split] of Object.entries(c.sched ?? {})) console.log(`[bench:rdma]   ${m.mode} ${loopName} loop, per doorbell: ${describeSplit(split)}`);
       }
       if (mappedBeds.length > 0) base.readLat.push(await perftestLatency('ib_read_lat'));
       for (const kind of kinds) {

@@ -30,6 +30,7 @@ import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
 import type { MappingMode } from '../../vmm-device/rdma/mapped/plan.ts';
 import { VhostUserTransport } from '../../guest-driver-spec/driver/vhost-user-transport.ts';
+import { snapshot, splitSince, type SchedSplit } from '../doorbell/schedstat.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** The C loop's addon, built by bench/rdma/run.sh (node-gyp in bench/rdma/native). */
@@ -151,18 +152,28 @@ export interface MappedFigures {
   readLat: number[];
   /** MiB/s. */
   bw: number;
+  /** The C loop only: scheduler statistics per doorbell of each latency loop (bench/doorbell/schedstat.ts). */
+  sched?: Record<string, SchedSplit>;
 }
 
 /** The C loop's figures for one round. */
 export function nativeLoopRound(t: MappedTestbed, size: number, latIters: number, bwSize: number, bwIters: number, warmup: number): MappedFigures {
   const cfg = (extra: object) => ({ a: loopSide(t.a, t.b), b: loopSide(t.b, t.a), ...extra });
   const us = (xs: Float64Array): number[] => Array.from(xs.subarray(Math.min(warmup, xs.length - 1)), (ns) => ns / 1000);
+  // Where the time goes: the scheduler's view of the doorbell threads and of this (the guest loop's) thread, per
+  // doorbell (2 per WRITE or SEND iteration, 1 per READ).
+  let at = snapshot();
   const writeLat = us(loop().run('write_lat', cfg({ size, iters: latIters })));
+  const sched: Record<string, SchedSplit> = { write: splitSince(at, 2 * latIters) };
+  at = snapshot();
   const sendLat = us(loop().run('send_lat', cfg({ size, iters: latIters })));
+  sched['send'] = splitSince(at, 2 * latIters);
+  at = snapshot();
   const readLat = us(loop().run('read_lat', cfg({ size, iters: latIters })));
+  sched['read'] = splitSince(at, latIters);
   const [elapsedNs] = loop().run('write_bw', cfg({ size: bwSize, iters: bwIters, every: BW_SIGNAL_EVERY }));
   const bw = (bwSize * bwIters) / (1 << 20) / (elapsedNs! / 1e9);
-  return { writeLat, sendLat, readLat, bw };
+  return { writeLat, sendLat, readLat, bw, sched };
 }
 
 // ---- the reference driver (JavaScript) on the same QPs --------------------------------------------------------
