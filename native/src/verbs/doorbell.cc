@@ -22,9 +22,12 @@
 //   - a hot doorbell (store to WRITE completion, p50): direct ring 58 / 146 us, notify 88 us / 9.1 ms, polled (the
 //     thread spinning) 3.0 / 2.3 ms; after 20 ms of quiet both modes pay 10-16 ms, the wake-up of a halted vCPU of
 //     an overloaded TCG host, not the engine's back-off;
-//   - the C guest loop's ping-pong (bench:rdma, one round): WRITE 2 B 14.2 ms polled, 13.8 ms notify; SEND/RECV
-//     11.9 ms polled, 0.95 ms notify; READ 0.97 / 0.87 ms; 64 KiB WRITE 5.7 / 4.6 MiB/s;
-//   - idle: polled costs 11-12% of a vCPU, notify 1.4-4.5%.
+//   - the C guest loop (bench:rdma, polled / notify in the same run; two runs): WRITE 2 B p50 14.2 / 13.8 ms and
+//     7.3 ms / 150 us; SEND/RECV 11.9 / 0.95 ms and 5.8 / 1.9 ms; READ 0.97 / 0.87 ms and 0.78 / 0.23 ms;
+//     64 KiB WRITE 5.7 / 4.6 and 7.5 / 5.7 MiB/s;
+//   - a hot doorbell with the JavaScript guest of bench:doorbell, a third run: polled 0.89 ms, notify 7.7 ms
+//     (direct 83 us): that bench's guest side is JavaScript under TCG and its figures swing the most;
+//   - idle: polled costs 11-22% of a vCPU, notify 1.4-5.8%.
 // Polling needs the engine and the guest to run at the same time on different CPUs: when the host has fewer CPUs
 // than runnable threads, a spinning engine waits for its turn (a scheduler slice), while a kicked one is woken
 // where the kick came from. So the figures lean, weakly, to NOTIFY wherever CPUs are shared (it costs less when idle
