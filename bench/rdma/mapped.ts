@@ -161,7 +161,9 @@ export function nativeLoopRound(t: MappedTestbed, size: number, latIters: number
   const cfg = (extra: object) => ({ a: loopSide(t.a, t.b), b: loopSide(t.b, t.a), ...extra });
   const us = (xs: Float64Array): number[] => Array.from(xs.subarray(Math.min(warmup, xs.length - 1)), (ns) => ns / 1000);
   // Where the time goes: the scheduler's view of the doorbell threads and of this (the guest loop's) thread, per
-  // doorbell (2 per WRITE or SEND iteration, 1 per READ).
+  // doorbell (2 per WRITE or SEND iteration, 1 per READ), as means. The engine figures sum every engine thread of
+  // the process, the other mode's testbed's idle ones included (a polled engine's back-off wake-ups wait for a CPU
+  // too), so they show where CPU time went, not one doorbell's path.
   let at = snapshot();
   const writeLat = us(loop().run('write_lat', cfg({ size, iters: latIters })));
   const sched: Record<string, SchedSplit> = { write: splitSince(at, 2 * latIters) };
