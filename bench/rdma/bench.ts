@@ -68,6 +68,8 @@ import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts
 import { mean, median, record, writeResults, type BenchRecord } from '../common/results.ts';
 import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
 import { ADDRESS_TABLE, GID_INDEX, PORT, RXE_DEVICE, positiveInt } from '../common/test-host.ts';
+import { DEFAULT_HOST_QUEUE_MAPPING } from '../../vmm-device/cli/main.ts';
+import { describeSplit } from '../doorbell/schedstat.ts';
 import { jsDriverRound, nativeLoopRound, openMappedTestbed, relayedWorkRequests, type MappedFigures, type MappedTestbed } from './mapped.ts';
 
 // ------------------------------------------------------------------------------------------------ parameters
@@ -85,6 +87,13 @@ const BW_ITERS = positiveInt('VRDMA_BENCH_BW_ITERS', 1000, MAX_ITERS);
 const TRANSPORTS = (process.env['VRDMA_BENCH_TRANSPORTS'] ?? 'qemu,frontend,mapped').split(',').map((s) => s.trim());
 for (const t of TRANSPORTS) if (t !== 'qemu' && t !== 'frontend' && t !== 'mapped') throw new Error(`VRDMA_BENCH_TRANSPORTS: unknown transport '${t}'`);
 const MAPPED = TRANSPORTS.includes('mapped');
+/**
+ * Doorbell modes of the mapped rows (comma-separated, "polled" and/or "notify"): one testbed per mode, the C loop's
+ * rows of each in the same run. The backend's default mode (DEFAULT_HOST_QUEUE_MAPPING) writes the `..._mapped`
+ * rows, the JavaScript driver's `..._mapped_js` rows and setup; any other mode its C-loop rows as `..._mapped_<mode>`.
+ */
+const MAPPED_MODES = (process.env['VRDMA_BENCH_MAPPED_MODES'] ?? 'polled,notify').split(',').map((s) => s.trim());
+for (const m of MAPPED_MODES) if (m !== 'polled' && m !== 'notify') throw new Error(`VRDMA_BENCH_MAPPED_MODES: unknown mode '${m}'`);
 /** Iterations of the JavaScript driver's mapped-mode loops (it runs ~400x slower than C under TCG). */
 const JS_ITERS = positiveInt('VRDMA_BENCH_JS_ITERS', 50, MAX_ITERS);
 
@@ -667,16 +676,19 @@ function describeSetup(name: string, s: StepTimes): string {
 interface MappedResults {
   setupDevice: StepTimes;
   setupNative: StepTimes;
-  native: MappedFigures[];
+  /** The C loop's rounds per doorbell mode. */
+  native: Map<MappedMode, MappedFigures[]>;
   js: MappedFigures[];
   relayed: number;
 }
+
+type MappedMode = 'polled' | 'notify';
 
 /** The mapped-mode rows: the C loop's against perftest, the JavaScript driver's beside them, and setup. */
 function mappedRecords(m: MappedResults, b: { writeLatBase: number; sendLatBase: number; readLatBase: number; bwBase: number }): BenchRecord[] {
   if (m.relayed !== 0) throw new Error(`the backend relayed ${m.relayed} work requests of mapped QPs: the mapped rows would not measure the bypass`);
   const latArgs = `-s ${LAT_SIZE} -n ${LAT_ITERS}`;
-  const via = 'two reference vhost-user front-ends with host queue mapping (POLLED doorbells)';
+  const via = (mode: MappedMode) => `two reference vhost-user front-ends with host queue mapping (${mode.toUpperCase()} doorbells${mode === 'notify' ? ', the C loop writing the kick eventfd after each doorbell store' : ''})`;
   const all = (runs: MappedFigures[], k: 'writeLat' | 'sendLat' | 'readLat') => runs.flatMap((x) => x[k]);
   console.log('\n[bench:rdma] mapped: where the time goes (medians over all rounds)');
   console.log('  ' + describeSetup('mapped setup through the device', m.setupDevice));
@@ -686,20 +698,23 @@ function mappedRecords(m: MappedResults, b: { writeLatBase: number; sendLatBase:
       'qp_connection_setup_mapped',
       median(m.setupDevice.total),
       median(m.setupNative.total),
-      `create QP + INIT + RTR + RTS straight on NativeVerbs (libibverbs) on rxe0, p50 per connection, ${ROUNDS * SETUP_ITERS} connections alternating rounds with ours (a mapped RC QP: CREATE_QP with MAP, then INIT/RTR/RTS in one batch, through ${via}), same run`,
+      `create QP + INIT + RTR + RTS straight on NativeVerbs (libibverbs) on rxe0, p50 per connection, ${ROUNDS * SETUP_ITERS} connections alternating rounds with ours (a mapped RC QP: CREATE_QP with MAP, then INIT/RTR/RTS in one batch, through ${via(DEFAULT_HOST_QUEUE_MAPPING)}), same run`,
       'us',
       'lower',
     ),
   ];
-  for (const [who, runs, note] of [
-    ['mapped', m.native, 'guest loop in C over the mapped queues (bench/rdma/native)'],
-    ['mapped_js', m.js, `the JavaScript reference driver (MappedQp/MappedCq), ${JS_ITERS} iterations`],
-  ] as const) {
+  const sets: [string, MappedFigures[], string, MappedMode][] = [];
+  for (const [mode, runs] of m.native) {
+    const note = 'guest loop in C over the mapped queues (bench/rdma/native)';
+    sets.push([mode === DEFAULT_HOST_QUEUE_MAPPING ? 'mapped' : `mapped_${mode}`, runs, note, mode]);
+  }
+  if (m.js.length > 0) sets.push(['mapped_js', m.js, `the JavaScript reference driver (MappedQp/MappedCq), ${JS_ITERS} iterations`, DEFAULT_HOST_QUEUE_MAPPING]);
+  for (const [who, runs, note, mode] of sets) {
     rows.push(
-      record(`rdma_write_latency_${LAT_SIZE}B_${who}`, median(all(runs, 'writeLat')), b.writeLatBase, `${perftestName('ib_write_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 one-way, ${note}, through ${via}`, 'us', 'lower'),
-      record(`send_recv_latency_${LAT_SIZE}B_${who}`, median(all(runs, 'sendLat')), b.sendLatBase, `${perftestName('ib_send_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 one-way, ${note}, through ${via}`, 'us', 'lower'),
-      record(`rdma_read_latency_${LAT_SIZE}B_${who}`, median(all(runs, 'readLat')), b.readLatBase, `${perftestName('ib_read_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 per READ, ${note}, through ${via}`, 'us', 'lower'),
-      record(`rdma_write_bandwidth_64KiB_${who}`, median(runs.map((x) => x.bw)), b.bwBase, `${perftestName('ib_write_bw', `-s ${BW_SIZE} -n ${BW_ITERS}`)} (BW average, median of ${ROUNDS} runs); ours: ${note}, VM A -> VM B through ${via}`, 'MiB/s', 'higher'),
+      record(`rdma_write_latency_${LAT_SIZE}B_${who}`, median(all(runs, 'writeLat')), b.writeLatBase, `${perftestName('ib_write_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 one-way, ${note}, through ${via(mode)}`, 'us', 'lower'),
+      record(`send_recv_latency_${LAT_SIZE}B_${who}`, median(all(runs, 'sendLat')), b.sendLatBase, `${perftestName('ib_send_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 one-way, ${note}, through ${via(mode)}`, 'us', 'lower'),
+      record(`rdma_read_latency_${LAT_SIZE}B_${who}`, median(all(runs, 'readLat')), b.readLatBase, `${perftestName('ib_read_lat', latArgs)} (t_typical, median of ${ROUNDS} runs); ours: p50 per READ, ${note}, through ${via(mode)}`, 'us', 'lower'),
+      record(`rdma_write_bandwidth_64KiB_${who}`, median(runs.map((x) => x.bw)), b.bwBase, `${perftestName('ib_write_bw', `-s ${BW_SIZE} -n ${BW_ITERS}`)} (BW average, median of ${ROUNDS} runs); ours: ${note}, VM A -> VM B through ${via(mode)}`, 'MiB/s', 'higher'),
     );
   }
   return rows;
@@ -726,9 +741,10 @@ async function main(): Promise<number> {
   const testbeds = new Map<TransportKind, Testbed>();
   const results = new Map<TransportKind, TransportResults>();
   const base = { writeLat: [] as { typical: number; avg: number }[], sendLat: [] as { typical: number; avg: number }[], readLat: [] as { typical: number; avg: number }[], bw: [] as number[] };
-  const mapped = { setupDevice: emptySteps(), setupNative: emptySteps(), native: [] as MappedFigures[], js: [] as MappedFigures[], relayed: 0 };
-  let mappedBed: MappedTestbed | undefined;
+  const mapped: MappedResults = { setupDevice: emptySteps(), setupNative: emptySteps(), native: new Map(), js: [], relayed: 0 };
+  const mappedBeds: MappedTestbed[] = [];
   const mappedDir = fs.mkdtempSync(path.join(os.tmpdir(), 'vrdma-bench-mapped-'));
+  const relayedSeen = new Map<MappedTestbed, number>();
   let releaseErrors: string[] = [];
   try {
     for (const kind of kinds) {
@@ -736,29 +752,37 @@ async function main(): Promise<number> {
       testbeds.set(kind, await openTestbed(kind, deviceVerbs));
       results.set(kind, { setupDevice: emptySteps(), setupNative: emptySteps(), writeLat: [], sendLat: [], bw: [] });
     }
-    if (MAPPED) {
-      console.log('[bench:rdma] opening two VMs (front-end, mapped mode)...');
-      mappedBed = await openMappedTestbed({ verbs: nativeVerbs, host, dir: mappedDir, table: ADDRESS_TABLE, rxeDevice: RXE_DEVICE });
-    }
+    if (MAPPED)
+      for (const mode of MAPPED_MODES as MappedMode[]) {
+        console.log(`[bench:rdma] opening two VMs (front-end, mapped mode, ${mode} doorbells)...`);
+        mappedBeds.push(await openMappedTestbed({ verbs: nativeVerbs, host, dir: mappedDir, table: ADDRESS_TABLE, rxeDevice: RXE_DEVICE, mode }));
+      }
     for (let r = 0; r < ROUNDS; r++) {
-      if (mappedBed !== undefined) {
-        const m = mappedBed;
-        await setupRound(m, native, r % 2 === 0, mapped.setupDevice, mapped.setupNative, true);
+      for (const m of mappedBeds) {
+        // Setup and the JavaScript driver's figures are taken in the default mode only (neither rings a doorbell
+        // of the engine in a way the mode changes much, and the JavaScript loops are slow under TCG).
+        const main = m.mode === DEFAULT_HOST_QUEUE_MAPPING || mappedBeds.length === 1;
+        if (main) await setupRound(m, native, r % 2 === 0, mapped.setupDevice, mapped.setupNative, true);
         // The JavaScript driver keeps its own copies of the queue indexes, which the C loop moves on without it: it
         // runs once, in the first round, before any C loop.
-        const js = r === 0 ? await jsDriverRound(m, LAT_SIZE, JS_ITERS) : undefined;
+        const js = main && r === 0 ? await jsDriverRound(m, LAT_SIZE, JS_ITERS) : undefined;
         const c = nativeLoopRound(m, LAT_SIZE, LAT_ITERS + LAT_WARMUP, BW_SIZE, BW_ITERS, LAT_WARMUP);
         if (js !== undefined) mapped.js.push(js);
-        mapped.native.push(c);
-        mapped.relayed = relayedWorkRequests(m);
+        const runs = mapped.native.get(m.mode) ?? [];
+        runs.push(c);
+        mapped.native.set(m.mode, runs);
+        mapped.relayed += relayedWorkRequests(m) - (relayedSeen.get(m) ?? 0);
+        relayedSeen.set(m, relayedWorkRequests(m));
         console.log(
-          `[bench:rdma] round ${r + 1}/${ROUNDS} mapped: setup p50 device ${p50(mapped.setupDevice.total)} us, native ${p50(mapped.setupNative.total)} us; ` +
+          `[bench:rdma] round ${r + 1}/${ROUNDS} mapped (${m.mode}): ` +
+            (main ? `setup p50 device ${p50(mapped.setupDevice.total)} us, native ${p50(mapped.setupNative.total)} us; ` : '') +
             `C loop: WRITE lat p50 ${p50(c.writeLat)} us, SEND lat p50 ${p50(c.sendLat)} us, READ lat p50 ${p50(c.readLat)} us, WRITE bw ${fmt(c.bw)} MiB/s; ` +
             (js === undefined ? '' : `JS driver: WRITE ${p50(js.writeLat)} us, SEND ${p50(js.sendLat)} us, READ ${p50(js.readLat)} us, bw ${fmt(js.bw)} MiB/s; `) +
             `work requests relayed by the backend for mapped QPs: ${mapped.relayed}`,
         );
-        base.readLat.push(await perftestLatency('ib_read_lat'));
+        for (const [loopName, split] of Object.entries(c.sched ?? {})) console.log(`[bench:rdma]   ${m.mode} ${loopName} loop, per doorbell: ${describeSplit(split)}`);
       }
+      if (mappedBeds.length > 0) base.readLat.push(await perftestLatency('ib_read_lat'));
       for (const kind of kinds) {
         const t = testbeds.get(kind)!;
         const res = results.get(kind)!;
@@ -781,7 +805,7 @@ async function main(): Promise<number> {
     }
   } finally {
     for (const t of testbeds.values()) releaseErrors = releaseErrors.concat(await t.close());
-    if (mappedBed !== undefined) releaseErrors = releaseErrors.concat(await mappedBed.close());
+    for (const m of mappedBeds) releaseErrors = releaseErrors.concat(await m.close());
     fs.rmSync(mappedDir, { recursive: true, force: true });
     await native.close();
   }

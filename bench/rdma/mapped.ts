@@ -1,23 +1,25 @@
 // bench:rdma's mapped-mode rows (spec section 13, issue 11 item 7): two VMs through the reference vhost-user
-// front-end with HOST_QUEUE_MAPPING in POLLED mode, one mapped RC QP each, measured two ways against the same
-// perftest run:
+// front-end with HOST_QUEUE_MAPPING in POLLED or NOTIFY doorbell mode (one testbed per mode measured), one mapped RC
+// QP each, measured two ways against the same perftest run:
 //   - native: the guest's loop in C (bench/rdma/native/mapped_loop.c, built by bench/rdma/run.sh), over the byte
 //     views the front-end gives of the mapped SQ, RQ, CQ and doorbell slot and of guest RAM: what a guest's
-//     user-space provider does, at native speed;
+//     user-space provider does, at native speed; in NOTIFY mode it also writes the front-end's kick eventfd of
+//     mapdoorbellq after each doorbell store (what QEMU's ioeventfd does for the guest's notify write);
 //   - js: the reference driver's MappedQp / MappedCq (JavaScript, under TCG ~400x slower than C), beside them.
 // Connection setup of a mapped QP through the device (CREATE_QP with MAP, then INIT/RTR/RTS in one batch) is
 // measured against native verbs by bench.ts's setup rounds.
 //
 // Where the time goes, in mapped mode: no JavaScript runs per work request. A one-way WRITE is the C loop's WQE
-// write and two stores (~0.1 us), the backend's doorbell thread seeing the slot change (POLLED: one pass of its
-// scan) and calling POST_SEND on the uverbs file, rxe's own work, and the peer's spin on its buffer. The first
-// and the third are what perftest does too; the doorbell thread's pass and its system call are the overhead.
+// write and two stores (~0.1 us; NOTIFY: plus the eventfd write), the backend's doorbell thread seeing the slot
+// change (POLLED: one pass of its scan, or the rest of its back-off sleep; NOTIFY: its wake-up from ppoll) and
+// calling POST_SEND on the uverbs file, rxe's own work, and the peer's spin on its buffer. The first and the third
+// are what perftest does too; the doorbell thread's wake-up, pass and system call are the overhead.
 
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { AccessFlag, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
+import { AccessFlag, DoorbellMode, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
 import { RdmaContext, UsageError, type GuestBuffer, type MappedCq, type MappedQp, type Mr, type Pd, type WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
 import { attachDevice, Cleanups } from '../../guest-driver-spec/driver/attach.ts';
 import type { RxeQueue } from '../../guest-driver-spec/driver/mapped/rxe-queue.ts';
@@ -26,6 +28,9 @@ import type { HostVerbs } from '../../vmm-device/verbs/host-verbs.ts';
 import type { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
+import type { MappingMode } from '../../vmm-device/rdma/mapped/plan.ts';
+import { VhostUserTransport } from '../../guest-driver-spec/driver/vhost-user-transport.ts';
+import { snapshot, splitSince, type SchedSplit } from '../doorbell/schedstat.ts';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 /** The C loop's addon, built by bench/rdma/run.sh (node-gyp in bench/rdma/native). */
@@ -59,6 +64,8 @@ interface MappedVm {
 }
 
 export interface MappedTestbed {
+  /** The doorbell mode both VMs' devices use. */
+  mode: Exclude<MappingMode, 'off'>;
   a: MappedVm;
   b: MappedVm;
   close(): Promise<string[]>;
@@ -71,13 +78,13 @@ function view(q: RxeQueue): Uint8Array {
 }
 
 /** Two VMs over the front-end with mapping on, each with a mapped CQ and a mapped RC QP, connected. */
-export async function openMappedTestbed(o: { verbs: HostVerbs; host: SysHost; dir: string; table: GidTableEntry[]; rxeDevice: string }): Promise<MappedTestbed> {
+export async function openMappedTestbed(o: { verbs: HostVerbs; host: SysHost; dir: string; table: GidTableEntry[]; rxeDevice: string; mode: Exclude<MappingMode, 'off'> }): Promise<MappedTestbed> {
   const cleanups = new Cleanups();
   const resolver = new StaticAddressResolver(o.table);
   const openVm = async (name: string): Promise<MappedVm> => {
-    const device = await RdmaDevice.open({ verbs: o.verbs, hostDevice: o.rxeDevice, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper, hostQueueMapping: 'polled' });
+    const device = await RdmaDevice.open({ verbs: o.verbs, hostDevice: o.rxeDevice, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper, hostQueueMapping: o.mode, closeFd: (fd) => o.host.close(fd) });
     cleanups.add(`${name} device`, () => device.close());
-    const transport = await attachDevice({ kind: 'frontend', model: device, host: o.host, dir: o.dir, name: `${name}-mapped`, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES });
+    const transport = await attachDevice({ kind: 'frontend', model: device, host: o.host, dir: o.dir, name: `${name}-mapped-${o.mode}`, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES });
     const ctx = await RdmaContext.open(transport);
     cleanups.add(`${name} driver (device reset)`, () => ctx.close());
     if (ctx.driver.mapping === undefined) throw new Error(`${name}: HOST_QUEUE_MAPPING was not negotiated`);
@@ -95,15 +102,31 @@ export async function openMappedTestbed(o: { verbs: HostVerbs; host: SysHost; di
     const b = await openVm('vm-b');
     await a.qp.connect({ gid: b.ctx.gid, qpn: b.qp.qpNum }, { accessFlags: ALL_ACCESS });
     await b.qp.connect({ gid: a.ctx.gid, qpn: a.qp.qpNum }, { accessFlags: ALL_ACCESS });
-    return { a, b, close: () => cleanups.runAll() };
+    for (const vm of [a, b]) {
+      const want = o.mode === 'notify' ? DoorbellMode.NOTIFY : DoorbellMode.POLLED;
+      if (vm.qp.doorbell.mode !== want) throw new Error(`${vm.name}: the device reports doorbell mode ${vm.qp.doorbell.mode}, not ${o.mode}`);
+    }
+    return { mode: o.mode, a, b, close: () => cleanups.runAll() };
   } catch (e) {
     await cleanups.runAll();
     throw e;
   }
 }
 
+/** NOTIFY mode: the front-end's kick eventfd of the QP's mapdoorbellq (the guest's notify write, as an ioeventfd). */
+function kickFd(vm: MappedVm): number | undefined {
+  if (vm.qp.doorbell.mode !== DoorbellMode.NOTIFY) return undefined;
+  const transport = vm.ctx.driver.transport;
+  if (!(transport instanceof VhostUserTransport)) throw new Error(`${vm.name}: the C loop needs the front-end's kick eventfds`);
+  const fd = transport.fe.kickFds.get(vm.qp.doorbell.notifyQueue);
+  if (fd === undefined) throw new Error(`${vm.name}: queue ${vm.qp.doorbell.notifyQueue} (mapdoorbellq) has no kick eventfd`);
+  return fd;
+}
+
 function loopSide(vm: MappedVm, peer: MappedVm): object {
+  const kick = kickFd(vm);
   return {
+    ...(kick === undefined ? {} : { kick }),
     sq: view(vm.qp.sq),
     rq: view(vm.qp.rq),
     cq: view(vm.cq.queue),
@@ -129,18 +152,30 @@ export interface MappedFigures {
   readLat: number[];
   /** MiB/s. */
   bw: number;
+  /** The C loop only: scheduler statistics per doorbell of each latency loop (bench/doorbell/schedstat.ts). */
+  sched?: Record<string, SchedSplit>;
 }
 
 /** The C loop's figures for one round. */
 export function nativeLoopRound(t: MappedTestbed, size: number, latIters: number, bwSize: number, bwIters: number, warmup: number): MappedFigures {
   const cfg = (extra: object) => ({ a: loopSide(t.a, t.b), b: loopSide(t.b, t.a), ...extra });
   const us = (xs: Float64Array): number[] => Array.from(xs.subarray(Math.min(warmup, xs.length - 1)), (ns) => ns / 1000);
+  // Where the time goes: the scheduler's view of the doorbell threads and of this (the guest loop's) thread, per
+  // doorbell (2 per WRITE or SEND iteration, 1 per READ), as means. The engine figures sum every engine thread of
+  // the process, the other mode's testbed's idle ones included (a polled engine's back-off wake-ups wait for a CPU
+  // too), so they show where CPU time went, not one doorbell's path.
+  let at = snapshot();
   const writeLat = us(loop().run('write_lat', cfg({ size, iters: latIters })));
+  const sched: Record<string, SchedSplit> = { write: splitSince(at, 2 * latIters) };
+  at = snapshot();
   const sendLat = us(loop().run('send_lat', cfg({ size, iters: latIters })));
+  sched['send'] = splitSince(at, 2 * latIters);
+  at = snapshot();
   const readLat = us(loop().run('read_lat', cfg({ size, iters: latIters })));
+  sched['read'] = splitSince(at, latIters);
   const [elapsedNs] = loop().run('write_bw', cfg({ size: bwSize, iters: bwIters, every: BW_SIGNAL_EVERY }));
   const bw = (bwSize * bwIters) / (1 << 20) / (elapsedNs! / 1e9);
-  return { writeLat, sendLat, readLat, bw };
+  return { writeLat, sendLat, readLat, bw, sched };
 }
 
 // ---- the reference driver (JavaScript) on the same QPs --------------------------------------------------------

@@ -98,6 +98,8 @@ const positiveInt = (flag: string, max: number) =>
 export const MAX_ETCD_ENDPOINTS = 16;
 /** sun_path holds 108 bytes with its terminating NUL. */
 export const MAX_UNIX_SOCKET_PATH = 107;
+/** --host-queue-mapping's default doorbell mode (why this one: native/src/verbs/doorbell.cc, spec 13.6). */
+export const DEFAULT_HOST_QUEUE_MAPPING: 'polled' | 'notify' = 'polled';
 
 const ipv4 = /^(25[0-5]|2[0-4]\d|1?\d?\d)(\.(25[0-5]|2[0-4]\d|1?\d?\d)){3}$/;
 
@@ -151,7 +153,7 @@ export const FlagsSchema = z
     'max-mr-mib': positiveInt('--max-mr-mib', 1 << 30),
     'host-dir': z.string().min(1, '--host-dir must not be empty').optional(),
     'log-level': z.enum(['debug', 'info', 'warn', 'error'], { error: '--log-level must be debug, info, warn or error' }).default('info'),
-    'host-queue-mapping': z.enum(['polled', 'notify', 'off'], { error: '--host-queue-mapping must be polled, notify or off' }).default('polled'),
+    'host-queue-mapping': z.enum(['polled', 'notify', 'off'], { error: '--host-queue-mapping must be polled, notify or off' }).default(DEFAULT_HOST_QUEUE_MAPPING),
     'max-mapped-queues': positiveInt('--max-mapped-queues', 0xffff_ffff),
     ...observeFlagShape,
   })

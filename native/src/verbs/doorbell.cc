@@ -13,14 +13,34 @@
 //
 // Wake modes. 'notify': the thread sleeps in ppoll() on the wake eventfd (the VMM's kick of the doorbell queue) and
 // its control eventfd, then drains the wake fd and scans. 'polled': the thread scans, spins (bounded by
-// POLL_SPIN_NS after the last doorbell), then sleeps in ppoll() with a back-off doubling from POLL_MIN_SLEEP_NS up to
-// POLL_MAX_SLEEP_NS, so an idle backend does not burn a core (the wake fd, when set, also ends a sleep early).
-// Figures (bench/doorbell, rxe test host): see the report of the engine's commit; the choice is argued there.
+// POLL_SPIN_NS after the last doorbell, yielding the CPU at every turn), then sleeps in ppoll() with a back-off
+// doubling from POLL_MIN_SLEEP_NS up to POLL_MAX_SLEEP_NS, so an idle backend does not burn a core (the wake fd, when
+// set, also ends a sleep early); its timer slack is ENGINE_TIMER_SLACK_NS so a sleep ends when asked.
+//
+// Which mode, by the figures (npm run bench:doorbell and bench:rdma's mapped rows in both modes; rxe test host, 2
+// TCG vCPUs, on a machine at load 16-19 on 2 cores, so single figures vary 10-100x between runs):
+//   - a hot doorbell (store to WRITE completion, p50): direct ring 58 / 146 us, notify 88 us / 9.1 ms, polled (the
+//     thread spinning) 3.0 / 2.3 ms; after 20 ms of quiet both modes pay 10-16 ms, the wake-up of a halted vCPU of
+//     an overloaded TCG host, not the engine's back-off;
+//   - the C guest loop (bench:rdma, polled / notify in the same run; two runs): WRITE 2 B p50 14.2 / 13.8 ms and
+//     7.3 ms / 150 us; SEND/RECV 11.9 / 0.95 ms and 5.8 / 1.9 ms; READ 0.97 / 0.87 ms and 0.78 / 0.23 ms;
+//     64 KiB WRITE 5.7 / 4.6 and 7.5 / 5.7 MiB/s;
+//   - a hot doorbell with the JavaScript guest of bench:doorbell, a third run: polled 0.89 ms, notify 7.7 ms
+//     (direct 83 us): that bench's guest side is JavaScript under TCG and its figures swing the most;
+//   - idle: polled costs 11-22% of a vCPU, notify 1.4-5.8%.
+// Polling needs the engine and the guest to run at the same time on different CPUs: when the host has fewer CPUs
+// than runnable threads, a spinning engine waits for its turn (a scheduler slice), while a kicked one is woken
+// where the kick came from. So the figures lean, weakly, to NOTIFY wherever CPUs are shared (it costs less when idle
+// too); POLLED wins only with a CPU to spare per engine, and saves the guest's notify exit. The command's default stays POLLED
+// for now (DEFAULT_HOST_QUEUE_MAPPING, vmm-device/cli/main.ts) only because NOTIFY needs the VMM to have the extra
+// queue mapdoorbellq (QEMU num_vqs = 3 + N), which the project's QEMU command lines do not give yet.
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <rdma/ib_user_verbs.h>
+#include <sched.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -44,8 +64,11 @@ constexpr uint32_t DOORBELL_SLOT_BYTES = 8;
 constexpr uint32_t SLOTS_PER_PAGE = DOORBELL_PAGE_BYTES / DOORBELL_SLOT_BYTES;
 /** The most pages an engine takes: 64 pages serve 32,768 QPs (the scale target is 16,384 per VM). */
 constexpr uint32_t MAX_DOORBELL_PAGES = 64;
-/** Polled mode: how long the thread keeps spinning after the last doorbell it executed. */
-constexpr int64_t POLL_SPIN_NS = 50'000;
+/**
+ * Polled mode: how long the thread keeps spinning after the last doorbell it executed. Longer than a ping-pong's
+ * round trip under TCG (about 2 x 14 us one-way on rxe), so a QP with recent work never waits for a sleep to end.
+ */
+constexpr int64_t POLL_SPIN_NS = 200'000;
 /** Polled mode: the first and the longest sleep once the spin is over. */
 constexpr int64_t POLL_MIN_SLEEP_NS = 10'000;
 constexpr int64_t POLL_MAX_SLEEP_NS = 1'000'000;
@@ -59,14 +82,16 @@ struct Slot {
   std::atomic<uint64_t> refused{0};
 };
 
-// A spin-wait hint to the CPU (x86 PAUSE): the spinning thread leaves the core's resources to its sibling.
-inline void CpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#else
-  std::this_thread::yield();
-#endif
-}
+/**
+ * One turn of the polled spin: sched_yield() rather than a PAUSE. On a host with fewer CPUs than runnable threads
+ * (the guest's loop, the engines of other VMs, rxe's work in their system calls) a spinning engine must leave the
+ * CPU to them, or the doorbell it waits for is stored a scheduler slice (milliseconds) later; on an idle CPU the
+ * call returns at once.
+ */
+inline void SpinTurn() { sched_yield(); }
+
+/** Timer slack of the engine's thread (ns): its back-off sleeps end when asked, not up to 50 us (the default) later. */
+constexpr unsigned long ENGINE_TIMER_SLACK_NS = 1;
 
 uint64_t NowNs() {
   return static_cast<uint64_t>(
@@ -204,6 +229,7 @@ class Engine {
   }
 
   void Run() {
+    prctl(PR_SET_TIMERSLACK, ENGINE_TIMER_SLACK_NS, 0, 0, 0);  // best effort: a refusal only makes sleeps coarser
     uint64_t lastActivity = NowNs();
     int64_t sleepNs = 0;
     // Notify mode scans only when kicked (or after acting, until nothing changes): a wake of the control eventfd
@@ -230,7 +256,7 @@ class Engine {
       const timespec* timeout = nullptr;  // notify: until woken
       if (!notify_) {
         if (static_cast<int64_t>(NowNs() - lastActivity) < POLL_SPIN_NS) {
-          CpuRelax();
+          SpinTurn();
           continue;
         }
         sleepNs = sleepNs == 0 ? POLL_MIN_SLEEP_NS : std::min(sleepNs * 2, POLL_MAX_SLEEP_NS);
