@@ -210,7 +210,11 @@ t.test('differential: incremental and full validation agree on 400 random edits,
       const val = pick(values);
       if (val === undefined) delete rule[f];
       else rule[f] = val;
-    } else if (op < 0.6) vpc.rules.push({ id: Math.floor(rand() * 3000) + 1, action: pick(['allow', 'deny']), src: pick(['any', '10.1.0.0/16']) });
+    } else if (op < 0.6) {
+      // A new rule (its id may be another's), or an exact copy of a kept one (its id twice).
+      if (rand() < 0.25 && vpc.rules.length > 0) vpc.rules.splice(Math.floor(rand() * vpc.rules.length), 0, clone(pick(vpc.rules)));
+      else vpc.rules.push({ id: Math.floor(rand() * 3000) + 1, action: pick(['allow', 'deny']), src: pick(['any', '10.1.0.0/16']) });
+    }
     else if (op < 0.7) vpc.rules.splice(Math.floor(rand() * vpc.rules.length), 1);
     else if (op < 0.75) vpc.rules.reverse();
     else if (op < 0.85) pick(next.vms)[pick(['ip', 'host', 'vpc', 'mac'])] = pick(['172.16.0.4', '172.16.0.1', 'host-2', 'acme-prod', 'globex-net', '02:42:ac:10:00:02', 7]);

@@ -10,7 +10,7 @@
 // returned. A refused document is rare and off the teardown path, and its errors are then exactly the full
 // validation's (field paths, messages, order) by construction.
 
-import { crossCheck, LIST_LIMITS, MAX_RULES_PER_VPC, RuleSchema, SettingsSchema, HostSchema, TenantSchema, VmSchema, VpcShellSchema, validatePolicy } from './schema.ts';
+import { crossCheck, hasDuplicate, LIST_LIMITS, MAX_RULES_PER_VPC, RuleSchema, SettingsSchema, HostSchema, TenantSchema, VmSchema, VpcShellSchema, validatePolicy } from './schema.ts';
 import type { Host, PolicyDocument, PolicyParse, Rule, Tenant, Vm, Vpc } from './schema.ts';
 
 /** What validations did (since the validator was made; `last` for the latest document). */
@@ -46,10 +46,10 @@ class KeptList<T extends { id: string | number }> {
     readonly parsed: readonly T[],
   ) {}
 
-  /** Position of the entry with `id` in the accepted list, trying `at` first. */
-  find(id: unknown, at: number): number | undefined {
+  /** Position of the entry with `id` in the accepted list, trying `at` first (when given). */
+  find(id: unknown, at = -1): number | undefined {
     if (typeof id !== 'string' && typeof id !== 'number') return undefined;
-    if (at < this.parsed.length && this.parsed[at]!.id === id) return at;
+    if (at >= 0 && at < this.parsed.length && this.parsed[at]!.id === id) return at;
     if (this.index === undefined) {
       // An accepted list has unique ids (crossCheck); first wins all the same.
       this.index = new Map();
@@ -159,8 +159,8 @@ export class PolicyValidator {
     }
     const doc: PolicyDocument = { ...settings.data, hosts, tenants, vpcs, vms };
     let issues = 0;
-    // A VPC object accepted before (its rules unchanged) had its rules checked then.
-    crossCheck(doc, () => issues++, { rulesChecked: (v) => prev.rawRules.has(v) });
+    // Every VPC's rules were checked by vpc() from the diff (ids unique, no QP type twice).
+    crossCheck(doc, () => issues++, { rulesChecked: () => true });
     if (issues > 0) return undefined;
     this.accepted = {
       raw,
@@ -237,11 +237,17 @@ export class PolicyValidator {
     const prevRules = before === undefined ? undefined : new KeptList(prev.rawRules.get(before)!, before.rules);
     let rulesKept = prevRules !== undefined && list.length === prevRules.parsed.length;
     const rules: Rule[] = [];
+    // The rule checks crossCheck would do, from the diff: the accepted rules had unique ids and no QP type twice,
+    // so only a kept rule used twice, or a validated rule whose id is another's, can break them.
+    const used = new Uint8Array(prevRules?.parsed.length ?? 0);
+    const validatedIds: number[] = [];
     for (let j = 0; j < list.length; j++) {
       const rawRule = list[j];
       const old = prevRules !== undefined && isObject(rawRule) ? prevRules.find(rawRule['id'], j) : undefined;
       if (old !== undefined && jsonEqual(prevRules!.raws[old], rawRule)) {
         if (old !== j) rulesKept = false;
+        if (used[old] === 1) return undefined; // the same rule twice: its id is used twice
+        used[old] = 1;
         rules.push(prevRules!.parsed[old]!);
         this.last.rulesReused++;
         continue;
@@ -249,8 +255,18 @@ export class PolicyValidator {
       rulesKept = false;
       const r = RuleSchema.safeParse(rawRule);
       this.last.rulesValidated++;
-      if (!r.success) return undefined;
+      if (!r.success || hasDuplicate(r.data.qpTypes)) return undefined;
+      validatedIds.push(r.data.id);
       rules.push(Object.freeze({ ...r.data, qpTypes: Object.freeze([...r.data.qpTypes]) as Rule['qpTypes'] }));
+    }
+    if (validatedIds.length > 0) {
+      const ids = new Set<number>();
+      for (const id of validatedIds) {
+        if (ids.has(id)) return undefined;
+        ids.add(id);
+        const at = prevRules?.find(id);
+        if (at !== undefined && used[at] === 1) return undefined; // a kept rule has this id
+      }
     }
     if (!rulesKept) this.changed = true;
     // Nothing changed but the object: the accepted VPC itself, whose rules crossCheck need not look at again.

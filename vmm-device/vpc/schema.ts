@@ -205,8 +205,8 @@ export type IssueSink = (path: (string | number)[], message: string) => void;
 
 export interface CrossCheckOptions {
   /**
-   * VPCs whose rules need no check: incremental validation (incremental.ts) passes the VPC objects of the document
-   * it accepted last, whose rules (ids unique, no QP type twice) were checked then and cannot have changed.
+   * VPCs whose rules need no check here (ids unique, no QP type twice): incremental validation (incremental.ts)
+   * checks them from its diff, against the rules of the document it accepted last, which were checked then.
    */
   rulesChecked?: (vpc: Vpc) => boolean;
 }
@@ -284,7 +284,7 @@ export function crossCheck(d: z.output<typeof PolicyBaseSchema>, issue: IssueSin
 }
 
 /** Whether a short list (a rule's QP types: at most two) holds a value twice; no Set per rule on the reload path. */
-function hasDuplicate(list: readonly unknown[]): boolean {
+export function hasDuplicate(list: readonly unknown[]): boolean {
   for (let i = 1; i < list.length; i++) for (let j = 0; j < i; j++) if (list[i] === list[j]) return true;
   return false;
 }
