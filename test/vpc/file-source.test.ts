@@ -126,3 +126,51 @@ t.test('a backend does not start on an invalid file; stop() ends the watch', asy
   await new Promise((r) => setTimeout(r, DEBOUNCE_MS * 4));
   t.equal(events, 0, 'no reload after stop');
 });
+
+t.test('a valid file is applied on its change event, without waiting for the quiet time; an invalid one waits for it', async (t) => {
+  const dir = mkdtempSync(join(tmpdir(), 'vpc-file-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  const path = join(dir, 'policy.json');
+  writeFileSync(path, JSON.stringify(fixtureJson()));
+  const log = new RecordingLogger();
+  const engine = new VpcEngine({ log });
+  // A quiet time far longer than the test waits: only the immediate read can apply the change.
+  const quietMs = 600_000;
+  const source = new FilePolicySource({ path, engine, log, debounceMs: quietMs });
+  t.teardown(() => source.stop());
+  source.start();
+  const j = fixtureJson();
+  j.vpcs[0].rules = [];
+  writeFileSync(path, JSON.stringify(j));
+  const outcome = await next(source, 'applied');
+  t.ok(outcome.ok && outcome.latencyMs < quietMs, 'applied from the change event, long before the quiet time');
+  t.match(engine.resolve('a1', gid('172.16.0.2'), 'RC'), { ok: false, refusal: 'refused' }, 'in force');
+
+  // A save in two steps (half, then whole): the half read is no refusal, the whole one is applied.
+  const k = fixtureJson();
+  k.tenants[1].qos.dscp = 12;
+  const text = JSON.stringify(k);
+  writeFileSync(path, text.slice(0, text.length >> 1));
+  await new Promise((r) => setTimeout(r, 50));
+  writeFileSync(path, text);
+  t.match(await next(source, 'applied'), { ok: true });
+  t.equal(source.metrics.rejected, 0, 'the half-written read was not refused');
+  t.notOk(log.lines.some((l) => l.message.startsWith('policy file refused')), 'nor logged as a refusal');
+  t.match(engine.resolve('g1', gid('172.16.0.3'), 'RC'), { ok: true, trafficClass: 48 });
+  source.stop();
+
+  // With a short quiet time, a bad document is refused after it, not before, with the field named.
+  const quick = new FilePolicySource({ path, engine, log, debounceMs: 300 });
+  t.teardown(() => quick.stop());
+  quick.start();
+  const bad = fixtureJson();
+  bad.vpcs[1].rules[0].src = '10.0.0/24';
+  const written = performance.now();
+  writeFileSync(path, JSON.stringify(bad));
+  const r = await next(quick, 'rejected');
+  const elapsed = performance.now() - written;
+  t.match(r, { ok: false, errors: [/^vpcs\[1\]\.rules\[0\]\.src: "10\.0\.0\/24" is not a CIDR prefix/] });
+  t.ok(elapsed >= 290, `refused once the file was quiet for the debounce time (${elapsed.toFixed(0)} ms after the write)`);
+  t.equal(quick.validator.counts.fullValidations, 2, 'the bad text was validated once (plus the first load), its errors kept for the refusal');
+  t.equal(quick.metrics.rejected, 1);
+});

@@ -98,6 +98,10 @@ t.test('a changed entry with a bad field gets the precise error naming the field
     ['rule qp type', (j) => (j.vpcs[0].rules[10].qpTypes = ['RC', 'UC']), 'vpcs[0].rules[10].qpTypes[1]:'],
     ['rule unknown field', (j) => (j.vpcs[0].rules[20].port = 4791), 'vpcs[0].rules[20]:'],
     ['rule id twice', (j) => j.vpcs[0].rules.push({ id: 1000, action: 'deny' }), `vpcs[0].rules[${RULES}].id: rule id 1000 is used twice in VPC "acme-prod"`],
+    // An exact copy of a kept rule is itself "kept": the VPC's rules must still be checked as a whole.
+    ['rule copied', (j) => j.vpcs[0].rules.push(clone(j.vpcs[0].rules[7])), `vpcs[0].rules[${RULES}].id: rule id 1007 is used twice in VPC "acme-prod"`],
+    ['vpc copied', (j) => j.vpcs.push(clone(j.vpcs[1])), 'vpcs[2].id: "globex-net" is used twice in vpcs'],
+    ['vm copied', (j) => j.vms.push(clone(j.vms[0])), 'vms[4].id: "a1" is used twice in vms'],
     ['new rule bad', (j) => j.vpcs[1].rules.push({ id: 8, action: 'deny', src: 'nowhere' }), 'vpcs[1].rules[1].src:'],
     ['qp type twice', (j) => (j.vpcs[0].rules[30].qpTypes = ['RC', 'RC']), 'vpcs[0].rules[30].qpTypes: lists a QP type twice'],
     ['too many rules', (j) => j.vpcs[0].rules.push(...Array.from({ length: 4096 }, (_, i) => ({ id: 100_000 + i, action: 'deny' }))), 'vpcs[0].rules:'],
@@ -131,6 +135,47 @@ t.test('a changed entry with a bad field gets the precise error naming the field
   }
 });
 
+t.test('an unchanged document is known unchanged from the diff; an unchanged VPC is the accepted object, its compiled rules reused', async (t) => {
+  const v = new PolicyValidator();
+  const first = v.validate(bigPolicy(), { compare: true });
+  t.ok(first.ok && !first.unchanged, 'the first document is a change');
+  const firstCompiled = compile((first as { policy: any }).policy);
+
+  const same = v.validate(bigPolicy(), { compare: true });
+  t.ok(same.ok && same.unchanged, 'the same document (parsed anew) is unchanged');
+  t.same([v.last.rulesValidated, v.last.entriesValidated, v.last.fullValidations], [0, 0, 0], '... nothing validated');
+  const sameCompiled = compile((same as { policy: any }).policy);
+  t.equal((same as { policy: any }).policy.vpcs[0], (first as { policy: any }).policy.vpcs[0], 'the VPC is the very object accepted before');
+  t.equal(sameCompiled.vpcs.get('acme-prod')!.rules, firstCompiled.vpcs.get('acme-prod')!.rules, 'its compiled rule list is reused, not sorted again');
+
+  const quota = bigPolicy();
+  quota.vms[1].quotas = { qps: 2 };
+  const q = v.validate(quota, { compare: true });
+  t.ok(q.ok && !q.unchanged, 'a VM quota changed: a change');
+  t.same([v.last.rulesValidated, v.last.entriesValidated], [0, 1], '... one VM validated');
+  t.equal(compile((q as { policy: any }).policy).vpcs.get('acme-prod')!.rules, firstCompiled.vpcs.get('acme-prod')!.rules, '... the VPC untouched keeps its compiled rules');
+
+  const moved = clone(quota);
+  moved.vms.reverse();
+  const m = v.validate(moved, { compare: true });
+  t.ok(m.ok && !m.unchanged, 'VMs reordered: a change (the list order is part of the document)');
+  t.same([v.last.entriesValidated, v.last.entriesReused], [0, 10], '... nothing validated (2 hosts, 2 tenants, 4 VMs, 2 VPCs kept)');
+
+  const prio = clone(moved);
+  prio.vpcs[0].rules[3].priority = 1;
+  const p = v.validate(prio, { compare: true });
+  t.ok(p.ok && !p.unchanged);
+  const rules = compile((p as { policy: any }).policy).vpcs.get('acme-prod')!.rules;
+  t.same(rules.slice(0, 2).map((r) => r.id), [1003, 1000], 'a raised priority still reorders the compiled rules');
+
+  const settings = clone(prio);
+  (settings.provider as { dscp: number }).dscp = 47;
+  const sv = v.validate(settings, { compare: true });
+  t.ok(sv.ok && !sv.unchanged, 'a setting changed: a change');
+  t.ok(v.validate(clone(settings), { compare: true }).unchanged, 'and the same again: unchanged');
+  t.notOk(v.validate(clone(settings)).unchanged, 'unchanged is reported only when asked (compare)');
+});
+
 /** Deterministic PRNG (mulberry32): the run is reproducible from its seed. */
 function rng(seed: number): () => number {
   let a = seed >>> 0;
@@ -143,7 +188,7 @@ function rng(seed: number): () => number {
   };
 }
 
-t.test('differential: incremental and full validation agree on 400 random edits, valid or not', async (t) => {
+t.test('differential: incremental and full validation agree on 400 random edits, valid or not, and on whether anything changed', async (t) => {
   const rand = rng(0x1a2b3c);
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
   const values = ['allow', 'deny', 'any', '10.0.0.0/8', '10.0.0/8', '172.16.0.9', 1, 0, -1, 70000, true, null, ['RC'], ['UD', 'RC'], ['XX'], 'x'.repeat(300), undefined];
@@ -154,6 +199,7 @@ t.test('differential: incremental and full validation agree on 400 random edits,
   let accepted = 0;
   let refused = 0;
   let disagreements = 0;
+  let unchanged = 0;
   for (let i = 0; i < 400; i++) {
     const next = clone(doc);
     const vpc = pick(next.vpcs);
@@ -164,19 +210,28 @@ t.test('differential: incremental and full validation agree on 400 random edits,
       const val = pick(values);
       if (val === undefined) delete rule[f];
       else rule[f] = val;
-    } else if (op < 0.6) vpc.rules.push({ id: Math.floor(rand() * 3000) + 1, action: pick(['allow', 'deny']), src: pick(['any', '10.1.0.0/16']) });
+    } else if (op < 0.6) {
+      // A new rule (its id may be another's), or an exact copy of a kept one (its id twice).
+      if (rand() < 0.25 && vpc.rules.length > 0) vpc.rules.splice(Math.floor(rand() * vpc.rules.length), 0, clone(pick(vpc.rules)));
+      else vpc.rules.push({ id: Math.floor(rand() * 3000) + 1, action: pick(['allow', 'deny']), src: pick(['any', '10.1.0.0/16']) });
+    }
     else if (op < 0.7) vpc.rules.splice(Math.floor(rand() * vpc.rules.length), 1);
     else if (op < 0.75) vpc.rules.reverse();
     else if (op < 0.85) pick(next.vms)[pick(['ip', 'host', 'vpc', 'mac'])] = pick(['172.16.0.4', '172.16.0.1', 'host-2', 'acme-prod', 'globex-net', '02:42:ac:10:00:02', 7]);
     else if (op < 0.9) (vpc as Record<string, unknown>)[pick(['defaultAction', 'qkey', 'cidr'])] = pick(['allow', 'deny', 12345, '172.16.0.0/24', 0x8000_0000]);
     else if (op < 0.95) (next.defaultQuotas as Record<string, unknown>)['qps'] = pick([8, 4, 100, -1]);
     else pick(next.tenants).qos.dscp = pick([10, 26, 48, 64]);
-    const inc = v.validate(clone(next));
+    if (rand() < 0.1) Object.assign(next, clone(doc)); // no edit at all: unchanged
+    const inc = v.validate(clone(next), { compare: true });
     const full = validatePolicy(clone(next));
-    const same = inc.ok === full.ok && (inc.ok && full.ok ? jsonEqual(JSON.parse(JSON.stringify(inc.policy)), JSON.parse(JSON.stringify(full.policy))) : !inc.ok && !full.ok && jsonEqual(inc.errors, full.errors));
+    const same =
+      inc.ok === full.ok &&
+      (inc.ok && full.ok ? jsonEqual(JSON.parse(JSON.stringify(inc.policy)), JSON.parse(JSON.stringify(full.policy))) : !inc.ok && !full.ok && jsonEqual(inc.errors, full.errors)) &&
+      inc.unchanged === (full.ok && jsonEqual(doc, next));
+    if (inc.unchanged) unchanged++;
     if (!same) {
       disagreements++;
-      t.fail(`edit ${i}: incremental ${JSON.stringify(inc.ok ? 'ok' : inc.errors.slice(0, 2))} vs full ${JSON.stringify(full.ok ? 'ok' : full.errors.slice(0, 2))}`);
+      t.fail(`edit ${i}: incremental ${JSON.stringify(inc.ok ? (inc.unchanged ? 'unchanged' : 'ok') : inc.errors.slice(0, 2))} vs full ${JSON.stringify(full.ok ? 'ok' : full.errors.slice(0, 2))}`);
     }
     if (full.ok) {
       accepted++;
@@ -184,7 +239,7 @@ t.test('differential: incremental and full validation agree on 400 random edits,
     } else refused++;
   }
   t.equal(disagreements, 0, `no disagreement (${accepted} accepted, ${refused} refused)`);
-  t.ok(accepted > 50 && refused > 50, `both outcomes exercised: ${accepted} accepted, ${refused} refused`);
+  t.ok(accepted > 50 && refused > 50 && unchanged > 10, `every outcome exercised: ${accepted} accepted (${unchanged} unchanged), ${refused} refused`);
   t.ok(v.counts.rulesReused > 100 * RULES, `rules kept rather than revalidated: ${v.counts.rulesReused} kept, ${v.counts.rulesValidated} validated`);
 });
 

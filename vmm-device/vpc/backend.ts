@@ -33,7 +33,7 @@ export interface VpcBackendOptions {
   log: Logger;
   /** Ends the wait for etcd's first valid state (shutdown while etcd is unreachable). */
   signal?: AbortSignal;
-  /** File control plane: quiet time before a changed file is read (default 100 ms). */
+  /** File control plane: quiet time before a file that does not validate is refused (default 20 ms; a valid one is applied at once). */
   debounceMs?: number;
   /** etcd: health-check period (default 500 ms). */
   healthIntervalMs?: number;

@@ -52,14 +52,13 @@ export function compile(doc: PolicyDocument): CompiledPolicy {
   const tenants = new Map(doc.tenants.map((t) => [t.id, t]));
   const vpcs = new Map<string, CompiledVpc>();
   for (const v of doc.vpcs) {
-    const order = v.rules.map((r, i) => ({ r, i })).sort((a, b) => a.r.priority - b.r.priority || a.i - b.i);
     vpcs.set(v.id, {
       spec: v,
       tenant: tenants.get(v.tenant)!,
       qkey: effectiveQkey(v),
       defaultAllow: v.defaultAction === 'allow',
       members: new Map(),
-      rules: order.map(({ r }) => compileRule(r, v.id)),
+      rules: compileRules(v.rules, v.id),
     });
   }
   const vms = new Map<string, CompiledVm>();
@@ -81,6 +80,24 @@ export function compile(doc: PolicyDocument): CompiledPolicy {
 const compiledRules = new WeakMap<Rule, CompiledRule>();
 /** Rules compiled (not found in compiledRules) since the process started: tests count them. */
 export const compileCounts = { rulesCompiled: 0 };
+
+/**
+ * A VPC's rule list in evaluation order, by its validated rule list: a VPC incremental validation kept unchanged is
+ * the same object with the same list, whose order is not worked out again. Only frozen lists are remembered.
+ */
+const compiledLists = new WeakMap<readonly Rule[], CompiledRule[]>();
+
+function compileRules(rules: readonly Rule[], vpcId: string): CompiledRule[] {
+  const known = compiledLists.get(rules);
+  if (known !== undefined) return known;
+  let inOrder = true;
+  for (let i = 1; i < rules.length && inOrder; i++) inOrder = rules[i - 1]!.priority <= rules[i]!.priority;
+  // Stable sort by priority (ties keep the list's order); a list already in order (all default priorities) is not.
+  const order = inOrder ? rules : rules.map((r, i) => ({ r, i })).sort((a, b) => a.r.priority - b.r.priority || a.i - b.i).map(({ r }) => r);
+  const out = order.map((r) => compileRule(r, vpcId));
+  if (Object.isFrozen(rules)) compiledLists.set(rules, out);
+  return out;
+}
 
 function compileRule(r: Rule, vpcId: string): CompiledRule {
   const known = compiledRules.get(r);

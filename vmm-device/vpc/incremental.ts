@@ -10,7 +10,7 @@
 // returned. A refused document is rare and off the teardown path, and its errors are then exactly the full
 // validation's (field paths, messages, order) by construction.
 
-import { crossCheck, LIST_LIMITS, MAX_RULES_PER_VPC, RuleSchema, SettingsSchema, HostSchema, TenantSchema, VmSchema, VpcShellSchema, validatePolicy } from './schema.ts';
+import { crossCheck, hasDuplicate, LIST_LIMITS, MAX_RULES_PER_VPC, RuleSchema, SettingsSchema, HostSchema, TenantSchema, VmSchema, VpcShellSchema, validatePolicy } from './schema.ts';
 import type { Host, PolicyDocument, PolicyParse, Rule, Tenant, Vm, Vpc } from './schema.ts';
 
 /** What validations did (since the validator was made; `last` for the latest document). */
@@ -34,19 +34,42 @@ export type ValidatorResult = PolicyParse & {
 };
 
 type Json = Record<string, unknown>;
-interface Kept<T> {
-  raw: unknown;
-  parsed: T;
+
+/**
+ * A list as last accepted: its raw entries and their validated forms, position by position. A new list is matched
+ * against it by position first (an edit rarely moves entries), by id only where the ids differ (index built then).
+ */
+class KeptList<T extends { id: string | number }> {
+  private index: Map<string | number, number> | undefined;
+  constructor(
+    readonly raws: readonly unknown[],
+    readonly parsed: readonly T[],
+  ) {}
+
+  /** Position of the entry with `id` in the accepted list, trying `at` first (when given). */
+  find(id: unknown, at = -1): number | undefined {
+    if (typeof id !== 'string' && typeof id !== 'number') return undefined;
+    if (at >= 0 && at < this.parsed.length && this.parsed[at]!.id === id) return at;
+    if (this.index === undefined) {
+      // An accepted list has unique ids (crossCheck); first wins all the same.
+      this.index = new Map();
+      this.parsed.forEach((e, i) => {
+        if (!this.index!.has(e.id)) this.index!.set(e.id, i);
+      });
+    }
+    return this.index.get(id);
+  }
 }
-interface KeptVpc extends Kept<Vpc> {
-  rules: Map<number, Kept<Rule>>;
-}
+
 interface Accepted {
   raw: Json;
-  hosts: Map<string, Kept<Host>>;
-  tenants: Map<string, Kept<Tenant>>;
-  vpcs: Map<string, KeptVpc>;
-  vms: Map<string, Kept<Vm>>;
+  doc: PolicyDocument;
+  hosts: KeptList<Host>;
+  tenants: KeptList<Tenant>;
+  vms: KeptList<Vm>;
+  vpcs: KeptList<Vpc>;
+  /** Each accepted VPC's raw rules, by the VPC's validated object. */
+  rawRules: Map<Vpc, readonly unknown[]>;
 }
 
 const zero = (): ValidationCounts => ({ documents: 0, fullValidations: 0, rulesValidated: 0, rulesReused: 0, entriesValidated: 0, entriesReused: 0 });
@@ -56,24 +79,34 @@ export class PolicyValidator {
   readonly counts: ValidationCounts = zero();
   last: ValidationCounts = zero();
   private accepted: Accepted | undefined;
+  /** Set by incremental() when anything differs from the accepted document (content, count or order). */
+  private changed = false;
 
   /** Mutable so that bench:vpc can alternate the two modes on one backend (its same-run baseline). */
   constructor(public mode: ValidationMode = 'incremental') {}
 
   /**
    * Validates `value` against the last document accepted. `unchanged` is computed only when asked (`compare`): a
-   * source that knows its input did not change (the file's text) does not pay for the comparison.
+   * source that knows its input did not change (the file's text) does not pay for it. Incremental validation knows
+   * it from its diff; 'full' mode compares the whole document as JSON.
    */
   validate(value: unknown, opts: { compare?: boolean } = {}): ValidatorResult {
     this.last = zero();
     this.last.documents = 1;
     const previous = this.accepted;
-    const unchanged = opts.compare === true && previous !== undefined && jsonEqual(previous.raw, value);
     let r: PolicyParse | undefined;
-    if (this.mode === 'incremental' && previous !== undefined && isObject(value)) r = this.incremental(value, previous);
-    if (r === undefined) r = this.full(value);
+    let unchanged = false;
+    if (this.mode === 'incremental' && previous !== undefined && isObject(value)) {
+      this.changed = false;
+      r = this.incremental(value, previous);
+      unchanged = r !== undefined && !this.changed;
+    }
+    if (r === undefined) {
+      unchanged = opts.compare === true && previous !== undefined && jsonEqual(previous.raw, value);
+      r = this.full(value);
+    }
     for (const k of Object.keys(this.counts) as (keyof ValidationCounts)[]) this.counts[k] += this.last[k];
-    return { ...r, unchanged: r.ok && unchanged };
+    return { ...r, unchanged: opts.compare === true && r.ok && unchanged };
   }
 
   private full(value: unknown): PolicyParse {
@@ -81,22 +114,20 @@ export class PolicyValidator {
     const r = validatePolicy(value);
     if (r.ok) {
       const raw = value as Json;
-      for (const v of r.policy.vpcs) this.last.rulesValidated += v.rules.length;
+      for (const v of r.policy.vpcs) {
+        this.last.rulesValidated += v.rules.length;
+        Object.freeze(v.rules); // compile() remembers a frozen list's evaluation order (compiled-policy.ts)
+      }
       this.last.entriesValidated += r.policy.hosts.length + r.policy.tenants.length + r.policy.vpcs.length + r.policy.vms.length;
-      const kept = <T extends { id: string }>(list: readonly T[], rawList: unknown): Map<string, Kept<T>> =>
-        new Map(list.map((parsed, i) => [parsed.id, { raw: (rawList as unknown[])[i], parsed }]));
+      const rawVpcs = raw['vpcs'] as Json[];
       this.accepted = {
         raw,
-        hosts: kept(r.policy.hosts, raw['hosts']),
-        tenants: kept(r.policy.tenants, raw['tenants']),
-        vms: kept(r.policy.vms, raw['vms']),
-        vpcs: new Map(
-          r.policy.vpcs.map((parsed, i) => {
-            const rawVpc = (raw['vpcs'] as unknown[])[i] as Json;
-            const rawRules = (rawVpc['rules'] ?? []) as unknown[];
-            return [parsed.id, { raw: rawVpc, parsed, rules: new Map(parsed.rules.map((rule, j) => [rule.id, { raw: rawRules[j], parsed: rule }])) }];
-          }),
-        ),
+        doc: r.policy,
+        hosts: new KeptList(raw['hosts'] as unknown[], r.policy.hosts),
+        tenants: new KeptList(raw['tenants'] as unknown[], r.policy.tenants),
+        vms: new KeptList(raw['vms'] as unknown[], r.policy.vms),
+        vpcs: new KeptList(rawVpcs, r.policy.vpcs),
+        rawRules: new Map(r.policy.vpcs.map((v, i) => [v, (rawVpcs[i]!['rules'] ?? []) as unknown[]])),
       };
     }
     return r;
@@ -107,102 +138,141 @@ export class PolicyValidator {
     const { hosts: rawHosts, tenants: rawTenants, vpcs: rawVpcs, vms: rawVms, ...rawSettings } = raw;
     const settings = SettingsSchema.safeParse(rawSettings);
     if (!settings.success) return undefined;
+    const { hosts: _h, tenants: _t, vpcs: _v, vms: _m, ...prevSettings } = prev.doc;
+    if (!jsonEqual(prevSettings, settings.data)) this.changed = true;
     const lists = { hosts: rawHosts, tenants: rawTenants, vpcs: rawVpcs, vms: rawVms };
     for (const [name, list] of Object.entries(lists)) {
       if (!Array.isArray(list) || list.length > LIST_LIMITS[name as keyof typeof LIST_LIMITS]) return undefined;
     }
-    const next: Accepted = { raw, hosts: new Map(), tenants: new Map(), vpcs: new Map(), vms: new Map() };
-    const hosts = this.entries(rawHosts as unknown[], prev.hosts, next.hosts, (v) => HostSchema.safeParse(v));
-    const tenants = this.entries(rawTenants as unknown[], prev.tenants, next.tenants, (v) => TenantSchema.safeParse(v));
-    const vms = this.entries(rawVms as unknown[], prev.vms, next.vms, (v) => VmSchema.safeParse(v));
+    const hosts = this.entries(rawHosts as unknown[], prev.hosts, (v) => HostSchema.safeParse(v));
+    const tenants = this.entries(rawTenants as unknown[], prev.tenants, (v) => TenantSchema.safeParse(v));
+    const vms = this.entries(rawVms as unknown[], prev.vms, (v) => VmSchema.safeParse(v));
     if (hosts === undefined || tenants === undefined || vms === undefined) return undefined;
     const vpcs: Vpc[] = [];
-    for (const v of rawVpcs as unknown[]) {
-      const vpc = this.vpc(v, prev.vpcs, next.vpcs);
+    const rawRules = new Map<Vpc, readonly unknown[]>();
+    const vpcList = rawVpcs as unknown[];
+    if (vpcList.length !== prev.vpcs.parsed.length) this.changed = true;
+    for (let i = 0; i < vpcList.length; i++) {
+      const vpc = this.vpc(vpcList[i], i, prev, rawRules);
       if (vpc === undefined) return undefined;
       vpcs.push(vpc);
     }
     const doc: PolicyDocument = { ...settings.data, hosts, tenants, vpcs, vms };
     let issues = 0;
-    crossCheck(doc, () => issues++);
+    // Every VPC's rules were checked by vpc() from the diff (ids unique, no QP type twice).
+    crossCheck(doc, () => issues++, { rulesChecked: () => true });
     if (issues > 0) return undefined;
-    this.accepted = next;
+    this.accepted = {
+      raw,
+      doc,
+      hosts: new KeptList(rawHosts as unknown[], hosts),
+      tenants: new KeptList(rawTenants as unknown[], tenants),
+      vms: new KeptList(rawVms as unknown[], vms),
+      vpcs: new KeptList(vpcList, vpcs),
+      rawRules,
+    };
     return { ok: true, policy: doc };
   }
 
   /** A list's entries: kept when equal to the previous entry of the same id, else validated. */
   private entries<T extends { id: string }>(
     list: readonly unknown[],
-    prev: Map<string, Kept<T>>,
-    next: Map<string, Kept<T>>,
+    prev: KeptList<T>,
     parse: (v: unknown) => { success: true; data: T } | { success: false },
   ): T[] | undefined {
+    if (list.length !== prev.parsed.length) this.changed = true;
     const out: T[] = [];
-    for (const raw of list) {
-      const id = isObject(raw) ? raw['id'] : undefined;
-      const before = typeof id === 'string' ? prev.get(id) : undefined;
-      let parsed: T;
-      if (before !== undefined && jsonEqual(before.raw, raw)) {
-        parsed = before.parsed;
+    for (let i = 0; i < list.length; i++) {
+      const raw = list[i];
+      const at = isObject(raw) ? prev.find(raw['id'], i) : undefined;
+      if (at !== undefined && jsonEqual(prev.raws[at], raw)) {
+        if (at !== i) this.changed = true;
+        out.push(prev.parsed[at]!);
         this.last.entriesReused++;
-      } else {
-        const r = parse(raw);
-        this.last.entriesValidated++;
-        if (!r.success) return undefined;
-        parsed = r.data;
+        continue;
       }
-      // A duplicate id is crossCheck's error (the full validation then names it); keep the first.
-      if (!next.has(parsed.id)) next.set(parsed.id, { raw, parsed });
-      out.push(parsed);
+      const r = parse(raw);
+      this.changed = true;
+      this.last.entriesValidated++;
+      if (!r.success) return undefined;
+      out.push(r.data);
     }
     return out;
   }
 
-  private vpc(raw: unknown, prevVpcs: Map<string, KeptVpc>, nextVpcs: Map<string, KeptVpc>): Vpc | undefined {
+  /**
+   * One VPC: the very VPC accepted before when neither its fields nor its rules changed (so compile() keeps its
+   * compiled rule list); else its shell and its changed rules validated.
+   */
+  private vpc(raw: unknown, at: number, prev: Accepted, rawRules: Map<Vpc, readonly unknown[]>): Vpc | undefined {
     if (!isObject(raw)) return undefined;
-    const id = raw['id'];
-    const before = typeof id === 'string' ? prevVpcs.get(id) : undefined;
-    if (before !== undefined && before.raw === raw) {
+    const found = prev.vpcs.find(raw['id'], at);
+    if (found !== at) this.changed = true;
+    const before = found === undefined ? undefined : prev.vpcs.parsed[found]!;
+    const beforeRaw = found === undefined ? undefined : (prev.vpcs.raws[found] as Json);
+    if (before !== undefined && beforeRaw === raw) {
       // The very same object (etcd keeps the parsed value of an unchanged key): nothing in it changed.
       this.last.entriesReused++;
-      this.last.rulesReused += before.parsed.rules.length;
-      if (!nextVpcs.has(before.parsed.id)) nextVpcs.set(before.parsed.id, before);
-      return before.parsed;
+      this.last.rulesReused += before.rules.length;
+      rawRules.set(before, prev.rawRules.get(before)!);
+      return before;
     }
-    const { rules: rawRules, ...rawShell } = raw;
+    const { rules: rawList, ...rawShell } = raw;
     let shell: Omit<Vpc, 'rules'>;
-    if (before !== undefined && jsonEqualExcept(before.raw as Json, raw, 'rules')) {
-      const { rules: _r, ...kept } = before.parsed;
+    let shellKept = false;
+    if (before !== undefined && jsonEqualExcept(beforeRaw!, raw, 'rules')) {
+      const { rules: _r, ...kept } = before;
       shell = kept;
+      shellKept = true;
       this.last.entriesReused++;
     } else {
       const r = VpcShellSchema.safeParse(rawShell);
+      this.changed = true;
       this.last.entriesValidated++;
       if (!r.success) return undefined;
       shell = r.data;
     }
-    const list = rawRules === undefined ? [] : rawRules;
+    const list = rawList === undefined ? [] : rawList;
     if (!Array.isArray(list) || list.length > MAX_RULES_PER_VPC) return undefined;
+    const prevRules = before === undefined ? undefined : new KeptList(prev.rawRules.get(before)!, before.rules);
+    let rulesKept = prevRules !== undefined && list.length === prevRules.parsed.length;
     const rules: Rule[] = [];
-    const keptRules = new Map<number, Kept<Rule>>();
-    for (const rawRule of list as unknown[]) {
-      const ruleId = isObject(rawRule) ? rawRule['id'] : undefined;
-      const old = typeof ruleId === 'number' ? before?.rules.get(ruleId) : undefined;
-      let rule: Rule;
-      if (old !== undefined && jsonEqual(old.raw, rawRule)) {
-        rule = old.parsed;
+    // The rule checks crossCheck would do, from the diff: the accepted rules had unique ids and no QP type twice,
+    // so only a kept rule used twice, or a validated rule whose id is another's, can break them.
+    const used = new Uint8Array(prevRules?.parsed.length ?? 0);
+    const validatedIds: number[] = [];
+    for (let j = 0; j < list.length; j++) {
+      const rawRule = list[j];
+      const old = prevRules !== undefined && isObject(rawRule) ? prevRules.find(rawRule['id'], j) : undefined;
+      if (old !== undefined && jsonEqual(prevRules!.raws[old], rawRule)) {
+        if (old !== j) rulesKept = false;
+        if (used[old] === 1) return undefined; // the same rule twice: its id is used twice
+        used[old] = 1;
+        rules.push(prevRules!.parsed[old]!);
         this.last.rulesReused++;
-      } else {
-        const r = RuleSchema.safeParse(rawRule);
-        this.last.rulesValidated++;
-        if (!r.success) return undefined;
-        rule = Object.freeze({ ...r.data, qpTypes: Object.freeze([...r.data.qpTypes]) as Rule['qpTypes'] });
+        continue;
       }
-      if (!keptRules.has(rule.id)) keptRules.set(rule.id, { raw: rawRule, parsed: rule });
-      rules.push(rule);
+      rulesKept = false;
+      const r = RuleSchema.safeParse(rawRule);
+      this.last.rulesValidated++;
+      if (!r.success || hasDuplicate(r.data.qpTypes)) return undefined;
+      validatedIds.push(r.data.id);
+      rules.push(Object.freeze({ ...r.data, qpTypes: Object.freeze([...r.data.qpTypes]) as Rule['qpTypes'] }));
     }
-    const vpc: Vpc = { ...shell, rules };
-    if (!nextVpcs.has(vpc.id)) nextVpcs.set(vpc.id, { raw, parsed: vpc, rules: keptRules });
+    if (validatedIds.length > 0) {
+      const ids = new Set<number>();
+      for (const id of validatedIds) {
+        if (ids.has(id)) return undefined;
+        ids.add(id);
+        const at = prevRules?.find(id);
+        if (at !== undefined && used[at] === 1) return undefined; // a kept rule has this id
+      }
+    }
+    if (!rulesKept) this.changed = true;
+    // Nothing changed but the object: the accepted VPC itself, whose rules crossCheck need not look at again.
+    // The list frozen: compile() remembers its evaluation order by it (compiled-policy.ts).
+    const vpc: Vpc = shellKept && rulesKept ? before! : { ...shell, rules: Object.freeze(rules) as Rule[] };
+    rawRules.set(vpc, list);
     return vpc;
   }
 }
@@ -225,15 +295,14 @@ export function jsonEqual(a: unknown, b: unknown): boolean {
 }
 
 function jsonEqualExcept(a: Json, b: Json, skip: string | undefined): boolean {
-  const ka = Object.keys(a);
-  const kb = Object.keys(b);
-  if (ka.length !== kb.length) return false;
-  for (const k of ka) {
-    if (k === skip) {
-      if (!Object.hasOwn(b, k)) return false;
-      continue;
-    }
-    if (!Object.hasOwn(b, k) || !jsonEqual(a[k], b[k])) return false;
+  // for...in rather than Object.keys: no key arrays allocated per object (a reload compares a thousand rules).
+  let count = 0;
+  for (const k in a) {
+    if (!Object.hasOwn(a, k)) continue;
+    count++;
+    if (!Object.hasOwn(b, k)) return false;
+    if (k !== skip && !jsonEqual(a[k], b[k])) return false;
   }
-  return true;
+  for (const k in b) if (Object.hasOwn(b, k)) count--;
+  return count === 0;
 }

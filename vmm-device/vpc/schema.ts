@@ -203,8 +203,16 @@ export function effectiveQkey(vpc: { id: string; qkey?: number | undefined }): n
 
 export type IssueSink = (path: (string | number)[], message: string) => void;
 
+export interface CrossCheckOptions {
+  /**
+   * VPCs whose rules need no check here (ids unique, no QP type twice): incremental validation (incremental.ts)
+   * checks them from its diff, against the rules of the document it accepted last, which were checked then.
+   */
+  rulesChecked?: (vpc: Vpc) => boolean;
+}
+
 /** References, uniqueness, addresses inside their VPC, quotas within the host, QoS marking apart from the provider's. */
-export function crossCheck(d: z.output<typeof PolicyBaseSchema>, issue: IssueSink): void {
+export function crossCheck(d: z.output<typeof PolicyBaseSchema>, issue: IssueSink, opts: CrossCheckOptions = {}): void {
   const unique = <T extends { id: string }>(list: T[], name: string): Map<string, T> => {
     const seen = new Map<string, T>();
     list.forEach((item, i) => {
@@ -238,11 +246,12 @@ export function crossCheck(d: z.output<typeof PolicyBaseSchema>, issue: IssueSin
       issue(['vpcs', i, 'qkey'], `Q_Key 0x${qkey.toString(16)} is also VPC ${JSON.stringify(other)}'s: UD fencing needs one per VPC`);
     }
     qkeys.set(qkey, v.id);
+    if (opts.rulesChecked?.(v) === true) return;
     const ruleIds = new Set<number>();
     v.rules.forEach((r, j) => {
       if (ruleIds.has(r.id)) issue(['vpcs', i, 'rules', j, 'id'], `rule id ${r.id} is used twice in VPC ${JSON.stringify(v.id)}`);
       ruleIds.add(r.id);
-      if (new Set(r.qpTypes).size !== r.qpTypes.length) issue(['vpcs', i, 'rules', j, 'qpTypes'], 'lists a QP type twice');
+      if (hasDuplicate(r.qpTypes)) issue(['vpcs', i, 'rules', j, 'qpTypes'], 'lists a QP type twice');
     });
   });
   const addressesByVpc = new Map<string, Map<string, string>>();
@@ -272,6 +281,12 @@ export function crossCheck(d: z.output<typeof PolicyBaseSchema>, issue: IssueSin
     }
   });
   checkHostSums(d, issue);
+}
+
+/** Whether a short list (a rule's QP types: at most two) holds a value twice; no Set per rule on the reload path. */
+export function hasDuplicate(list: readonly unknown[]): boolean {
+  for (let i = 1; i < list.length; i++) for (let j = 0; j < i; j++) if (list[i] === list[j]) return true;
+  return false;
 }
 
 /**
