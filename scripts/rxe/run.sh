@@ -16,7 +16,7 @@
 #                       LOCAL_SOCKET (bound here) and REMOTE_SOCKET (the other test host's), nowhere else
 #   --slot-held         the caller already holds the VM slot(s) (multi-host.sh): do not queue for one
 # VRDMA_RXE_KERNEL_ARGS adds kernel parameters (e.g. "loglevel=7 initcall_debug" to see where boot time goes).
-# VRDMA_RXE_CPU replaces the emulated CPU model (default: "max" without the AVX family, see RXE_CPU below).
+# VRDMA_RXE_CPU replaces the emulated CPU model (default: "max" without PKU and the AVX family, see RXE_CPU below).
 #
 # The command's output (stdout and stderr merged, as the VM has one console) goes to stdout, and nothing else
 # does: boot messages are held back (shown on stderr only when the VM fails). Inside, VRDMA_IN_TEST_HOST=1.
@@ -36,12 +36,15 @@ RXE_EXIT_HOST_FAILED=125
 RXE_MEMORY=${VRDMA_RXE_MEMORY:-4G}
 RXE_UPPER_SIZE=75%
 RXE_VCPUS=2
-# The emulated CPU: QEMU's "max" without the AVX family. Node processes in the test host died at random at
-# start-up (issue 16): of SIGSEGV, or with a "Parse error" from tsx's WebAssembly lexer in a valid file, a wrong
-# answer that points at instruction emulation rather than at our code. Debian 12's QEMU (7.2) was the first to
-# translate AVX/AVX2 under TCG, and V8 uses them when the CPU offers them; without them V8 and everything else take
-# their SSE paths. A measure against a suspected cause, not a proven one. VRDMA_RXE_CPU overrides it.
-RXE_CPU=${VRDMA_RXE_CPU:-max,avx=off,avx2=off,fma=off,f16c=off,vaes=off,vpclmulqdq=off}
+# The emulated CPU: QEMU's "max" without protection keys (PKU) and without the AVX family. Node processes in the
+# test host died at random at start-up (issue 16): of SIGSEGV, or with a "Parse error" from tsx's WebAssembly lexer
+# in a valid file. Both are what a spurious protection fault does: outside WebAssembly it kills the process; inside
+# it, V8's trap handler takes it for an out-of-bounds access and the lexer sees a trap. V8 protects WebAssembly code
+# with protection keys when the CPU offers PKU (--wasm-memory-protection-keys, on by default); "max" under TCG offers
+# PKU, this machine's CPU does not (and no host-suite process ever crashed here). The AVX family went first (Debian
+# 12's QEMU 7.2 was the first to translate AVX under TCG), but a start-up SIGSEGV came back without it, so PKU is
+# the suspect now; both stay off. VRDMA_RXE_CPU overrides it.
+RXE_CPU=${VRDMA_RXE_CPU:-max,pku=off,avx=off,avx2=off,fma=off,f16c=off,vaes=off,vpclmulqdq=off}
 # Kernel parameters: a quiet console (the command's output shares it), power-off instead of a hang on panic,
 # and no boot work a throw-away test VM does not need (crypto self-tests, LSMs, audit, CPU bug mitigations):
 # under TCG each of these costs seconds.
