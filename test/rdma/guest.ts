@@ -460,7 +460,7 @@ export function qpAttr(v: Partial<ReturnType<typeof QpAttr.decode>>): ReturnType
  * Takes an RC QP of the guest to RTS with fixed attributes (destination QPN 0x42 at 192.168.7.2, MTU 256, all
  * access rights); every MODIFY_QP must answer OK.
  */
-export async function connectRc(g: TestGuest, qp: GuestQp): Promise<void> {
+export async function connectRc(g: TestGuest, qp: Pick<GuestQp, 'handle'>): Promise<void> {
   const S = QpAttrMask;
   const steps: [number, Parameters<TestGuest['modifyQp']>[2]][] = [
     [S.STATE | S.PKEY_INDEX | S.PORT | S.ACCESS_FLAGS, { qp_state: 1, port_num: 1, qp_access_flags: 7 }],

@@ -20,36 +20,18 @@ import {
   ResourceKind,
   Status,
 } from '../../vmm-device/abi/rdma/index.ts';
-import { gidFromIpv4 } from '../../vmm-device/rdma/index.ts';
 import { RangeAllocator, SlotAllocator } from '../../vmm-device/rdma/mapped/region.ts';
 import type { QueueOffload } from '../../vmm-device/virtio/device.ts';
 import * as sys from '../../vmm-device/native/sys.ts';
-import { PAGE, waitFor, type TestGuest } from './guest.ts';
+import { PAGE, connectRc, waitFor } from './guest.ts';
 import { MAPPED_FEATURES, createMappedCq, createMappedQp, mappedQpRequest, mappedRig, qpCmd, type MappedRig } from './mapped-rig.ts';
-
-const S = QpAttrMask;
-
-async function connect(g: TestGuest, handle: number): Promise<void> {
-  const steps: [number, Parameters<TestGuest['modifyQp']>[2]][] = [
-    [S.STATE | S.PKEY_INDEX | S.PORT | S.ACCESS_FLAGS, { qp_state: 1, port_num: 1, qp_access_flags: 7 }],
-    [
-      S.STATE | S.AV | S.PATH_MTU | S.DEST_QPN | S.RQ_PSN | S.MAX_DEST_RD_ATOMIC | S.MIN_RNR_TIMER,
-      { qp_state: 2, path_mtu: 1, dest_qp_num: 0x42, max_dest_rd_atomic: 1, min_rnr_timer: 1, hop_limit: 64, dgid: gidFromIpv4('192.168.7.2') },
-    ],
-    [S.STATE | S.SQ_PSN | S.TIMEOUT | S.RETRY_CNT | S.RNR_RETRY | S.MAX_QP_RD_ATOMIC, { qp_state: 3, timeout: 14, retry_cnt: 7, rnr_retry: 7, max_rd_atomic: 1 }],
-  ];
-  for (const [mask, attr] of steps) {
-    const a = await g.modifyQp(handle, mask, attr);
-    if (a.status !== Status.OK) throw new Error(`modify failed ${a.status} ${a.detail}`);
-  }
-}
 
 async function objects(rig: MappedRig, opts: { connect?: boolean } = {}) {
   const { g } = rig;
   const pd = await g.createPd();
   const cq = await createMappedCq(g);
   const qp = await createMappedQp(g, { pd_handle: pd, send_cq_handle: cq.handle, recv_cq_handle: cq.handle });
-  if (opts.connect === true) await connect(g, qp.handle);
+  if (opts.connect === true) await connectRc(g, qp);
   return { pd, cq, qp, slot: Number(qp.doorbellOffset / 8n) };
 }
 
@@ -67,7 +49,7 @@ t.test('doorbells (spec 13.6): RTS and ERR ring the engine; SQ and RQ records na
   const engine = verbs.engines.at(-1)!;
   t.ok(engine.calls.includes(`attach ${slot} qp ${g.device.qps.get(qp.handle)!.host.id}`), 'the slot is attached at creation');
   t.equal(engine.calls.filter((c) => c.startsWith('ring')).length, 0, 'nothing rung before RTS');
-  await connect(g, qp.handle);
+  await connectRc(g, qp);
   t.same(engine.calls.filter((c) => c.startsWith('ring')), [`ring ${slot}`], 'the move to RTS executes the remembered doorbell once');
   // The guest stores into its slot through the VMM's mapping of the doorbell pages.
   const v = new Uint8Array(4);
@@ -91,7 +73,7 @@ t.test('doorbells (spec 13.6): RTS and ERR ring the engine; SQ and RQ records na
     'DOORBELL_ERROR WRONG_STATE for the SQ and the RQ record',
   );
   t.equal(g.device.qpCounters().find((c) => c.handle === qp.handle)!.relayedWorkRequests, 0, 'the relay took no work request of the mapped QP');
-  const m = await g.modifyQp(qp.handle, S.STATE, { qp_state: QpState.ERR });
+  const m = await g.modifyQp(qp.handle, QpAttrMask.STATE, { qp_state: QpState.ERR });
   t.equal(m.status, Status.OK);
   t.same(engine.calls.filter((c) => c.startsWith('ring')), [`ring ${slot}`, `ring ${slot}`], 'ERR executes the doorbell (the host flushes)');
 });
@@ -280,7 +262,7 @@ t.test('per-QP counters: the relay counts the work requests it handled; a mapped
   const { qp, slot, pd } = await objects(rig, { connect: true });
   const rcq = await g.createCq(16);
   const rqp = await g.createQp(pd, rcq, rcq);
-  await connect(g, rqp.handle);
+  await connectRc(g, rqp);
   rqp.writeSend({ wr_id: 1n, opcode: 2, flags: 1 });
   await g.ring([{ handle: rqp.handle, type: DoorbellType.SQ }]);
   verbs.engines.at(-1)!.store(slot, 1);
