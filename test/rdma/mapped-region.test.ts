@@ -3,19 +3,12 @@
 // extents exact, sorted and merged while the list fragments (a guest may destroy its mapped queues in any order).
 import t from 'tap';
 import { RangeAllocator, type RegionRange } from '../../vmm-device/rdma/mapped/region.ts';
+import { prng } from '../util/xorshift.ts';
 
 const PAGE = 4096n;
 
 t.test('random allocations and releases agree with a page bitmap; the free list stays merged', async (t) => {
-  let x = 0x1234567;
-  const rnd = (n: number) => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x % n;
-  };
+  const rnd = prng(0x1234567);
   const PAGES = 4096;
   const base = 16n * PAGE;
   const r = new RangeAllocator(base, BigInt(PAGES) * PAGE);

@@ -3,19 +3,7 @@
 // (the lists it replaced read all n per request, which made a set-up of N mapped QPs cost O(N^2)).
 import t from 'tap';
 import { RangeIndex, type IndexedRange } from '../../vmm-device/util/range-index.ts';
-
-/** A small deterministic PRNG (xorshift32): the same operations every run. */
-function prng(seed: number): (n: number) => number {
-  let x = seed >>> 0 || 1;
-  return (n) => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x % n;
-  };
-}
+import { prng } from './xorshift.ts';
 
 interface R extends IndexedRange {
   readonly id: number;
