@@ -5,19 +5,7 @@
 import t from 'tap';
 import * as L from '../../vmm-device/abi/rdma/index.ts';
 import type { FieldDef, Layout } from '../../vmm-device/abi/rdma/index.ts';
-
-/** A small deterministic generator so that failures reproduce. */
-function rng(seed: number): () => number {
-  let x = seed >>> 0 || 1;
-  return () => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
-}
+import { xorshift32 } from '../util/xorshift.ts';
 
 function randomValue(layout: Layout<unknown>, next: () => number): Record<string, unknown> {
   const v: Record<string, unknown> = {};
@@ -98,7 +86,7 @@ t.test('sizes the data path depends on', async (t) => {
 });
 
 t.test('round trips: random, largest and zero values, at offset 0 and inside a larger buffer', async (t) => {
-  const next = rng(0x5eed);
+  const next = xorshift32(0x5eed);
   for (const layout of layouts) {
     const zero = Object.fromEntries(Object.entries(maxValue(layout)).map(([k, v]) => [k, typeof v === 'bigint' ? 0n : v instanceof Uint8Array ? new Uint8Array(v.length) : 0]));
     for (const value of [randomValue(layout, next), randomValue(layout, next), maxValue(layout), zero]) {
@@ -134,7 +122,7 @@ t.test('fields land little-endian at the declared offsets', async (t) => {
 });
 
 t.test('reserved bytes: zeroed by encode, ignored by decode', async (t) => {
-  const next = rng(7);
+  const next = xorshift32(7);
   for (const layout of layouts.filter((l) => l.fields.some((f) => f.type === 'reserved'))) {
     const value = randomValue(layout, next);
     const buf = new Uint8Array(layout.size).fill(0xff);
