@@ -7,46 +7,21 @@
 // test/cli/fake-backend.ts.
 
 import { run } from '../../vmm-device/cli/main.ts';
-import { QpState, QpType, SendFlags, WcOpcode, WcStatus, WrOpcode } from '../../vmm-device/verbs/constants.ts';
+import { QpState, QpType, SendFlags, WrOpcode } from '../../vmm-device/verbs/constants.ts';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
-import type { QpAttr, QpHandle } from '../../vmm-device/verbs/host-verbs.ts';
+import type { QpHandle } from '../../vmm-device/verbs/host-verbs.ts';
 import { decodeSendWrs } from '../../vmm-device/verbs/layout.ts';
-import type { SendWrList, WorkCompletion } from '../../vmm-device/verbs/layout.ts';
-
-/** What this double reads of FakeVerbs' private bookkeeping (kept structural: FakeVerbs is not this file's). */
-interface DoubleQp {
-  kind: string;
-  handle: QpHandle;
-  state: number;
-  attr: QpAttr;
-  recvCq: number;
-  recvQueue: bigint[];
-}
-interface DoubleInternals {
-  objects: Map<number, { kind: string }>;
-  pushCompletion(cqId: number, wc: WorkCompletion, solicited: boolean): void;
-  wc(qp: DoubleQp, wrId: bigint, status: number, opcode: number, byteLen?: number): WorkCompletion;
-}
+import type { SendWrList } from '../../vmm-device/verbs/layout.ts';
 
 class LoopbackVerbs extends FakeVerbs {
   override postSend(qp: QpHandle, wrs: SendWrList): void {
     super.postSend(qp, wrs); // every check and the sender's own completion
-    const self = this as unknown as DoubleInternals;
-    const q = self.objects.get(qp.id) as DoubleQp | undefined;
-    if (q === undefined || q.handle.qpType !== QpType.RC || q.state !== QpState.RTS) return;
-    let peer: DoubleQp | undefined;
-    for (const o of self.objects.values()) {
-      const c = o as DoubleQp;
-      if (c.kind === 'qp' && c.handle.qpNum === q.attr.destQpNum) peer = c;
-    }
-    if (peer === undefined || (peer.state !== QpState.RTR && peer.state !== QpState.RTS)) return;
+    const sender = this.qpConnection(qp);
+    if (qp.qpType !== QpType.RC || sender?.state !== QpState.RTS || sender.destQpNum === undefined) return;
     for (const wr of decodeSendWrs(wrs.bytes, wrs.count)) {
       if (wr.opcode !== WrOpcode.SEND && wr.opcode !== WrOpcode.SEND_WITH_IMM) continue;
-      const wrId = peer.recvQueue.shift();
-      if (wrId === undefined) continue; // no receive posted: real RC would retry (RNR); the double drops it
       const bytes = wr.inline?.length ?? wr.sgList.reduce((s, g) => s + g.length, 0);
-      const wc = self.wc(peer, wrId, WcStatus.SUCCESS, WcOpcode.RECV, bytes);
-      self.pushCompletion(peer.recvCq, { ...wc, srcQp: q.handle.qpNum }, (wr.sendFlags & SendFlags.SOLICITED) !== 0);
+      this.deliverSend(sender.destQpNum, qp.qpNum, bytes, (wr.sendFlags & SendFlags.SOLICITED) !== 0);
     }
   }
 }

@@ -4,7 +4,7 @@ import t from 'tap';
 import { FakeVerbs } from '../../vmm-device/verbs/fake-verbs.ts';
 import { VerbsError } from '../../vmm-device/verbs/host-verbs.ts';
 import { RecvWrList, SendWrList, WcBuffer } from '../../vmm-device/verbs/layout.ts';
-import { Access, QpState, QpType, SendFlags, WcStatus, WrOpcode } from '../../vmm-device/verbs/constants.ts';
+import { Access, QpState, QpType, SendFlags, WcOpcode, WcStatus, WrOpcode } from '../../vmm-device/verbs/constants.ts';
 
 async function setup(fake = new FakeVerbs()) {
   const device = await fake.openDevice('fake0');
@@ -103,4 +103,23 @@ t.test('a device that does not exist, and an injected failure of the device list
   t.throws(() => fake.listDevices(), { name: 'VerbsError', errno: 'ENOSYS' });
   t.same(fake.listDevices().map((d) => d.name), ['fake0']);
   t.same(fake.calls, ['ibv_open_device', 'ibv_get_device_list', 'ibv_get_device_list']);
+});
+
+t.test('qpConnection reads a QP state and destination; deliverSend completes a receive only on an RTR or RTS QP', async (t) => {
+  const { fake, pd, cq, init } = await setup();
+  const qp = await fake.createQp(pd, init);
+  t.same(fake.qpConnection(qp), { state: QpState.RESET, destQpNum: undefined });
+  t.equal(fake.qpConnection({ ...qp, id: cq.id }), undefined, 'a handle naming a CQ is no QP');
+  await fake.modifyQp(qp, { qpState: QpState.INIT });
+  fake.postRecv(qp, new RecvWrList().push({ wrId: 5 }));
+  t.notOk(fake.deliverSend(qp.qpNum, 0x999, 64, false), 'INIT takes no SEND');
+  await fake.modifyQp(qp, { qpState: QpState.RTR, destQpNum: 0x777 });
+  t.same(fake.qpConnection(qp), { state: QpState.RTR, destQpNum: 0x777 });
+  t.notOk(fake.deliverSend(qp.qpNum + 1, 0x999, 64, false), 'no QP of that number');
+  t.ok(fake.deliverSend(qp.qpNum, 0x999, 64, false));
+  t.notOk(fake.deliverSend(qp.qpNum, 0x999, 64, false), 'no receive left');
+  const wcs = new WcBuffer(4);
+  t.equal(fake.pollCq(cq, wcs), 1);
+  const [wc] = wcs.toArray();
+  t.same([wc!.wrId, wc!.status, wc!.opcode, wc!.byteLen, wc!.qpNum, wc!.srcQp], [5n, WcStatus.SUCCESS, WcOpcode.RECV, 64, qp.qpNum, 0x999]);
 });

@@ -181,6 +181,30 @@ export class FakeVerbs implements hv.HostVerbs {
     return true;
   }
 
+  /** A QP's state and destination QP number as the double keeps them (undefined: no such QP). */
+  qpConnection(qp: hv.QpHandle): { readonly state: number; readonly destQpNum: number | undefined } | undefined {
+    const q = this.objects.get(qp.id) as FakeQp | undefined;
+    return q === undefined || q.kind !== 'qp' ? undefined : { state: q.state, destQpNum: q.attr.destQpNum };
+  }
+
+  /**
+   * A SEND of `byteLen` bytes from QP `srcQp` arrives at the QP numbered `qpNum` (for a double that connects its own
+   * QPs): completes the oldest receive posted there, if that QP is in RTR or RTS and has one. False otherwise (real
+   * RC would retry, RNR; the double drops it).
+   */
+  deliverSend(qpNum: number, srcQp: number, byteLen: number, solicited: boolean): boolean {
+    for (const o of this.objects.values()) {
+      const q = o as FakeQp;
+      if (o.kind !== 'qp' || q.handle.qpNum !== qpNum) continue;
+      if (q.state !== QpState.RTR && q.state !== QpState.RTS) return false;
+      const wrId = q.recvQueue.shift();
+      if (wrId === undefined) return false;
+      this.pushCompletion(q.recvCq, { ...this.wc(q, wrId, WcStatus.SUCCESS, WcOpcode.RECV, byteLen), srcQp }, solicited);
+      return true;
+    }
+    return false;
+  }
+
   /** Live objects by kind (a leak check for code under test). */
   liveObjects(): Record<Kind, number> {
     const out: Record<Kind, number> = { device: 0, pd: 0, cq: 0, qp: 0, mr: 0, ah: 0 };
