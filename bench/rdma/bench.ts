@@ -52,10 +52,9 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { AccessFlag, FeatureBit, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
-import { MappedCq, RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr, type WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
+import { AccessFlag, FeatureBit } from '../../vmm-device/abi/rdma/index.ts';
+import { MappedCq, RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd } from '../../guest-driver-spec/driver/index.ts';
 import { attachDevice, Cleanups, type TransportKind } from '../../guest-driver-spec/driver/attach.ts';
 import { RdmaDevice, StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
@@ -64,6 +63,7 @@ import type { CqHandle, DeviceHandle, GidEntry, HostVerbs, PdHandle, QpHandle } 
 import type { SendWrList, WcBuffer } from '../../vmm-device/verbs/layout.ts';
 import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { RecordingLogger } from '../../vmm-device/util/log.ts';
+import { CompletionCounter, now, openRcPair, usBetween, waitUntil, writeBandwidth as sharedWriteBandwidth, writeLatency as sharedWriteLatency, type RcPair } from '../common/data-path.ts';
 import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts';
 import { mean, median, record, writeResults, type BenchRecord } from '../common/results.ts';
 import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
@@ -127,9 +127,6 @@ const ALL_ACCESS = AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE | AccessFlag
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const RESULTS = path.resolve(here, '../../bench-results/rdma.json');
-
-const now = (): bigint => process.hrtime.bigint();
-const usBetween = (a: bigint, b: bigint): number => Number(b - a) / 1000;
 
 // ------------------------------------------------------------------------------------------------ the probe
 
@@ -236,62 +233,10 @@ async function openTestbed(kind: TransportKind, verbs: HostVerbs): Promise<Testb
   }
 }
 
-interface DataPair {
-  qa: Qp;
-  qb: Qp;
-  cqa: Cq;
-  cqb: Cq;
-  release: () => Promise<void>;
-}
-
-/** An RC QP on each VM, connected to each other, each with its own CQ. */
-async function dataPair(t: Testbed): Promise<DataPair> {
+/** An RC QP on each VM, connected to each other, each with its own CQ; the data QPs take inline sends. */
+function dataPair(t: Testbed): Promise<RcPair> {
   const inline = (vm: Vm): number => (vm.ctx.driver.has(FeatureBit.INLINE) ? Math.min(MAX_INLINE, vm.ctx.config.max_inline_data) : 0);
-  const make = async (vm: Vm): Promise<{ qp: Qp; cq: Cq }> => {
-    const cq = await vm.ctx.createCq(2 * TX_DEPTH);
-    const qp = await vm.ctx.createQp(vm.pd, {
-      type: 'RC',
-      sendCq: cq,
-      recvCq: cq,
-      maxSendWr: TX_DEPTH,
-      maxRecvWr: RECV_DEPTH,
-      maxSendSge: 1,
-      maxRecvSge: 1,
-      maxInlineData: inline(vm),
-    });
-    return { qp, cq };
-  };
-  const A = await make(t.a);
-  const B = await make(t.b);
-  await A.qp.connect({ gid: t.b.ctx.gid, qpn: B.qp.qpNum }, { accessFlags: ALL_ACCESS });
-  await B.qp.connect({ gid: t.a.ctx.gid, qpn: A.qp.qpNum }, { accessFlags: ALL_ACCESS });
-  return {
-    qa: A.qp,
-    qb: B.qp,
-    cqa: A.cq,
-    cqb: B.cq,
-    release: async () => {
-      await A.qp.destroy();
-      await B.qp.destroy();
-      await A.cq.destroy();
-      await B.cq.destroy();
-    },
-  };
-}
-
-function checkWcs(wcs: readonly WorkCompletion[], what: string): void {
-  for (const wc of wcs) if (wc.status !== WcStatus.SUCCESS) throw new Error(`${what}: completion ${wc.opcodeName} ${wc.statusName}`);
-}
-
-/** Yields to the event loop until `done()` holds; throws after WAIT_MS. */
-async function waitUntil(done: () => boolean, what: string): Promise<void> {
-  if (done()) return;
-  const deadline = Date.now() + WAIT_MS;
-  for (;;) {
-    await yieldToLoop();
-    if (done()) return;
-    if (Date.now() > deadline) throw new Error(`${what}: nothing within ${WAIT_MS} ms`);
-  }
+  return openRcPair(t.a, t.b, 2 * TX_DEPTH, (vm) => ({ maxSendWr: TX_DEPTH, maxRecvWr: RECV_DEPTH, maxInlineData: inline(vm) }));
 }
 
 // ------------------------------------------------------------------------------------------------ setup
@@ -443,75 +388,22 @@ function legParts(probe: Probe, run: LatencyRun, t0: bigint, posted: bigint, see
   }
 }
 
-/** Tracks signaled send completions owed to one side; checks every completion it sees. */
-class CompletionCounter {
-  owedSends = 0;
-  recvs = 0;
-  constructor(readonly cq: Cq, readonly what: string) {}
-  take(): void {
-    const wcs = this.cq.poll();
-    if (wcs.length === 0) return;
-    checkWcs(wcs, this.what);
-    for (const wc of wcs) {
-      if (wc.opcode === WcOpcode.RECV) this.recvs++;
-      else this.owedSends--;
-    }
-  }
-  async drainSends(): Promise<void> {
-    await waitUntil(() => {
-      this.take();
-      return this.owedSends <= 0;
-    }, `${this.what}: signaled completions`);
-  }
-}
-
-/** RDMA WRITE ping-pong as ib_write_lat: A writes B's slot, B sees the last byte change and writes A's. */
+/** RDMA WRITE ping-pong as ib_write_lat (bench/common/data-path.ts), each leg split with the probe. */
 async function writeLatency(t: Testbed, probe: Probe): Promise<LatencyRun> {
   const pair = await dataPair(t);
   const run = emptyLatency();
   try {
-    const inlineOk = pair.qa.caps.maxInlineData >= LAT_SIZE && pair.qb.caps.maxInlineData >= LAT_SIZE;
-    const last = LAT_SIZE - 1;
-    const sides = [
-      { vm: t.a, qp: pair.qa, peer: t.b, counter: new CompletionCounter(pair.cqa, 'WRITE latency A') },
-      { vm: t.b, qp: pair.qb, peer: t.a, counter: new CompletionCounter(pair.cqb, 'WRITE latency B') },
-    ] as const;
-    const wr = (s: (typeof sides)[number], value: number, signaled: boolean): SendWr => {
-      const payload = new Uint8Array(LAT_SIZE);
-      payload[last] = value;
-      s.vm.buf.write(SEND_AT, payload);
-      return {
-        wrId: BigInt(value),
-        opcode: 'RDMA_WRITE',
-        signaled,
-        remoteAddr: s.peer.mr.iova + BigInt(RECV_AT),
-        rkey: s.peer.mr.rkey,
-        ...(inlineOk ? { inline: payload } : { sgList: [s.vm.mr.sge(SEND_AT, LAT_SIZE)] }),
-      };
-    };
-    for (const s of sides) s.vm.buf.fill(0, RECV_AT, LAT_SIZE);
-    for (let i = 0; i < LAT_ITERS + LAT_WARMUP; i++) {
-      const value = (i % 255) + 1; // never 0, and different from the previous iteration's
-      const signaled = i % SIGNAL_EVERY === SIGNAL_EVERY - 1;
-      const keep = i >= LAT_WARMUP;
-      probe.clear();
-      probe.on = keep;
-      const start = now();
-      let legStart = start;
-      for (const s of sides) {
-        await s.qp.postSend([wr(s, value, signaled)]);
-        const posted = now();
-        if (signaled) s.counter.owedSends++;
-        await waitUntil(() => s.peer.buf.read(RECV_AT + last, 1)[0] === value, `WRITE ${i} from ${s.vm.name}`);
-        const seen = now();
-        if (keep) legParts(probe, run, legStart, posted, seen, false);
-        legStart = seen;
-      }
-      if (keep) run.samples.push(usBetween(start, legStart) / 2);
-      probe.on = false;
-      for (const s of sides) s.counter.take();
-    }
-    for (const s of sides) await s.counter.drainSends();
+    const params = { size: LAT_SIZE, iters: LAT_ITERS, warmup: LAT_WARMUP, signalEvery: SIGNAL_EVERY, sendAt: SEND_AT, recvAt: RECV_AT, waitMs: WAIT_MS, inline: true, awaitEachSignaled: false };
+    run.samples = await sharedWriteLatency(pair, t.a, t.b, params, {
+      begin: (keep) => {
+        probe.clear();
+        probe.on = keep;
+      },
+      leg: (start, posted, seen) => legParts(probe, run, start, posted, seen, false),
+      end: () => {
+        probe.on = false;
+      },
+    });
     return run;
   } finally {
     probe.on = false;
@@ -526,8 +418,8 @@ async function sendLatency(t: Testbed, probe: Probe): Promise<LatencyRun> {
   try {
     const inlineOk = pair.qa.caps.maxInlineData >= LAT_SIZE && pair.qb.caps.maxInlineData >= LAT_SIZE;
     const sides = [
-      { vm: t.a, qp: pair.qa, counter: new CompletionCounter(pair.cqa, 'SEND latency A'), posted: 0 },
-      { vm: t.b, qp: pair.qb, counter: new CompletionCounter(pair.cqb, 'SEND latency B'), posted: 0 },
+      { vm: t.a, qp: pair.qa, counter: new CompletionCounter(pair.cqa, 'SEND latency A', WAIT_MS), posted: 0 },
+      { vm: t.b, qp: pair.qb, counter: new CompletionCounter(pair.cqb, 'SEND latency B', WAIT_MS), posted: 0 },
     ];
     const recvWr = (s: (typeof sides)[number]) => ({ wrId: BigInt(s.posted++), sgList: [s.vm.mr.sge(RECV_AT, LAT_SIZE)] });
     const refill = async (s: (typeof sides)[number], n: number): Promise<void> => {
@@ -558,7 +450,7 @@ async function sendLatency(t: Testbed, probe: Probe): Promise<LatencyRun> {
         await waitUntil(() => {
           peer.counter.take();
           return peer.counter.recvs >= want;
-        }, `SEND ${i} from ${s.vm.name}`);
+        }, `SEND ${i} from ${s.vm.name}`, WAIT_MS);
         const seen = now();
         if (keep) legParts(probe, run, legStart, posted, seen, true);
         legStart = seen;
@@ -576,37 +468,11 @@ async function sendLatency(t: Testbed, probe: Probe): Promise<LatencyRun> {
 
 // ------------------------------------------------------------------------------------------------ bandwidth
 
-/**
- * A streams BW_ITERS 64 KiB WRITEs into B, one work request per post (as ib_write_bw posts them), at most TX_DEPTH
- * in flight, every SIGNAL_EVERY-th signaled. When the window is full the guest sleeps on the CQ's completion
- * interrupt (arm, poll, wait) instead of spinning: a spinning guest would take the CPU rxe's kernel work needs.
- * Returns MiB/s.
- */
+/** A streams BW_ITERS 64 KiB WRITEs into B, TX_DEPTH in flight (bench/common/data-path.ts). Returns MiB/s. */
 async function writeBandwidth(t: Testbed): Promise<number> {
   const pair = await dataPair(t);
   try {
-    const total = Math.ceil(BW_ITERS / SIGNAL_EVERY) * SIGNAL_EVERY;
-    const wr = (i: number): SendWr => ({
-      wrId: BigInt(i),
-      opcode: 'RDMA_WRITE',
-      signaled: i % SIGNAL_EVERY === SIGNAL_EVERY - 1,
-      sgList: [t.a.mr.sge(0, BW_SIZE)],
-      remoteAddr: t.b.mr.iova + BigInt(BW_SIZE),
-      rkey: t.b.mr.rkey,
-    });
-    let posted = 0;
-    let completed = 0;
-    const start = now();
-    while (completed < total) {
-      while (posted < total && posted - completed < TX_DEPTH) await pair.qa.postSend([wr(posted++)]);
-      let wcs = pair.cqa.poll();
-      if (wcs.length === 0) wcs = await pair.cqa.waitPoll(1, WAIT_MS);
-      if (wcs.length === 0) throw new Error(`bandwidth run stalled at ${completed}/${total} WRITEs`);
-      checkWcs(wcs, 'WRITE bandwidth');
-      completed += wcs.length * SIGNAL_EVERY;
-    }
-    const seconds = Number(now() - start) / 1e9;
-    return (total * BW_SIZE) / seconds / 2 ** 20;
+    return await sharedWriteBandwidth(pair, t.a, t.b, { size: BW_SIZE, iters: BW_ITERS, txDepth: TX_DEPTH, signalEvery: SIGNAL_EVERY, waitMs: WAIT_MS });
   } finally {
     await pair.release();
   }

@@ -14,10 +14,9 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
-import { AccessFlag, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
-import { RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr } from '../../guest-driver-spec/driver/index.ts';
+import { AccessFlag } from '../../vmm-device/abi/rdma/index.ts';
+import { RdmaContext } from '../../guest-driver-spec/driver/index.ts';
 import { attachDevice, Cleanups, findStockQemu, qemuVersion } from '../../guest-driver-spec/driver/attach.ts';
 import { findQemu } from '../../guest-driver-spec/qtest/index.ts';
 import { RdmaDevice, StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
@@ -28,6 +27,7 @@ import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { RXE_DEVICE, RXE_HOST_IP, positiveInt } from '../common/test-host.ts';
 import type { GidTableEntry } from '../../vmm-device/rdma/index.ts';
 import { median, percentile, record, type BenchRecord } from '../common/results.ts';
+import { openRcPair, writeBandwidth, writeLatency, type DataVm, type RcPair } from '../common/data-path.ts';
 import { mergeResults } from './merge.ts';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -53,18 +53,10 @@ const TABLE: GidTableEntry[] = (['vfio-user', 'qemu'] as const).flatMap((kind, k
   (['a', 'b'] as const).map((side, s) => ({ vmId: vmName(kind, side), vpc: 'bench', virtualIp: `192.168.9.${1 + 2 * k + s}`, hostIp: RXE_HOST_IP })),
 );
 const host = new SysHost();
-const now = (): bigint => process.hrtime.bigint();
-
-interface Vm {
-  ctx: RdmaContext;
-  pd: Pd;
-  buf: GuestBuffer;
-  mr: Mr;
-}
 
 interface Testbed {
-  a: Vm;
-  b: Vm;
+  a: DataVm;
+  b: DataVm;
   close(): Promise<string[]>;
 }
 
@@ -76,7 +68,7 @@ async function openTestbed(kind: Kind, verbs: NativeVerbs, resolver: StaticAddre
     fs.rmSync(dir, { recursive: true, force: true });
     return errors;
   };
-  const openVm = async (name: string): Promise<Vm> => {
+  const openVm = async (name: string): Promise<DataVm> => {
     // Mapping off on both: the relayed path is what is compared (vfio-user never offers it anyway).
     const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper, hostQueueMapping: 'off' });
     cleanups.add(`${name} device`, () => device.close());
@@ -86,7 +78,7 @@ async function openTestbed(kind: Kind, verbs: NativeVerbs, resolver: StaticAddre
     const pd = await ctx.allocPd();
     const buf = ctx.allocBuffer(BUFFER_BYTES);
     const mr = await ctx.regMr(pd, buf, ALL_ACCESS);
-    return { ctx, pd, buf, mr };
+    return { name, ctx, pd, buf, mr };
   };
   try {
     return { a: await openVm(vmName(kind, 'a')), b: await openVm(vmName(kind, 'b')), close };
@@ -96,116 +88,27 @@ async function openTestbed(kind: Kind, verbs: NativeVerbs, resolver: StaticAddre
   }
 }
 
-interface Pair {
-  qa: Qp;
-  qb: Qp;
-  cqa: Cq;
-  cqb: Cq;
-  release(): Promise<void>;
-}
-
-async function rcPair(t: Testbed): Promise<Pair> {
-  const make = async (vm: Vm): Promise<{ qp: Qp; cq: Cq }> => {
-    const cq = await vm.ctx.createCq(2 * TX_DEPTH);
-    const qp = await vm.ctx.createQp(vm.pd, { type: 'RC', sendCq: cq, recvCq: cq, maxSendWr: TX_DEPTH, maxRecvWr: 4, maxSendSge: 1, maxRecvSge: 1 });
-    return { qp, cq };
-  };
-  const A = await make(t.a);
-  const B = await make(t.b);
-  await A.qp.connect({ gid: t.b.ctx.gid, qpn: B.qp.qpNum }, { accessFlags: ALL_ACCESS });
-  await B.qp.connect({ gid: t.a.ctx.gid, qpn: A.qp.qpNum }, { accessFlags: ALL_ACCESS });
-  return {
-    qa: A.qp,
-    qb: B.qp,
-    cqa: A.cq,
-    cqb: B.cq,
-    release: async () => {
-      await A.qp.destroy();
-      await B.qp.destroy();
-      await A.cq.destroy();
-      await B.cq.destroy();
-    },
-  };
-}
-
-async function waitUntil(done: () => boolean, what: string): Promise<void> {
-  const deadline = Date.now() + WAIT_MS;
-  while (!done()) {
-    if (Date.now() > deadline) throw new Error(`${what}: nothing within ${WAIT_MS} ms`);
-    await yieldToLoop();
-  }
+/** An RC pair between the testbed's VMs; the QPs take the driver's default inline size, which the loops do not use. */
+function rcPair(t: Testbed): Promise<RcPair> {
+  return openRcPair(t.a, t.b, 2 * TX_DEPTH, () => ({ maxSendWr: TX_DEPTH, maxRecvWr: 4 }));
 }
 
 /** One-way RDMA WRITE latencies (us): A writes B's slot, B sees the byte change and writes A's; half the round. */
-async function writeLatency(t: Testbed): Promise<number[]> {
+async function writeLatencies(t: Testbed): Promise<number[]> {
   const pair = await rcPair(t);
   try {
-    const sides = [
-      { vm: t.a, qp: pair.qa, cq: pair.cqa, peer: t.b, owed: 0 },
-      { vm: t.b, qp: pair.qb, cq: pair.cqb, peer: t.a, owed: 0 },
-    ];
-    // One WRITE in SIGNAL_EVERY is signaled (as ib_write_lat does), so the send queue's slots come back.
-    const take = (s: (typeof sides)[number]): void => {
-      for (const wc of s.cq.poll()) {
-        if (wc.status !== WcStatus.SUCCESS) throw new Error(`WRITE latency: ${wc.opcodeName} ${wc.statusName}`);
-        s.owed--;
-      }
-    };
-    for (const s of sides) s.vm.buf.fill(0, RECV_AT, LAT_SIZE);
-    const samples: number[] = [];
-    for (let i = 0; i < LAT_WARMUP + LAT_ITERS; i++) {
-      const value = (i % 255) + 1;
-      const start = now();
-      for (const s of sides) {
-        const payload = new Uint8Array(LAT_SIZE);
-        payload[LAT_SIZE - 1] = value;
-        s.vm.buf.write(SEND_AT, payload);
-        const signaled = i % SIGNAL_EVERY === SIGNAL_EVERY - 1;
-        if (signaled) s.owed++;
-        await s.qp.postSend([{ wrId: BigInt(i), opcode: 'RDMA_WRITE', signaled, sgList: [s.vm.mr.sge(SEND_AT, LAT_SIZE)], remoteAddr: s.peer.mr.iova + BigInt(RECV_AT), rkey: s.peer.mr.rkey }]);
-        await waitUntil(() => s.peer.buf.read(RECV_AT + LAT_SIZE - 1, 1)[0] === value, `WRITE ${i}`);
-      }
-      if (i >= LAT_WARMUP) samples.push(Number(now() - start) / 1000 / 2);
-      // Outside the timed part: a signaled WRITE's completion is taken before the next group, so the send queue
-      // (TX_DEPTH > SIGNAL_EVERY) never fills.
-      for (const s of sides) {
-        await waitUntil(() => {
-          take(s);
-          return s.owed <= 0;
-        }, 'WRITE latency: the signaled completion');
-      }
-    }
-    return samples;
+    // The send queue is two groups deep: each signaled WRITE's completion is awaited before the next iteration.
+    return await writeLatency(pair, t.a, t.b, { size: LAT_SIZE, iters: LAT_ITERS, warmup: LAT_WARMUP, signalEvery: SIGNAL_EVERY, sendAt: SEND_AT, recvAt: RECV_AT, waitMs: WAIT_MS, inline: false, awaitEachSignaled: true });
   } finally {
     await pair.release();
   }
 }
 
 /** MiB/s of BW_ITERS 64 KiB WRITEs A -> B, TX_DEPTH in flight; the guest sleeps on the CQ when the window is full. */
-async function writeBandwidth(t: Testbed): Promise<number> {
+async function writeBandwidthMiBs(t: Testbed): Promise<number> {
   const pair = await rcPair(t);
   try {
-    const total = Math.ceil(BW_ITERS / SIGNAL_EVERY) * SIGNAL_EVERY;
-    const wr = (i: number): SendWr => ({
-      wrId: BigInt(i),
-      opcode: 'RDMA_WRITE',
-      signaled: i % SIGNAL_EVERY === SIGNAL_EVERY - 1,
-      sgList: [t.a.mr.sge(0, BW_SIZE)],
-      remoteAddr: t.b.mr.iova + BigInt(BW_SIZE),
-      rkey: t.b.mr.rkey,
-    });
-    let posted = 0;
-    let completed = 0;
-    const start = now();
-    while (completed < total) {
-      while (posted < total && posted - completed < TX_DEPTH) await pair.qa.postSend([wr(posted++)]);
-      let wcs = pair.cqa.poll();
-      if (wcs.length === 0) wcs = await pair.cqa.waitPoll(1, WAIT_MS);
-      if (wcs.length === 0) throw new Error(`bandwidth run stalled at ${completed}/${total} WRITEs`);
-      for (const wc of wcs) if (wc.status !== WcStatus.SUCCESS) throw new Error(`WRITE bandwidth: ${wc.opcodeName} ${wc.statusName}`);
-      completed += wcs.length * SIGNAL_EVERY;
-    }
-    return (total * BW_SIZE) / (Number(now() - start) / 1e9) / 2 ** 20;
+    return await writeBandwidth(pair, t.a, t.b, { size: BW_SIZE, iters: BW_ITERS, txDepth: TX_DEPTH, signalEvery: SIGNAL_EVERY, waitMs: WAIT_MS });
   } finally {
     await pair.release();
   }
@@ -229,9 +132,9 @@ async function main(): Promise<number> {
     for (let r = 0; r < ROUNDS; r++) {
       const order: Kind[] = r % 2 === 0 ? ['vfio-user', 'qemu'] : ['qemu', 'vfio-user'];
       for (const kind of order) {
-        const l = await writeLatency(beds[kind]!);
+        const l = await writeLatencies(beds[kind]!);
         lat[kind].push(...l);
-        const b = await writeBandwidth(beds[kind]!);
+        const b = await writeBandwidthMiBs(beds[kind]!);
         bw[kind].push(b);
         console.log(`round ${r + 1} ${kind === 'qemu' ? 'vhost-user' : kind}: WRITE 2 B one-way p50 ${percentile(l, 50).toFixed(0)} us, 64 KiB WRITE ${b.toFixed(2)} MiB/s`);
       }
