@@ -10,6 +10,7 @@
 #include <endian.h>
 #include <util/udma_barrier.h>
 #include "virtio_rdma.h"
+#include "vrdma_wqe.h"
 
 static inline uint32_t vr_load_index(const __le32 *p)
 {
@@ -21,36 +22,12 @@ static inline void vr_store_index(__le32 *p, uint32_t v)
 	atomic_store_explicit((_Atomic(uint32_t) *)p, htole32(v), memory_order_release);
 }
 
-static int vr_send_opcode(enum ibv_wr_opcode op, uint8_t *out)
-{
-	switch (op) {
-	case IBV_WR_RDMA_WRITE: *out = VRDMA_WR_RDMA_WRITE; return 0;
-	case IBV_WR_RDMA_WRITE_WITH_IMM: *out = VRDMA_WR_RDMA_WRITE_WITH_IMM; return 0;
-	case IBV_WR_SEND: *out = VRDMA_WR_SEND; return 0;
-	case IBV_WR_SEND_WITH_IMM: *out = VRDMA_WR_SEND_WITH_IMM; return 0;
-	case IBV_WR_RDMA_READ: *out = VRDMA_WR_RDMA_READ; return 0;
-	case IBV_WR_ATOMIC_CMP_AND_SWP: *out = VRDMA_WR_ATOMIC_CMP_AND_SWP; return 0;
-	case IBV_WR_ATOMIC_FETCH_AND_ADD: *out = VRDMA_WR_ATOMIC_FETCH_AND_ADD; return 0;
-	default: return EOPNOTSUPP; /* no other opcode exists in version 1 (spec 10.3) */
-	}
-}
-
 static int vr_build_send(struct vr_qp *qp, const struct ibv_send_wr *wr, struct vrdma_send_wqe *w)
 {
-	uint32_t len = 0;
-	int i, ret = vr_send_opcode(wr->opcode, &w->opcode);
+	int ret = vrdma_wqe_send_header(w, wr->opcode, wr->wr_id, wr->send_flags, wr->imm_data);
 
 	if (ret)
 		return ret;
-	w->wr_id = htole64(wr->wr_id);
-	if (wr->send_flags & IBV_SEND_SIGNALED)
-		w->flags |= VRDMA_SEND_SIGNALED;
-	if (wr->send_flags & IBV_SEND_SOLICITED)
-		w->flags |= VRDMA_SEND_SOLICITED;
-	if (wr->send_flags & IBV_SEND_FENCE)
-		w->flags |= VRDMA_SEND_FENCE;
-	if (wr->opcode == IBV_WR_SEND_WITH_IMM || wr->opcode == IBV_WR_RDMA_WRITE_WITH_IMM)
-		w->imm_data = htole32(be32toh(wr->imm_data)); /* big-endian in the verbs API, LE in the WQE */
 	switch (wr->opcode) {
 	case IBV_WR_RDMA_WRITE:
 	case IBV_WR_RDMA_WRITE_WITH_IMM:
@@ -75,37 +52,14 @@ static int vr_build_send(struct vr_qp *qp, const struct ibv_send_wr *wr, struct 
 		w->remote_qpn = htole32(wr->wr.ud.remote_qpn);
 		w->remote_qkey = htole32(wr->wr.ud.remote_qkey);
 	}
-	if (wr->send_flags & IBV_SEND_INLINE) {
-		/* Inline data only for SEND and WRITE (spec 10.3): the device would fail the WQE. */
-		if (wr->opcode != IBV_WR_SEND && wr->opcode != IBV_WR_SEND_WITH_IMM &&
-		    wr->opcode != IBV_WR_RDMA_WRITE && wr->opcode != IBV_WR_RDMA_WRITE_WITH_IMM)
-			return EINVAL;
-		for (i = 0; i < wr->num_sge; i++) {
-			if (wr->sg_list[i].length > qp->max_inline - len)
-				return EINVAL;
-			memcpy(w->payload.inline_data + len, (void *)(uintptr_t)wr->sg_list[i].addr,
-			       wr->sg_list[i].length);
-			len += wr->sg_list[i].length;
-		}
-		w->flags |= VRDMA_SEND_INLINE;
-		w->inline_length = htole32(len);
-		return 0;
-	}
-	if (wr->num_sge < 0 || (uint32_t)wr->num_sge > qp->max_send_sge)
-		return EINVAL;
-	w->num_sge = wr->num_sge;
-	for (i = 0; i < wr->num_sge; i++) {
-		w->payload.sge[i].addr = htole64(wr->sg_list[i].addr);
-		w->payload.sge[i].length = htole32(wr->sg_list[i].length);
-		w->payload.sge[i].lkey = htole32(wr->sg_list[i].lkey);
-	}
-	return 0;
+	return vrdma_wqe_send_payload(w, wr->opcode, wr->send_flags, wr->sg_list, wr->num_sge, qp->max_inline,
+				      qp->max_send_sge);
 }
 
 int vr_post_send(struct ibv_qp *ibqp, struct ibv_send_wr *wr, struct ibv_send_wr **bad_wr)
 {
 	struct vr_qp *qp = to_vqp(ibqp);
-	uint32_t mask = qp->sq_depth - 1, prod;
+	uint32_t prod;
 	struct ibv_send_wr *bad_db;
 	int ret = 0, posted = 0, db;
 
@@ -114,11 +68,11 @@ int vr_post_send(struct ibv_qp *ibqp, struct ibv_send_wr *wr, struct ibv_send_wr
 	for (; wr; wr = wr->next) {
 		struct vrdma_send_wqe *w;
 
-		if (prod - vr_load_index(&qp->sq_index->consumer_index) >= qp->sq_depth) {
-			ret = ENOMEM; /* full: never more than the depth ahead (spec 10.10) */
+		if (vrdma_ring_full(prod, vr_load_index(&qp->sq_index->consumer_index), qp->sq_depth)) {
+			ret = ENOMEM;
 			break;
 		}
-		w = (struct vrdma_send_wqe *)qp->sq + (prod & mask);
+		w = vrdma_ring_entry(qp->sq, prod, qp->sq_depth, sizeof(*w));
 		memset(w, 0, sizeof(*w));
 		ret = vr_build_send(qp, wr, w);
 		if (ret)
@@ -148,32 +102,23 @@ int vr_post_send(struct ibv_qp *ibqp, struct ibv_send_wr *wr, struct ibv_send_wr
 int vr_post_recv(struct ibv_qp *ibqp, struct ibv_recv_wr *wr, struct ibv_recv_wr **bad_wr)
 {
 	struct vr_qp *qp = to_vqp(ibqp);
-	uint32_t mask = qp->rq_depth - 1, prod;
+	uint32_t prod;
 	struct ibv_recv_wr *bad_db;
-	int i, ret = 0, posted = 0, db;
+	int ret = 0, posted = 0, db;
 
 	pthread_spin_lock(&qp->rq_lock);
 	prod = le32toh(qp->rq_index->producer_index);
 	for (; wr; wr = wr->next) {
 		struct vrdma_recv_wqe *w;
 
-		if (prod - vr_load_index(&qp->rq_index->consumer_index) >= qp->rq_depth) {
+		if (vrdma_ring_full(prod, vr_load_index(&qp->rq_index->consumer_index), qp->rq_depth)) {
 			ret = ENOMEM;
 			break;
 		}
-		if (wr->num_sge < 0 || (uint32_t)wr->num_sge > qp->max_recv_sge) {
-			ret = EINVAL;
+		w = vrdma_ring_entry(qp->rq, prod, qp->rq_depth, sizeof(*w));
+		ret = vrdma_wqe_recv(w, wr->wr_id, wr->sg_list, wr->num_sge, qp->max_recv_sge);
+		if (ret)
 			break;
-		}
-		w = (struct vrdma_recv_wqe *)qp->rq + (prod & mask);
-		memset(w, 0, sizeof(*w));
-		w->wr_id = htole64(wr->wr_id);
-		w->num_sge = htole32(wr->num_sge);
-		for (i = 0; i < wr->num_sge; i++) {
-			w->sge[i].addr = htole64(wr->sg_list[i].addr);
-			w->sge[i].length = htole32(wr->sg_list[i].length);
-			w->sge[i].lkey = htole32(wr->sg_list[i].lkey);
-		}
 		prod++;
 		posted++;
 	}

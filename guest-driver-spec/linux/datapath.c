@@ -6,37 +6,14 @@
  */
 #include <linux/string.h>
 #include "virtio_rdma.h"
-
-static int vrdma_send_opcode(enum ib_wr_opcode op, u8 *out)
-{
-	switch (op) {
-	case IB_WR_RDMA_WRITE: *out = VRDMA_WR_RDMA_WRITE; return 0;
-	case IB_WR_RDMA_WRITE_WITH_IMM: *out = VRDMA_WR_RDMA_WRITE_WITH_IMM; return 0;
-	case IB_WR_SEND: *out = VRDMA_WR_SEND; return 0;
-	case IB_WR_SEND_WITH_IMM: *out = VRDMA_WR_SEND_WITH_IMM; return 0;
-	case IB_WR_RDMA_READ: *out = VRDMA_WR_RDMA_READ; return 0;
-	case IB_WR_ATOMIC_CMP_AND_SWP: *out = VRDMA_WR_ATOMIC_CMP_AND_SWP; return 0;
-	case IB_WR_ATOMIC_FETCH_AND_ADD: *out = VRDMA_WR_ATOMIC_FETCH_AND_ADD; return 0;
-	default: return -EOPNOTSUPP; /* no other opcode exists in version 1 (spec 10.3) */
-	}
-}
+#include "vrdma_wqe.h"
 
 static int vrdma_build_send(struct vrdma_qp *qp, const struct ib_send_wr *wr, struct vrdma_send_wqe *w)
 {
-	int i, ret = vrdma_send_opcode(wr->opcode, &w->opcode);
+	int ret = vrdma_wqe_send_header(w, wr->opcode, wr->wr_id, wr->send_flags, wr->ex.imm_data);
 
 	if (ret)
 		return ret;
-	w->wr_id = cpu_to_le64(wr->wr_id);
-	if (wr->send_flags & IB_SEND_SIGNALED)
-		w->flags |= VRDMA_SEND_SIGNALED;
-	if (wr->send_flags & IB_SEND_SOLICITED)
-		w->flags |= VRDMA_SEND_SOLICITED;
-	if (wr->send_flags & IB_SEND_FENCE)
-		w->flags |= VRDMA_SEND_FENCE;
-	if (wr->opcode == IB_WR_SEND_WITH_IMM || wr->opcode == IB_WR_RDMA_WRITE_WITH_IMM)
-		w->imm_data = cpu_to_le32(be32_to_cpu(wr->ex.imm_data)); /* LE in the WQE (spec 1.3) */
-
 	switch (wr->opcode) {
 	case IB_WR_RDMA_WRITE:
 	case IB_WR_RDMA_WRITE_WITH_IMM:
@@ -59,42 +36,14 @@ static int vrdma_build_send(struct vrdma_qp *qp, const struct ib_send_wr *wr, st
 		w->remote_qpn = cpu_to_le32(ud_wr(wr)->remote_qpn);
 		w->remote_qkey = cpu_to_le32(ud_wr(wr)->remote_qkey);
 	}
-
-	if (wr->send_flags & IB_SEND_INLINE) {
-		u32 len = 0;
-
-		/* Inline data only for SEND and WRITE (spec 10.3); the device would fail the WQE (LOC_QP_OP_ERR). */
-		if (wr->opcode != IB_WR_SEND && wr->opcode != IB_WR_SEND_WITH_IMM &&
-		    wr->opcode != IB_WR_RDMA_WRITE && wr->opcode != IB_WR_RDMA_WRITE_WITH_IMM)
-			return -EINVAL;
-
-		/* Kernel SGE addresses are kernel virtual addresses here (virtual DMA device, main.c). */
-		for (i = 0; i < wr->num_sge; i++) {
-			if (wr->sg_list[i].length > qp->max_inline - len)
-				return -EINVAL;
-			memcpy(w->payload.inline_data + len, (void *)(uintptr_t)wr->sg_list[i].addr,
-			       wr->sg_list[i].length);
-			len += wr->sg_list[i].length;
-		}
-		w->flags |= VRDMA_SEND_INLINE;
-		w->inline_length = cpu_to_le32(len);
-		return 0;
-	}
-	if (wr->num_sge > qp->max_send_sge)
-		return -EINVAL;
-	w->num_sge = wr->num_sge;
-	for (i = 0; i < wr->num_sge; i++) {
-		w->payload.sge[i].addr = cpu_to_le64(wr->sg_list[i].addr);
-		w->payload.sge[i].length = cpu_to_le32(wr->sg_list[i].length);
-		w->payload.sge[i].lkey = cpu_to_le32(wr->sg_list[i].lkey);
-	}
-	return 0;
+	return vrdma_wqe_send_payload(w, wr->opcode, wr->send_flags, wr->sg_list, wr->num_sge, qp->max_inline,
+				      qp->max_send_sge);
 }
 
 int vrdma_post_send(struct ib_qp *ibqp, const struct ib_send_wr *wr, const struct ib_send_wr **bad_wr)
 {
 	struct vrdma_qp *qp = to_vqp(ibqp);
-	u32 mask = qp->sq.depth - 1, prod, cons;
+	u32 prod, cons;
 	unsigned long flags;
 	int ret = 0, posted = 0;
 
@@ -115,11 +64,11 @@ int vrdma_post_send(struct ib_qp *ibqp, const struct ib_send_wr *wr, const struc
 		struct vrdma_send_wqe *w;
 
 		cons = le32_to_cpu(READ_ONCE(qp->sq_index->consumer_index));
-		if (prod - cons >= qp->sq.depth) { /* full: never more than the depth ahead (spec 10.10) */
+		if (vrdma_ring_full(prod, cons, qp->sq.depth)) {
 			ret = -ENOMEM;
 			break;
 		}
-		w = (struct vrdma_send_wqe *)qp->sq.buf + (prod & mask);
+		w = vrdma_ring_entry(qp->sq.buf, prod, qp->sq.depth, sizeof(*w));
 		memset(w, 0, sizeof(*w));
 		ret = vrdma_build_send(qp, wr, w);
 		if (ret)
@@ -147,9 +96,9 @@ int vrdma_post_send(struct ib_qp *ibqp, const struct ib_send_wr *wr, const struc
 int vrdma_post_recv(struct ib_qp *ibqp, const struct ib_recv_wr *wr, const struct ib_recv_wr **bad_wr)
 {
 	struct vrdma_qp *qp = to_vqp(ibqp);
-	u32 mask = qp->rq.depth - 1, prod, cons;
+	u32 prod, cons;
 	unsigned long flags;
-	int i, ret = 0, posted = 0;
+	int ret = 0, posted = 0;
 
 	if (qp->state == IB_QPS_RESET) {
 		*bad_wr = wr;
@@ -168,23 +117,14 @@ int vrdma_post_recv(struct ib_qp *ibqp, const struct ib_recv_wr *wr, const struc
 		struct vrdma_recv_wqe *w;
 
 		cons = le32_to_cpu(READ_ONCE(qp->rq_index->consumer_index));
-		if (prod - cons >= qp->rq.depth) {
+		if (vrdma_ring_full(prod, cons, qp->rq.depth)) {
 			ret = -ENOMEM;
 			break;
 		}
-		if (wr->num_sge > qp->max_recv_sge) {
-			ret = -EINVAL;
+		w = vrdma_ring_entry(qp->rq.buf, prod, qp->rq.depth, sizeof(*w));
+		ret = vrdma_wqe_recv(w, wr->wr_id, wr->sg_list, wr->num_sge, qp->max_recv_sge);
+		if (ret)
 			break;
-		}
-		w = (struct vrdma_recv_wqe *)qp->rq.buf + (prod & mask);
-		memset(w, 0, sizeof(*w));
-		w->wr_id = cpu_to_le64(wr->wr_id);
-		w->num_sge = cpu_to_le32(wr->num_sge);
-		for (i = 0; i < wr->num_sge; i++) {
-			w->sge[i].addr = cpu_to_le64(wr->sg_list[i].addr);
-			w->sge[i].length = cpu_to_le32(wr->sg_list[i].length);
-			w->sge[i].lkey = cpu_to_le32(wr->sg_list[i].lkey);
-		}
 		prod++;
 		posted++;
 	}

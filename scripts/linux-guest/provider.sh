@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Usage: provider.sh
 # Builds the libibverbs provider of the Linux guest driver (guest-driver-spec/linux-provider/, with the module's
-# spec.h and virtio_rdma_abi.h) inside rdma-core's tree, as a provider must be (libibverbs-dev installs no
-# infiniband/driver.h). Prints the path of libvirtio_rdma-rdmav34.so as the LAST line of stdout; virtio_rdma.driver
-# (the libibverbs config line naming it) sits next to it.
+# spec.h, virtio_rdma_abi.h and vrdma_wqe.h) inside rdma-core's tree, as a provider must be (libibverbs-dev
+# installs no infiniband/driver.h). Prints the path of libvirtio_rdma-rdmav34.so as the LAST line of stdout;
+# virtio_rdma.driver (the libibverbs config line naming it) sits next to it.
 #
 # rdma-core's source: Debian's rdma-core_56.1.orig.tar.gz (the version whose source still downloads from the
 # archive; bookworm's 44.0 orig is gone), pinned by its SHA-256. A provider built there loads into bookworm's
@@ -22,7 +22,7 @@ RDMA_CORE_VERSION=56.1
 RDMA_CORE_SHA256=63ce7f2baa7242c2dbc76375dac957c420187dd27f8c5e148efc07971ee522a8
 RDMA_CORE_URL=${VRDMA_DEBIAN_MIRROR:-http://deb.debian.org/debian}/pool/main/r/rdma-core/rdma-core_$RDMA_CORE_VERSION.orig.tar.gz
 PROVIDER_SRC=$LG_PROJECT_ROOT/guest-driver-spec/linux-provider
-SHARED_HEADERS=("$LG_MODULE_SRC/spec.h" "$LG_MODULE_SRC/virtio_rdma_abi.h")
+SHARED_HEADERS=("$LG_MODULE_SRC/spec.h" "$LG_MODULE_SRC/virtio_rdma_abi.h" "$LG_MODULE_SRC/vrdma_wqe.h")
 SO_NAME=libvirtio_rdma-rdmav34.so
 
 hash=$( (cd "$PROVIDER_SRC" && find . -type f \( -name '*.c' -o -name '*.h' -o -name CMakeLists.txt \) -print0 \
