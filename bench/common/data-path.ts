@@ -1,9 +1,12 @@
 // The relayed data path's loops that more than one bench runs between two VMs' reference drivers (bench/rdma and
-// bench/vfio-user's data-path.ts): a connected RC pair, RDMA WRITE ping-pong latency as ib_write_lat and a stream
-// of RDMA WRITEs as ib_write_bw. Each bench passes its own sizes and depths; what a loop times is said at the loop.
+// bench/vfio-user's data-path.ts): opening a VM, a connected RC pair, RDMA WRITE ping-pong latency as ib_write_lat
+// and a stream of RDMA WRITEs as ib_write_bw. Each bench passes its own sizes and depths; what a loop times is said at the loop.
 import { setImmediate as yieldToLoop } from 'node:timers/promises';
 import { AccessFlag, WcOpcode, WcStatus } from '../../vmm-device/abi/rdma/index.ts';
-import type { Cq, GuestBuffer, Mr, Pd, Qp, RdmaContext, SendWr, WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
+import { RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd, type Qp, type SendWr, type WorkCompletion } from '../../guest-driver-spec/driver/index.ts';
+import { attachDevice, type AttachOptions } from '../../guest-driver-spec/driver/attach.ts';
+import { RdmaDevice, type RdmaDeviceOptions } from '../../vmm-device/rdma/index.ts';
+import { RecordingLogger } from '../../vmm-device/util/log.ts';
 
 export const now = (): bigint => process.hrtime.bigint();
 export const usBetween = (a: bigint, b: bigint): number => Number(b - a) / 1000;
@@ -17,6 +20,27 @@ export interface DataVm {
   pd: Pd;
   buf: GuestBuffer;
   mr: Mr;
+}
+
+/** How one VM of a testbed is opened: its device (all but the VM's name and log) and its transport. */
+export interface DataVmOptions {
+  device: Omit<RdmaDeviceOptions, 'vmId' | 'log'>;
+  /** Every step's cleanup goes to attach.cleanups. */
+  attach: Omit<AttachOptions, 'model' | 'name'>;
+  bufferBytes: number;
+}
+
+/** A device instance for VM `name`, the reference driver attached to it, a PD and a buffer registered for all access. */
+export async function openDataVm(name: string, o: DataVmOptions): Promise<DataVm> {
+  const device = await RdmaDevice.open({ ...o.device, vmId: name, log: new RecordingLogger(name) });
+  o.attach.cleanups.add(`${name} device`, () => device.close());
+  const transport = await attachDevice({ ...o.attach, model: device, name });
+  const ctx = await RdmaContext.open(transport);
+  o.attach.cleanups.add(`${name} driver (device reset)`, () => ctx.close());
+  const pd = await ctx.allocPd();
+  const buf = ctx.allocBuffer(o.bufferBytes);
+  const mr = await ctx.regMr(pd, buf, ALL_ACCESS);
+  return { name, ctx, pd, buf, mr };
 }
 
 /** An RC QP on each VM, connected to each other, each with its own CQ. */
@@ -58,6 +82,16 @@ export async function openRcPair(a: DataVm, b: DataVm, cqe: number, caps: (vm: D
       await B.cq.destroy();
     },
   };
+}
+
+/** Runs `body` on a new RC pair from `open` and releases the pair afterwards, whatever happens. */
+export async function withRcPair<T>(open: () => Promise<RcPair>, body: (pair: RcPair) => Promise<T>): Promise<T> {
+  const pair = await open();
+  try {
+    return await body(pair);
+  } finally {
+    await pair.release();
+  }
 }
 
 export function checkWcs(wcs: readonly WorkCompletion[], what: string): void {

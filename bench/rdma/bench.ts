@@ -55,15 +55,14 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AccessFlag, FeatureBit } from '../../vmm-device/abi/rdma/index.ts';
 import { MappedCq, RdmaContext, type Cq, type GuestBuffer, type Mr, type Pd } from '../../guest-driver-spec/driver/index.ts';
-import { attachDevice, Cleanups, type TransportKind } from '../../guest-driver-spec/driver/attach.ts';
-import { RdmaDevice, StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
+import { Cleanups, type TransportKind } from '../../guest-driver-spec/driver/attach.ts';
+import { StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { Access, GidType, Mtu, QpState, QpType, WcOpcode as HostWcOpcode } from '../../vmm-device/verbs/constants.ts';
 import type { CqHandle, DeviceHandle, GidEntry, HostVerbs, PdHandle, QpHandle } from '../../vmm-device/verbs/host-verbs.ts';
 import type { SendWrList, WcBuffer } from '../../vmm-device/verbs/layout.ts';
 import { SysHost } from '../../vmm-device/host/sys-host.ts';
-import { RecordingLogger } from '../../vmm-device/util/log.ts';
-import { CompletionCounter, now, openRcPair, usBetween, waitUntil, writeBandwidth as sharedWriteBandwidth, writeLatency as sharedWriteLatency, type RcPair } from '../common/data-path.ts';
+import { CompletionCounter, now, openDataVm, openRcPair, usBetween, waitUntil, withRcPair, writeBandwidth as sharedWriteBandwidth, writeLatency as sharedWriteLatency, type RcPair } from '../common/data-path.ts';
 import { parseBandwidth, parseLatency, runPerftest } from '../common/perftest.ts';
 import { mean, median, record, writeResults, type BenchRecord } from '../common/results.ts';
 import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
@@ -211,17 +210,12 @@ async function openTestbed(kind: TransportKind, verbs: HostVerbs): Promise<Testb
   };
   const resolver = new StaticAddressResolver(ADDRESS_TABLE);
 
-  const openVm = async (name: string): Promise<Vm> => {
-    const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper });
-    cleanups.add(`${name} device`, () => device.close());
-    const transport = await attachDevice({ kind, model: device, host, dir, name, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES });
-    const ctx = await RdmaContext.open(transport);
-    cleanups.add(`${name} driver (device reset)`, () => ctx.close());
-    const pd = await ctx.allocPd();
-    const buf = ctx.allocBuffer(BUFFER_BYTES);
-    const mr = await ctx.regMr(pd, buf, ALL_ACCESS);
-    return { name, ctx, pd, buf, mr };
-  };
+  const openVm = (name: string): Promise<Vm> =>
+    openDataVm(name, {
+      device: { verbs, hostDevice: RXE_DEVICE, resolver, aliases: nativeAliasMapper },
+      attach: { kind, host, dir, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES },
+      bufferBytes: BUFFER_BYTES,
+    });
 
   try {
     const a = await openVm('vm-a');
@@ -469,13 +463,8 @@ async function sendLatency(t: Testbed, probe: Probe): Promise<LatencyRun> {
 // ------------------------------------------------------------------------------------------------ bandwidth
 
 /** A streams BW_ITERS 64 KiB WRITEs into B, TX_DEPTH in flight (bench/common/data-path.ts). Returns MiB/s. */
-async function writeBandwidth(t: Testbed): Promise<number> {
-  const pair = await dataPair(t);
-  try {
-    return await sharedWriteBandwidth(pair, t.a, t.b, { size: BW_SIZE, iters: BW_ITERS, txDepth: TX_DEPTH, signalEvery: SIGNAL_EVERY, waitMs: WAIT_MS });
-  } finally {
-    await pair.release();
-  }
+function writeBandwidth(t: Testbed): Promise<number> {
+  return withRcPair(() => dataPair(t), (pair) => sharedWriteBandwidth(pair, t.a, t.b, { size: BW_SIZE, iters: BW_ITERS, txDepth: TX_DEPTH, signalEvery: SIGNAL_EVERY, waitMs: WAIT_MS }));
 }
 
 // ------------------------------------------------------------------------------------------------ perftest

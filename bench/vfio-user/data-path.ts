@@ -15,19 +15,16 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { AccessFlag } from '../../vmm-device/abi/rdma/index.ts';
-import { RdmaContext } from '../../guest-driver-spec/driver/index.ts';
-import { attachDevice, Cleanups, findStockQemu, qemuVersion } from '../../guest-driver-spec/driver/attach.ts';
+import { Cleanups, findStockQemu, qemuVersion } from '../../guest-driver-spec/driver/attach.ts';
 import { findQemu } from '../../guest-driver-spec/qtest/index.ts';
-import { RdmaDevice, StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
+import { StaticAddressResolver } from '../../vmm-device/rdma/index.ts';
 import { NativeVerbs } from '../../vmm-device/verbs/native-verbs.ts';
 import { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { nativeAliasMapper } from '../../vmm-device/host/alias.ts';
-import { RecordingLogger } from '../../vmm-device/util/log.ts';
 import { RXE_DEVICE, RXE_HOST_IP, positiveInt } from '../common/test-host.ts';
 import type { GidTableEntry } from '../../vmm-device/rdma/index.ts';
 import { median, percentile, record, type BenchRecord } from '../common/results.ts';
-import { openRcPair, writeBandwidth, writeLatency, type DataVm, type RcPair } from '../common/data-path.ts';
+import { openDataVm, openRcPair, withRcPair, writeBandwidth, writeLatency, type DataVm, type RcPair } from '../common/data-path.ts';
 import { mergeResults } from './merge.ts';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -44,7 +41,6 @@ const SEND_AT = 0;
 const RECV_AT = 4096;
 /** Under TCG on a loaded machine a completion or a written byte still comes within this. */
 const WAIT_MS = 60_000;
-const ALL_ACCESS = AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE | AccessFlag.REMOTE_READ;
 
 type Kind = 'vfio-user' | 'qemu';
 /** Four VMs in one VPC, all on this rxe0: two per transport, all open at once (distinct names and addresses). */
@@ -68,18 +64,13 @@ async function openTestbed(kind: Kind, verbs: NativeVerbs, resolver: StaticAddre
     fs.rmSync(dir, { recursive: true, force: true });
     return errors;
   };
-  const openVm = async (name: string): Promise<DataVm> => {
-    // Mapping off on both: the relayed path is what is compared (vfio-user never offers it anyway).
-    const device = await RdmaDevice.open({ verbs, hostDevice: RXE_DEVICE, vmId: name, resolver, log: new RecordingLogger(name), aliases: nativeAliasMapper, hostQueueMapping: 'off' });
-    cleanups.add(`${name} device`, () => device.close());
-    const transport = await attachDevice({ kind, model: device, host, dir, name, cleanups, frontendRamBytes: 0 });
-    const ctx = await RdmaContext.open(transport);
-    cleanups.add(`${name} driver (device reset)`, () => ctx.close());
-    const pd = await ctx.allocPd();
-    const buf = ctx.allocBuffer(BUFFER_BYTES);
-    const mr = await ctx.regMr(pd, buf, ALL_ACCESS);
-    return { name, ctx, pd, buf, mr };
-  };
+  const openVm = (name: string): Promise<DataVm> =>
+    openDataVm(name, {
+      // Mapping off on both: the relayed path is what is compared (vfio-user never offers it anyway).
+      device: { verbs, hostDevice: RXE_DEVICE, resolver, aliases: nativeAliasMapper, hostQueueMapping: 'off' },
+      attach: { kind, host, dir, cleanups, frontendRamBytes: 0 },
+      bufferBytes: BUFFER_BYTES,
+    });
   try {
     return { a: await openVm(vmName(kind, 'a')), b: await openVm(vmName(kind, 'b')), close };
   } catch (e) {
@@ -94,24 +85,15 @@ function rcPair(t: Testbed): Promise<RcPair> {
 }
 
 /** One-way RDMA WRITE latencies (us): A writes B's slot, B sees the byte change and writes A's; half the round. */
-async function writeLatencies(t: Testbed): Promise<number[]> {
-  const pair = await rcPair(t);
-  try {
-    // The send queue is two groups deep: each signaled WRITE's completion is awaited before the next iteration.
-    return await writeLatency(pair, t.a, t.b, { size: LAT_SIZE, iters: LAT_ITERS, warmup: LAT_WARMUP, signalEvery: SIGNAL_EVERY, sendAt: SEND_AT, recvAt: RECV_AT, waitMs: WAIT_MS, inline: false, awaitEachSignaled: true });
-  } finally {
-    await pair.release();
-  }
+function writeLatencies(t: Testbed): Promise<number[]> {
+  // The send queue is two groups deep: each signaled WRITE's completion is awaited before the next iteration.
+  const params = { size: LAT_SIZE, iters: LAT_ITERS, warmup: LAT_WARMUP, signalEvery: SIGNAL_EVERY, sendAt: SEND_AT, recvAt: RECV_AT, waitMs: WAIT_MS, inline: false, awaitEachSignaled: true };
+  return withRcPair(() => rcPair(t), (pair) => writeLatency(pair, t.a, t.b, params));
 }
 
 /** MiB/s of BW_ITERS 64 KiB WRITEs A -> B, TX_DEPTH in flight; the guest sleeps on the CQ when the window is full. */
-async function writeBandwidthMiBs(t: Testbed): Promise<number> {
-  const pair = await rcPair(t);
-  try {
-    return await writeBandwidth(pair, t.a, t.b, { size: BW_SIZE, iters: BW_ITERS, txDepth: TX_DEPTH, signalEvery: SIGNAL_EVERY, waitMs: WAIT_MS });
-  } finally {
-    await pair.release();
-  }
+function writeBandwidthMiBs(t: Testbed): Promise<number> {
+  return withRcPair(() => rcPair(t), (pair) => writeBandwidth(pair, t.a, t.b, { size: BW_SIZE, iters: BW_ITERS, txDepth: TX_DEPTH, signalEvery: SIGNAL_EVERY, waitMs: WAIT_MS }));
 }
 
 async function main(): Promise<number> {
