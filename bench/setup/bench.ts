@@ -145,20 +145,23 @@ async function main() {
     const add = (into: Map<string, number>, before: Map<string, number>, after: Map<string, number>) => {
       for (const [k, v] of after) into.set(k, (into.get(k) ?? 0) + v - (before.get(k) ?? 0));
     };
+    const none = new Map<string, number>();
+    const snap = () => (counts === undefined ? none : new Map(counts));
     const deviceConnection = async (keep: boolean) => {
-      const c0 = new Map(counts ?? []);
+      const c0 = snap();
       const t0 = process.hrtime.bigint();
       const qp = await a.ctx.createQp(a.pd as Pd, { ...caps, sendCq: cq as MappedCq, recvCq: cq as MappedCq });
       const t1 = process.hrtime.bigint();
-      const c1 = new Map(counts ?? []);
+      const c1 = snap();
+      const t1c = process.hrtime.bigint(); // the snapshot is not the connect's time
       await qp.connect({ gid: b.ctx.gid, qpn: peer.qpNum }, { accessFlags: ALL, pathMtu: Mtu.MTU_1024 });
       const t2 = process.hrtime.bigint();
-      const c2 = new Map(counts ?? []);
+      const c2 = snap();
       await qp.destroy();
       if (!keep) return;
       dev.create.push(us(t0, t1));
-      dev.connect.push(us(t1, t2));
-      dev.total.push(us(t0, t2));
+      dev.connect.push(us(t1c, t2));
+      dev.total.push(us(t0, t1) + us(t1c, t2));
       add(perStep.create, c0, c1);
       add(perStep.connect, c1, c2);
     };
