@@ -195,6 +195,15 @@ async function main() {
     }
     await cq.destroy();
   }
+  // One control round trip with no host verb behind it (QUERY_PORT answers from the device's own state): what each
+  // of a connection's two round trips costs before any verb runs.
+  const rt: number[] = [];
+  for (let i = 0; i < WARMUP + ITERS; i++) {
+    const t0 = process.hrtime.bigint();
+    await a.ctx.queryPort();
+    if (i >= WARMUP) rt.push(us(t0, process.hrtime.bigint()));
+  }
+  console.log(`control round trip (QUERY_PORT, no host verb): p50 ${median(rt).toFixed(1)} us; ${ITERS} requests`);
   await peer.destroy();
   await peerCq.destroy();
   for (const e of await cleanups.runAll()) console.log(e);
