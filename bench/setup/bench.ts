@@ -13,6 +13,8 @@
 //   VRDMA_SETUP_ITERS=2000     connections per mode and round (fake; rxe: 20), after VRDMA_SETUP_WARMUP (200; rxe: 2)
 //   VRDMA_SETUP_ROUNDS=1       rounds (rxe: 2), device and native alternating which goes first
 //   VRDMA_SETUP_MODES=relayed,mapped
+//   VRDMA_SETUP_TRANSPORT=frontend (default) | qemu   who plays the VMM: the reference front-end (bench:rdma's mapped rows)
+//                              or the project's QEMU under qtest (bench:rdma's headline relayed row)
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -41,6 +43,8 @@ const WARMUP = positiveInt('VRDMA_SETUP_WARMUP', RXE ? 2 : 200, 1_000_000);
 const ROUNDS = positiveInt('VRDMA_SETUP_ROUNDS', RXE ? 2 : 1, 100);
 const MODES = (process.env['VRDMA_SETUP_MODES'] ?? 'relayed,mapped').split(',').map((s) => s.trim());
 for (const m of MODES) if (m !== 'relayed' && m !== 'mapped') throw new Error(`VRDMA_SETUP_MODES: unknown mode '${m}'`);
+const TRANSPORT = (process.env['VRDMA_SETUP_TRANSPORT'] ?? 'frontend') as 'frontend' | 'qemu';
+if (TRANSPORT !== 'frontend' && TRANSPORT !== 'qemu') throw new Error(`VRDMA_SETUP_TRANSPORT: 'frontend' or 'qemu', not '${TRANSPORT}'`);
 /** bench:rdma's SETUP_QP_DEPTH. */
 const DEPTH = 16;
 const ALL = AccessFlag.LOCAL_WRITE | AccessFlag.REMOTE_WRITE | AccessFlag.REMOTE_READ;
@@ -111,7 +115,7 @@ async function main() {
       aliases: RXE ? nativeAliasMapper : new FakeAliasMapper(), hostQueueMapping: 'polled', closeFd: (fd) => host.close(fd),
     });
     cleanups.add(name, () => device.close());
-    const transport = await attachDevice({ kind: 'frontend', model: device, host, dir, name, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES });
+    const transport = await attachDevice({ kind: TRANSPORT, model: device, host, dir, name, cleanups, frontendRamBytes: FRONTEND_RAM_BYTES });
     const ctx = await RdmaContext.open(transport);
     cleanups.add(`${name} ctx`, () => ctx.close());
     return { ctx, pd: await ctx.allocPd() };
@@ -188,7 +192,7 @@ async function main() {
     let line = `${mode}: device ${p(dev)}`;
     if (native !== undefined) line += `; native ${p(nat)}; ratio ${(median(dev.total) / median(nat.total)).toFixed(3)}x`;
     else line += `; process CPU ${((c.user + c.system) / n).toFixed(1)} us per connection with its destroy`;
-    console.log(`${line}; ${n} connections`);
+    console.log(`${line}; ${n} connections through ${TRANSPORT === 'qemu' ? 'qtest QEMU' : 'the reference front-end'}`);
     if (counts !== undefined) {
       const per = (m: Map<string, number>) => [...m].filter(([, v]) => v !== 0).map(([k, v]) => `${k} ${(v / n).toFixed(2)}`).join(', ');
       console.log(`  host calls per connection: create: ${per(perStep.create)}; connect: ${per(perStep.connect)}`);
