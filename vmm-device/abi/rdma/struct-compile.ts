@@ -12,14 +12,7 @@
 // name is used only when it is a plain lower-case identifier (every name in the spec's tables is); a layout with
 // any other name keeps the generic codec (compileLayout returns undefined).
 
-/** What the compiler reads of a field declaration (struct.ts's FieldDef; declared here so the two files import one way). */
-export interface CompiledField {
-  readonly name: string;
-  readonly type: 'u8' | 'u16' | 'u32' | 'u64' | 'bytes' | 'reserved';
-  readonly offset: number;
-  readonly size: number;
-  readonly gated?: true;
-}
+import type { FieldDef } from './struct.ts';
 
 export interface CompiledCodec {
   encode(value: unknown, target: Uint8Array | DataView | ArrayBuffer | undefined, offset: number): Uint8Array;
@@ -34,7 +27,7 @@ export interface CodecRuntime {
 
 const PLAIN_NAME = /^[a-z][a-z0-9_]*$/;
 
-export function compileLayout(name: string, size: number, fields: readonly CompiledField[], rt: CodecRuntime): CompiledCodec | undefined {
+export function compileLayout(name: string, size: number, fields: readonly FieldDef[], rt: CodecRuntime): CompiledCodec | undefined {
   const int = (n: number): string => {
     if (!Number.isSafeInteger(n) || n < 0) throw new RangeError(`${name}: ${n} is not an offset or size`);
     return String(n);
