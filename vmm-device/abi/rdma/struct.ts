@@ -5,10 +5,6 @@
 // Everything is little-endian. u64 fields are bigints (guest addresses and lengths use all 64 bits).
 // Reserved fields are written as zero and not returned by decode: the device ignores their contents
 // (spec section 1.3), so a later feature bit can give them a meaning.
-// encode and decode run compiled, straight-line versions of the generic walk over the fields (struct-compile.ts);
-// the generic ones stay as the reference they are checked against.
-
-import { compileLayout, type CompiledCodec } from './struct-compile.ts';
 
 export type FieldType = 'u8' | 'u16' | 'u32' | 'u64' | 'bytes' | 'reserved';
 
@@ -98,7 +94,6 @@ export class Layout<V> {
   /** Largest natural alignment of any field: the alignment this structure needs where it is embedded. */
   readonly alignment: number;
   private readonly byName: ReadonlyMap<string, FieldDef>;
-  private readonly compiled: CompiledCodec | undefined;
 
   constructor(name: string, size: number, fields: readonly FieldDef[]) {
     this.name = name;
@@ -121,12 +116,6 @@ export class Layout<V> {
     }
     this.alignment = alignment;
     this.byName = byName;
-    this.compiled = compileLayout(name, size, fields, { asBytes, LayoutError });
-  }
-
-  /** True when encode and decode run compiled (struct-compile.ts); false: the generic walk. */
-  get isCompiled(): boolean {
-    return this.compiled !== undefined;
   }
 
   /** The declaration of a field (reserved fields are not looked up by name). */
@@ -146,12 +135,6 @@ export class Layout<V> {
    * written. Reserved bytes are zeroed. Every number is checked: an integer that fits its field, else LayoutError.
    */
   encode(value: V, target?: Uint8Array | DataView | ArrayBuffer, offset = 0): Uint8Array {
-    if (this.compiled !== undefined) return this.compiled.encode(value, target, offset);
-    return this.encodeGeneric(value, target, offset);
-  }
-
-  /** encode as a walk over the fields: the reference the compiled encoder is checked against. */
-  encodeGeneric(value: V, target?: Uint8Array | DataView | ArrayBuffer, offset = 0): Uint8Array {
     const out = target === undefined ? new Uint8Array(this.size) : asBytes(target);
     if (!Number.isInteger(offset) || offset < 0 || offset + this.size > out.byteLength) {
       throw new LayoutError(`${this.name}: ${this.size} bytes do not fit at offset ${offset} of ${out.byteLength}`);
@@ -164,7 +147,7 @@ export class Layout<V> {
         continue;
       }
       const v = f.gated === true && record[f.name] === undefined ? zeroOf(f) : record[f.name];
-      const where = `${this.name}.${f.name}`; // the reference walk: clarity over speed
+      const where = `${this.name}.${f.name}`;
       switch (f.type) {
         case 'u8':
         case 'u16':
@@ -197,12 +180,6 @@ export class Layout<V> {
 
   /** Reads the structure at `offset` of `source`; LayoutError when fewer than `size` bytes are there. */
   decode(source: Uint8Array | DataView | ArrayBuffer, offset = 0): V {
-    if (this.compiled !== undefined) return this.compiled.decode(source, offset) as V;
-    return this.decodeGeneric(source, offset);
-  }
-
-  /** decode as a walk over the fields: the reference the compiled decoder is checked against. */
-  decodeGeneric(source: Uint8Array | DataView | ArrayBuffer, offset = 0): V {
     const src = asBytes(source);
     if (!Number.isInteger(offset) || offset < 0 || offset + this.size > src.byteLength) {
       throw new LayoutError(`${this.name}: need ${this.size} bytes at offset ${offset}, have ${src.byteLength}`);
