@@ -21,6 +21,7 @@ import {
   encodeRequest,
 } from '../../vmm-device/abi/rdma/index.ts';
 import {
+  F_EVENT_IDX,
   F_VERSION_1,
   STATUS_ACKNOWLEDGE,
   STATUS_DEVICE_NEEDS_RESET,
@@ -55,6 +56,12 @@ export const DRIVER_FEATURES =
   (1n << BigInt(FeatureBit.ATOMIC)) |
   (1n << BigInt(FeatureBit.IMMEDIATE)) |
   (1n << BigInt(FeatureBit.INLINE));
+
+/**
+ * Transport features this driver accepts when offered: VIRTIO_F_EVENT_IDX, so that a batch of control requests
+ * costs one interrupt (the driver asks for the one after the batch's last answer) rather than one per request.
+ */
+export const DRIVER_TRANSPORT_FEATURES = 1n << F_EVENT_IDX;
 
 /** Host queue formats this driver writes (section 13.4); a device with another format is driven without mapping. */
 export const KNOWN_HOST_QUEUE_FORMATS: readonly number[] = [HostQueueFormat.RXE];
@@ -181,7 +188,7 @@ export class VirtioRdmaDriver {
       // HOST_QUEUE_MAPPING is defined by section 13 and this driver implements it, whatever the list still says.
       if (b !== FeatureBit.HOST_QUEUE_MAPPING && hasFeature(offered, b)) return fail(`the device offers reserved feature bit ${b}`);
     }
-    let wanted = (DRIVER_FEATURES & ~(options.withoutFeatures ?? 0n)) | (1n << F_VERSION_1);
+    let wanted = ((DRIVER_FEATURES | DRIVER_TRANSPORT_FEATURES) & ~(options.withoutFeatures ?? 0n)) | (1n << F_VERSION_1);
     // Section 13.15: accept HOST_QUEUE_MAPPING only for a known host_queue_format, and only with a transport that
     // can reach shared memory regions. The configuration may be read before FEATURES_OK (virtio 1.x 3.1.1).
     let mappingConfig: Omit<MappingFacts, 'notifyQueue'> | undefined;
@@ -211,6 +218,7 @@ export class VirtioRdmaDriver {
     const config = await readConfig(transport);
     checkConfig(config);
 
+    const ring = { eventIdx: hasFeature(features, Number(F_EVENT_IDX)) };
     const queueSize = async (index: number, want: number): Promise<number> => {
       const max = await transport.maxQueueSize(index);
       if (max < 1) throw new DeviceError(`queue ${index} is not available`);
@@ -218,15 +226,16 @@ export class VirtioRdmaDriver {
       while (size * 2 <= Math.min(want, max)) size *= 2;
       return size;
     };
-    const controlq = await transport.setupQueue(Queue.CONTROLQ, await queueSize(Queue.CONTROLQ, options.controlQueueSize ?? CONTROLQ_SIZE));
-    const eventq = await transport.setupQueue(Queue.EVENTQ, await queueSize(Queue.EVENTQ, options.eventQueueSize ?? EVENTQ_SIZE));
+    const controlq = await transport.setupQueue(Queue.CONTROLQ, await queueSize(Queue.CONTROLQ, options.controlQueueSize ?? CONTROLQ_SIZE), ring);
+    const eventq = await transport.setupQueue(Queue.EVENTQ, await queueSize(Queue.EVENTQ, options.eventQueueSize ?? EVENTQ_SIZE), ring);
     const doorbellq = await transport.setupQueue(
       Queue.DOORBELLQ_FIRST,
       await queueSize(Queue.DOORBELLQ_FIRST, options.doorbellQueueSize ?? DOORBELLQ_SIZE),
+      ring,
     );
     const mapping = mappingConfig === undefined ? undefined : { ...mappingConfig, notifyQueue: Queue.DOORBELLQ_FIRST + 1 };
     // Section 13.15: in NOTIFY mode mapdoorbellq is set up before DRIVER_OK; it never carries a buffer.
-    if (mapping?.doorbellMode === DoorbellMode.NOTIFY) await transport.setupQueue(mapping.notifyQueue, await queueSize(mapping.notifyQueue, MAPDOORBELLQ_SIZE));
+    if (mapping?.doorbellMode === DoorbellMode.NOTIFY) await transport.setupQueue(mapping.notifyQueue, await queueSize(mapping.notifyQueue, MAPDOORBELLQ_SIZE), ring);
     await transport.setStatus(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     const status = await transport.getStatus();
     if ((status & STATUS_DEVICE_NEEDS_RESET) !== 0) throw new DeviceError('the device set DEVICE_NEEDS_RESET at DRIVER_OK');
@@ -373,6 +382,8 @@ export class VirtioRdmaDriver {
         const why = (status & STATUS_DEVICE_NEEDS_RESET) !== 0 ? 'the device set DEVICE_NEEDS_RESET' : `no answer within ${timeoutMs} ms`;
         throw new DeviceError(`${commandName(first.item.command)} (tag ${first.tag}): ${why}`);
       }
+      // EVENT_IDX: one interrupt, after the last chain still in flight; chains used meanwhile are taken first.
+      if (this.controlq.armInterrupt(left)) continue;
       await this.transport.waitInterrupt(this.controlq.index, wait);
     }
   }
@@ -470,6 +481,7 @@ export class VirtioRdmaDriver {
       if (i >= 0) return this.pendingEvents.splice(i, 1)[0];
       const left = deadline - Date.now();
       if (left <= 0 || this.closed) return undefined;
+      if (this.eventq.armInterrupt(1)) continue; // an event came meanwhile: read it rather than sleep
       // One waiter on the interrupt at a time: concurrent callers share it and all re-check.
       this.eventWait ??= this.transport.waitInterrupt(Queue.EVENTQ, left).finally(() => (this.eventWait = undefined));
       await this.eventWait;
@@ -534,6 +546,7 @@ export class VirtioRdmaDriver {
       if (slot !== undefined) this.doorbellFreeSlots.push(slot);
       const left = deadline - Date.now();
       if (left <= 0) throw new DeviceError(`doorbell queue full for ${DOORBELL_WAIT_MS} ms: the device returns no doorbell buffers`);
+      if (this.doorbellq.armInterrupt(1)) continue;
       await this.transport.waitInterrupt(Queue.DOORBELLQ_FIRST, left);
     }
   }

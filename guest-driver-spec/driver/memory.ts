@@ -201,6 +201,27 @@ export class DriverMemory {
     return new Uint32Array(v.buffer, v.byteOffset, 1);
   }
 
+  private u16View(gpa: number): Uint16Array {
+    if (gpa % 2 !== 0) throw new DriverMemoryError(`u16 at 0x${gpa.toString(16)} is not aligned`);
+    const v = this.memory.contiguous(gpa, 2);
+    if (v === undefined) throw new DriverMemoryError(`u16 at 0x${gpa.toString(16)} is not guest RAM`);
+    if (v.byteOffset % 2 !== 0) throw new DriverMemoryError(`u16 at 0x${gpa.toString(16)}: mapping not 2-byte aligned`);
+    return new Uint16Array(v.buffer, v.byteOffset, 1);
+  }
+
+  /** Load of a 16-bit ring field (a virtqueue index) with Atomics: sequentially consistent with storeU16. */
+  loadU16(gpa: number): number {
+    return Atomics.load(this.u16View(gpa), 0);
+  }
+
+  /**
+   * Store of a 16-bit ring field with Atomics: sequentially consistent, so a later load of another field is not
+   * done before it (the full barrier virtio asks between publishing an index and reading the other side's event).
+   */
+  storeU16(gpa: number, value: number): void {
+    Atomics.store(this.u16View(gpa), 0, value & 0xffff);
+  }
+
   /** Load-acquire of a 32-bit index (little-endian hosts only, as every virtio-rdma host is x86-64 or arm64 LE). */
   loadU32(gpa: number): number {
     return Atomics.load(this.u32View(gpa), 0) >>> 0;

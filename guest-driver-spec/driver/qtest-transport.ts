@@ -36,7 +36,7 @@ import {
 } from '../qtest/index.ts';
 import { DriverMemory, type AllocatableRange } from './memory.ts';
 import { TransportError, type DriverTransport, type SharedMemoryWindow } from './transport.ts';
-import { DriverVirtqueue } from './virtqueue.ts';
+import { DriverVirtqueue, type DriverVirtqueueOptions } from './virtqueue.ts';
 
 /** Longest single wait on the shared INTx line before the caller looks at its ring again. */
 export const INTX_POLL_MS = 20;
@@ -177,12 +177,12 @@ export class QtestTransport implements DriverTransport {
     return this.dev.queueMaxSize(index);
   }
 
-  async setupQueue(index: number, size: number): Promise<DriverVirtqueue> {
+  async setupQueue(index: number, size: number, options: DriverVirtqueueOptions = {}): Promise<DriverVirtqueue> {
     const max = await this.dev.queueMaxSize(index);
     if (max === 0) throw new TransportError(`queue ${index} does not exist`);
     if (size > max) throw new TransportError(`queue ${index}: size ${size} above the device's ${max}`);
     this.queues.get(index)?.release();
-    const q = new DriverVirtqueue(index, size, this.memory);
+    const q = new DriverVirtqueue(index, size, this.memory, options);
     this.queues.set(index, q);
     const qt = this.qemu.qtest;
     const write64 = async (field: number, value: number): Promise<void> => {

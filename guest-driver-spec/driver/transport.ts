@@ -4,7 +4,7 @@
 // (vhost-user-transport.ts) and over real QEMU through qtest (qtest-transport.ts).
 
 import type { DriverMemory } from './memory.ts';
-import type { DriverVirtqueue } from './virtqueue.ts';
+import type { DriverVirtqueue, DriverVirtqueueOptions } from './virtqueue.ts';
 
 export interface DriverTransport {
   /** For messages: "vhost-user front-end", "qtest virtio-pci". */
@@ -28,7 +28,7 @@ export interface DriverTransport {
   /** Largest size of queue `index`. */
   maxQueueSize(index: number): Promise<number>;
   /** Lays out queue `index` in guest memory and tells the device where it is. */
-  setupQueue(index: number, size: number): Promise<DriverVirtqueue>;
+  setupQueue(index: number, size: number, options?: DriverVirtqueueOptions): Promise<DriverVirtqueue>;
   /** Notifies the device that queue `index` has new buffers (a kick). */
   notify(index: number): Promise<void>;
   /**

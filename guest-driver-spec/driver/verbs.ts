@@ -507,7 +507,9 @@ export class RdmaContext {
       });
       const r = await this.driver.command(Command.CREATE_QP, body, [...sqRing.pages, ...rqRing.pages], qpResponseLayout(this.driver));
       const got: QpCaps = { maxSendWr: r.max_send_wr, maxRecvWr: r.max_recv_wr, maxSendSge: r.max_send_sge, maxRecvSge: r.max_recv_sge, maxInlineData: r.max_inline_data };
-      if (JSON.stringify(got) !== JSON.stringify(caps)) throw new ProtocolError(`CREATE_QP: capabilities in effect ${JSON.stringify(got)} differ from the request`);
+      if (got.maxSendWr !== caps.maxSendWr || got.maxRecvWr !== caps.maxRecvWr || got.maxSendSge !== caps.maxSendSge || got.maxRecvSge !== caps.maxRecvSge || got.maxInlineData !== caps.maxInlineData) {
+        throw new ProtocolError(`CREATE_QP: capabilities in effect ${JSON.stringify(got)} differ from the request`);
+      }
       return new Qp(this, r.qp_handle, r.qp_num, o.type, pd, sendCq, recvCq, caps, new WorkQueue(sqRing, caps.maxSendWr), new WorkQueue(rqRing, caps.maxRecvWr));
     } catch (e) {
       sqRing.release();

@@ -21,9 +21,10 @@ import type { GuestRam } from '../frontend/guest-ram.ts';
 import { ProtocolFeature, VHOST_USER_F_PROTOCOL_FEATURES, hasBit } from '../../vmm-device/transport/vhost-user/messages.ts';
 import type { SysHost } from '../../vmm-device/host/sys-host.ts';
 import { STATUS_DRIVER_OK, STATUS_FEATURES_OK } from '../../vmm-device/abi/virtio.ts';
+import { CallWaiters } from './call-waiter.ts';
 import { DriverMemory, type AllocatableRange } from './memory.ts';
 import { TransportError, type DriverTransport, type SharedMemoryWindow } from './transport.ts';
-import { DriverVirtqueue } from './virtqueue.ts';
+import { DriverVirtqueue, type DriverVirtqueueOptions } from './virtqueue.ts';
 
 /** Queue size QEMU's generic vhost-user device gives every queue by default (its `vq_size` property). */
 export const DEFAULT_VHOST_USER_QUEUE_SIZE = 256;
@@ -49,6 +50,7 @@ export class VhostUserTransport implements DriverTransport {
   private driverFeatures = 0n;
   private started = false;
   private readonly queues = new Map<number, DriverVirtqueue>();
+  private readonly calls: CallWaiters;
 
   private constructor(
     readonly fe: VhostUserFrontend,
@@ -59,6 +61,7 @@ export class VhostUserTransport implements DriverTransport {
     allocatable: readonly AllocatableRange[],
   ) {
     this.memory = new DriverMemory(ram.memory, allocatable);
+    this.calls = new CallWaiters(fe.host);
   }
 
   /** Connects to the back-end and runs QEMU's device-creation sequence (features, protocol features, eventfds). */
@@ -137,12 +140,12 @@ export class VhostUserTransport implements DriverTransport {
     return this.queueSizeLimit;
   }
 
-  async setupQueue(index: number, size: number): Promise<DriverVirtqueue> {
+  async setupQueue(index: number, size: number, options: DriverVirtqueueOptions = {}): Promise<DriverVirtqueue> {
     if (this.started) throw new TransportError(`queue ${index} set up after DRIVER_OK`);
     if (index >= this.queueCount) throw new TransportError(`queue ${index}: the back-end has ${this.queueCount} queues`);
     if (size > this.queueSizeLimit) throw new TransportError(`queue ${index}: size ${size} above ${this.queueSizeLimit}`);
     this.queues.get(index)?.release();
-    const q = new DriverVirtqueue(index, size, this.memory);
+    const q = new DriverVirtqueue(index, size, this.memory, options);
     this.queues.set(index, q);
     return q;
   }
@@ -152,7 +155,9 @@ export class VhostUserTransport implements DriverTransport {
   }
 
   async waitInterrupt(index: number, timeoutMs: number): Promise<boolean> {
-    return (await this.fe.waitCall(index, timeoutMs)) > 0n;
+    const fd = this.fe.callFds.get(index);
+    if (fd === undefined) throw new TransportError(`queue ${index} has no call eventfd`);
+    return (await this.calls.wait(fd, timeoutMs)) > 0n;
   }
 
   async sharedMemory(shmid: number): Promise<SharedMemoryWindow | undefined> {
@@ -162,6 +167,7 @@ export class VhostUserTransport implements DriverTransport {
   async close(): Promise<void> {
     for (const q of this.queues.values()) q.release();
     this.queues.clear();
+    this.calls.close();
     this.fe.close();
   }
 }

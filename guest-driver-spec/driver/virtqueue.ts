@@ -7,6 +7,10 @@
 // The kit's TestGuestMemory allocates its own backing buffers; SharedRingMemory gives it a plan that covers one
 // arena of real guest RAM (allocated from the driver's allocator for this queue) and swaps its GuestMemory for the
 // shared one, so the kit's allocations stay inside the arena and its writes land in guest RAM.
+//
+// With VIRTIO_F_EVENT_IDX (virtio 1.2 section 2.7.10) the driver asks for the interrupt it needs and no other: a
+// batch of control requests is answered with one interrupt instead of one per request (armInterrupt), and the kick
+// follows the device's avail_event.
 
 import { descTableSize, splitAvailSize, splitUsedSize, SPLIT_ALIGN } from '../../vmm-device/abi/virtqueue.ts';
 import type { GuestMemory } from '../../vmm-device/memory/guest-memory.ts';
@@ -27,6 +31,15 @@ export interface UsedChain {
 
 /** Seed of the kit's generator: the driver hands out descriptors in a fixed order per queue. */
 const RING_SEED = 0x5eed;
+/** Offsets in the split rings (virtio 1.2 section 2.7): idx after flags, the event fields after the ring arrays. */
+const RING_IDX_OFFSET = 2;
+const RING_ARRAY_OFFSET = 4;
+const AVAIL_ENTRY_SIZE = 2;
+
+export interface DriverVirtqueueOptions {
+  /** VIRTIO_F_EVENT_IDX negotiated: used_event and avail_event suppress notifications. */
+  eventIdx?: boolean;
+}
 
 class SharedRingMemory extends TestGuestMemory {
   constructor(shared: GuestMemory, arenaGpa: number, arenaSize: number, seed: number) {
@@ -58,11 +71,16 @@ export class DriverVirtqueue {
     readonly index: number,
     readonly size: number,
     private readonly mem: DriverMemory,
+    options: DriverVirtqueueOptions = {},
   ) {
     const bytes = splitArenaBytes(size);
     this.arena = mem.allocZeroed(bytes, 4096);
     const kitMemory = new SharedRingMemory(mem.memory, this.arena, Math.ceil(bytes / 8) * 8, RING_SEED + index);
-    this.ring = new SplitDriver({ mem: kitMemory, size, shuffleDescriptors: false });
+    this.ring = new SplitDriver({ mem: kitMemory, size, shuffleDescriptors: false, eventIdx: options.eventIdx ?? false });
+  }
+
+  get eventIdx(): boolean {
+    return this.ring.eventIdx;
   }
 
   get descAddr(): number {
@@ -90,7 +108,23 @@ export class DriverVirtqueue {
     }
     const old = this.ring.availIdx;
     const built = this.ring.add({ buffers: buffers.map((b) => ({ addr: b.gpa, len: b.len, write: b.write })) });
+    // avail.idx again as a sequentially consistent store: the device's avail_event (or used.flags) is read after
+    // the new index is visible to it, or a device going idle meanwhile could miss the chain and the kick both.
+    this.mem.storeU16(this.ring.availAddr + RING_IDX_OFFSET, this.ring.availIdx);
     return { id: built.id, kick: this.ring.kickNeeded(old, this.ring.availIdx) };
+  }
+
+  /**
+   * Before the driver sleeps on this queue's interrupt: with EVENT_IDX, asks for one interrupt when `pending` more
+   * chains have been used (used_event), none before. Returns true when the device has used chains the driver has
+   * not taken yet (then the driver must look again instead of sleeping: the device may have passed used_event
+   * before it was written). Without EVENT_IDX every used chain interrupts; returns false.
+   */
+  armInterrupt(pending: number): boolean {
+    if (!this.ring.eventIdx) return false;
+    const last = this.ring.lastUsedIdx;
+    this.mem.storeU16(this.ring.availAddr + RING_ARRAY_OFFSET + AVAIL_ENTRY_SIZE * this.size, (last + Math.max(1, pending) - 1) & 0xffff);
+    return this.mem.loadU16(this.ring.usedAddr + RING_IDX_OFFSET) !== last;
   }
 
   /** Used chains returned since the last call (their descriptors are free again). */

@@ -543,7 +543,12 @@ export class VhostUserFrontend {
     const fd = this.backendChannelFd;
     if (fd === undefined || this.channelEof) return;
     for (;;) {
-      const r = this.host.recv(fd, 4096, MAX_FDS_PER_MESSAGE);
+      this.serveChannelMessages(fd);
+      // Read exactly what the message being received still lacks (its header, then its payload), as QEMU does: the
+      // back-end may send several requests before the first answer, and the fds of each arrive with its first bytes.
+      const have = this.channelBuffered.length;
+      const need = have < HEADER_SIZE ? HEADER_SIZE - have : HEADER_SIZE + decodeHeader(this.channelBuffered).size - have;
+      const r = this.host.recv(fd, need, MAX_FDS_PER_MESSAGE);
       if (r.kind === 'again') break;
       if (r.kind === 'eof') {
         this.channelEof = true;
@@ -557,6 +562,10 @@ export class VhostUserFrontend {
       joined.set(r.bytes, this.channelBuffered.length);
       this.channelBuffered = joined;
     }
+  }
+
+  /** Serves (SHMEM_MAP/UNMAP) or keeps (the rest) every whole message received on the back-end channel. */
+  private serveChannelMessages(fd: number): void {
     while (this.channelBuffered.length >= HEADER_SIZE) {
       const header = decodeHeader(this.channelBuffered);
       if (this.channelBuffered.length < HEADER_SIZE + header.size) break;

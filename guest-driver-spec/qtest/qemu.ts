@@ -170,6 +170,11 @@ export class QemuQtest {
     const args = [
       '-accel', 'qtest',
       '-qtest', `unix:${socketPath}`,
+      // Without -qtest-log QEMU logs every qtest command and reply to stderr, a dozen write calls each, which this
+      // process then reads and keeps: per control request a notify and an ISR read, so most of a set-up's cost
+      // through QEMU (bench/setup/bench.ts, VRDMA_SETUP_TRANSPORT=qemu), and real errors pushed out of the kept
+      // stderr. VRDMA_QTEST_LOG=FILE writes the log there for debugging.
+      '-qtest-log', process.env['VRDMA_QTEST_LOG'] || 'none',
       ...(qmpServer !== undefined ? ['-chardev', `socket,id=qmp,path=${qmpPath}`, '-mon', 'chardev=qmp,mode=control'] : []),
       '-machine', 'pc,memory-backend=mem',
       '-m', memory,

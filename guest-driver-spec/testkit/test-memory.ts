@@ -193,13 +193,30 @@ export class TestGuestMemory {
     this.listener?.(gpa, bytes.slice());
   }
 
+  // The ring fields (indexes, flags, ids) are read and written one at a time, many per chain: where the field lies in
+  // one region and nobody listens to writes, straight into the region's bytes (no buffer, no copy); else as above.
+
   writeU16(gpa: number, value: number): void {
+    const v = this.listener === undefined ? this.memory.contiguous(gpa, 2) : undefined;
+    if (v !== undefined) {
+      v[0] = value & 0xff;
+      v[1] = (value >>> 8) & 0xff;
+      return;
+    }
     const b = new Uint8Array(2);
     new DataView(b.buffer).setUint16(0, value, true);
     this.write(gpa, b);
   }
 
   writeU32(gpa: number, value: number): void {
+    const v = this.listener === undefined ? this.memory.contiguous(gpa, 4) : undefined;
+    if (v !== undefined) {
+      v[0] = value & 0xff;
+      v[1] = (value >>> 8) & 0xff;
+      v[2] = (value >>> 16) & 0xff;
+      v[3] = (value >>> 24) & 0xff;
+      return;
+    }
     const b = new Uint8Array(4);
     new DataView(b.buffer).setUint32(0, value >>> 0, true);
     this.write(gpa, b);
@@ -212,10 +229,14 @@ export class TestGuestMemory {
   }
 
   readU16(gpa: number): number {
+    const v = this.memory.contiguous(gpa, 2);
+    if (v !== undefined) return v[0]! | (v[1]! << 8);
     return new DataView(this.read(gpa, 2).buffer).getUint16(0, true);
   }
 
   readU32(gpa: number): number {
+    const v = this.memory.contiguous(gpa, 4);
+    if (v !== undefined) return (v[0]! | (v[1]! << 8) | (v[2]! << 16) | (v[3]! << 24)) >>> 0;
     return new DataView(this.read(gpa, 4).buffer).getUint32(0, true);
   }
 

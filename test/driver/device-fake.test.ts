@@ -117,6 +117,31 @@ t.test('RC: create, connect by virtual GID, send completes into the guest CQ, re
   t.same(verbs.liveObjects(), { device: 0, pd: 0, cq: 0, qp: 0, mr: 0, ah: 0 }, 'no host object left');
 });
 
+t.test('EVENT_IDX: a batch of INIT, RTR, RTS is answered with one interrupt, a single request with one', async (t) => {
+  const s = await setUp(t);
+  const { ctx, rig } = s;
+  t.ok(ctx.driver.controlq.eventIdx, 'the driver negotiated EVENT_IDX with the device');
+  const pd = await ctx.allocPd();
+  const cq = await ctx.createCq(32);
+  let before = rig.server.counters.interrupts;
+  const qp = await ctx.createQp(pd, { type: 'RC', sendCq: cq, recvCq: cq, maxSendWr: 16, maxRecvWr: 16 });
+  t.equal(rig.server.counters.interrupts - before, 1, 'CREATE_QP: one interrupt');
+  before = rig.server.counters.interrupts;
+  await qp.connect({ gid: gidFromIpv4('192.168.7.2'), qpn: 0x1234 });
+  t.equal(rig.server.counters.interrupts - before, 1, 'three MODIFY_QPs in one batch: one interrupt, after the last answer');
+  t.equal((await qp.query()).attr.qp_state, 3, 'and all three ran: RTS');
+  // A refused batch still ends with one interrupt, and the driver sees every answer (the later steps WRONG_STATE).
+  const qp2 = await ctx.createQp(pd, { type: 'RC', sendCq: cq, recvCq: cq, maxSendWr: 16, maxRecvWr: 16 });
+  before = rig.server.counters.interrupts;
+  await t.rejects(qp2.connect({ gid: gidFromIpv4('192.168.7.3'), qpn: 5 }), { name: 'CommandError', statusName: 'DESTINATION_UNREACHABLE' }, 'RTR refused');
+  t.equal(rig.server.counters.interrupts - before, 2, 'the refused batch: one interrupt; the QUERY_QP the driver then sends: one');
+  await qp2.destroy();
+  await qp.destroy();
+  await cq.destroy();
+  await pd.dealloc();
+  await tearDown(t, s);
+});
+
 t.test('arming: a completion on an armed CQ raises exactly one COMPLETION event', async (t) => {
   const s = await setUp(t);
   const { ctx } = s;

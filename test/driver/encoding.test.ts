@@ -35,7 +35,7 @@ import {
   WcStatus,
 } from '../../vmm-device/abi/rdma/index.ts';
 import { CommandError, ProtocolError, RdmaContext, encodeModifyQp, encodeSendWqe, type Qp } from '../../guest-driver-spec/driver/index.ts';
-import { F_VERSION_1 } from '../../vmm-device/abi/virtio.ts';
+import { F_EVENT_IDX, F_VERSION_1 } from '../../vmm-device/abi/virtio.ts';
 import { readSpec } from '../spec/markdown-tables.ts';
 import { driverRig } from './harness.ts';
 import { SCRIPTED_FEATURES, ScriptedDevice } from './scripted-device.ts';
@@ -81,7 +81,8 @@ async function cqAndQp(ctx: RdmaContext, device: ScriptedDevice, firstTag: bigin
 
 t.test('initialization: features, configuration, queues, event buffers (section 6)', async (t) => {
   const { rig, ctx, device } = await opened();
-  t.equal(ctx.driver.features, SCRIPTED_FEATURES | (1n << F_VERSION_1), 'accepts VERSION_1 and every v1 feature offered');
+  t.equal(ctx.driver.features, SCRIPTED_FEATURES | (1n << F_VERSION_1) | (1n << F_EVENT_IDX), 'accepts VERSION_1, EVENT_IDX and every v1 feature offered');
+  t.ok(ctx.driver.controlq.eventIdx && ctx.driver.eventq.eventIdx && ctx.driver.doorbellq.eventIdx, 'every queue is driven with EVENT_IDX');
   t.same(ctx.config.gid, device.config.subarray(96, 112), 'gid from the configuration');
   t.equal(ctx.config.max_pages_per_command, 16);
   t.equal(device.activations, 1, 'DRIVER_OK reached the device');

@@ -89,6 +89,29 @@ t.test('a memfd page the model maps: the guest reads the back-end\'s bytes, the 
   t.ok(rig.qemu.running, 'QEMU is running');
 });
 
+t.test('two maps sent as one batch (a mapped QP\'s SQ and RQ): QEMU answers both, each range shows its own fd; both unmaps as one batch', async (t) => {
+  const { rig, transport, pages } = await bringUp(t);
+  const names = ['vrdma-shmem-batch-a', 'vrdma-shmem-batch-b'];
+  const fds = names.map((n) => host.memfd(n, host.pageSize));
+  const maps = fds.map((fd) => host.mmapShared(fd, host.pageSize, 0));
+  t.teardown(() => {
+    for (const m of maps) host.munmap(m);
+    for (const fd of fds) host.close(fd);
+  });
+  maps.forEach((m, i) => new Uint8Array(m).fill(0x40 + i));
+  const at = [40n * PAGE, 41n * PAGE];
+  // Asked for in one turn: the back-end channel sends both before QEMU's first answer.
+  await Promise.all(fds.map((fd, i) => pages.mapShared({ shmid: 0, shmOffset: at[i]!, fd, fdOffset: 0n, length: PAGE, writable: true })));
+  t.same(names.map((n) => qemuMappingsOf(rig.qemu.pid, n)), [1, 1], 'QEMU mapped both memfds');
+  const w = (await transport.sharedMemory(0))!;
+  t.same([...(await w.read(at[0]!, 4))], [0x40, 0x40, 0x40, 0x40], 'the first range shows the first fd');
+  t.same([...(await w.read(at[1]!, 4))], [0x41, 0x41, 0x41, 0x41], 'the second range the second');
+  await Promise.all(at.map((a) => pages.unmapShared(0, a, PAGE)));
+  await until(() => names.every((n) => qemuMappingsOf(rig.qemu.pid, n) === 0), 'QEMU to munmap both memfds');
+  t.equal(await w.readU32(at[1]!), 0, 'after both unmaps the ranges read 0');
+  t.ok(rig.qemu.running, 'QEMU is running');
+});
+
 t.test('a map QEMU refuses rejects in the model and maps nothing; a disconnect drops what was mapped', async (t) => {
   const { rig, transport, pages } = await bringUp(t);
   const memfd = host.memfd('vrdma-shmem-e2e-gone', host.pageSize);

@@ -161,6 +161,8 @@ interface TableVm {
   entry: GidTableEntry;
   virtualGid: Uint8Array;
   hostGid: Uint8Array;
+  /** gidKey(hostGid), made once: every QP created and destroyed names it. */
+  hostKey: GidKey;
 }
 
 /** The per-host table: every VM of every VPC this host knows, from a file or from code. */
@@ -179,7 +181,8 @@ export class StaticAddressResolver implements AddressResolver {
     for (const [i, raw] of entries.entries()) {
       const entry = GidTableEntrySchema.parse(raw);
       if (this.byVm.has(entry.vmId)) throw new Error(`vms[${i}].vmId: ${entry.vmId} appears twice`);
-      const vm: TableVm = { entry, virtualGid: gidFromIpv4(entry.virtualIp), hostGid: gidFromIpv4(entry.hostIp) };
+      const hostGid = gidFromIpv4(entry.hostIp);
+      const vm: TableVm = { entry, virtualGid: gidFromIpv4(entry.virtualIp), hostGid, hostKey: gidKey(hostGid) };
       let vpc = this.byVpc.get(entry.vpc);
       if (vpc === undefined) this.byVpc.set(entry.vpc, (vpc = new Map()));
       const key = gidKey(vm.virtualGid);
@@ -256,7 +259,7 @@ export class StaticAddressResolver implements AddressResolver {
 
   registerQp(vmId: string, qpn: number): void {
     const vm = this.byVm.get(vmId);
-    if (vm !== undefined) this.qpOwners.set(`${gidKey(vm.hostGid)}:${qpn}`, vmId);
+    if (vm !== undefined) this.qpOwners.set(`${vm.hostKey}:${qpn}`, vmId);
     this.ownership?.created(vmId, qpn);
   }
 
@@ -264,14 +267,14 @@ export class StaticAddressResolver implements AddressResolver {
     this.ownership?.destroyed(vmId, qpn);
     const vm = this.byVm.get(vmId);
     if (vm === undefined) return;
-    const key = `${gidKey(vm.hostGid)}:${qpn}`;
+    const key = `${vm.hostKey}:${qpn}`;
     if (this.qpOwners.get(key) === vmId) this.qpOwners.delete(key);
   }
 
   /** The host GID (hex) VM `vmId` sits on. */
   hostKeyOf(vmId: string): GidKey | undefined {
     const vm = this.byVm.get(vmId);
-    return vm === undefined ? undefined : gidKey(vm.hostGid);
+    return vm?.hostKey;
   }
 
   /** Publishes wire QPN ownership to `registry` and checks each RC connection against it from now on. */
@@ -279,13 +282,12 @@ export class StaticAddressResolver implements AddressResolver {
     this.ownership = new QpOwnership(
       registry,
       (vmId) => {
-        const vm = this.byVm.get(vmId);
-        return vm === undefined ? undefined : gidKey(vm.hostGid);
+        return this.byVm.get(vmId)?.hostKey;
       },
       (vmId, gid) => {
         const self = this.byVm.get(vmId);
         const peer = self === undefined ? undefined : this.byVpc.get(self.entry.vpc)?.get(gidKey(gid));
-        return peer === undefined ? undefined : { vm: peer.entry.vmId, host: gidKey(peer.hostGid) };
+        return peer === undefined ? undefined : { vm: peer.entry.vmId, host: peer.hostKey };
       },
     );
   }

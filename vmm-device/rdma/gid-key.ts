@@ -6,5 +6,5 @@ export type GidKey = string;
 
 export function gidKey(gid: Uint8Array): GidKey {
   if (gid.byteLength !== Limits.GID_SIZE) throw new RangeError(`a GID has ${Limits.GID_SIZE} bytes, got ${gid.byteLength}`);
-  return Buffer.from(gid).toString('hex');
+  return Buffer.from(gid.buffer, gid.byteOffset, gid.byteLength).toString('hex'); // a view: no copy
 }

@@ -90,6 +90,25 @@ t.test('a mapped memfd: the back-end\'s bytes through the window, the window\'s 
   t.same(await r.finish(), { watchers: 0, mappings: 0 }, 'every mapping released on both sides');
 });
 
+t.test('two maps sent as one batch: the front-end gives each its own fd (it reads a message at a time, as QEMU)', async (t) => {
+  const { r, pages } = await running();
+  const fds = [host.memfd('queue-a', host.pageSize), host.memfd('queue-b', host.pageSize)];
+  const views = fds.map((fd, i) => {
+    const m = host.mmapShared(fd, host.pageSize, 0);
+    new Uint8Array(m).fill(0x10 + i);
+    return m;
+  });
+  await Promise.all(fds.map((fd, i) => pages.mapShared({ shmid: 0, shmOffset: BigInt(i) * PAGE, fd, fdOffset: 0n, length: PAGE, writable: true })));
+  const w = r.fe.shmem!.window(0)!;
+  t.same([...(await w.read(0n, 2))], [0x10, 0x10], 'the first range shows the first fd');
+  t.same([...(await w.read(PAGE, 2))], [0x11, 0x11], 'the second range the second');
+  await Promise.all([0, 1].map((i) => pages.unmapShared(0, BigInt(i) * PAGE, PAGE)));
+  t.equal(r.fe.shmem!.mappingCount, 0, 'both unmapped, also in one batch');
+  for (const m of views) host.munmap(m);
+  for (const fd of fds) host.close(fd);
+  t.same(await r.finish(), { watchers: 0, mappings: 0 });
+});
+
 t.test('a read-only mapping: reads reach it, stores are dropped, no view', async (t) => {
   const { r, pages } = await running();
   const memfd = host.memfd('cq-pages', host.pageSize);

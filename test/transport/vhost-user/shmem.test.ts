@@ -166,6 +166,36 @@ t.test('mapShared sends SHMEM_MAP with the fd and resolves on REPLY_ACK 0; unmap
   t.same(await r.finish(), { watchers: 0, mappings: 0 });
 });
 
+t.test('maps asked for in one turn go out as one batch, each with its own fd; the answers settle them in order', async (t) => {
+  const { r, pages } = await running();
+  const a = host.memfd('queue-a', host.pageSize);
+  const b = host.memfd('queue-b', host.pageSize);
+  const first = pages.mapShared({ shmid: 0, shmOffset: 0n, fd: a, fdOffset: 0n, length: PAGE, writable: true });
+  const second = pages.mapShared({ shmid: 0, shmOffset: PAGE, fd: b, fdOffset: 0n, length: PAGE, writable: true });
+  const req1 = await r.fe.nextBackendRequest();
+  const req2 = await r.fe.nextBackendRequest(200);
+  t.ok(req2 !== undefined, 'the second request came before the first was answered');
+  t.same([decodeShmemMap(req1!.payload)?.shmOffset, decodeShmemMap(req2!.payload)?.shmOffset], [0n, PAGE], 'in the order asked');
+  t.same([req1!.fds.length, req2!.fds.length], [1, 1], 'one fd each');
+  for (const [req, mine] of [[req1!, a], [req2!, b]] as const) {
+    const theirs = host.mmapShared(req.fds[0]!, host.pageSize, 0);
+    const ours = host.mmapShared(mine, host.pageSize, 0);
+    new Uint8Array(ours)[0] = mine & 0xff;
+    t.equal(new Uint8Array(theirs)[0], mine & 0xff, 'each request carries its own queue\'s fd');
+    host.munmap(theirs);
+    host.munmap(ours);
+    host.close(req.fds[0]!);
+  }
+  r.fe.answerBackendRequest(BackendRequest.SHMEM_MAP, 0n);
+  r.fe.answerBackendRequest(BackendRequest.SHMEM_MAP, 1n);
+  await t.resolves(first, 'the first answer settles the first request');
+  await t.rejects(second, /refused it \(answer 1\)/, 'the second answer the second');
+  t.same(r.session().hostPages.shmem.describe().map((e) => e.offset), [0n], 'only the first is mapped');
+  host.close(a);
+  host.close(b);
+  t.same(await r.finish(), { watchers: 0, mappings: 0 });
+});
+
 t.test('a map the front-end refuses rejects with its answer and leaves nothing; a refused unmap keeps the mapping', async (t) => {
   const { r, pages } = await running();
   const shmem = r.session().hostPages.shmem;

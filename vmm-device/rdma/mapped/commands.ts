@@ -3,7 +3,7 @@
 // device holds nothing of the request (no host object, no mapping, no reserved range or slot).
 //
 // Creation: reserve (max_mapped_queues, ranges, doorbell slot) -> host object -> (QP) the doorbell engine and its
-// pages -> map each queue and wait for the transport -> attach the doorbell -> answer. Each failure undoes what the
+// pages -> map the queues (all at once) and wait for the transport -> attach the doorbell -> answer. Each failure undoes what the
 // steps before it did, in reverse order, unmapping before destroying.
 
 import {
@@ -99,8 +99,9 @@ export async function createMappedCq(ctx: CommandContext, r: CqRequest): Promise
 }
 
 /**
- * Maps each buffer at its reserved range, in order, waiting for each confirmation. On a refusal (DEVICE_ERROR) or a
- * reset meanwhile, unmaps what was mapped, then destroys the host object, then gives the reservation back.
+ * Maps each buffer at its reserved range, all at once, and waits for every confirmation. On a refusal of any
+ * (DEVICE_ERROR) or a reset meanwhile, unmaps what was mapped, then destroys the host object, then gives the
+ * reservation back.
  */
 async function mapAll(
   ctx: CommandContext,
@@ -137,14 +138,11 @@ async function mapAll(
       await (e.by === 'host' ? refuse('NO_RESOURCES', ResourceKind.HOST) : refuse('DEVICE_ERROR', 0));
     }
   }
-  for (let i = 0; i < bufs.length; i++) {
-    try {
-      done.push(await m.map(res.ranges[i]!, bufs[i]!));
-    } catch {
-      await refuse('DEVICE_ERROR', 0);
-    }
-    if (gen !== ctx.generation) await refuse('DEVICE_ERROR', 0); // answers nobody: ResetDuringRequest
-  }
+  // Every queue's map at once: the transport sends them as one batch (SHMEM_MAP: one wake-up of the VMM for all).
+  const maps = await Promise.allSettled(bufs.map((buf, i) => m.map(res.ranges[i]!, buf)));
+  for (const r of maps) if (r.status === 'fulfilled') done.push(r.value);
+  if (done.length < bufs.length) await refuse('DEVICE_ERROR', 0);
+  if (gen !== ctx.generation) await refuse('DEVICE_ERROR', 0); // answers nobody: ResetDuringRequest
   return done;
 }
 

@@ -105,8 +105,8 @@ export class MappedDataPath implements DataPath {
       manager?.releaseSlot(m.slot, epoch);
       m.slot = undefined;
     }
-    const sqGone = manager === undefined ? true : await manager.unmap(m.sq);
-    const rqGone = manager === undefined ? true : await manager.unmap(m.rq);
+    // Both unmaps at once: the transport sends them as one batch (one wake-up of the VMM for the two).
+    const [sqGone, rqGone] = manager === undefined ? [true, true] : await Promise.all([manager.unmap(m.sq), manager.unmap(m.rq)]);
     await destroyHost();
     manager?.releaseQueue(m.sq, epoch, sqGone);
     manager?.releaseQueue(m.rq, epoch, rqGone);

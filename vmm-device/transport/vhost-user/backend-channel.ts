@@ -1,6 +1,9 @@
 // The back-end channel (SET_BACKEND_REQ_FD, protocol feature BACKEND_REQ): a socket the front-end gave us, on which
 // the back-end sends requests (CONFIG_CHANGE_MSG, VRING_HOST_NOTIFIER_MSG) and, with REPLY_ACK, reads the
-// front-end's u64 answer. Requests go one at a time: the next waits for the previous answer.
+// front-end's u64 answer. Requests go in batches: those asked for in one turn of the event loop (the SQ's and the
+// RQ's SHMEM_MAP of a mapped QP) are sent back to back and their answers awaited in order, which costs the VMM and
+// this process one wake-up each for the whole batch instead of one per request; a request asked for while a batch
+// waits goes with the next batch. QEMU reads and answers the channel's messages one after the other, in order.
 
 import type { Logger } from '../../util/log.ts';
 import type { HostOps, Watch } from '../../host/host.ts';
@@ -21,11 +24,20 @@ import { encodeShmemMap, type ShmemMapRequest } from './shmem-messages.ts';
 /** How long a front-end may take to answer a back-end request. */
 export const BACKEND_REPLY_TIMEOUT_MS = 5000;
 
+/** A request asked for and not sent yet. */
+interface Queued {
+  code: number;
+  payload: Uint8Array;
+  fds: readonly number[];
+  resolve: (v: bigint | undefined) => void;
+  reject: (e: Error) => void;
+}
+
+/** A request sent, its answer awaited (answers come in the order the requests went out). */
 interface Pending {
   request: number;
   resolve: (v: bigint | undefined) => void;
   reject: (e: Error) => void;
-  timer: NodeJS.Timeout;
 }
 
 /** The front-end did not (or could not be asked to) perform a SHMEM_MAP or SHMEM_UNMAP. */
@@ -35,8 +47,12 @@ export class ShmemRefusedError extends Error {
 
 export class BackendChannel {
   private watch: Watch | undefined;
-  private pending: Pending | undefined;
-  private chain: Promise<unknown> = Promise.resolve();
+  /** Asked for, not sent: the next batch. */
+  private queued: Queued[] = [];
+  /** The batch sent, in order: each answer settles the first. */
+  private inFlight: Pending[] = [];
+  private timer: NodeJS.Timeout | undefined;
+  private flushScheduled = false;
   private buffered = new Uint8Array(0);
   private closed = false;
 
@@ -53,10 +69,52 @@ export class BackendChannel {
   /** Sends a request; resolves to the front-end's u64 answer with REPLY_ACK, else undefined once sent. */
   request(code: number, payload: Uint8Array, fds: readonly number[]): Promise<bigint | undefined> {
     if (fds.length > MAX_FDS_PER_MESSAGE) return Promise.reject(new RangeError(`${fds.length} fds, at most ${MAX_FDS_PER_MESSAGE}`));
-    const run = (): Promise<bigint | undefined> => this.send(code, payload, fds);
-    const p = this.chain.then(run, run);
-    this.chain = p.catch(() => undefined);
-    return p;
+    return new Promise((resolve, reject) => {
+      this.queued.push({ code, payload, fds, resolve, reject });
+      this.schedule();
+    });
+  }
+
+  /** Sends the queued requests once this turn's callers have asked for theirs (unless a batch still waits). */
+  private schedule(): void {
+    if (this.flushScheduled || this.inFlight.length > 0) return;
+    this.flushScheduled = true;
+    queueMicrotask(() => {
+      this.flushScheduled = false;
+      this.flush();
+    });
+  }
+
+  private flush(): void {
+    if (this.inFlight.length > 0 || this.queued.length === 0) return;
+    const batch = this.queued.splice(0);
+    if (this.closed) {
+      for (const q of batch) q.reject(new Error('back-end channel is closed'));
+      return;
+    }
+    const flags = VHOST_USER_VERSION | (this.replyAck ? FLAG_NEED_REPLY : 0);
+    for (const q of batch) {
+      try {
+        this.host.sendMessage(this.fd, encodeMessage(q.code, flags, q.payload), q.fds);
+      } catch (e) {
+        q.reject(e as Error);
+        continue;
+      }
+      if (this.replyAck) this.inFlight.push({ request: q.code, resolve: q.resolve, reject: q.reject });
+      else q.resolve(undefined);
+    }
+    if (this.inFlight.length > 0) this.armTimer();
+    else if (this.queued.length > 0) this.schedule();
+  }
+
+  /** The first request of the batch gets BACKEND_REPLY_TIMEOUT_MS for its answer (restarted at each answer). */
+  private armTimer(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    const code = this.inFlight[0]!.request;
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      this.fail(new Error(`${backendRequestName(code)}: no answer within ${BACKEND_REPLY_TIMEOUT_MS} ms`));
+    }, BACKEND_REPLY_TIMEOUT_MS);
   }
 
   configChanged(): Promise<bigint | undefined> {
@@ -83,20 +141,6 @@ export class BackendChannel {
     if (!this.replyAck) throw new ShmemRefusedError(`${what}: REPLY_ACK was not negotiated, so no answer would confirm it`);
     const answer = await this.request(code, payload, fds);
     if (answer !== 0n) throw new ShmemRefusedError(`${what}: the front-end refused it (answer ${String(answer)})`);
-  }
-
-  private send(code: number, payload: Uint8Array, fds: readonly number[]): Promise<bigint | undefined> {
-    if (this.closed) return Promise.reject(new Error('back-end channel is closed'));
-    const flags = VHOST_USER_VERSION | (this.replyAck ? FLAG_NEED_REPLY : 0);
-    this.host.sendMessage(this.fd, encodeMessage(code, flags, payload), fds);
-    if (!this.replyAck) return Promise.resolve(undefined);
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending = undefined;
-        reject(new Error(`${backendRequestName(code)}: no answer within ${BACKEND_REPLY_TIMEOUT_MS} ms`));
-      }, BACKEND_REPLY_TIMEOUT_MS);
-      this.pending = { request: code, resolve, reject, timer };
-    });
   }
 
   private onReadable(): void {
@@ -129,13 +173,13 @@ export class BackendChannel {
   }
 
   private answer(request: number, flags: number, body: Uint8Array): void {
-    const p = this.pending;
+    const p = this.inFlight.shift();
     if (p === undefined) {
       this.log.log('warn', 'unexpected answer on the back-end channel', { request: backendRequestName(request) });
       return;
     }
-    clearTimeout(p.timer);
-    this.pending = undefined;
+    if (this.inFlight.length > 0) this.armTimer();
+    else this.settleBatch();
     if ((flags & FLAG_REPLY) === 0 || request !== p.request || body.length !== U64_SIZE) {
       p.reject(new Error(`malformed answer to ${backendRequestName(p.request)} (request ${request}, flags 0x${flags.toString(16)}, ${body.length} bytes)`));
       return;
@@ -143,18 +187,25 @@ export class BackendChannel {
     p.resolve(new DataView(body.buffer, body.byteOffset, 8).getBigUint64(0, true));
   }
 
+  /** The batch is over (answered or failed): the timer stops and the next batch may go. */
+  private settleBatch(): void {
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+    if (this.queued.length > 0) this.schedule();
+  }
+
+  /** Every request of the batch in flight rejects with `e` (no answer will be believed for them). */
   private fail(e: Error): void {
-    const p = this.pending;
-    if (p === undefined) return;
-    clearTimeout(p.timer);
-    this.pending = undefined;
-    p.reject(e);
+    const failed = this.inFlight.splice(0);
+    this.settleBatch();
+    for (const p of failed) p.reject(e);
   }
 
   close(): void {
     if (this.closed) return;
     this.closed = true;
     this.fail(new Error('back-end channel closed'));
+    for (const q of this.queued.splice(0)) q.reject(new Error('back-end channel is closed'));
     this.watch?.stop();
     this.watch = undefined;
     try {
