@@ -42,6 +42,8 @@ const PORT_GUEST_SERVER = 18516;
 const PORT_PERFTEST = { ib_send_lat: 18520, ib_write_lat: 18521, ib_write_bw: 18522 } as const;
 const PORT_KILL = 18518;
 const VPC = 'linux-guest';
+/** How often the test looks for a native tool's QPs in `rdma resource show` (to publish them). */
+const NATIVE_QP_POLL_MS = 50;
 /** The MAC the guest's neighbour table gives the native peer's address (any unicast MAC: the device ignores it). */
 const NATIVE_PEER_MAC = '02:00:0a:e9:00:03';
 /** ibv_rc_pingpong: round trips, and a message of two pages (its -c checks the first byte of every page). */
@@ -130,19 +132,36 @@ function native(tool: string, args: string[]): NativeRun {
   natives.push(child);
   let out = '';
   const published = new Set<number>();
+  const publish = (qpn: number): void => {
+    if (!published.has(qpn)) {
+      published.add(qpn);
+      registry.created(nativeHost, qpn, 'native');
+    }
+  };
   const onData = (s: string): void => {
     out += s;
-    for (const m of out.matchAll(/local address:.*?QPN (0x[0-9a-fA-F]+)/g)) {
-      const qpn = Number(m[1]);
-      if (!published.has(qpn)) {
-        published.add(qpn);
-        registry.created(nativeHost, qpn, 'native');
-      }
-    }
+    for (const m of out.matchAll(/local address:.*?QPN (0x[0-9a-fA-F]+)/g)) publish(Number(m[1]));
   };
   child.stdout!.setEncoding('utf8').on('data', onData);
   child.stderr!.setEncoding('utf8').on('data', onData);
-  const done = new Promise<{ code: number | null; out: string }>((resolve) => child.once('close', (code) => resolve({ code, out })));
+  // Not every tool prints its QPN before the exchange (ib_send_lat prints it after, and the guest's RTR then found
+  // no owner): the tool's QPs as the kernel lists them are published too, polled while it runs.
+  const poll = setInterval(() => {
+    try {
+      const json = execFileSync('rdma', ['-j', 'resource', 'show', 'qp'], { encoding: 'utf8' });
+      for (const e of JSON.parse(json.trim() === '' ? '[]' : json) as { lqpn?: number; pid?: number }[]) {
+        if (e.pid === child.pid && e.lqpn !== undefined) publish(e.lqpn);
+      }
+    } catch {
+      // the tool is ending; its line (above) or the next poll publishes
+    }
+  }, NATIVE_QP_POLL_MS);
+  const done = new Promise<{ code: number | null; out: string }>((resolve) =>
+    child.once('close', (code) => {
+      clearInterval(poll);
+      resolve({ code, out });
+    }),
+  );
   return { child, out: () => out, done };
 }
 
