@@ -32,13 +32,15 @@ skipped=0
 # The real peers the tests drive, built (or found in the cache) before any test starts, so that no test's own time
 # limit has to cover a first build: the patched QEMU, the soft-RoCE test host's kernel and initramfs, libvfio-user and
 # the unmodified QEMU of the vfio-user tests (installed in a trixie chroot, never built), the Linux guest's module and
-# rdma-core provider (cmake of rdma-core's tree runs once, minutes).
+# rdma-core provider (cmake of rdma-core's tree runs once, minutes), and the initramfs and tun.ko of the Linux guest
+# that test/rxe/linux-guest.test.ts boots nested inside the test host (nothing is built in there).
 echo "=== test peers"
 if bash scripts/qemu/build.sh >/dev/null && bash scripts/rxe/build.sh >/dev/null \
   && bash scripts/vfio-user/libvfio-user.sh >/dev/null && bash scripts/vfio-user/stock-qemu.sh >/dev/null \
-  && bash scripts/linux-guest/build.sh >/dev/null && bash scripts/linux-guest/provider.sh >/dev/null; then
+  && bash scripts/linux-guest/build.sh >/dev/null && bash scripts/linux-guest/provider.sh >/dev/null \
+  && bash scripts/linux-guest/nested.sh >/dev/null; then
   passed=$((passed + 1))
-  echo "ok - test peers built (QEMU, soft-RoCE test host, libvfio-user, the unmodified QEMU, the Linux guest's module and provider)"
+  echo "ok - test peers built (QEMU, soft-RoCE test host, libvfio-user, the unmodified QEMU, the Linux guest's module, provider and nested initramfs)"
 else
   failed=$((failed + 1))
   echo "not ok - test peers could not be built (see the lines above); the tests that need them will fail"

@@ -58,6 +58,11 @@ struct ib_mr *vrdma_reg_user_mr(struct ib_pd *ibpd, u64 start, u64 length, u64 v
 
 	if (!length || (virt & ~PAGE_MASK) != (start & ~PAGE_MASK) || !chunk_max)
 		return ERR_PTR(-EINVAL);
+	/*
+	 * Optional flags (IB_ACCESS_OPTIONAL: relaxed ordering) are hints a driver ignores when it cannot honour them,
+	 * as the RDMA core documents: perftest's ib_send_lat asks for relaxed ordering and failed here before.
+	 */
+	access &= ~IB_ACCESS_OPTIONAL;
 	if (access & ~(IB_ACCESS_LOCAL_WRITE | IB_ACCESS_REMOTE_WRITE | IB_ACCESS_REMOTE_READ |
 		       IB_ACCESS_REMOTE_ATOMIC))
 		return ERR_PTR(-EOPNOTSUPP); /* no other access flag exists in the spec (8.14) */

@@ -69,10 +69,7 @@ if [ ! -f "$initrd" ]; then
   cp /usr/bin/ibv_devinfo /usr/bin/ibv_rc_pingpong "$user_verbs" "$work/usr/bin/"
   cp "$provider" "$work/usr/lib/virtio_rdma/"
   echo 'driver /usr/lib/virtio_rdma/libvirtio_rdma' >"$work/etc/libibverbs.d/virtio_rdma.driver"
-  for lib in $(ldd /sbin/ip /usr/bin/ibv_devinfo /usr/bin/ibv_rc_pingpong "$user_verbs" "$provider" | grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
-    mkdir -p "$work$(dirname "$lib")"
-    cp -L "$lib" "$work$lib"
-  done
+  lg_copy_libs "$work" /sbin/ip /usr/bin/ibv_devinfo /usr/bin/ibv_rc_pingpong "$user_verbs" "$provider"
   mkdir -p "$(dirname "$initrd")"
   (cd "$work" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) >"$initrd.new"
   mv "$initrd.new" "$initrd"

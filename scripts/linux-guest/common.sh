@@ -35,3 +35,14 @@ lg_current_abi() {
   apt-cache depends "linux-headers-$LG_FLAVOUR" 2>/dev/null \
     | sed -n "s/^ *Depends: linux-headers-\([0-9][0-9.]*-[0-9][0-9]*\)-$LG_FLAVOUR\$/\1/p" | head -n 1
 }
+
+# lg_copy_libs ROOT FILE...: copies every shared library the FILEs load (ldd) to the same path under ROOT, so that
+# an initramfs runs this machine's unmodified binaries.
+lg_copy_libs() {
+  local root=$1 lib
+  shift
+  for lib in $(ldd "$@" | grep -o '/[^ ]*' | grep -v ':$' | sort -u); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
+}
