@@ -44,8 +44,11 @@
 //     interrupt; through qtest QEMU ~0.5 ms each outside TCG, 0.74 ms per connection through the front-end) on top
 //     of the same four host verbs, ~9-10x native under TCG. The driver now sends INIT, RTR and RTS as one batch
 //     (driver.commandBatch: three chains, one kick, one wait; the device executes them in order): two round trips
-//     per connection (CREATE_QP, then the batch). What remains is the host verbs themselves (the device calls the
-//     same four) plus two round trips and the device's JavaScript per command (checks, VPC translation at RTR).
+//     per connection (CREATE_QP, then the batch), one interrupt per batch (EVENT_IDX) and, for a mapped QP, its two
+//     SHMEM_MAPs as one batch. What remains is the host verbs themselves (the device calls the same four) plus the
+//     JavaScript per command on both sides, run cold (README, "Connection set-up through the device").
+//   - Mapped rows (spec 13): no software per work request; the doorbell thread's hop and the test host's two vCPUs
+//     shared by four busy threads are where their time goes (README, "The mapped data path").
 //   - Bandwidth: one doorbell per WQE (as ib_write_bw posts them), each costing more under TCG than rxe's own work
 //     on 64 KiB; the guest sleeps on the completion interrupt when the window is full.
 

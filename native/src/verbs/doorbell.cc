@@ -17,23 +17,19 @@
 // doubling from POLL_MIN_SLEEP_NS up to POLL_MAX_SLEEP_NS, so an idle backend does not burn a core (the wake fd, when
 // set, also ends a sleep early); its timer slack is ENGINE_TIMER_SLACK_NS so a sleep ends when asked.
 //
-// Which mode, by the figures (npm run bench:doorbell and bench:rdma's mapped rows in both modes; rxe test host, 2
-// TCG vCPUs, on a machine at load 16-19 on 2 cores, so single figures vary 10-100x between runs):
-//   - a hot doorbell (store to WRITE completion, p50): direct ring 58 / 146 us, notify 88 us / 9.1 ms, polled (the
-//     thread spinning) 3.0 / 2.3 ms; after 20 ms of quiet both modes pay 10-16 ms, the wake-up of a halted vCPU of
-//     an overloaded TCG host, not the engine's back-off;
-//   - the C guest loop (bench:rdma, polled / notify in the same run; two runs): WRITE 2 B p50 14.2 / 13.8 ms and
-//     7.3 ms / 150 us; SEND/RECV 11.9 / 0.95 ms and 5.8 / 1.9 ms; READ 0.97 / 0.87 ms and 0.78 / 0.23 ms;
-//     64 KiB WRITE 5.7 / 4.6 and 7.5 / 5.7 MiB/s;
-//   - a hot doorbell with the JavaScript guest of bench:doorbell, a third run: polled 0.89 ms, notify 7.7 ms
-//     (direct 83 us): that bench's guest side is JavaScript under TCG and its figures swing the most;
+// Which mode, by the figures (npm run bench:rdma's mapped rows in both modes in one run, and npm run bench:doorbell;
+// rxe test host, 2 TCG vCPUs):
+//   - quiet machine (host load ~1.5), the C guest loop, p50 polled / notify: WRITE 2 B 54 / 138 us (perftest 29.8),
+//     SEND/RECV 53 / 153 us (15.1), READ 35 / 67 us (50.9); 64 KiB WRITE 33.6 / 30.0 MiB/s (40.3);
+//   - overloaded machine (load 16-19, three test hosts on 2 cores), two runs: WRITE 14.2 / 13.8 ms and 7.3 ms /
+//     150 us, SEND/RECV 11.9 / 0.95 ms and 5.8 / 1.9 ms, 64 KiB WRITE 5.7 / 4.6 and 7.5 / 5.7 MiB/s;
 //   - idle: polled costs 11-22% of a vCPU, notify 1.4-5.8%.
 // Polling needs the engine and the guest to run at the same time on different CPUs: when the host has fewer CPUs
 // than runnable threads, a spinning engine waits for its turn (a scheduler slice), while a kicked one is woken
-// where the kick came from. So the figures lean, weakly, to NOTIFY wherever CPUs are shared (it costs less when idle
-// too); POLLED wins only with a CPU to spare per engine, and saves the guest's notify exit. The command's default stays POLLED
-// for now (DEFAULT_HOST_QUEUE_MAPPING, vmm-device/cli/main.ts) only because NOTIFY needs the VMM to have the extra
-// queue mapdoorbellq (QEMU num_vqs = 3 + N), which the project's QEMU command lines do not give yet.
+// where the kick came from. With a CPU for the engine POLLED wins (about 2.5x lower latency, no notify exit in the
+// guest); where CPUs are shared NOTIFY does, and it costs less when idle. The command's default is POLLED
+// (DEFAULT_HOST_QUEUE_MAPPING, vmm-device/cli/main.ts): the lower latency, and no extra virtqueue, which the
+// project's QEMU command lines (num_vqs = 3) do not give; --host-queue-mapping notify with num_vqs = 3 + N.
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
