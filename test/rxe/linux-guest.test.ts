@@ -310,8 +310,10 @@ for (const [tool, extra] of [
     if (n.code === null) server.child.kill('SIGKILL');
     t.equal(g.rc, 0, `the guest's ${tool} exits 0\n${g.out}`);
     t.equal(n.code, 0, `the native ${tool} exits 0\n${n.out}`);
-    // The results line: bytes, iterations and figures.
-    t.match(g.out, new RegExp(`^\\s*${extra[3]}\\s+${extra[1]}\\s+\\d`, 'm'), 'the guest printed a results line');
+    // The results line: bytes, iterations and figures. The latency tools time with the CPU's cycle counter and
+    // estimate its frequency first; under nested TCG that estimate can fail ("Correlation coefficient r^2 < 0.9"),
+    // and the figures print as inf: the run itself completed (exit 0 on both sides, the line is there).
+    t.match(g.out, new RegExp(`^\\s*${extra[3]}\\s+${extra[1]}\\s+(\\d|inf\\b)`, 'm'), 'the guest printed a results line');
     t.comment(`guest:\n${g.out}`);
   });
 }
