@@ -54,6 +54,8 @@ const BACKEND_SERVE_TIMEOUT_MS = 600_000;
 const BOOT_TIMEOUT_MS = 900_000;
 /** One tool run in the nested guest (each instruction emulated twice). */
 const TOOL_TIMEOUT_S = 300;
+/** Runs of a perftest tool whose only failure was its cycle-counter calibration (see the perftest test). */
+const PERFTEST_CALIBRATION_ATTEMPTS = 3;
 /** How long the backend may take to release a guest's host objects after rmmod or QEMU's death. */
 const RELEASE_TIMEOUT_MS = 120_000;
 const SERVING_LINE = /"msg":"serving"|vrdma-backend: serving/;
@@ -303,11 +305,22 @@ for (const [tool, extra] of [
 ] as const) {
   t.test(`perftest ${tool}: guest client -> native server on rxe0`, async (t) => {
     const port = PORT_PERFTEST[tool];
-    const server = native(tool, ['-d', RXE_DEVICE, '-x', String(nativeGidIndex), '-p', String(port), ...extra]);
-    for (let i = 0; i < 600 && !/Waiting for client to connect/.test(server.out()); i++) await new Promise((r) => setTimeout(r, 100));
-    const g = await inGuest(`timeout ${TOOL_TIMEOUT_S} ${tool} -d virtio_rdma0 -x 1 -p ${port} ${extra.join(' ')} ${TAP_IP}`);
-    const n = await within(server.done, 60_000, () => ({ code: null, out: server.out() }));
-    if (n.code === null) server.child.kill('SIGKILL');
+    // perftest calibrates the CPU's cycle counter against sleeps before it measures; under nested TCG the fit can
+    // fail ("Correlation coefficient r^2 < 0.9"), and then the bandwidth tool, which needs the frequency for its
+    // report, exits with "Can't produce a report" after the transfer. That failure is the measuring tool's, not the
+    // data path's: such a run is repeated, at most PERFTEST_CALIBRATION_ATTEMPTS times, each repeat reported.
+    let g: { rc: number; out: string } = { rc: -1, out: '' };
+    let n: { code: number | null; out: string } = { code: null, out: '' };
+    for (let attempt = 1; attempt <= PERFTEST_CALIBRATION_ATTEMPTS; attempt++) {
+      const server = native(tool, ['-d', RXE_DEVICE, '-x', String(nativeGidIndex), '-p', String(port), ...extra]);
+      for (let i = 0; i < 600 && !/Waiting for client to connect/.test(server.out()); i++) await new Promise((r) => setTimeout(r, 100));
+      g = await inGuest(`timeout ${TOOL_TIMEOUT_S} ${tool} -d virtio_rdma0 -x 1 -p ${port} ${extra.join(' ')} ${TAP_IP}`);
+      n = await within(server.done, 60_000, () => ({ code: null, out: server.out() }));
+      if (n.code === null) server.child.kill('SIGKILL');
+      const calibrationFailed = g.rc !== 0 && /r\^2: [\d.]+ < 0\.9/.test(g.out) && /Can't produce a report/.test(g.out);
+      if (!calibrationFailed) break;
+      t.comment(`attempt ${attempt}: ${tool} in the guest could not calibrate its cycle counter (r^2 < 0.9), run again`);
+    }
     t.equal(g.rc, 0, `the guest's ${tool} exits 0\n${g.out}`);
     t.equal(n.code, 0, `the native ${tool} exits 0\n${n.out}`);
     // The results line: bytes, iterations and figures. The latency tools time with the CPU's cycle counter and
