@@ -168,7 +168,7 @@ t.test(`up to ${starts} backend starts in ${budgetS} s (${CONCURRENT} at a time,
     done += batch;
     t.comment(`pair ${pair}${load !== undefined ? ' (under load)' : ''}: ${results.map((r) => `pid ${r.pid} ${r.served ? 'served' : 'did not serve'} in ${r.seconds} s, exit ${r.signal ?? r.code}`).join('; ')}`);
   }
-  t.comment(`${done} starts (${underLoad} under load) in ${Math.round((Date.now() - began) / 1000)} s, ${failures.length} failed; seconds to serve: ${seconds.join(' ')}`);
+  t.comment(`${done} starts (${underLoad} under load) in ${Math.round((Date.now() - began) / 1000)} s, ${failures.length} failed, ${knownDeaths.length} died with issue 16's signature; seconds to serve: ${seconds.join(' ')}`);
   t.ok(done >= CONCURRENT * LOAD_EVERY, `at least ${LOAD_EVERY} pairs ran, one under load (${done} starts)`);
   t.same(failures, [], 'every start served, exited 0 on SIGTERM and died of no signal (issue 16\'s signature aside)');
   // Issue 16 (open): a start that dies of SIGSEGV before it serves, with nothing on stderr. Seen only inside the TCG
